@@ -1,0 +1,3 @@
+module github.com/qcrypt/qcrypt
+
+go 1.26.8

@@ -1,0 +1,168 @@
+package qubes
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os/exec"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// DefaultQrexecClient is dom0's qrexec-client.
+const DefaultQrexecClient = "/usr/lib/qubes/qrexec-client"
+
+// Exit statuses of qrexec-client (R4.2+) that mean the command never ran or its result
+// is unknown: QREXEC_EXIT_PROBLEM, _REQUEST_REFUSED, _SERVICE_NOT_FOUND.
+const (
+	ExitQrexecProblem  = 125
+	ExitQrexecRefused  = 126
+	ExitQrexecNotFound = 127
+)
+
+// ErrTransport is matched by a *TransportError.
+var ErrTransport = errors.New("qrexec transport failure")
+
+// TransportError is a qrexec failure: the qube was not reachable or refused the service.
+type TransportError struct {
+	VM     string
+	Code   int
+	Stderr string // printable head of qrexec-client's stderr
+}
+
+func (e *TransportError) Error() string {
+	msg := fmt.Sprintf("cannot run a command in %s: qrexec-client exited %d", e.VM, e.Code)
+	if e.Stderr != "" {
+		msg += ": " + e.Stderr
+	}
+	return msg
+}
+
+func (e *TransportError) Is(target error) bool { return target == ErrTransport }
+
+// Result of a script run in a qube. ExitCode is the script's own status (0..124, or
+// 128+signal); Stdout and Stderr are cut at the runner's limit.
+type Result struct {
+	ExitCode        int
+	Stdout, Stderr  []byte
+	StdoutTruncated bool
+	StderrTruncated bool
+}
+
+// Runner runs shell scripts as root in qubes through qrexec-client, the way
+// `qvm-run --pass-io -u root --no-gui` does, without its Admin API round trips: the
+// caller ensures the qube runs.
+type Runner struct {
+	// Command is the qrexec-client invocation before its own arguments, e.g.
+	// ["/usr/lib/qubes/qrexec-client"] or ["qubes-sim", "qrexec-client", "--socket", S].
+	Command []string
+	// ConnectTimeout is passed as -w (seconds); 0 leaves qrexec-client's default.
+	ConnectTimeout int
+	// MaxOutput caps what is kept of stdout and of stderr; the rest is read and dropped.
+	MaxOutput int
+	// Timeout bounds one run when the context has no earlier deadline; qrexec itself has
+	// no execution timeout.
+	Timeout time.Duration
+	// KillDelay is how long a timed-out qrexec-client gets after SIGTERM before SIGKILL.
+	KillDelay time.Duration
+
+	spawns atomic.Int64
+}
+
+// NewRunner returns a runner for the given qrexec-client command line with safe limits.
+func NewRunner(command []string) *Runner {
+	if len(command) == 0 {
+		command = []string{DefaultQrexecClient}
+	}
+	return &Runner{Command: command, MaxOutput: 64 << 10, Timeout: 5 * time.Minute, KillDelay: 2 * time.Second}
+}
+
+// Spawns counts processes started (one per Run).
+func (r *Runner) Spawns() int64 { return r.spawns.Load() }
+
+// Run executes script with /bin/bash as root in vm (qubes.VMShell). input, if not nil,
+// follows the script on stdin and is what the script's commands read. The script runs
+// in a subshell so that a failing command cannot produce 125..127, which are reserved
+// for transport failures; those statuses become 124.
+func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (Result, error) {
+	if err := ValidateVMName(vm); err != nil {
+		return Result{}, err
+	}
+	if _, ok := ctx.Deadline(); !ok && r.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, r.Timeout)
+		defer cancel()
+	}
+	args := append([]string{}, r.Command[1:]...)
+	args = append(args, "-d", vm)
+	if r.ConnectTimeout > 0 {
+		args = append(args, "-w", fmt.Sprint(r.ConnectTimeout))
+	}
+	args = append(args, "root:QUBESRPC qubes.VMShell+ dom0")
+	cmd := exec.CommandContext(ctx, r.Command[0], args...)
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = r.KillDelay
+
+	var stdin io.Reader = strings.NewReader(WrapScript(script))
+	if input != nil {
+		stdin = io.MultiReader(stdin, input)
+	}
+	cmd.Stdin = stdin
+	stdout := &capWriter{max: r.MaxOutput}
+	stderr := &capWriter{max: r.MaxOutput}
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+
+	r.spawns.Add(1)
+	err := cmd.Run()
+	res := Result{
+		Stdout: stdout.buf.Bytes(), Stderr: stderr.buf.Bytes(),
+		StdoutTruncated: stdout.dropped, StderrTruncated: stderr.dropped,
+	}
+	if ctx.Err() != nil {
+		return res, fmt.Errorf("cannot run a command in %s: %w", vm, ctx.Err())
+	}
+	if cmd.ProcessState == nil {
+		return res, fmt.Errorf("cannot start qrexec-client: %w", err)
+	}
+	res.ExitCode = cmd.ProcessState.ExitCode()
+	if res.ExitCode < 0 {
+		// Killed by a signal before exiting: the remote state is unknown.
+		return res, &TransportError{VM: vm, Code: res.ExitCode}
+	}
+	switch res.ExitCode {
+	case ExitQrexecProblem, ExitQrexecRefused, ExitQrexecNotFound:
+		return res, &TransportError{VM: vm, Code: res.ExitCode, Stderr: Printable(string(res.Stderr), 200)}
+	}
+	return res, nil
+}
+
+// WrapScript is what is sent before the input bytes: the script in a subshell, then the
+// status mapping, then exit, all parsed by bash before any input byte is read.
+func WrapScript(script string) string {
+	return "(\n" + script + "\n)\nqcrypt_rc=$?; case $qcrypt_rc in 125|126|127) qcrypt_rc=124;; esac; exit $qcrypt_rc\n"
+}
+
+// capWriter keeps the first max bytes and drops the rest, so a flooding qube costs
+// only CPU, not memory.
+type capWriter struct {
+	max     int
+	buf     bytes.Buffer
+	dropped bool
+}
+
+func (w *capWriter) Write(p []byte) (int, error) {
+	room := w.max - w.buf.Len()
+	if room >= len(p) {
+		w.buf.Write(p)
+	} else {
+		if room > 0 {
+			w.buf.Write(p[:room])
+		}
+		w.dropped = true
+	}
+	return len(p), nil
+}

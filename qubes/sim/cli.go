@@ -1,0 +1,288 @@
+package sim
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+const usage = `usage:
+  qubes-sim serve --socket PATH [--state DIR] [--qubes-version 4.2|4.3] [--demo]
+  qubes-sim qrexec-client --socket PATH -d VM [-w SECS] USER:CMDLINE
+  qubes-sim ctl --socket PATH COMMAND [ARGS]
+
+ctl commands:
+  list | start VM | shutdown VM | kill VM | pause VM | unpause VM
+  add-vm NAME [CLASS [USER]]
+  plug VM IMAGE [DESCRIPTION] | plug-ro VM IMAGE [DESCRIPTION] | unplug VM PORT
+  make-disk IMAGE SIZE LABEL [PATH=HOSTFILE ...]
+  fault METHOD empty|exception TYPE MESSAGE|delay MS [DEST]
+  qrexec-fault VM hang|exit CODE|start-fail REASON|none
+  clear-faults | drop-events | flood VM N | describe VM PORT DESCRIPTION
+`
+
+// Main is the qubes-sim command (and, invoked under a tool's name, that fake tool).
+func Main(args []string, stdout, stderr io.Writer) int {
+	if tool := ToolName(args[0]); tool != "" {
+		return RunTool(tool, args[1:], os.Stdin, stdout, stderr)
+	}
+	if len(args) < 2 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[1] {
+	case "serve":
+		return serve(args[2:], stderr)
+	case "qrexec-client":
+		return QrexecClient(args[2:])
+	case "ctl":
+		return ctl(args[2:], stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprint(stderr, usage)
+	return 2
+}
+
+func serve(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	socket := fs.String("socket", "", "Admin API socket to serve (required)")
+	state := fs.String("state", "", "state directory (default: a new temporary directory)")
+	version := fs.String("qubes-version", "4.2", "Qubes release to simulate: 4.2 or 4.3")
+	demo := fs.Bool("demo", false, "start with the demo world")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *socket == "" {
+		fmt.Fprintln(stderr, "qubes-sim serve: --socket is required")
+		return 2
+	}
+	if *state == "" {
+		dir, err := os.MkdirTemp("", "qubes-sim-")
+		if err != nil {
+			fmt.Fprintln(stderr, "qubes-sim:", err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		*state = dir
+	}
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket})
+	if err != nil {
+		fmt.Fprintln(stderr, "qubes-sim:", err)
+		return 1
+	}
+	defer s.Close()
+	if *demo {
+		if err := s.SetupDemo(); err != nil {
+			fmt.Fprintln(stderr, "qubes-sim: cannot set up the demo world:", err)
+			return 1
+		}
+	}
+	fmt.Fprintf(stderr, "qubes-sim: Qubes %s simulator serving %s (state %s)\n", *version, *socket, *state)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	<-sig
+	return 0
+}
+
+func ctl(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("ctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	socket := fs.String("socket", qubes.DefaultSocket, "Admin API socket of the simulator")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	a := fs.Args()
+	if len(a) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	need := func(n int) bool {
+		if len(a) < n+1 {
+			fmt.Fprintf(stderr, "qubes-sim ctl %s: missing arguments\n%s", a[0], usage)
+			return false
+		}
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	c := qubes.NewClient(*socket)
+	var err error
+	var req *ctlRequest
+	switch a[0] {
+	case "list":
+		var vms []qubes.VM
+		if vms, err = c.ListVMs(ctx); err == nil {
+			for _, vm := range vms {
+				fmt.Fprintf(stdout, "%-12s %-10s %s\n", vm.Name, vm.Class, vm.State)
+			}
+		}
+	case "start", "shutdown", "kill", "pause", "unpause":
+		if !need(1) {
+			return 2
+		}
+		switch a[0] {
+		case "start":
+			err = c.Start(ctx, a[1])
+		case "shutdown":
+			err = c.Shutdown(ctx, a[1], false, true)
+		case "kill":
+			err = c.Kill(ctx, a[1])
+		case "pause":
+			err = c.Pause(ctx, a[1])
+		case "unpause":
+			err = c.Unpause(ctx, a[1])
+		}
+	case "add-vm":
+		if !need(1) {
+			return 2
+		}
+		req = &ctlRequest{Op: "add-vm", VM: a[1], Class: "AppVM", User: "user"}
+		if len(a) > 2 {
+			req.Class = a[2]
+		}
+		if len(a) > 3 {
+			req.User = a[3]
+		}
+	case "plug", "plug-ro":
+		if !need(2) {
+			return 2
+		}
+		img, _ := filepath.Abs(a[2])
+		req = &ctlRequest{Op: "plug", VM: a[1], Image: img, RO: a[0] == "plug-ro"}
+		if len(a) > 3 {
+			req.Desc = a[3]
+		}
+	case "unplug":
+		if !need(2) {
+			return 2
+		}
+		req = &ctlRequest{Op: "unplug", VM: a[1], Port: a[2]}
+	case "make-disk":
+		if !need(3) {
+			return 2
+		}
+		size, perr := strconv.ParseInt(a[2], 10, 64)
+		if perr != nil {
+			fmt.Fprintln(stderr, "qubes-sim ctl make-disk: SIZE must be a number of bytes")
+			return 2
+		}
+		files := map[string][]byte{}
+		for _, spec := range a[4:] {
+			p, host, ok := cutEq(spec)
+			if !ok {
+				fmt.Fprintln(stderr, "qubes-sim ctl make-disk: files are PATH=HOSTFILE")
+				return 2
+			}
+			data, rerr := os.ReadFile(host)
+			if rerr != nil {
+				fmt.Fprintln(stderr, "qubes-sim:", rerr)
+				return 1
+			}
+			files[p] = data
+		}
+		err = MakeDiskImage(a[1], size, a[3], files)
+	case "fault":
+		if !need(2) {
+			return 2
+		}
+		f := Fault{Method: a[1]}
+		rest := a[3:]
+		switch a[2] {
+		case "empty":
+			f.Empty = true
+		case "exception":
+			if len(rest) < 2 {
+				fmt.Fprintln(stderr, "qubes-sim ctl fault: exception needs TYPE MESSAGE")
+				return 2
+			}
+			f.Type, f.Msg, rest = rest[0], rest[1], rest[2:]
+		case "delay":
+			if len(rest) < 1 {
+				fmt.Fprintln(stderr, "qubes-sim ctl fault: delay needs MS")
+				return 2
+			}
+			ms, _ := strconv.Atoi(rest[0])
+			f.Delay, rest = time.Duration(ms)*time.Millisecond, rest[1:]
+		default:
+			fmt.Fprintln(stderr, "qubes-sim ctl fault: kind is empty, exception or delay")
+			return 2
+		}
+		if len(rest) > 0 {
+			f.Dest = rest[0]
+		}
+		req = &ctlRequest{Op: "fault", Fault: &f}
+	case "qrexec-fault":
+		if !need(2) {
+			return 2
+		}
+		var q QrexecFault
+		switch a[2] {
+		case "hang":
+			q.Hang = true
+		case "exit":
+			if !need(3) {
+				return 2
+			}
+			q.Exit, _ = strconv.Atoi(a[3])
+		case "start-fail":
+			if !need(3) {
+				return 2
+			}
+			q.StartFail = a[3]
+		case "none":
+		default:
+			fmt.Fprintln(stderr, "qubes-sim ctl qrexec-fault: hang, exit CODE, start-fail REASON or none")
+			return 2
+		}
+		req = &ctlRequest{Op: "qrexec-fault", VM: a[1], Qrexec: &q}
+	case "clear-faults", "drop-events":
+		req = &ctlRequest{Op: a[0]}
+	case "flood":
+		if !need(2) {
+			return 2
+		}
+		n, _ := strconv.Atoi(a[2])
+		req = &ctlRequest{Op: "flood", VM: a[1], Count: n}
+	case "describe":
+		if !need(3) {
+			return 2
+		}
+		req = &ctlRequest{Op: "describe", VM: a[1], Port: a[2], Desc: a[3]}
+	default:
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	if req != nil {
+		var resp ctlResponse
+		resp, err = Control(*socket, *req)
+		if resp.Port != "" {
+			fmt.Fprintln(stdout, resp.Port)
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "qubes-sim:", err)
+		return 1
+	}
+	return 0
+}
+
+func cutEq(s string) (string, string, bool) {
+	for i := 0; i < len(s); i++ {
+		if s[i] == '=' {
+			return s[:i], s[i+1:], true
+		}
+	}
+	return "", "", false
+}

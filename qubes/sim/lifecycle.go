@@ -1,0 +1,420 @@
+package sim
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// subscriber is one admin.Events connection; dest "" means all qubes and global events.
+type subscriber struct {
+	dest string
+	ch   chan []byte
+	gone chan struct{}
+}
+
+// emit sends an event record to every interested subscriber. A subscriber that cannot
+// keep up is dropped, as a stuck client would be by qubesd's transport.
+func (w *World) emit(subject, name string, args ...string) {
+	rec := qubes.EncodeEvent(subject, name, args...)
+	for s := range w.subs {
+		if s.dest != "" && s.dest != subject {
+			continue
+		}
+		select {
+		case s.ch <- rec:
+		default:
+			w.dropSubscriber(s)
+		}
+	}
+}
+
+func (w *World) dropSubscriber(s *subscriber) {
+	if _, ok := w.subs[s]; ok {
+		delete(w.subs, s)
+		close(s.gone)
+	}
+}
+
+// DropEventStreams closes every admin.Events connection (fault injection).
+func (w *World) DropEventStreams() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for s := range w.subs {
+		w.dropSubscriber(s)
+	}
+}
+
+// devID is the R4.3 device_id of a block port: its trailing number, or None.
+func devID(port string) string {
+	i := len(port)
+	for i > 0 && port[i-1] >= '0' && port[i-1] <= '9' {
+		i--
+	}
+	if i == len(port) {
+		return ":None"
+	}
+	n, _ := strconv.Atoi(port[i:])
+	return ":" + strconv.Itoa(n)
+}
+
+func (w *World) deviceListChanged(vm *VM) {
+	if w.dialect == R42 {
+		w.emit(vm.Name, "domain-qdb-change:/qubes-block-devices", "path", "/qubes-block-devices")
+	}
+	w.emit(vm.Name, "device-list-change:block")
+}
+
+func (w *World) deviceAdded(vm *VM, b *bdev) {
+	w.deviceListChanged(vm)
+	if w.dialect == R43 {
+		w.emit(vm.Name, "device-added:block", "device", vm.Name+":"+b.name+":"+devID(b.name))
+	}
+}
+
+func (w *World) deviceRemoved(vm *VM, b *bdev) {
+	ref := qubes.DeviceRef{Backend: vm.Name, Port: b.name}
+	if a := w.attachmentOf(ref); a != nil {
+		// The backend device vanished under an attachment: the frontend's disk is dead.
+		a.Stale = true
+	}
+	w.deviceListChanged(vm)
+	if w.dialect == R43 {
+		w.emit(vm.Name, "device-removed:block", "port", vm.Name+":"+b.name)
+	}
+}
+
+func (w *World) attachEvents(a *Attachment, pre bool) {
+	name := "device-attach:block"
+	if pre {
+		name = "device-pre-attach:block"
+	}
+	ro := "no"
+	if a.ReadOnly {
+		ro = "yes"
+	}
+	dev := a.Backend + ":" + a.Port
+	if w.dialect == R43 {
+		dev += ":" + devID(a.Port)
+	}
+	opts := fmt.Sprintf("{'read-only': '%s', 'frontend-dev': '%s'}", ro, a.FrontendDev)
+	w.emit(a.Frontend, name, "device", dev, "options", opts)
+}
+
+func (w *World) detachEvents(a *Attachment) {
+	for _, name := range []string{"device-pre-detach:block", "device-detach:block"} {
+		if w.dialect == R43 {
+			w.emit(a.Frontend, name, "port", a.Backend+":"+a.Port)
+		} else {
+			w.emit(a.Frontend, name, "device", a.Backend+":"+a.Port)
+		}
+	}
+}
+
+func quoteName(n string) string { return "'" + n + "'" }
+
+// start boots a halted qube with the event sequence of qubesd; a non-halted qube is a
+// successful no-op. It releases the lock while the qube "boots".
+func (w *World) start(name string) error {
+	w.mu.Lock()
+	vm, ok := w.vms[name]
+	if !ok {
+		w.mu.Unlock()
+		return excVMNotFound(name)
+	}
+	if vm.State != qubes.StateHalted {
+		w.mu.Unlock()
+		return nil
+	}
+	if f := w.qrexec[name]; f.StartFail != "" {
+		w.emit(name, "domain-pre-start", "start_guid", "True", "mem_required", "None")
+		w.emit(name, "domain-start-failed", "reason", f.StartFail)
+		w.mu.Unlock()
+		return &exception{"QubesException", "Start failed: " + f.StartFail}
+	}
+	w.emit(name, "domain-pre-start", "start_guid", "True", "mem_required", "None")
+	w.emit(name, "domain-pre-spawn", "start_guid", "True")
+	for _, p := range []string{"xid", "stubdom_xid", "start_time"} {
+		w.emit(name, "property-reset:"+p, "name", p)
+	}
+	vm.State = qubes.StateTransient
+	resetRoot(vm)
+	w.emit(name, "domain-spawn", "start_guid", "True")
+	delay := w.StartDelay
+	w.mu.Unlock()
+
+	time.Sleep(delay)
+
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if vm.State != qubes.StateTransient {
+		return &exception{"QubesVMError", fmt.Sprintf("Cannot connect to qrexec agent for %d seconds, see /var/log/xen/console/guest-%s.log for details", vm.QrexecTimeout, name)}
+	}
+	if w.dialect == R43 {
+		w.emit(name, "domain-pre-unpaused")
+	}
+	w.emit(name, "domain-unpaused")
+	vm.State = qubes.StateRunning
+	w.emit(name, "domain-start", "start_guid", "True")
+	return nil
+}
+
+// resetRoot gives a booting qube a fresh root: like a template-based AppVM, only /home
+// and /rw survive a reboot.
+func resetRoot(vm *VM) {
+	ents, _ := os.ReadDir(vm.root)
+	for _, e := range ents {
+		if e.Name() != "home" && e.Name() != "rw" {
+			os.RemoveAll(filepath.Join(vm.root, e.Name()))
+		}
+	}
+	for _, d := range []string{"tmp", "mnt", "root"} {
+		os.MkdirAll(filepath.Join(vm.root, d), 0o755)
+	}
+}
+
+func (w *World) shutdown(name, arg string) error {
+	force, wait := false, false
+	if arg != "" {
+		for _, a := range strings.Split(arg, "+") {
+			switch a {
+			case "force":
+				force = true
+			case "wait":
+				wait = true
+			default:
+				return errEmpty // PermissionDenied on R4.1–R4.3
+			}
+		}
+	}
+	w.mu.Lock()
+	vm, ok := w.vms[name]
+	if !ok {
+		w.mu.Unlock()
+		return excVMNotFound(name)
+	}
+	switch {
+	case vm.State == qubes.StateHalted:
+		w.mu.Unlock()
+		return &exception{"QubesVMNotStartedError", "Domain is powered off: " + quoteName(name)}
+	case vm.State == qubes.StatePaused && w.dialect == R43 && !force:
+		w.mu.Unlock()
+		return &exception{"QubesVMNotRunningError", "Domain is paused: " + quoteName(name)}
+	case vm.Name == "dom0":
+		w.mu.Unlock()
+		return errEmpty
+	}
+	halted := vm.halted
+	if vm.State != qubes.StateHalting {
+		w.emit(name, "domain-pre-shutdown", "force", pyBool(force))
+		vm.State = qubes.StateHalting
+		delay := w.ShutdownDelay
+		go func() {
+			time.Sleep(delay)
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			if vm.State == qubes.StateHalting {
+				w.powerOff(vm, true)
+			}
+		}()
+	}
+	w.mu.Unlock()
+	if wait {
+		<-halted
+	}
+	return nil
+}
+
+func (w *World) kill(name string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	vm, ok := w.vms[name]
+	if !ok {
+		return excVMNotFound(name)
+	}
+	if !vm.running() || vm.Name == "dom0" {
+		return &exception{"QubesVMNotStartedError", "Domain is powered off: " + quoteName(name)}
+	}
+	w.powerOff(vm, false)
+	return nil
+}
+
+// powerOff ends a qube: processes die, its kernel state goes (written back when clean),
+// attachments to it vanish, attachments from it go stale. R4.2 sends no device events
+// for any of this; R4.3 reports removed ports and detaches.
+func (w *World) powerOff(vm *VM, clean bool) {
+	for cmd := range vm.procs {
+		killGroup(cmd)
+	}
+	vm.kernel.teardown(clean)
+	for _, a := range append([]*Attachment(nil), w.attachments...) {
+		switch {
+		case a.Frontend == vm.Name:
+			w.removeAttachment(a)
+			if w.dialect == R43 {
+				w.detachEvents(a)
+			}
+		case a.Backend == vm.Name:
+			a.Stale = true
+			if w.dialect == R43 {
+				w.emit(vm.Name, "device-removed:block", "port", a.Backend+":"+a.Port)
+			}
+		}
+	}
+	vm.State = qubes.StateHalted
+	close(vm.halted)
+	vm.halted = make(chan struct{})
+	w.emit(vm.Name, "domain-stopped")
+	for _, p := range []string{"xid", "stubdom_xid", "start_time"} {
+		w.emit(vm.Name, "property-reset:"+p, "name", p)
+	}
+	w.emit(vm.Name, "domain-shutdown")
+}
+
+func (w *World) pause(name string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	vm, ok := w.vms[name]
+	if !ok {
+		return excVMNotFound(name)
+	}
+	if vm.State != qubes.StateRunning || vm.Name == "dom0" {
+		return &exception{"QubesVMNotRunningError", "Domain is powered off: " + quoteName(name)}
+	}
+	if w.dialect == R43 {
+		w.emit(name, "domain-pre-paused")
+	}
+	vm.State = qubes.StatePaused
+	w.emit(name, "domain-paused")
+	return nil
+}
+
+func (w *World) unpause(name string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	vm, ok := w.vms[name]
+	if !ok {
+		return excVMNotFound(name)
+	}
+	if vm.State != qubes.StatePaused {
+		return &exception{"QubesVMNotPausedError", "Domain is not paused: " + quoteName(name)}
+	}
+	if w.dialect == R43 {
+		w.emit(name, "domain-pre-unpaused")
+	}
+	vm.State = qubes.StateRunning
+	w.emit(name, "domain-unpaused")
+	return nil
+}
+
+func pyBool(b bool) string {
+	if b {
+		return "True"
+	}
+	return "False"
+}
+
+// attach implements admin.vm.device.block.Attach for both dialects.
+func (w *World) attach(frontend string, dev qubes.DeviceRef, readOnly *bool) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	fe := w.vms[frontend]
+	be, ok := w.vms[dev.Backend]
+	if !ok {
+		return errEmpty // KeyError in qubesd
+	}
+	if !fe.running() {
+		if w.dialect == R43 {
+			return &exception{"QubesVMNotRunningError", "VM not running, cannot attach device, do you mean `assign`?"}
+		}
+		return &exception{"QubesVMNotRunningError", "VM not running, can only attach device with persistent flag"}
+	}
+	if !be.running() {
+		return &exception{"QubesVMNotRunningError", fmt.Sprintf("Domain %s needs to be running to attach device from it", be.Name)}
+	}
+	b, ok := be.kernel.devs[dev.Port]
+	if !ok || !b.exposed() {
+		return errEmpty // unknown device: AttributeError / ProtocolError in qubesd
+	}
+	if a := w.attachmentOf(dev); a != nil {
+		if w.dialect == R43 {
+			if a.Frontend == frontend {
+				return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'device %s:%s:%s of class block already attached to %s'", dev.Backend, dev.Port, devID(dev.Port), frontend)}
+			}
+			return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'Device %s:%s:%s already attached to %s'", dev.Backend, dev.Port, devID(dev.Port), a.Frontend)}
+		}
+		if a.Frontend == frontend {
+			return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'device %s:%s of class block already attached to %s'", dev.Backend, dev.Port, frontend)}
+		}
+		// R4.2 lets libvirt fail on a disk that is in use elsewhere.
+		return errEmpty
+	}
+	if frontend == dev.Backend {
+		return errEmpty
+	}
+	mode := "w"
+	if b.ro {
+		mode = "r"
+	}
+	ro := mode == "r"
+	if readOnly != nil {
+		if !*readOnly && mode == "r" {
+			return &exception{"QubesValueError", "This device can be attached only read-only"}
+		}
+		ro = *readOnly
+	}
+	fdev, err := w.frontendDev(frontend)
+	if err != nil {
+		return errEmpty
+	}
+	a := &Attachment{DeviceRef: dev, Frontend: frontend, ReadOnly: ro, FrontendDev: fdev}
+	w.attachEvents(a, true)
+	w.attachments = append(w.attachments, a)
+	fe.kernel.devs[fdev] = &bdev{name: fdev, kind: kindXVD, att: a, ro: ro, io: &attachedIO{att: a, under: b.io}}
+	w.attachEvents(a, false)
+	w.deviceListChanged(be)
+	return nil
+}
+
+func (w *World) detach(frontend string, dev qubes.DeviceRef) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var att *Attachment
+	for _, a := range w.attachmentsOf(frontend) {
+		// R4.3 matches by port only (qubes/devices.py detach).
+		if a.Port == dev.Port && (w.dialect == R43 || a.Backend == dev.Backend) {
+			att = a
+			break
+		}
+	}
+	if att == nil {
+		if w.dialect == R43 {
+			return &exception{"DeviceNotAssigned", fmt.Sprintf("'block device %s not attached to %s'", dev.Port, frontend)}
+		}
+		return &exception{"DeviceNotAttached", fmt.Sprintf("'device %s of class block not attached to %s'", dev.Port, frontend)}
+	}
+	if att.Stale && w.Bug4784 {
+		// Qubes #4784: qubesd breaks until restarted.
+		w.wedged = true
+		return errEmpty
+	}
+	fe := w.vms[frontend]
+	if b, ok := fe.kernel.devs[att.FrontendDev]; ok {
+		if who := fe.kernel.busy(b); who != "" {
+			// Xen refuses to detach a disk the frontend still uses.
+			return errEmpty
+		}
+		delete(fe.kernel.devs, att.FrontendDev)
+	}
+	w.removeAttachment(att)
+	w.detachEvents(att)
+	if be, ok := w.vms[att.Backend]; ok && be.running() {
+		w.deviceListChanged(be)
+	}
+	return nil
+}

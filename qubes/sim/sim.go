@@ -1,0 +1,522 @@
+package sim
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Config says where a simulator keeps its state and what it serves.
+type Config struct {
+	Dir         string  // state directory (qube trees, sockets, tools)
+	Dialect     Dialect // R42 (default) or R43
+	Socket      string  // Admin API socket; default Dir/qubesd.sock
+	ToolsBinary string  // the qubes-sim binary that acts as the fake tools; default this executable
+	Bwrap       string  // bubblewrap; default "bwrap" from PATH
+}
+
+// ControlSocket is the simulator's control socket for an Admin API socket path.
+func ControlSocket(adminSocket string) string { return adminSocket + ".control" }
+
+// Sim is a running simulator: the world plus its Admin API, control and per-qube kernel
+// sockets.
+type Sim struct {
+	*World
+	cfg      Config
+	admin    net.Listener
+	control  net.Listener
+	toolsDir string
+	bwrap    string
+
+	mu      sync.Mutex
+	kernels map[string]net.Listener
+	closed  bool
+}
+
+// Start creates the state directory, the world with dom0, and serves the sockets.
+func Start(cfg Config) (*Sim, error) {
+	if cfg.Dialect == "" {
+		cfg.Dialect = R42
+	}
+	if cfg.Socket == "" {
+		cfg.Socket = filepath.Join(cfg.Dir, "qubesd.sock")
+	}
+	if cfg.ToolsBinary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("cannot find the simulator binary: %w", err)
+		}
+		cfg.ToolsBinary = exe
+	}
+	if cfg.Bwrap == "" {
+		cfg.Bwrap = "bwrap"
+	}
+	bwrap, err := exec.LookPath(cfg.Bwrap)
+	if err != nil {
+		return nil, fmt.Errorf("cannot find bubblewrap (apt-get install bubblewrap): %w", err)
+	}
+	w, err := NewWorld(cfg.Dir, cfg.Dialect)
+	if err != nil {
+		return nil, err
+	}
+	s := &Sim{World: w, cfg: cfg, toolsDir: filepath.Join(cfg.Dir, "tools"), bwrap: bwrap, kernels: map[string]net.Listener{}}
+	if err := prepareTools(s.toolsDir, cfg.ToolsBinary); err != nil {
+		return nil, err
+	}
+	if err := s.listenKernel("dom0"); err != nil {
+		return nil, err
+	}
+	for _, p := range []string{cfg.Socket, ControlSocket(cfg.Socket)} {
+		os.Remove(p)
+	}
+	if s.admin, err = net.Listen("unix", cfg.Socket); err != nil {
+		return nil, fmt.Errorf("cannot listen on %s: %w", cfg.Socket, err)
+	}
+	if s.control, err = net.Listen("unix", ControlSocket(cfg.Socket)); err != nil {
+		s.admin.Close()
+		return nil, fmt.Errorf("cannot listen on the control socket: %w", err)
+	}
+	go w.ServeAdmin(s.admin)
+	go s.serveControl()
+	return s, nil
+}
+
+// Socket is the Admin API socket path.
+func (s *Sim) Socket() string { return s.cfg.Socket }
+
+// Close stops serving and kills every sandboxed process.
+func (s *Sim) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for _, ln := range s.kernels {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	s.admin.Close()
+	s.control.Close()
+	s.World.mu.Lock()
+	for _, vm := range s.World.vms {
+		for cmd := range vm.procs {
+			killGroup(cmd)
+		}
+	}
+	for s2 := range s.World.subs {
+		s.World.dropSubscriber(s2)
+	}
+	s.World.mu.Unlock()
+	return nil
+}
+
+// AddVM adds a halted qube with its kernel socket.
+func (s *Sim) AddVM(name, class, user string) (*VM, error) {
+	vm, err := s.World.AddVM(name, class, user)
+	if err != nil {
+		return nil, err
+	}
+	return vm, s.listenKernel(name)
+}
+
+func (s *Sim) kernelSocket(vm string) string {
+	return filepath.Join(s.cfg.Dir, "run", vm, "kernel.sock")
+}
+
+func (s *Sim) listenKernel(name string) error {
+	p := s.kernelSocket(name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	os.Remove(p)
+	ln, err := net.Listen("unix", p)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.kernels[name] = ln
+	s.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go s.serveKernel(name, c)
+		}
+	}()
+	return nil
+}
+
+// ctlRequest is one control socket request (JSON, one line).
+type ctlRequest struct {
+	Op      string `json:"op"`
+	VM      string `json:"vm,omitempty"`
+	User    string `json:"user,omitempty"`
+	Cmdline string `json:"cmdline,omitempty"`
+	Wait    int    `json:"wait,omitempty"` // qrexec-client -w
+
+	Image string `json:"image,omitempty"`
+	Desc  string `json:"desc,omitempty"`
+	Port  string `json:"port,omitempty"`
+	RO    bool   `json:"ro,omitempty"`
+	Class string `json:"class,omitempty"`
+	Count int    `json:"count,omitempty"`
+
+	Fault  *Fault       `json:"fault,omitempty"`
+	Qrexec *QrexecFault `json:"qrexec,omitempty"`
+}
+
+type ctlResponse struct {
+	Error string `json:"error,omitempty"`
+	Exit  int    `json:"exit"`
+	Port  string `json:"port,omitempty"`
+}
+
+func (s *Sim) serveControl() {
+	for {
+		c, err := s.control.Accept()
+		if err != nil {
+			return
+		}
+		go s.handleControl(c.(*net.UnixConn))
+	}
+}
+
+func (s *Sim) handleControl(c *net.UnixConn) {
+	defer c.Close()
+	buf := make([]byte, 64<<10)
+	oob := make([]byte, syscall.CmsgSpace(3*4))
+	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return
+	}
+	var files []*os.File
+	if oobn > 0 {
+		if msgs, err := syscall.ParseSocketControlMessage(oob[:oobn]); err == nil {
+			for _, m := range msgs {
+				fds, _ := syscall.ParseUnixRights(&m)
+				for _, fd := range fds {
+					files = append(files, os.NewFile(uintptr(fd), "passed"))
+				}
+			}
+		}
+	}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	var req ctlRequest
+	if err := json.Unmarshal(buf[:n], &req); err != nil {
+		reply(c, ctlResponse{Error: "bad control request"})
+		return
+	}
+	var resp ctlResponse
+	switch req.Op {
+	case "exec":
+		if len(files) != 3 {
+			resp.Error = "exec needs stdin, stdout and stderr"
+			break
+		}
+		resp.Exit = s.exec(c, req, files)
+	case "plug":
+		resp.Port, err = s.Plug(req.VM, req.Image, req.Desc, req.RO)
+	case "unplug":
+		err = s.Unplug(req.VM, req.Port)
+	case "add-vm":
+		_, err = s.AddVM(req.VM, req.Class, req.User)
+	case "fault":
+		if req.Fault == nil {
+			err = errors.New("no fault given")
+		} else {
+			s.AddFault(*req.Fault)
+		}
+	case "qrexec-fault":
+		if req.Qrexec == nil {
+			err = errors.New("no qrexec fault given")
+		} else {
+			s.SetQrexecFault(req.VM, *req.Qrexec)
+		}
+	case "clear-faults":
+		s.ClearFaults()
+	case "drop-events":
+		s.DropEventStreams()
+	case "describe":
+		s.SetDescription(qubes.DeviceRef{Backend: req.VM, Port: req.Port}, req.Desc)
+	case "flood":
+		s.Flood(req.VM, req.Count)
+	default:
+		err = fmt.Errorf("unknown control operation %q", req.Op)
+	}
+	if err != nil {
+		resp.Error = err.Error()
+	}
+	reply(c, resp)
+}
+
+func reply(c net.Conn, v any) {
+	b, _ := json.Marshal(v)
+	c.Write(append(b, '\n'))
+}
+
+// exec runs a qrexec call: the caller's stdio become the sandboxed command's. It returns
+// qrexec-client's exit status; the command is killed if the caller goes away.
+func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
+	gone := make(chan struct{})
+	go func() {
+		// The client sends nothing more; EOF or an error means it is gone.
+		var b [1]byte
+		c.Read(b[:])
+		close(gone)
+	}()
+	wait := time.Duration(req.Wait) * time.Second
+	if req.Wait <= 0 {
+		wait = 5 * time.Second
+	}
+	argv, ok := parseCmdline(req.Cmdline)
+	s.World.mu.Lock()
+	vm, exists := s.World.vms[req.VM]
+	fault := s.World.qrexec[req.VM]
+	s.World.mu.Unlock()
+	switch {
+	case !exists:
+		fmt.Fprintf(stdio[2], "Failed to connect to qrexec daemon of %s\n", req.VM)
+		return qubes.ExitQrexecProblem
+	case fault.Hang:
+		<-gone
+		return qubes.ExitQrexecProblem
+	case fault.Exit != 0:
+		return fault.Exit
+	}
+	// A paused qube's agent does not answer: wait for it up to the connect timeout.
+	deadline := time.Now().Add(wait)
+	for {
+		s.World.mu.Lock()
+		state := vm.State
+		s.World.mu.Unlock()
+		if state == qubes.StateRunning {
+			break
+		}
+		if state != qubes.StatePaused || time.Now().After(deadline) {
+			fmt.Fprintf(stdio[2], "qrexec-client: cannot connect to %s: domain not running\n", req.VM)
+			return qubes.ExitQrexecProblem
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !ok {
+		return qubes.ExitQrexecNotFound
+	}
+	home := "/root"
+	if req.User != "root" {
+		home = "/home/" + vm.DefaultUser
+	}
+	s.World.mu.Lock()
+	var roMounts []string
+	for _, m := range vm.kernel.mounts {
+		if m.ro {
+			roMounts = append(roMounts, m.target)
+		}
+	}
+	cmd := s.sandboxCommand(vm, home, roMounts, argv)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
+	if err := cmd.Start(); err != nil {
+		s.World.mu.Unlock()
+		fmt.Fprintf(stdio[2], "qubes-sim: cannot start sandbox: %v\n", err)
+		return qubes.ExitQrexecProblem
+	}
+	vm.procs[cmd] = struct{}{}
+	s.World.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-gone:
+			killGroup(cmd)
+		case <-done:
+		}
+	}()
+	cmd.Wait()
+	close(done)
+	s.World.mu.Lock()
+	delete(vm.procs, cmd)
+	s.World.mu.Unlock()
+	st := cmd.ProcessState
+	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return st.ExitCode()
+}
+
+// Plug attaches a disk image to a running qube as its next sdX device, as a USB disk
+// plugged into sys-usb. desc is what its udev would report ("MODEL (LABEL)"); empty
+// means derived from the image's file system label.
+func (s *Sim) Plug(vmName, image, desc string, ro bool) (string, error) {
+	s.World.mu.Lock()
+	defer s.World.mu.Unlock()
+	vm, ok := s.World.vms[vmName]
+	if !ok || !vm.running() {
+		return "", fmt.Errorf("cannot plug a disk into %s: not running", vmName)
+	}
+	fio, err := newFileIO(image, ro)
+	if err != nil {
+		return "", fmt.Errorf("cannot plug %s: %w", image, err)
+	}
+	port := ""
+	for c := 'a'; c <= 'z'; c++ {
+		if _, used := vm.kernel.devs["sd"+string(c)]; !used {
+			port = "sd" + string(c)
+			break
+		}
+	}
+	if port == "" {
+		return "", errors.New("cannot plug: no free sdX name")
+	}
+	if desc == "" {
+		desc = "QEMU_HARDDISK"
+		if meta, _, err := readFSMeta(fio); err == nil && meta.Label != "" {
+			desc += " (" + meta.Label + ")"
+		}
+	}
+	vm.kernel.add(&bdev{name: port, kind: kindDisk, io: fio, file: fio, ro: ro, diskDesc: desc, diskPath: image})
+	return port, nil
+}
+
+// Unplug pulls a disk out: mounts of it are lost (not written back), like yanking a stick.
+func (s *Sim) Unplug(vmName, port string) error {
+	s.World.mu.Lock()
+	defer s.World.mu.Unlock()
+	vm, ok := s.World.vms[vmName]
+	if !ok {
+		return fmt.Errorf("cannot unplug from %s: no such qube", vmName)
+	}
+	b, ok := vm.kernel.devs[port]
+	if !ok || b.kind != kindDisk {
+		return fmt.Errorf("cannot unplug %s:%s: no such disk", vmName, port)
+	}
+	if m := vm.kernel.mountOf(b); m != nil {
+		vm.kernel.umount(m.target, false)
+	}
+	vm.kernel.remove(b)
+	b.file.f.Close()
+	return nil
+}
+
+// Flood emits n device-list-change events for a qube (a hostile backend toggling).
+func (s *Sim) Flood(vmName string, n int) {
+	s.World.mu.Lock()
+	defer s.World.mu.Unlock()
+	if vm, ok := s.World.vms[vmName]; ok {
+		for i := 0; i < n; i++ {
+			s.World.deviceListChanged(vm)
+		}
+	}
+}
+
+// Control sends one request to a simulator's control socket (used by the qubes-sim CLI).
+func Control(adminSocket string, req ctlRequest) (ctlResponse, error) {
+	c, err := net.Dial("unix", ControlSocket(adminSocket))
+	if err != nil {
+		return ctlResponse{}, fmt.Errorf("cannot reach the simulator: %w", err)
+	}
+	defer c.Close()
+	b, _ := json.Marshal(req)
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return ctlResponse{}, err
+	}
+	return readReply(c)
+}
+
+func readReply(c net.Conn) (ctlResponse, error) {
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err != nil {
+		return ctlResponse{}, fmt.Errorf("simulator closed the connection: %w", err)
+	}
+	var resp ctlResponse
+	if err := json.Unmarshal(line, &resp); err != nil {
+		return resp, err
+	}
+	if resp.Error != "" {
+		return resp, errors.New(resp.Error)
+	}
+	return resp, nil
+}
+
+// QrexecClient is the qrexec-client compatible entry point: it parses the real tool's
+// argv (after "--socket S"), passes its stdio to the simulator and exits with the
+// remote status.
+func QrexecClient(args []string) int {
+	socket := qubes.DefaultSocket
+	var vm, wait string
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		next := func() string {
+			if i+1 < len(args) {
+				i++
+				return args[i]
+			}
+			return ""
+		}
+		switch {
+		case a == "--socket":
+			socket = next()
+		case a == "-d":
+			vm = next()
+		case a == "-w":
+			wait = next()
+		case a == "-t" || a == "-T" || a == "-E":
+			// filtering and no-exit-code are not simulated
+			if a == "-E" {
+				fmt.Fprintln(os.Stderr, "qrexec-client: not supported by the simulator: -E")
+				return 2
+			}
+		case strings.HasPrefix(a, "-"):
+			fmt.Fprintf(os.Stderr, "qrexec-client: not supported by the simulator: %s\n", a)
+			return 2
+		default:
+			rest = append(rest, a)
+		}
+	}
+	if vm == "" || len(rest) != 1 {
+		fmt.Fprintln(os.Stderr, "usage: qrexec-client [--socket S] -d VM [-w SECS] USER:CMDLINE")
+		return 2
+	}
+	user, cmdline, ok := strings.Cut(rest[0], ":")
+	if !ok {
+		fmt.Fprintln(os.Stderr, "qrexec-client: command line must be USER:CMDLINE")
+		return 2
+	}
+	req := ctlRequest{Op: "exec", VM: vm, User: user, Cmdline: cmdline}
+	fmt.Sscan(wait, &req.Wait)
+	conn, err := net.Dial("unix", ControlSocket(socket))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qrexec-client: cannot connect to the simulator: %v\n", err)
+		return qubes.ExitQrexecProblem
+	}
+	defer conn.Close()
+	b, _ := json.Marshal(req)
+	rights := syscall.UnixRights(0, 1, 2)
+	if _, _, err := conn.(*net.UnixConn).WriteMsgUnix(b, rights, nil); err != nil {
+		fmt.Fprintf(os.Stderr, "qrexec-client: %v\n", err)
+		return qubes.ExitQrexecProblem
+	}
+	resp, err := readReply(conn)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qrexec-client: %v\n", err)
+		return qubes.ExitQrexecProblem
+	}
+	return resp.Exit
+}

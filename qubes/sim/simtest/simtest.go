@@ -1,0 +1,101 @@
+// Package simtest starts qubes-sim worlds for tests. A test package that uses it calls
+// simtest.Main from its TestMain: the test binary then also serves as the simulator's
+// fake tools and as its qrexec-client, so no separate build is needed.
+package simtest
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim"
+)
+
+const asEnv = "QUBES_SIM_TEST_AS"
+
+// Main dispatches the test binary's other roles, then runs the tests.
+func Main(m *testing.M) {
+	if tool := sim.ToolName(os.Args[0]); tool != "" {
+		os.Exit(sim.RunTool(tool, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	}
+	if os.Getenv(asEnv) == "qrexec-client" {
+		os.Exit(sim.QrexecClient(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+// Fixture is a running simulator with a client and a runner pointed at it.
+type Fixture struct {
+	*sim.Sim
+	Client *qubes.Client
+	Runner *qubes.Runner
+}
+
+// Start runs a simulator of the given dialect for the duration of the test. Tests are
+// skipped where bubblewrap cannot run, unless QCRYPT_REQUIRE_SANDBOX=1 (set by make
+// check) turns that into a failure.
+func Start(t testing.TB, dialect sim.Dialect) *Fixture {
+	t.Helper()
+	RequireSandbox(t)
+	dir := t.TempDir()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := sim.Start(sim.Config{Dir: dir, Dialect: dialect, ToolsBinary: exe})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	c := qubes.NewClient(s.Socket())
+	c.SetTimeout(30 * time.Second)
+	r := qubes.NewRunner([]string{filepath.Join(dir, "qrexec-client"), "--socket", s.Socket()})
+	r.Timeout = 30 * time.Second
+	if err := os.Symlink(exe, filepath.Join(dir, "qrexec-client")); err != nil {
+		t.Fatal(err)
+	}
+	os.Setenv(asEnv, "qrexec-client")
+	return &Fixture{Sim: s, Client: c, Runner: r}
+}
+
+// StartDemo starts a simulator with the demo world.
+func StartDemo(t testing.TB, dialect sim.Dialect) *Fixture {
+	t.Helper()
+	f := Start(t, dialect)
+	if err := f.SetupDemo(); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// Sh runs a script as root in vm and fails the test on a transport error.
+func (f *Fixture) Sh(t testing.TB, vm, script string) qubes.Result {
+	t.Helper()
+	res, err := f.Runner.Run(context.Background(), vm, script, nil)
+	if err != nil {
+		t.Fatalf("run in %s: %v (stderr %q)", vm, err, res.Stderr)
+	}
+	return res
+}
+
+var sandboxChecked, sandboxOK bool
+
+// RequireSandbox skips (or fails, under make check) when bwrap cannot create a sandbox.
+func RequireSandbox(t testing.TB) {
+	t.Helper()
+	if !sandboxChecked {
+		sandboxChecked = true
+		sandboxOK = exec.Command("bwrap", "--ro-bind", "/", "/", "--unshare-all", "--unshare-user", "--uid", "0", "true").Run() == nil
+	}
+	if sandboxOK {
+		return
+	}
+	if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
+		t.Fatal("bubblewrap cannot create a sandbox here (apt-get install bubblewrap; needs user namespaces or root)")
+	}
+	t.Skip("bubblewrap cannot create a sandbox here")
+}

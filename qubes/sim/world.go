@@ -1,0 +1,264 @@
+// Package sim is a qubesd simulator: it serves the Admin API wire protocol on a unix
+// socket with the behaviour of Qubes R4.2 or R4.3, keeps a world of qubes, block devices
+// and attachments, and runs commands "in" qubes through a qrexec-client compatible entry
+// point inside per-qube sandboxes whose block tools (losetup, cryptsetup, mount, ...) are
+// faithful fakes acting on this world.
+package sim
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Dialect selects the Qubes release whose behaviour the simulator copies.
+type Dialect string
+
+const (
+	R42 Dialect = "4.2" // old device API: Available/List, no device-added/removed
+	R43 Dialect = "4.3" // new device API: Available/Attached, key='value' lines
+)
+
+// VM is a simulated qube.
+type VM struct {
+	Name          string
+	Class         string
+	State         string
+	DefaultUser   string
+	QrexecTimeout int
+
+	root   string // host directory that is the qube's "/"
+	kernel *kernel
+	procs  map[*exec.Cmd]struct{}
+	halted chan struct{} // closed and replaced when the qube halts
+}
+
+// UUID is derived from the name so that answers are reproducible.
+func (vm *VM) UUID() string { return UUIDFor(vm.Name) }
+
+// UUIDFor is the uuid the simulator gives a qube of that name.
+func UUIDFor(name string) string {
+	if name == "dom0" {
+		return "00000000-0000-0000-0000-000000000000"
+	}
+	h := sha256.Sum256([]byte("qubes-sim:" + name))
+	h[6] = h[6]&0x0f | 0x40
+	h[8] = h[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", h[0:4], h[4:6], h[6:8], h[8:10], h[10:16])
+}
+
+// Root is the host directory that holds the qube's file system.
+func (vm *VM) Root() string { return vm.root }
+
+func (vm *VM) running() bool { return qubes.IsRunning(vm.State) }
+
+// Attachment is a block device of a backend attached to a frontend.
+type Attachment struct {
+	qubes.DeviceRef
+	Frontend    string
+	ReadOnly    bool
+	FrontendDev string
+	// Stale is set when the backend shut down while attached: the frontend still lists
+	// the disk (R4.1/R4.2 send no event) and detaching it triggers Qubes bug #4784.
+	Stale bool
+}
+
+// World is the simulated Qubes system. All fields are guarded by mu.
+type World struct {
+	mu          sync.Mutex
+	dialect     Dialect
+	dir         string
+	vms         map[string]*VM
+	attachments []*Attachment
+	subs        map[*subscriber]struct{}
+	faults      []*Fault
+	qrexec      map[string]QrexecFault
+	descs       map[qubes.DeviceRef]string // hostile description overrides
+	// wedged models Qubes bug #4784: after a detach from a dead backend, every device
+	// call of qubesd fails until it is restarted.
+	wedged bool
+	// Bug4784 enables that model (default on).
+	Bug4784 bool
+
+	StartDelay           time.Duration
+	ShutdownDelay        time.Duration
+	DefaultQrexecTimeout int
+
+	calls int64 // Admin API calls served
+}
+
+// NewWorld creates an empty world (only dom0) whose qube trees live under dir.
+func NewWorld(dir string, dialect Dialect) (*World, error) {
+	if dialect != R42 && dialect != R43 {
+		return nil, fmt.Errorf("cannot simulate Qubes %q: use 4.2 or 4.3", dialect)
+	}
+	w := &World{
+		dialect: dialect, dir: dir,
+		vms: map[string]*VM{}, subs: map[*subscriber]struct{}{},
+		qrexec: map[string]QrexecFault{}, descs: map[qubes.DeviceRef]string{},
+		Bug4784: true, DefaultQrexecTimeout: 60,
+		ShutdownDelay: 20 * time.Millisecond,
+	}
+	if _, err := w.AddVM("dom0", "AdminVM", "user"); err != nil {
+		return nil, err
+	}
+	w.vms["dom0"].State = qubes.StateRunning
+	return w, nil
+}
+
+// Dialect is the simulated release.
+func (w *World) Dialect() Dialect { return w.dialect }
+
+// AddVM creates a halted qube with an empty home for user.
+func (w *World) AddVM(name, class, user string) (*VM, error) {
+	if err := qubes.ValidateVMName(name); err != nil {
+		return nil, err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, ok := w.vms[name]; ok {
+		return nil, fmt.Errorf("cannot add qube %s: it exists", name)
+	}
+	vm := &VM{Name: name, Class: class, State: qubes.StateHalted, DefaultUser: user, QrexecTimeout: 60,
+		root: filepath.Join(w.dir, "qubes", name), procs: map[*exec.Cmd]struct{}{}, halted: make(chan struct{})}
+	for _, d := range []string{"home/" + user + "/.qcrypt/keys", "rw", "tmp", "mnt", "root"} {
+		if err := os.MkdirAll(filepath.Join(vm.root, d), 0o755); err != nil {
+			return nil, fmt.Errorf("cannot create qube %s: %w", name, err)
+		}
+	}
+	vm.kernel = newKernel(w, vm)
+	w.vms[name] = vm
+	return vm, nil
+}
+
+// VM returns a qube by name.
+func (w *World) VM(name string) (*VM, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	vm, ok := w.vms[name]
+	return vm, ok
+}
+
+// sortedVMs lists qubes dom0 first, then by name (as R4.3+ does; R4.2 sorts by name,
+// which gives the same order for names that sort after "dom0").
+func (w *World) sortedVMs() []*VM {
+	out := make([]*VM, 0, len(w.vms))
+	for _, vm := range w.vms {
+		out = append(out, vm)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if (out[i].Name == "dom0") != (out[j].Name == "dom0") {
+			return out[i].Name == "dom0"
+		}
+		return out[i].Name < out[j].Name
+	})
+	return out
+}
+
+// Calls is the number of Admin API requests served.
+func (w *World) Calls() int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.calls
+}
+
+// attachmentsOf returns attachments whose frontend is vm.
+func (w *World) attachmentsOf(frontend string) []*Attachment {
+	var out []*Attachment
+	for _, a := range w.attachments {
+		if a.Frontend == frontend {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func (w *World) attachmentOf(dev qubes.DeviceRef) *Attachment {
+	for _, a := range w.attachments {
+		if a.DeviceRef == dev && !a.Stale {
+			return a
+		}
+	}
+	return nil
+}
+
+func (w *World) removeAttachment(a *Attachment) {
+	for i, x := range w.attachments {
+		if x == a {
+			w.attachments = append(w.attachments[:i], w.attachments[i+1:]...)
+			return
+		}
+	}
+}
+
+// frontendDev picks the first free xvdX as qubesd does: xvdi..xvdz, and on R4.1/R4.2
+// then xvda..xvdh (xvda-xvdd are the system volumes, so they are always in use).
+func (w *World) frontendDev(frontend string) (string, error) {
+	used := map[string]bool{"xvda": true, "xvdb": true, "xvdc": true, "xvdd": true}
+	for _, a := range w.attachmentsOf(frontend) {
+		used[a.FrontendDev] = true
+	}
+	var candidates []string
+	for c := 'i'; c <= 'z'; c++ {
+		candidates = append(candidates, "xvd"+string(c))
+	}
+	if w.dialect == R42 {
+		for c := 'a'; c <= 'h'; c++ {
+			candidates = append(candidates, "xvd"+string(c))
+		}
+	}
+	for _, c := range candidates {
+		if !used[c] {
+			return c, nil
+		}
+	}
+	return "", fmt.Errorf("no free frontend device")
+}
+
+// description of an exposed device: what the backend's udev script would write to
+// QubesDB, unless a test installed a hostile override.
+func (w *World) description(dev qubes.DeviceRef, b *bdev) string {
+	if d, ok := w.descs[dev]; ok {
+		return d
+	}
+	return b.desc()
+}
+
+// sanitizeOld is R4.1/R4.2 qubesd's per-byte description filter.
+func sanitizeOld(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if !descAllowed(c) {
+			b[i] = '_'
+		}
+	}
+	return string(b)
+}
+
+// sanitizeNew is R4.3's: non-ASCII bytes are dropped, other bad characters become '_'.
+func sanitizeNew(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x80 {
+			continue
+		}
+		if !descAllowed(c) {
+			c = '_'
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+func descAllowed(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("()+,-.:=_/ ", c) >= 0
+}
