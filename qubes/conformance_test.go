@@ -114,8 +114,10 @@ func vectors() []vector {
 				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Start(ctx, "sys-usb") },
 				check: wantValue(nil)},
 			vector{name: "shutdown halted", dialect: d, req: "admin.vm.Shutdown+force+wait dom0 name work\x00",
-				resp:  "2\x00QubesVMNotStartedError\x00\x00Domain is powered off: 'work'\x00",
-				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Shutdown(ctx, "work", true, true) },
+				resp: "2\x00QubesVMNotStartedError\x00\x00Domain is powered off: 'work'\x00",
+				call: func(ctx context.Context, c *qubes.Client) (any, error) {
+					return nil, c.Shutdown(ctx, "work", true, true)
+				},
 				check: wantErr(qubes.ErrNotRunning)},
 			vector{name: "unpause not paused", dialect: d, req: "admin.vm.Unpause+ dom0 name sys-usb\x00",
 				resp:  "2\x00QubesVMNotPausedError\x00\x00Domain is not paused: 'sys-usb'\x00",
@@ -135,10 +137,14 @@ func vectors() []vector {
 				},
 				check: wantErr(qubes.ErrEmptyResponse)},
 			vector{name: "unknown method is an empty reply", dialect: d, req: "admin.vm.Frobnicate+ dom0 name work\x00", resp: "",
-				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return c.Call(ctx, qubes.Request{Method: "admin.vm.Frobnicate", Dest: "work"}) },
+				call: func(ctx context.Context, c *qubes.Client) (any, error) {
+					return c.Call(ctx, qubes.Request{Method: "admin.vm.Frobnicate", Dest: "work"})
+				},
 				check: wantErr(qubes.ErrEmptyResponse)},
 			vector{name: "bad shutdown argument is an empty reply", dialect: d, req: "admin.vm.Shutdown+now dom0 name sys-usb\x00", resp: "",
-				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return c.Call(ctx, qubes.Request{Method: "admin.vm.Shutdown", Arg: "now", Dest: "sys-usb"}) },
+				call: func(ctx context.Context, c *qubes.Client) (any, error) {
+					return c.Call(ctx, qubes.Request{Method: "admin.vm.Shutdown", Arg: "now", Dest: "sys-usb"})
+				},
 				check: wantErr(qubes.ErrEmptyResponse)},
 		)
 	}
@@ -159,10 +165,16 @@ func vectors() []vector {
 				return len(vms) == 4 && vms[3].UUID == sim.UUIDFor("work")
 			})},
 		vector{name: "device API probe", dialect: sim.R42, req: "admin.vm.device.block.Attached+ dom0 name dom0\x00", resp: "",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { c.SetDeviceAPI(qubes.DeviceAPIUnknown); return c.DeviceAPI(ctx) },
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				c.SetDeviceAPI(qubes.DeviceAPIUnknown)
+				return c.DeviceAPI(ctx)
+			},
 			check: wantValue(qubes.DeviceAPIOld)},
 		vector{name: "device API probe", dialect: sim.R43, req: "admin.vm.device.block.Attached+ dom0 name dom0\x00", resp: "0\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { c.SetDeviceAPI(qubes.DeviceAPIUnknown); return c.DeviceAPI(ctx) },
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				c.SetDeviceAPI(qubes.DeviceAPIUnknown)
+				return c.DeviceAPI(ctx)
+			},
 			check: wantValue(qubes.DeviceAPINew)},
 		vector{name: "Available", dialect: sim.R42, setup: loop0, req: "admin.vm.device.block.Available+ dom0 name sys-usb\x00",
 			resp: "0\x00loop0 mode=w size=8388608 device_node=/dev/loop0 description=/home/user/demo.luks\n",
@@ -180,26 +192,36 @@ func vectors() []vector {
 			})},
 		vector{name: "Attach read-only", dialect: sim.R42, setup: func(t *testing.T, f *simtest.Fixture) { loop0(t, f); startMediator(t, f) },
 			req: "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00read-only=yes", resp: "0\x00",
-			call:  func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Attach(ctx, "mediator", loopRef, true) },
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Attach(ctx, "mediator", loopRef, true)
+			},
 			check: wantValue(nil)},
 		vector{name: "Attach read-only", dialect: sim.R43, setup: func(t *testing.T, f *simtest.Fixture) { loop0(t, f); startMediator(t, f) },
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00device_id='*' port_id='loop0' devclass='block' backend_domain='sys-usb' mode='manual' frontend_domain='mediator' _read-only='yes'",
-			resp: "0\x00", call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Attach(ctx, "mediator", loopRef, true) },
+			resp: "0\x00", call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Attach(ctx, "mediator", loopRef, true)
+			},
 			check: wantValue(nil)},
 		vector{name: "Attach to a halted frontend", dialect: sim.R42, setup: loop0,
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name work\x00read-only=no",
 			resp: "2\x00QubesVMNotRunningError\x00\x00VM not running, can only attach device with persistent flag\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Attach(ctx, "work", loopRef, false) },
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Attach(ctx, "work", loopRef, false)
+			},
 			check: wantErr(qubes.ErrNotRunning)},
 		vector{name: "Attach twice", dialect: sim.R42, setup: loop0Attached,
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00read-only=yes",
 			resp: "2\x00DeviceAlreadyAttached\x00\x00'device sys-usb:loop0 of class block already attached to mediator'\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Attach(ctx, "mediator", loopRef, true) },
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Attach(ctx, "mediator", loopRef, true)
+			},
 			check: wantErr(qubes.ErrAlreadyAttached)},
 		vector{name: "Attach twice", dialect: sim.R43, setup: loop0Attached,
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00device_id='*' port_id='loop0' devclass='block' backend_domain='sys-usb' mode='manual' frontend_domain='mediator' _read-only='yes'",
 			resp: "2\x00DeviceAlreadyAttached\x00\x00'device sys-usb:loop0::0 of class block already attached to mediator'\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Attach(ctx, "mediator", loopRef, true) },
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Attach(ctx, "mediator", loopRef, true)
+			},
 			check: wantErr(qubes.ErrAlreadyAttached)},
 		vector{name: "List attached", dialect: sim.R42, setup: loop0Attached, req: "admin.vm.device.block.List+ dom0 name mediator\x00",
 			resp: "0\x00sys-usb+loop0 read-only=yes frontend-dev=xvdi persistent=no\n",
@@ -216,13 +238,19 @@ func vectors() []vector {
 				return len(a) == 1 && a[0] == qubes.Attachment{DeviceRef: loopRef, Frontend: "mediator", ReadOnly: true, FrontendDev: "xvdi"}
 			})},
 		vector{name: "Detach", dialect: sim.R42, setup: loop0Attached, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00", resp: "0\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Detach(ctx, "mediator", loopRef) }, check: wantValue(nil)},
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Detach(ctx, "mediator", loopRef)
+			}, check: wantValue(nil)},
 		vector{name: "Detach not attached", dialect: sim.R42, setup: startMediator, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00",
 			resp: "2\x00DeviceNotAttached\x00\x00'device loop0 of class block not attached to mediator'\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Detach(ctx, "mediator", loopRef) }, check: wantErr(qubes.ErrNotAttached)},
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Detach(ctx, "mediator", loopRef)
+			}, check: wantErr(qubes.ErrNotAttached)},
 		vector{name: "Detach not attached", dialect: sim.R43, setup: startMediator, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00",
 			resp: "2\x00DeviceNotAssigned\x00\x00'block device loop0 not attached to mediator'\x00",
-			call: func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Detach(ctx, "mediator", loopRef) }, check: wantErr(qubes.ErrNotAttached)},
+			call: func(ctx context.Context, c *qubes.Client) (any, error) {
+				return nil, c.Detach(ctx, "mediator", loopRef)
+			}, check: wantErr(qubes.ErrNotAttached)},
 	)
 	return vs
 }

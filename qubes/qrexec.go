@@ -143,7 +143,9 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 // WrapScript is what is sent before the input bytes: the script in a subshell, then the
 // status mapping, then exit, all parsed by bash before any input byte is read.
 func WrapScript(script string) string {
-	return "(\n" + script + "\n)\nqcrypt_rc=$?; case $qcrypt_rc in 125|126|127) qcrypt_rc=124;; esac; exit $qcrypt_rc\n"
+	// The closing line must hold everything after the subshell: bash runs a command as
+	// soon as its line is complete, and the input bytes follow right after.
+	return "(\n" + script + "\n); qcrypt_rc=$?; case $qcrypt_rc in 125|126|127) qcrypt_rc=124;; esac; exit $qcrypt_rc\n"
 }
 
 // capWriter keeps the first max bytes and drops the rest, so a flooding qube costs

@@ -35,6 +35,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if tool := ToolName(args[0]); tool != "" {
 		return RunTool(tool, args[1:], os.Stdin, stdout, stderr)
 	}
+	if filepath.Base(args[0]) == "qrexec-client" {
+		return QrexecClient(args[1:])
+	}
 	if len(args) < 2 {
 		fmt.Fprint(stderr, usage)
 		return 2

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-
 )
 
 // Demo world facts.
@@ -115,4 +114,3 @@ func MakeDiskImage(image string, size int64, label string, files map[string][]by
 	defer fio.f.Close()
 	return writeFS(fio, fsMeta{Type: "ext4", UUID: newUUID(), Label: label}, dir)
 }
-

@@ -1,6 +1,7 @@
 // Package simtest starts qubes-sim worlds for tests. A test package that uses it calls
-// simtest.Main from its TestMain: the test binary then also serves as the simulator's
-// fake tools and as its qrexec-client, so no separate build is needed.
+// simtest.Main from its TestMain. The fake tools and the qrexec-client run as a static
+// qubes-sim binary built once per test process (Go's build cache makes that cheap);
+// where no go command is at hand the test binary itself takes those roles.
 package simtest
 
 import (
@@ -8,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -25,7 +27,46 @@ func Main(m *testing.M) {
 	if os.Getenv(asEnv) == "qrexec-client" {
 		os.Exit(sim.QrexecClient(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	binPath   string
+)
+
+// binary returns the qubes-sim binary for tools and qrexec-client.
+func binary(t testing.TB) string {
+	buildOnce.Do(func() {
+		exe, err := os.Executable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		binPath = exe
+		gobin, err := exec.LookPath("go")
+		if err != nil {
+			return
+		}
+		dir, err := os.MkdirTemp("", "simtest-")
+		if err != nil {
+			return
+		}
+		out := filepath.Join(dir, "qubes-sim")
+		cmd := exec.Command(gobin, "build", "-o", out, "github.com/qcrypt/qcrypt/cmd/qubes-sim")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if msg, err := cmd.CombinedOutput(); err != nil {
+			t.Logf("cannot build qubes-sim, the test binary stands in: %v: %s", err, msg)
+			os.RemoveAll(dir)
+			return
+		}
+		binDir, binPath = dir, out
+	})
+	return binPath
 }
 
 // Fixture is a running simulator with a client and a runner pointed at it.
@@ -42,10 +83,7 @@ func Start(t testing.TB, dialect sim.Dialect) *Fixture {
 	t.Helper()
 	RequireSandbox(t)
 	dir := t.TempDir()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
+	exe := binary(t)
 	s, err := sim.Start(sim.Config{Dir: dir, Dialect: dialect, ToolsBinary: exe})
 	if err != nil {
 		t.Fatal(err)

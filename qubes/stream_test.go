@@ -1,0 +1,292 @@
+package qubes_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+)
+
+// collect reads events until one satisfies stop (or a timeout) and returns them.
+func collect(t *testing.T, ch <-chan qubes.Event, stop func(qubes.Event) bool) []qubes.Event {
+	t.Helper()
+	var got []qubes.Event
+	timeout := time.After(20 * time.Second)
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				t.Fatalf("stream closed; got %v", names(got))
+			}
+			got = append(got, ev)
+			if stop(ev) {
+				return got
+			}
+		case <-timeout:
+			t.Fatalf("timed out; got %v", names(got))
+		}
+	}
+}
+
+func names(evs []qubes.Event) []string {
+	var out []string
+	for _, e := range evs {
+		if e.Subject != "" {
+			out = append(out, e.Subject+":"+e.Name)
+		} else {
+			out = append(out, e.Name)
+		}
+	}
+	return out
+}
+
+func is(kind qubes.EventKind, subject string) func(qubes.Event) bool {
+	return func(e qubes.Event) bool { return e.Kind == kind && e.Subject == subject }
+}
+
+func subscribe(t *testing.T, f *simtest.Fixture) <-chan qubes.Event {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	ch := f.Client.Events(ctx, qubes.Backoff{Min: 10 * time.Millisecond, Max: 100 * time.Millisecond})
+	first := collect(t, ch, func(qubes.Event) bool { return true })
+	if first[0].Kind != qubes.EventResync {
+		t.Fatalf("first event %v, want connection-established", first[0].Name)
+	}
+	return ch
+}
+
+func TestEventSequences(t *testing.T) {
+	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+		t.Run(string(d), func(t *testing.T) {
+			f := simtest.StartDemo(t, d)
+			ch := subscribe(t, f)
+			ctx := context.Background()
+
+			if err := f.Client.Start(ctx, "work"); err != nil {
+				t.Fatal(err)
+			}
+			start := names(collect(t, ch, is(qubes.EventDomainStart, "work")))
+			want := "work:domain-pre-start work:domain-pre-spawn work:property-reset:xid work:property-reset:stubdom_xid work:property-reset:start_time work:domain-spawn work:domain-unpaused work:domain-start"
+			if d == sim.R43 {
+				want = strings.Replace(want, "work:domain-unpaused", "work:domain-pre-unpaused work:domain-unpaused", 1)
+			}
+			if got := strings.Join(start, " "); got != want {
+				t.Errorf("start sequence\n got %s\nwant %s", got, want)
+			}
+
+			// A loop device in the source qube is a device appearing.
+			f.Sh(t, "sys-usb", "losetup -f --show "+sim.DemoContainer)
+			if d == sim.R42 {
+				collect(t, ch, is(qubes.EventDeviceListChange, "sys-usb"))
+			} else {
+				added := collect(t, ch, is(qubes.EventDeviceAdded, "sys-usb"))
+				if dev := added[len(added)-1].Device; dev != (qubes.DeviceRef{Backend: "sys-usb", Port: "loop0"}) {
+					t.Errorf("device-added names %+v", dev)
+				}
+			}
+
+			if err := f.Client.Attach(ctx, "work", qubes.DeviceRef{Backend: "sys-usb", Port: "loop0"}, true); err != nil {
+				t.Fatal(err)
+			}
+			att := collect(t, ch, is(qubes.EventDeviceAttach, "work"))
+			if dev := att[len(att)-1].Device; dev != (qubes.DeviceRef{Backend: "sys-usb", Port: "loop0"}) {
+				t.Errorf("attach event device %+v", dev)
+			}
+
+			// Shutting the frontend down: R4.2 sends no device event, R4.3 a detach.
+			if err := f.Client.Shutdown(ctx, "work", false, false); err != nil {
+				t.Fatal(err)
+			}
+			var stop []qubes.Event
+			for _, e := range collect(t, ch, is(qubes.EventDomainShutdown, "work")) {
+				if e.Subject == "work" {
+					stop = append(stop, e)
+				}
+			}
+			sawDetach := false
+			for _, e := range stop {
+				if e.Kind == qubes.EventDeviceDetach {
+					sawDetach = true
+				}
+			}
+			if sawDetach != (d == sim.R43) {
+				t.Errorf("device-detach on frontend shutdown: %v (dialect %s): %v", sawDetach, d, names(stop))
+			}
+			tail := names(stop)
+			if got := strings.Join(tail[len(tail)-5:], " "); got != "work:domain-stopped work:property-reset:xid work:property-reset:stubdom_xid work:property-reset:start_time work:domain-shutdown" {
+				t.Errorf("shutdown tail: %s", got)
+			}
+			if tail[0] != "work:domain-pre-shutdown" {
+				t.Errorf("shutdown starts with %s", tail[0])
+			}
+		})
+	}
+}
+
+func TestEventStreamResyncsAfterDrop(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R42)
+	ch := subscribe(t, f)
+	f.DropEventStreams()
+	got := collect(t, ch, is(qubes.EventResync, ""))
+	if got[0].Kind != qubes.EventDisconnected || got[0].Err == nil {
+		t.Errorf("first after drop: %+v", got[0])
+	}
+	// The new connection delivers events again.
+	if err := f.Client.Pause(context.Background(), "sys-usb"); err != nil {
+		t.Fatal(err)
+	}
+	collect(t, ch, is(qubes.EventDomainPaused, "sys-usb"))
+}
+
+func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R42)
+	ch := subscribe(t, f)
+	f.Close() // qubesd goes away
+	got := collect(t, ch, is(qubes.EventDisconnected, ""))
+	if len(got) != 1 {
+		t.Fatalf("got %v", names(got))
+	}
+	// Attempts fail while it is gone: more disconnected events, with backoff.
+	collect(t, ch, is(qubes.EventDisconnected, ""))
+}
+
+func TestSimulatorEventDestFilter(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R42)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// A subscription for one qube gets only its events (raw request, dest work).
+	conn := dialEvents(t, f.Socket(), "work")
+	defer conn.close()
+	if err := f.Client.Start(ctx, "mediator"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev := conn.next(t)
+		if ev.Subject != "" && ev.Subject != "work" {
+			t.Fatalf("event of %s on a work-only stream", ev.Subject)
+		}
+		if ev.Kind == qubes.EventDomainStart {
+			break
+		}
+	}
+}
+
+func TestRunner(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R42)
+	ctx := context.Background()
+	tests := map[string]struct {
+		script   string
+		code     int
+		stdout   string
+		trunc    bool
+		vm       string
+		wantErr  error
+		transErr int
+	}{
+		"exit status":                         {script: "echo hi; exit 3", code: 3, stdout: "hi\n"},
+		"127 from a command is not transport": {script: "no-such-command-here", code: 124},
+		"126 too":                             {script: "exit 126", code: 124},
+		"runs as root with home":              {script: `[ "$(id -u)" = 0 ] && [ -d /home/user/.qcrypt/keys ] && echo ok`, stdout: "ok\n"},
+		"flood is cut":                        {script: "head -c 1000000 /dev/zero", stdout: string(make([]byte, 64<<10)), trunc: true},
+		"halted qube":                         {script: "true", vm: "work", transErr: qubes.ExitQrexecProblem},
+		"unknown qube":                        {script: "true", vm: "nosuchvm", transErr: qubes.ExitQrexecProblem},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			vm := tc.vm
+			if vm == "" {
+				vm = "sys-usb"
+			}
+			res, err := f.Runner.Run(ctx, vm, tc.script, nil)
+			if tc.transErr != 0 {
+				var te *qubes.TransportError
+				if !errors.As(err, &te) || te.Code != tc.transErr || !errors.Is(err, qubes.ErrTransport) {
+					t.Fatalf("got %v, want transport error %d", err, tc.transErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.ExitCode != tc.code || string(res.Stdout) != tc.stdout || res.StdoutTruncated != tc.trunc {
+				t.Errorf("got code %d stdout %.40q trunc %v", res.ExitCode, res.Stdout, res.StdoutTruncated)
+			}
+		})
+	}
+	t.Run("input follows the script", func(t *testing.T) {
+		data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
+		res, err := f.Runner.Run(ctx, "sys-usb", "cat > /tmp/in && sha256sum /tmp/in | cut -d' ' -f1", bytes.NewReader(data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := strings.TrimSpace(string(res.Stdout)), fmt.Sprintf("%x", sha256.Sum256(data)); got != want {
+			t.Errorf("checksum %s, want %s", got, want)
+		}
+	})
+	t.Run("qrexec failure injected", func(t *testing.T) {
+		f.SetQrexecFault("sys-usb", sim.QrexecFault{Exit: qubes.ExitQrexecRefused})
+		defer f.SetQrexecFault("sys-usb", sim.QrexecFault{})
+		_, err := f.Runner.Run(ctx, "sys-usb", "true", nil)
+		var te *qubes.TransportError
+		if !errors.As(err, &te) || te.Code != qubes.ExitQrexecRefused {
+			t.Errorf("got %v", err)
+		}
+	})
+	t.Run("a hanging qube is cut off by the timeout", func(t *testing.T) {
+		f.SetQrexecFault("sys-usb", sim.QrexecFault{Hang: true})
+		defer f.SetQrexecFault("sys-usb", sim.QrexecFault{})
+		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		_, err := f.Runner.Run(tctx, "sys-usb", "true", nil)
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("got %v", err)
+		}
+	})
+	t.Run("a long command is killed at the timeout", func(t *testing.T) {
+		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		_, err := f.Runner.Run(tctx, "sys-usb", "sleep 30", nil)
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("got %v", err)
+		}
+	})
+	t.Run("bad qube name never reaches qrexec", func(t *testing.T) {
+		before := f.Runner.Spawns()
+		if _, err := f.Runner.Run(ctx, "-d", "true", nil); err == nil {
+			t.Error("accepted")
+		}
+		if f.Runner.Spawns() != before {
+			t.Error("spawned")
+		}
+	})
+}
+
+func TestRunnerInvocation(t *testing.T) {
+	// A stand-in qrexec-client that reports its argv and stdin: the exact invocation of
+	// spec §6.3.
+	dir := t.TempDir()
+	script := dir + "/qrexec-client"
+	writeFile(t, script, "#!/bin/sh\nprintf '%s|' \"$@\"; echo; cat\n", 0o755)
+	r := qubes.NewRunner([]string{script})
+	r.ConnectTimeout = 7
+	res, err := r.Run(context.Background(), "work", "echo hi", strings.NewReader("INPUT"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "-d|work|-w|7|root:QUBESRPC qubes.VMShell+ dom0|\n" + qubes.WrapScript("echo hi") + "INPUT"
+	if string(res.Stdout) != want {
+		t.Errorf("got\n%q\nwant\n%q", res.Stdout, want)
+	}
+}
