@@ -9,7 +9,7 @@ STATICCHECK := $(GOBIN_DIR)/staticcheck
 FUZZTIME  ?= 5s
 # Debian packages the tests need (bubblewrap: the simulator's qube sandboxes; gcc: -race).
 DEB_PACKAGES := bubblewrap gcc make
-COMMANDS  := qubes-sim
+COMMANDS  := qubes-sim qcryptd
 
 .PHONY: all build check fmt-check vet staticcheck test fuzz bench deps clean
 

@@ -1,0 +1,179 @@
+// Package chains is qcrypt's domain: what a chain is, how it is configured, and the exact
+// steps that open, close, inspect and create one. It talks to Qubes only through the small
+// interfaces in qubes.go and imports no D-Bus or systemd code.
+package chains
+
+import (
+	"fmt"
+	"path"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Chain is one configured (or ad-hoc) chain: a container file in a source qube,
+// decrypted layer by layer by the destination qubes in order; the last one is the
+// target that may mount the plaintext.
+type Chain struct {
+	Name string // file name without .ini; for ad-hoc chains derived from the key
+	File string // config file, empty for ad-hoc chains
+
+	SourceVM         string
+	SourceDevice     string // optional block device holding the file system with the container
+	SourceMountPoint string // where SourceDevice is mounted in SourceVM
+	SourceFile       string // path of the container, relative to SourceMountPoint
+	Key              string // key id = file name under ~/.qcrypt/keys = mapper name
+	Hops             []Hop
+	MountPoint       string // in the target; empty: not mounted
+	Type             string // cryptsetup --type for every layer: luks (default), plain, loopaes, tcrypt
+
+	Autostart       bool
+	ReadOnly        bool
+	StartupInterval time.Duration
+
+	PreOpen, PostOpen, PreClose, PostClose string // dom0 commands run as root
+
+	keyLine int // line of "key" in File, for error messages
+}
+
+// Hop is one destination qube.
+type Hop struct {
+	VM      string
+	Inject  string   // dom0 key file to inject if the qube has none, or keystore://[dir]
+	Options []string // extra cryptsetup options, allow-listed
+}
+
+// Target is the last destination qube, the one that sees the plaintext.
+func (c *Chain) Target() string { return c.Hops[len(c.Hops)-1].VM }
+
+// Container is the absolute path of the container file inside the source qube.
+func (c *Chain) Container() string {
+	return path.Join("/", c.SourceMountPoint, c.SourceFile)
+}
+
+// VMs lists the source and the destinations in chain order.
+func (c *Chain) VMs() []string {
+	out := []string{c.SourceVM}
+	for _, h := range c.Hops {
+		out = append(out, h.VM)
+	}
+	return out
+}
+
+// Involves reports whether vm is part of the chain.
+func (c *Chain) Involves(vm string) bool {
+	for _, v := range c.VMs() {
+		if v == vm {
+			return true
+		}
+	}
+	return false
+}
+
+// Hooks are the commands a chain runs in dom0 as root.
+func (c *Chain) Hooks() []string {
+	var out []string
+	for _, h := range []string{c.PreOpen, c.PostOpen, c.PreClose, c.PostClose} {
+		if h != "" {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// Equal reports whether two chains are configured identically.
+func (c *Chain) Equal(o *Chain) bool {
+	a, b := *c, *o
+	a.keyLine, b.keyLine = 0, 0
+	return fmt.Sprintf("%#v", a) == fmt.Sprintf("%#v", b)
+}
+
+var keyIDRE = regexp.MustCompile(`^[0-9a-zA-Z_+.-]+$`)
+
+// ValidateKeyID accepts the key ids of the original tool (they are also mapper names).
+func ValidateKeyID(k string) error {
+	if !keyIDRE.MatchString(k) || k == "." || k == ".." || len(k) > 127 {
+		return fmt.Errorf("key id %q must match ^[0-9a-zA-Z_+.-]+$", qubes.Printable(k, 40))
+	}
+	return nil
+}
+
+// validatePath accepts a path for a shell script: no control bytes, no "..", and
+// absolute when required.
+func validatePath(p string, absolute bool) error {
+	if p == "" {
+		return fmt.Errorf("empty path")
+	}
+	for i := 0; i < len(p); i++ {
+		if p[i] < 0x20 || p[i] == 0x7f {
+			return fmt.Errorf("path contains a control character")
+		}
+	}
+	if absolute && !strings.HasPrefix(p, "/") {
+		return fmt.Errorf("path %q must be absolute", p)
+	}
+	for _, part := range strings.Split(p, "/") {
+		if part == ".." {
+			return fmt.Errorf("path %q must not contain ..", p)
+		}
+	}
+	return nil
+}
+
+// cryptsetup options a user may give per qube: option -> value pattern ("" = flag).
+var cryptOptions = map[string]*regexp.Regexp{
+	"--type": regexp.MustCompile(`^(luks|luks1|luks2|plain|loopaes|tcrypt|bitlk)$`), "-M": nil,
+	"--cipher": valueRE, "-c": nil, "--key-size": numRE, "-s": nil, "--hash": valueRE, "-h": nil,
+	"--offset": numRE, "-o": nil, "--skip": numRE, "-p": nil, "--size": numRE, "-b": nil,
+	"--sector-size": numRE, "--keyfile-offset": numRE, "--keyfile-size": numRE, "-l": nil,
+	"--allow-discards": nil, "--iv-large-sectors": nil, "--perf-same_cpu_crypt": nil,
+	"--perf-submit_from_crypt_cpus": nil, "--perf-no_read_workqueue": nil, "--perf-no_write_workqueue": nil,
+	"--disable-keyring": nil, "--tcrypt-hidden": nil, "--tcrypt-system": nil, "--veracrypt": nil,
+}
+
+var (
+	valueRE = regexp.MustCompile(`^[A-Za-z0-9:_.,+-]{1,64}$`)
+	numRE   = regexp.MustCompile(`^[0-9]{1,12}$`)
+	shortOf = map[string]string{"-M": "--type", "-c": "--cipher", "-s": "--key-size", "-h": "--hash", "-o": "--offset", "-p": "--skip", "-b": "--size", "-l": "--keyfile-size"}
+)
+
+// ParseCryptOptions splits and checks "destination opt N" / --cy options against the
+// allow-list; values must be plain tokens, so the options can be quoted safely.
+func ParseCryptOptions(s string) ([]string, error) {
+	if strings.ContainsAny(s, "'\"\\`$;&|<>(){}\n") {
+		return nil, fmt.Errorf("cryptsetup options %q contain shell syntax", qubes.Printable(s, 60))
+	}
+	fields := strings.Fields(s)
+	var out []string
+	for i := 0; i < len(fields); i++ {
+		name, val, hasVal := strings.Cut(fields[i], "=")
+		if long, ok := shortOf[name]; ok {
+			name = long
+		}
+		re, ok := cryptOptions[name]
+		if !ok {
+			return nil, fmt.Errorf("cryptsetup option %q is not allowed", fields[i])
+		}
+		if re == nil {
+			if hasVal {
+				return nil, fmt.Errorf("cryptsetup option %s takes no value", name)
+			}
+			out = append(out, name)
+			continue
+		}
+		if !hasVal {
+			if i+1 >= len(fields) {
+				return nil, fmt.Errorf("cryptsetup option %s needs a value", name)
+			}
+			i++
+			val = fields[i]
+		}
+		if !re.MatchString(val) {
+			return nil, fmt.Errorf("cryptsetup option %s: bad value %q", name, val)
+		}
+		out = append(out, name, val)
+	}
+	return out, nil
+}

@@ -1,0 +1,422 @@
+package chains
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"gopkg.in/ini.v1"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// ConfigError is one problem in a chain file. Line is 0 when the problem is a key that
+// is missing.
+type ConfigError struct {
+	File string
+	Line int
+	Key  string
+	Msg  string
+}
+
+func (e ConfigError) Error() string {
+	if e.Key == "" {
+		return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
+	}
+	return fmt.Sprintf("%s:%d: %s: %s", e.File, e.Line, e.Key, e.Msg)
+}
+
+// ConfigErrors is every problem found in one load, sorted by file and line.
+type ConfigErrors []ConfigError
+
+func (es ConfigErrors) Error() string {
+	lines := make([]string, len(es))
+	for i, e := range es {
+		lines[i] = e.Error()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// DefaultStartupInterval is the original's default.
+const DefaultStartupInterval = 300 * time.Second
+
+// Keys of a chain file. "destination vm/inj/opt N" are matched by pattern.
+const (
+	keySourceVM         = "source vm"
+	keySourceDevice     = "source device"
+	keySourceMountPoint = "source mount point"
+	keySourceFile       = "source file"
+	keyKey              = "key"
+	keyMountPoint       = "destination mount point"
+	keyAutostart        = "autostart"
+	keyReadOnly         = "read-only"
+	keyType             = "type"
+	keyInterval         = "startup interval"
+	keyPreOpen          = "pre open command"
+	keyPostOpen         = "post open command"
+	keyPreClose         = "pre close command"
+	keyPostClose        = "post close command"
+)
+
+var (
+	plainKeys = []string{keySourceVM, keySourceDevice, keySourceMountPoint, keySourceFile, keyKey, keyMountPoint,
+		keyAutostart, keyReadOnly, keyType, keyInterval, keyPreOpen, keyPostOpen, keyPreClose, keyPostClose}
+	hopKeyRE  = regexp.MustCompile(`^destination (vm|inj|opt) ([1-9][0-9]{0,2})$`)
+	keyLineRE = regexp.MustCompile(`^\s*([^#;=:\[][^=:]*?)\s*[=:]`)
+)
+
+// LoadTarget reads every *.ini of a target directory. It returns the chains sorted by
+// name, or every problem of every file at once. asRoot enables the ownership checks of
+// files that carry commands run as root.
+func LoadTarget(dir string, asRoot bool) ([]*Chain, error) {
+	files, err := filepath.Glob(filepath.Join(dir, "*.ini"))
+	if err != nil {
+		return nil, fmt.Errorf("cannot list %s: %w", dir, err)
+	}
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("cannot read configuration: %s is not a directory", dir)
+	}
+	sort.Strings(files)
+	var errs ConfigErrors
+	var chains []*Chain
+	for _, f := range files {
+		c, ferrs := LoadFile(f, asRoot)
+		errs = append(errs, ferrs...)
+		if c != nil {
+			chains = append(chains, c)
+		}
+	}
+	errs = append(errs, checkMapperClashes(chains)...)
+	if len(errs) > 0 {
+		sort.SliceStable(errs, func(i, j int) bool {
+			if errs[i].File != errs[j].File {
+				return errs[i].File < errs[j].File
+			}
+			return errs[i].Line < errs[j].Line
+		})
+		return nil, errs
+	}
+	return chains, nil
+}
+
+// LoadFile parses one chain file; a nil chain comes with at least one error.
+func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
+	var errs ConfigErrors
+	add := func(line int, key, format string, a ...any) {
+		errs = append(errs, ConfigError{File: file, Line: line, Key: key, Msg: fmt.Sprintf(format, a...)})
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		add(0, "", "cannot read: %v", err)
+		return nil, errs
+	}
+	lines, clean, scanErrs := scanKeys(file, data)
+	errs = append(errs, scanErrs...)
+	f, err := ini.LoadSources(ini.LoadOptions{IgnoreInlineComment: true, PreserveSurroundedQuote: true}, clean)
+	if err != nil {
+		add(0, "", "cannot parse: %v", err)
+		return nil, errs
+	}
+	sec := f.Section(ini.DefaultSection)
+	values := map[string]string{}
+	for _, k := range sec.Keys() {
+		values[k.Name()] = strings.TrimSpace(k.Value())
+	}
+
+	c := &Chain{Name: strings.TrimSuffix(filepath.Base(file), ".ini"), File: file, ReadOnly: true, StartupInterval: DefaultStartupInterval, Type: "luks"}
+	hops := map[int]*Hop{}
+	for key := range values {
+		if m := hopKeyRE.FindStringSubmatch(key); m != nil {
+			n, _ := strconv.Atoi(m[2])
+			if hops[n] == nil {
+				hops[n] = &Hop{}
+			}
+			continue
+		}
+		known := false
+		for _, k := range plainKeys {
+			known = known || k == key
+		}
+		if !known {
+			msg := "unknown key"
+			if s := suggest(key); s != "" {
+				msg += fmt.Sprintf(" (did you mean %q?)", s)
+			}
+			add(lines[key], key, "%s", msg)
+		}
+	}
+	required := func(key string) string {
+		v, ok := values[key]
+		if !ok {
+			add(0, key, "missing (required)")
+		} else if v == "" {
+			add(lines[key], key, "empty (required)")
+		}
+		return v
+	}
+	boolean := func(key string, def bool) bool {
+		v, ok := values[key]
+		if !ok {
+			return def
+		}
+		b, err := parseBool(v)
+		if err != nil {
+			add(lines[key], key, "%q is not a boolean (true/false, yes/no, 1/0, on/off)", v)
+		}
+		return b
+	}
+	pathKey := func(key string, absolute bool) string {
+		v := values[key]
+		if v != "" {
+			if err := validatePath(v, absolute); err != nil {
+				add(lines[key], key, "%v", err)
+			}
+		}
+		return v
+	}
+
+	c.SourceVM = required(keySourceVM)
+	if c.SourceVM != "" {
+		if err := qubes.ValidateVMName(c.SourceVM); err != nil {
+			add(lines[keySourceVM], keySourceVM, "%v", err)
+		}
+	}
+	c.SourceDevice = pathKey(keySourceDevice, true)
+	if c.SourceDevice != "" && !strings.HasPrefix(c.SourceDevice, "/dev/") {
+		add(lines[keySourceDevice], keySourceDevice, "must be a device path under /dev/")
+	}
+	c.SourceMountPoint = pathKey(keySourceMountPoint, true)
+	if c.SourceDevice != "" && c.SourceMountPoint == "" {
+		add(lines[keySourceDevice], keySourceDevice, "needs a %q", keySourceMountPoint)
+	}
+	if c.SourceFile = required(keySourceFile); c.SourceFile != "" {
+		if err := validatePath(c.SourceFile, false); err != nil {
+			add(lines[keySourceFile], keySourceFile, "%v", err)
+		} else if c.Container() == "/" {
+			add(lines[keySourceFile], keySourceFile, "does not name a file")
+		}
+	}
+	c.keyLine = lines[keyKey]
+	if c.Key = required(keyKey); c.Key != "" {
+		if err := ValidateKeyID(c.Key); err != nil {
+			add(lines[keyKey], keyKey, "%v", err)
+		}
+	}
+	c.MountPoint = pathKey(keyMountPoint, true)
+	if c.MountPoint == "/" {
+		add(lines[keyMountPoint], keyMountPoint, "must not be /")
+	}
+	c.Autostart = boolean(keyAutostart, false)
+	c.ReadOnly = boolean(keyReadOnly, true)
+	if v, ok := values[keyType]; ok {
+		switch v {
+		case "luks", "plain", "loopaes", "tcrypt":
+			c.Type = v
+		default:
+			add(lines[keyType], keyType, "%q is not one of plain, luks, loopaes, tcrypt", v)
+		}
+	}
+	if v, ok := values[keyInterval]; ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			add(lines[keyInterval], keyInterval, "%q is not a non-negative number of seconds", v)
+		}
+		c.StartupInterval = time.Duration(n) * time.Second
+	}
+	c.PreOpen, c.PostOpen, c.PreClose, c.PostClose = values[keyPreOpen], values[keyPostOpen], values[keyPreClose], values[keyPostClose]
+
+	// Destinations 1..n without gaps; inj/opt only for existing destinations.
+	nums := make([]int, 0, len(hops))
+	for n := range hops {
+		nums = append(nums, n)
+	}
+	sort.Ints(nums)
+	if _, ok := values["destination vm 1"]; !ok {
+		add(0, "destination vm 1", "missing (at least one destination is required)")
+	}
+	seen := map[string]bool{}
+	count := 0
+	for _, n := range nums {
+		vmKey := fmt.Sprintf("destination vm %d", n)
+		vm, ok := values[vmKey]
+		if !ok {
+			for _, k := range []string{"inj", "opt"} {
+				if key := fmt.Sprintf("destination %s %d", k, n); lines[key] > 0 {
+					add(lines[key], key, "there is no %q", vmKey)
+				}
+			}
+			continue
+		}
+		if count++; n != count {
+			add(lines[vmKey], vmKey, "destinations must be numbered 1, 2, 3, ... without gaps (destination vm %d is missing)", count)
+		}
+		h := Hop{VM: vm}
+		if vm == "" {
+			add(lines[vmKey], vmKey, "empty")
+		} else if err := qubes.ValidateVMName(vm); err != nil {
+			add(lines[vmKey], vmKey, "%v", err)
+		} else if seen[vm] {
+			add(lines[vmKey], vmKey, "qube %s decrypts more than one layer (the key id is its mapper name)", vm)
+		} else if vm == c.SourceVM {
+			add(lines[vmKey], vmKey, "the source qube must not decrypt")
+		}
+		seen[vm] = true
+		injKey := fmt.Sprintf("destination inj %d", n)
+		if inj := values[injKey]; inj != "" {
+			if !strings.HasPrefix(inj, "keystore://") {
+				if err := validatePath(inj, true); err != nil {
+					add(lines[injKey], injKey, "%v", err)
+				}
+			}
+			h.Inject = inj
+		}
+		optKey := fmt.Sprintf("destination opt %d", n)
+		if opt := values[optKey]; opt != "" {
+			opts, err := ParseCryptOptions(opt)
+			if err != nil {
+				add(lines[optKey], optKey, "%v", err)
+			}
+			h.Options = opts
+		}
+		c.Hops = append(c.Hops, h)
+	}
+
+	if asRoot && len(c.Hooks()) > 0 {
+		if msg := unsafeForRoot(file); msg != "" {
+			add(0, "", "carries commands run as root but %s", msg)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return c, nil
+}
+
+// scanKeys finds the line of every key and reports what ini.v1 would accept silently
+// (sections, duplicate keys) or stop at (lines that are not key=value). It returns the
+// accepted lines for ini.v1 to parse, so one bad line does not hide the other errors.
+func scanKeys(file string, data []byte) (map[string]int, []byte, ConfigErrors) {
+	lines := map[string]int{}
+	var clean bytes.Buffer
+	var errs ConfigErrors
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || line[0] == '#' || line[0] == ';' {
+			continue
+		}
+		if line[0] == '[' {
+			errs = append(errs, ConfigError{File: file, Line: n, Msg: "sections are not used in chain files"})
+			continue
+		}
+		m := keyLineRE.FindStringSubmatch(line)
+		if m == nil {
+			errs = append(errs, ConfigError{File: file, Line: n, Msg: "not a key=value line"})
+			continue
+		}
+		key := strings.TrimSpace(m[1])
+		if first, dup := lines[key]; dup {
+			errs = append(errs, ConfigError{File: file, Line: n, Key: key, Msg: fmt.Sprintf("set twice (first on line %d)", first)})
+			continue
+		}
+		lines[key] = n
+		clean.WriteString(line)
+		clean.WriteByte('\n')
+	}
+	return lines, clean.Bytes(), errs
+}
+
+func parseBool(v string) (bool, error) {
+	switch strings.ToLower(v) {
+	case "true", "yes", "1", "on":
+		return true, nil
+	case "false", "no", "0", "off":
+		return false, nil
+	}
+	return false, fmt.Errorf("not a boolean")
+}
+
+// suggest returns the known key closest to a misspelt one.
+func suggest(key string) string {
+	best, bestD := "", 4
+	cands := append([]string{"destination vm 1", "destination inj 1", "destination opt 1"}, plainKeys...)
+	for _, k := range cands {
+		if d := editDistance(key, k); d < bestD {
+			best, bestD = k, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
+}
+
+// unsafeForRoot says why a file (or its directory) could be changed by someone other
+// than root, or "" when it cannot.
+func unsafeForRoot(file string) string {
+	for _, p := range []string{file, filepath.Dir(file)} {
+		st, err := os.Stat(p)
+		if err != nil {
+			return fmt.Sprintf("cannot be checked: %v", err)
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok {
+			return "its owner cannot be checked"
+		}
+		what := "the file"
+		if p != file {
+			what = "its directory"
+		}
+		if sys.Uid != 0 {
+			return fmt.Sprintf("%s is owned by uid %d, not root", what, sys.Uid)
+		}
+		if st.Mode().Perm()&0o022 != 0 {
+			return fmt.Sprintf("%s is group or world writable (mode %04o)", what, st.Mode().Perm())
+		}
+	}
+	return ""
+}
+
+// checkMapperClashes finds chains of one target that would open the same mapper name
+// (key id) in the same qube.
+func checkMapperClashes(chains []*Chain) ConfigErrors {
+	var errs ConfigErrors
+	owner := map[string]*Chain{}
+	for _, c := range chains {
+		for _, h := range c.Hops {
+			id := h.VM + "/" + c.Key
+			if o, ok := owner[id]; ok && o != c {
+				errs = append(errs, ConfigError{File: c.File, Line: c.keyLine, Key: keyKey,
+					Msg: fmt.Sprintf("chain %s would open mapper %q in %s, as chain %s (%s) does", c.Name, c.Key, h.VM, o.Name, o.File)})
+				continue
+			}
+			owner[id] = c
+		}
+	}
+	return errs
+}
