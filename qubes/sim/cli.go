@@ -47,6 +47,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return serve(args[2:], stderr)
 	case "qrexec-client":
 		return QrexecClient(args[2:])
+	case "sandbox-init":
+		return SandboxInit(args[2:])
 	case "ctl":
 		return ctl(args[2:], stdout, stderr)
 	case "-h", "--help", "help":

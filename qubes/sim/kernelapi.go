@@ -65,6 +65,7 @@ type kernelResp struct {
 	Size    int64       `json:"size,omitempty"`
 	RO      bool        `json:"ro,omitempty"`
 	UUID    string      `json:"uuid,omitempty"`
+	Devices []devNode   `json:"devices,omitempty"`
 }
 
 func (s *Sim) serveKernel(vmName string, c net.Conn) {
@@ -157,6 +158,9 @@ func (s *Sim) kernelCall(vmName string, req kernelReq) kernelResp {
 			}
 			sort.Slice(resp.Mounts, func(i, j int) bool { return resp.Mounts[i].Target < resp.Mounts[j].Target })
 			return nil
+		case "devices":
+			resp.Devices = k.devNodes()
+			return nil
 		case "blockdev":
 			b, err := k.resolve(req.Dev)
 			if err != nil {
@@ -178,6 +182,9 @@ func (s *Sim) kernelCall(vmName string, req kernelReq) kernelResp {
 		}
 		return fail(1, "not supported by the simulator: kernel operation %q", req.Op)
 	}()
+	if req.Op != "devices" {
+		resp.Devices = k.devNodes()
+	}
 	var te *toolError
 	switch {
 	case err == nil:

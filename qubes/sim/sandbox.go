@@ -93,7 +93,7 @@ func (s *Sim) sandboxCommand(vm *VM, home string, roMounts []string, argv []stri
 		"--setenv", "QUBES_SIM_KERNEL", sandboxKernel,
 		"--setenv", "QUBES_SIM_VM", vm.Name,
 		"--chdir", home,
-		"--",
+		"--", sandboxTools+"/qubes-sim", "sandbox-init", "--",
 	)
 	args = append(args, argv...)
 	cmd := exec.Command(s.bwrap, args...)

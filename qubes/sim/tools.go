@@ -60,6 +60,7 @@ func (t *tool) call(req kernelReq) (kernelResp, int) {
 		fmt.Fprintf(t.stderr, "%s: %v\n", t.name, err)
 		return resp, 1
 	}
+	syncDevNodes("", resp.Devices)
 	if resp.Warning != "" {
 		fmt.Fprintln(t.stderr, resp.Warning)
 	}

@@ -1,0 +1,146 @@
+package chains
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Close closes a chain in reverse order (unmount and close each layer, detach, detach
+// the loop device). It converges from any partial state and is idempotent: what is
+// already gone is skipped, and a peer that is down is never detached from (Qubes
+// #4784). With Force, an intermediate whose layer cannot be closed is shut down; the
+// target only with ShutdownTarget. It never shuts anything down otherwise.
+func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, progress ProgressFunc) error {
+	return e.execute(ctx, c, "close", e.closeActions(c, o), progress)
+}
+
+func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
+	var acts []action
+	plan := PlanClose(c, o)
+	k := 0
+	next := func() Step { s := plan[k]; k++; return s }
+	// backing[i] is the frontend device hop i's mapper sat on, learned when closing it.
+	backing := make([]string, len(c.Hops))
+	for i := len(c.Hops) - 1; i >= 0; i-- {
+		i, h := i, c.Hops[i]
+		last := i == len(c.Hops)-1
+		mayShutdown := o.Force && !last || o.ShutdownTarget && last
+		closeStep := next()
+		acts = append(acts, action{step: closeStep, do: func(ctx context.Context) error {
+			states, err := e.states(ctx)
+			if err != nil {
+				return err
+			}
+			if !qubes.IsRunning(states[h.VM]) {
+				return nil
+			}
+			res, err := e.run(ctx, h.VM, hopCloseScript(c.Key), nil)
+			if err == nil && res.ExitCode == 0 {
+				if m := xvdOutRE.FindSubmatch(res.Stdout); m != nil {
+					backing[i] = string(m[1])
+				}
+				return nil
+			}
+			if err == nil {
+				err = errors.New(scriptError(res.ExitCode))
+			}
+			if !mayShutdown {
+				return err
+			}
+			e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": h.VM}).WithError(err).Warn("cannot close the layer; shutting the qube down")
+			return e.shutdown(ctx, h.VM)
+		}})
+		detachStep := next()
+		acts = append(acts, action{step: detachStep, do: func(ctx context.Context) error {
+			return e.detachHop(ctx, c, i, backing[i])
+		}})
+	}
+	srcStep := next()
+	acts = append(acts, action{step: srcStep, do: func(ctx context.Context) error {
+		states, err := e.states(ctx)
+		if err != nil {
+			return err
+		}
+		if !qubes.IsRunning(states[c.SourceVM]) {
+			return nil
+		}
+		return e.runOK(ctx, c.SourceVM, sourceCloseScript(c, o.Eject))
+	}})
+	return acts
+}
+
+// detachHop detaches what hop i has attached from the previous qube of the chain. With
+// several candidates, the one the mapper sat on (feDev) is ours; without that fact, a
+// dm device whose description is the key id.
+func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string) error {
+	h := c.Hops[i]
+	prev := c.SourceVM
+	if i > 0 {
+		prev = c.Hops[i-1].VM
+	}
+	states, err := e.states(ctx)
+	if err != nil {
+		return err
+	}
+	if !qubes.IsRunning(states[h.VM]) {
+		return nil
+	}
+	if !qubes.IsRunning(states[prev]) {
+		e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": h.VM}).Info("not detaching: " + prev + " is down (Qubes #4784)")
+		return nil
+	}
+	atts, err := e.Qubes.Attached(ctx, h.VM)
+	if err != nil {
+		return err
+	}
+	mine := hopAttachments(atts, prev, i == 0)
+	if len(mine) > 1 {
+		mine = e.pickAttachment(ctx, c, mine, feDev, i == 0)
+	}
+	var errs []string
+	for _, a := range mine {
+		if err := e.Qubes.Detach(ctx, h.VM, a.DeviceRef); err != nil && !errors.Is(err, qubes.ErrNotAttached) {
+			errs = append(errs, err.Error())
+		}
+	}
+	if len(errs) > 0 {
+		return errors.New(strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func (e *Engine) pickAttachment(ctx context.Context, c *Chain, cands []qubes.Attachment, feDev string, first bool) []qubes.Attachment {
+	for _, a := range cands {
+		if feDev != "" && a.FrontendDev == feDev {
+			return []qubes.Attachment{a}
+		}
+	}
+	if first {
+		return nil // several loop devices of the source: none is provably ours
+	}
+	devs, err := e.Qubes.Available(ctx, cands[0].Backend)
+	if err != nil {
+		return nil
+	}
+	for _, a := range cands {
+		for _, d := range devs {
+			if d.Port == a.Port && normDesc(d.Description) == normDesc(c.Key) {
+				return []qubes.Attachment{a}
+			}
+		}
+	}
+	return nil
+}
+
+func (e *Engine) shutdown(ctx context.Context, vm string) error {
+	if err := e.Qubes.Shutdown(ctx, vm, true, true); err != nil && !errors.Is(err, qubes.ErrNotRunning) {
+		return fmt.Errorf("cannot shut down %s: %w", vm, err)
+	}
+	return nil
+}

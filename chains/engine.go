@@ -1,0 +1,544 @@
+package chains
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Errors callers act on.
+var (
+	ErrAlreadyOpen   = errors.New("the chain is already open")
+	ErrPartiallyOpen = errors.New("the chain is partially open; close it with force first")
+	ErrNotRunning    = errors.New("qube not running")
+	ErrSpoofed       = errors.New("a qube reported a device that qubesd does not show")
+	ErrCanceled      = errors.New("operation canceled")
+)
+
+// Step is one step of a plan: what is done, in which qube.
+type Step struct {
+	Kind string `json:"kind"` // start, source, attach, decrypt, mount, umount, detach, close, loop-detach, shutdown
+	VM   string `json:"vm"`
+	Desc string `json:"desc"`
+}
+
+// Plan is the ordered steps of an operation.
+type Plan []Step
+
+func (p Plan) String() string {
+	var b strings.Builder
+	for i, s := range p {
+		fmt.Fprintf(&b, "%2d. [%s] %s\n", i+1, s.VM, s.Desc)
+	}
+	return b.String()
+}
+
+// Progress reports how far an operation is: step k of n, and bytes for copies.
+type Progress struct {
+	Step, Steps  int
+	Desc         string
+	Bytes, Total int64
+}
+
+// ProgressFunc receives progress; it must not block.
+type ProgressFunc func(Progress)
+
+// Engine opens, closes, inspects and creates chains.
+type Engine struct {
+	Qubes   Qubes
+	Runner  Runner
+	Dom0    Dom0     // luks-init only
+	Journal *Journal // nil: no journal
+	Log     *logrus.Entry
+
+	mu    sync.Mutex
+	users map[string]string // default_user per qube
+}
+
+// OpenOptions modify an open.
+type OpenOptions struct {
+	Autostart bool // also start the source and the target (intermediates always are)
+	Force     bool // close a partially open chain first
+}
+
+// CloseOptions modify a close.
+type CloseOptions struct {
+	Force          bool // shut down intermediate qubes whose layer cannot be closed
+	ShutdownTarget bool // also shut down the target if its layer cannot be closed
+	Eject          bool // also unmount the source device in the source qube
+}
+
+func (e *Engine) log() *logrus.Entry {
+	if e.Log == nil {
+		l := logrus.New()
+		l.SetOutput(io.Discard)
+		return logrus.NewEntry(l)
+	}
+	return e.Log
+}
+
+func (e *Engine) user(ctx context.Context, vm string) (string, error) {
+	e.mu.Lock()
+	u, ok := e.users[vm]
+	e.mu.Unlock()
+	if ok {
+		return u, nil
+	}
+	u, err := e.Qubes.DefaultUser(ctx, vm)
+	if err != nil {
+		return "", fmt.Errorf("cannot get the default user of %s: %w", vm, err)
+	}
+	e.mu.Lock()
+	if e.users == nil {
+		e.users = map[string]string{}
+	}
+	e.users[vm] = u
+	e.mu.Unlock()
+	return u, nil
+}
+
+func (e *Engine) states(ctx context.Context) (map[string]string, error) {
+	vms, err := e.Qubes.ListVMs(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cannot list qubes: %w", err)
+	}
+	st := map[string]string{}
+	for _, vm := range vms {
+		st[vm.Name] = vm.State
+	}
+	return st, nil
+}
+
+// run runs a script and turns transport failures and unexpected statuses into errors.
+func (e *Engine) run(ctx context.Context, vm, script string, input io.Reader) (qubes.Result, error) {
+	e.log().WithField("vm", vm).Debug("running script")
+	res, err := e.Runner.Run(ctx, vm, script, input)
+	if err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// PlanOpen lists the steps an open performs, in order.
+func PlanOpen(c *Chain, o OpenOptions) Plan {
+	var p Plan
+	for i, vm := range c.VMs() {
+		intermediate := i > 0 && i < len(c.Hops)
+		if intermediate || o.Autostart || c.Autostart {
+			p = append(p, Step{"start", vm, "start " + vm + " if it is halted"})
+		}
+	}
+	src := "set up a loop device for " + c.Container()
+	if c.SourceDevice != "" {
+		src = "mount " + c.SourceDevice + " on " + c.SourceMountPoint + ", " + src
+	}
+	p = append(p, Step{"source", c.SourceVM, src})
+	prev := c.SourceVM
+	for i, h := range c.Hops {
+		p = append(p, Step{"attach", h.VM, fmt.Sprintf("attach %s's %s to %s%s", prev, map[bool]string{true: "loop device", false: "mapper " + c.Key}[i == 0], h.VM, roWord(c.ReadOnly))})
+		d := "decrypt layer " + fmt.Sprint(i+1) + " as " + c.Key
+		if h.Inject != "" {
+			d = "inject key " + h.Inject + " if missing, " + d
+		}
+		if i == len(c.Hops)-1 && c.MountPoint != "" {
+			d += ", mount the plaintext on " + c.MountPoint + roWord(c.ReadOnly)
+		}
+		p = append(p, Step{"decrypt", h.VM, d})
+		prev = h.VM
+	}
+	return p
+}
+
+// PlanClose lists the steps a close performs, in order.
+func PlanClose(c *Chain, o CloseOptions) Plan {
+	var p Plan
+	for i := len(c.Hops) - 1; i >= 0; i-- {
+		h := c.Hops[i]
+		d := "unmount and close " + c.Key
+		p = append(p, Step{"close", h.VM, d})
+		prev := c.SourceVM
+		if i > 0 {
+			prev = c.Hops[i-1].VM
+		}
+		if (o.Force && i < len(c.Hops)-1) || (o.ShutdownTarget && i == len(c.Hops)-1) {
+			p[len(p)-1].Desc += "; if that fails, shut " + h.VM + " down"
+		}
+		p = append(p, Step{"detach", h.VM, "detach the device of " + prev + " (skipped if " + prev + " is down)"})
+	}
+	d := "detach the loop devices of " + c.Container()
+	if o.Eject && c.SourceDevice != "" {
+		d += ", unmount " + c.SourceMountPoint
+	}
+	p = append(p, Step{"loop-detach", c.SourceVM, d})
+	return p
+}
+
+func roWord(ro bool) string {
+	if ro {
+		return " (read-only)"
+	}
+	return ""
+}
+
+// action is one executable step with its undo.
+type action struct {
+	step Step
+	do   func(ctx context.Context) error
+	undo func(ctx context.Context) error
+}
+
+// execute runs actions in order, journaling before and after each; on failure (or
+// cancellation between steps) it undoes the completed ones in reverse order.
+func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action, progress ProgressFunc) error {
+	rec := &Record{Chain: c.Name, Op: op}
+	rec.Started = timeNow()
+	for _, a := range acts {
+		rec.Steps = append(rec.Steps, RecordedStep{Step: a.step, State: "pending"})
+	}
+	if err := e.Journal.Write(rec); err != nil {
+		return err
+	}
+	var failed error
+	// undoFrom is one past the last step to undo: completed steps, and a failed step too,
+	// since it may have changed something before failing (undos are idempotent).
+	undoFrom := 0
+	for i, a := range acts {
+		if err := ctx.Err(); err != nil {
+			failed = fmt.Errorf("%w before step %d (%s)", ErrCanceled, i+1, a.step.Desc)
+			break
+		}
+		if progress != nil {
+			progress(Progress{Step: i + 1, Steps: len(acts), Desc: a.step.Desc})
+		}
+		rec.Steps[i].State = "running"
+		if err := e.Journal.Write(rec); err != nil {
+			failed = err
+			break
+		}
+		log := e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": a.step.VM, "step": a.step.Kind})
+		if err := a.do(ctx); err != nil {
+			log.WithError(err).Warn("step failed")
+			rec.Steps[i].State = "failed"
+			failed = fmt.Errorf("cannot %s in %s: %w", a.step.Desc, a.step.VM, err)
+			undoFrom = i + 1
+			break
+		}
+		log.Debug("step done")
+		rec.Steps[i].State = "done"
+		undoFrom = i + 1
+		if err := e.Journal.Write(rec); err != nil {
+			failed = err
+			break
+		}
+	}
+	if failed != nil && op == "open" {
+		// Roll back with a context of its own: a canceled or timed-out caller must not
+		// leave half a chain behind.
+		rctx := context.WithoutCancel(ctx)
+		for i := undoFrom - 1; i >= 0; i-- {
+			if acts[i].undo == nil {
+				continue
+			}
+			if err := acts[i].undo(rctx); err != nil {
+				e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": acts[i].step.VM}).WithError(err).Error("rollback step failed")
+				rec.Steps[i].State = "failed"
+				failed = fmt.Errorf("%w; rollback of %q failed too: %v", failed, acts[i].step.Desc, err)
+			} else {
+				rec.Steps[i].State = "undone"
+			}
+			e.Journal.Write(rec)
+		}
+	}
+	rec.Finished = true
+	if failed != nil {
+		rec.Error = failed.Error()
+	}
+	if err := e.Journal.Write(rec); err != nil && failed == nil {
+		failed = err
+	}
+	return failed
+}
+
+// Open opens a chain: idempotent when it is open, refused when partially open unless
+// forced, rolled back on failure. It never shuts a qube down.
+func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress ProgressFunc) error {
+	states, err := e.states(ctx)
+	if err != nil {
+		return err
+	}
+	wasRunning := map[string]bool{}
+	for i, vm := range c.VMs() {
+		st, ok := states[vm]
+		if !ok {
+			return fmt.Errorf("cannot open %s: qube %s does not exist", c.Name, vm)
+		}
+		wasRunning[vm] = qubes.IsRunning(st)
+		if st == qubes.StatePaused {
+			return fmt.Errorf("cannot open %s: qube %s is paused", c.Name, vm)
+		}
+		intermediate := i > 0 && i < len(c.Hops)
+		if !wasRunning[vm] && !intermediate && !o.Autostart && !c.Autostart {
+			role := "source"
+			if i > 0 {
+				role = "target"
+			}
+			return fmt.Errorf("cannot open %s: %w: %s qube %s (autostart is off)", c.Name, ErrNotRunning, role, vm)
+		}
+	}
+	keys := make([][]byte, len(c.Hops))
+	for i, h := range c.Hops {
+		if h.Inject != "" {
+			if keys[i], err = readInjectedKey(h.Inject); err != nil {
+				return fmt.Errorf("cannot open %s: %w", c.Name, err)
+			}
+		}
+	}
+
+	// Attachments that exist already mean an open or partially open chain.
+	prev := c.SourceVM
+	existing := false
+	for _, h := range c.Hops {
+		if wasRunning[h.VM] {
+			atts, err := e.Qubes.Attached(ctx, h.VM)
+			if err != nil {
+				return fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+			}
+			for _, a := range atts {
+				existing = existing || a.Backend == prev
+			}
+		}
+		prev = h.VM
+	}
+	if existing {
+		st, err := e.Status(ctx, c)
+		if err != nil {
+			return err
+		}
+		if st.Open() {
+			return ErrAlreadyOpen
+		}
+		if !o.Force {
+			return fmt.Errorf("cannot open %s: %w (%d steps missing)", c.Name, ErrPartiallyOpen, st.Missing)
+		}
+		if err := e.Close(ctx, c, CloseOptions{}, nil); err != nil {
+			return fmt.Errorf("cannot open %s: closing the partial chain first: %w", c.Name, err)
+		}
+	}
+	return e.execute(ctx, c, "open", e.openActions(c, o, wasRunning, keys), progress)
+}
+
+// openState carries what earlier steps learned to later ones.
+type openState struct {
+	dev     []qubes.DeviceRef // device attached to hop i (backend side)
+	feDev   []string          // its frontend device in hop i
+	created bool              // the loop device was made by this open
+	mounted bool              // the source device was mounted by this open
+}
+
+func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool, keys [][]byte) []action {
+	s := &openState{dev: make([]qubes.DeviceRef, len(c.Hops)), feDev: make([]string, len(c.Hops))}
+	var acts []action
+	for i, vm := range c.VMs() {
+		intermediate := i > 0 && i < len(c.Hops)
+		if !wasRunning[vm] && (intermediate || o.Autostart || c.Autostart) {
+			vm := vm
+			acts = append(acts, action{step: Step{"start", vm, "start " + vm},
+				do: func(ctx context.Context) error { return e.Qubes.Start(ctx, vm) }})
+		}
+	}
+	acts = append(acts, action{step: PlanOpen(c, OpenOptions{})[0], do: func(ctx context.Context) error {
+		res, err := e.run(ctx, c.SourceVM, sourceOpenScript(c), nil)
+		if err != nil {
+			return err
+		}
+		if res.ExitCode > exitLoopReused+exitSourceMounted {
+			return errors.New(scriptError(res.ExitCode))
+		}
+		m := loopOutRE.FindSubmatch(res.Stdout)
+		if m == nil {
+			return fmt.Errorf("%w: loop device output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 40))
+		}
+		s.created = res.ExitCode&exitLoopReused == 0
+		s.mounted = res.ExitCode&exitSourceMounted != 0
+		s.dev[0] = qubes.DeviceRef{Backend: c.SourceVM, Port: string(m[1])}
+		return e.checkExposed(ctx, s.dev[0], "")
+	}, undo: func(ctx context.Context) error {
+		if s.dev[0].Port == "" {
+			return nil
+		}
+		var script strings.Builder
+		if s.created {
+			fmt.Fprintf(&script, "losetup -d %s || exit %d\n", q("/dev/"+s.dev[0].Port), exitLoopBusy)
+		}
+		if s.mounted {
+			fmt.Fprintf(&script, "umount %s || exit %d\n", q(c.SourceMountPoint), exitEjectFailed)
+		}
+		if script.Len() == 0 {
+			return nil
+		}
+		return e.runOK(ctx, c.SourceVM, script.String()+"exit 0")
+	}})
+	for i, h := range c.Hops {
+		i, h := i, h
+		plan := PlanOpen(c, OpenOptions{})
+		attachStep, decryptStep := stepOf(plan, "attach", h.VM), stepOf(plan, "decrypt", h.VM)
+		acts = append(acts, action{step: attachStep, do: func(ctx context.Context) error {
+			if err := e.Qubes.Attach(ctx, h.VM, s.dev[i], c.ReadOnly); err != nil {
+				return err
+			}
+			atts, err := e.Qubes.Attached(ctx, h.VM)
+			if err != nil {
+				return err
+			}
+			for _, a := range atts {
+				if a.DeviceRef == s.dev[i] && a.FrontendDev != "" {
+					s.feDev[i] = a.FrontendDev
+					return nil
+				}
+			}
+			return fmt.Errorf("qubesd does not show %s attached to %s", s.dev[i], h.VM)
+		}, undo: func(ctx context.Context) error {
+			if s.dev[i].Port == "" {
+				return nil
+			}
+			return e.detachIfAlive(ctx, h.VM, s.dev[i])
+		}})
+		acts = append(acts, action{step: decryptStep, do: func(ctx context.Context) error {
+			user, err := e.user(ctx, h.VM)
+			if err != nil {
+				return err
+			}
+			opts := h.Options
+			if c.Type != "" && c.Type != "luks" && !hasOption(opts, "--type") {
+				opts = append([]string{"--type", c.Type}, opts...)
+			}
+			last := i == len(c.Hops)-1
+			ho := hopOpen{key: keyPath(user, c.Key), name: c.Key, dev: "/dev/" + s.feDev[i], options: opts,
+				readOnly: c.ReadOnly, injectLen: len(keys[i]), printDM: !last}
+			if last {
+				ho.mountPoint = c.MountPoint
+			}
+			var input io.Reader
+			if len(keys[i]) > 0 {
+				input = strings.NewReader(string(keys[i]))
+			}
+			res, err := e.run(ctx, h.VM, hopOpenScript(ho), input)
+			if err != nil {
+				return err
+			}
+			if res.ExitCode != 0 {
+				return errors.New(scriptError(res.ExitCode))
+			}
+			if last {
+				return nil
+			}
+			m := dmOutRE.FindSubmatch(res.Stdout)
+			if m == nil {
+				return fmt.Errorf("%w: dm device output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 40))
+			}
+			s.dev[i+1] = qubes.DeviceRef{Backend: h.VM, Port: string(m[1])}
+			return e.checkExposed(ctx, s.dev[i+1], c.Key)
+		}, undo: func(ctx context.Context) error {
+			return e.runOK(ctx, h.VM, hopCloseScript(c.Key))
+		}})
+	}
+	return acts
+}
+
+func stepOf(p Plan, kind, vm string) Step {
+	for _, s := range p {
+		if s.Kind == kind && s.VM == vm {
+			return s
+		}
+	}
+	return Step{Kind: kind, VM: vm, Desc: kind}
+}
+
+func hasOption(opts []string, name string) bool {
+	for _, o := range opts {
+		if o == name {
+			return true
+		}
+	}
+	return false
+}
+
+// checkExposed confirms through qubesd that a device a qube named exists there; for a
+// mapper the description qubesd relays must be the key id (a tripwire: the qube writes
+// it, but a qube lying about the dm device gets caught unless it lies twice).
+func (e *Engine) checkExposed(ctx context.Context, dev qubes.DeviceRef, mapper string) error {
+	devs, err := e.Qubes.Available(ctx, dev.Backend)
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if d.Port != dev.Port {
+			continue
+		}
+		if mapper != "" && normDesc(d.Description) != normDesc(mapper) {
+			return fmt.Errorf("%w: %s is described as %q, not %q", ErrSpoofed, dev, d.Description, mapper)
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: %s", ErrSpoofed, dev)
+}
+
+// normDesc compares descriptions across dialects (R4.3 shows '_' as ' ').
+func normDesc(s string) string { return strings.TrimSpace(strings.ReplaceAll(s, "_", " ")) }
+
+func (e *Engine) runOK(ctx context.Context, vm, script string) error {
+	res, err := e.run(ctx, vm, script, nil)
+	if err != nil {
+		return err
+	}
+	if res.ExitCode != 0 {
+		return errors.New(scriptError(res.ExitCode))
+	}
+	return nil
+}
+
+// detachIfAlive detaches unless the backend or the frontend is down: detaching from a
+// dead peer wedges qubesd (Qubes #4784), and a halted frontend has nothing attached.
+func (e *Engine) detachIfAlive(ctx context.Context, frontend string, dev qubes.DeviceRef) error {
+	states, err := e.states(ctx)
+	if err != nil {
+		return err
+	}
+	if !qubes.IsRunning(states[dev.Backend]) || !qubes.IsRunning(states[frontend]) {
+		e.log().WithFields(logrus.Fields{"vm": frontend, "device": dev.String()}).Info("not detaching: a peer is down (Qubes #4784)")
+		return nil
+	}
+	err = e.Qubes.Detach(ctx, frontend, dev)
+	if errors.Is(err, qubes.ErrNotAttached) {
+		return nil
+	}
+	return err
+}
+
+// readInjectedKey reads a dom0 key file for injection.
+func readInjectedKey(p string) ([]byte, error) {
+	if strings.HasPrefix(p, "keystore://") {
+		return nil, fmt.Errorf("cannot inject %s: the blib key store is not supported; give a key file", p)
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read key to inject: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() || st.Size() == 0 || st.Size() > 64<<10 {
+		return nil, fmt.Errorf("cannot inject %s: not a regular file of 1 byte to 64 KiB", p)
+	}
+	return io.ReadAll(f)
+}

@@ -1,0 +1,498 @@
+package chains
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+)
+
+func TestMain(m *testing.M) { simtest.Main(m) }
+
+var bg = context.Background()
+
+func demoChain() *Chain {
+	return &Chain{Name: "demo", SourceVM: "sys-usb", SourceFile: sim.DemoContainer, Key: "demo",
+		Hops: []Hop{{VM: "mediator"}, {VM: "work"}}, MountPoint: "/mnt/secure", Type: "luks"}
+}
+
+type rig struct {
+	*simtest.Fixture
+	e *Engine
+}
+
+func newRig(t testing.TB, d sim.Dialect) *rig {
+	t.Helper()
+	f := simtest.StartDemo(t, d)
+	return &rig{Fixture: f, e: &Engine{Qubes: f.Client, Runner: f.Runner, Journal: &Journal{Dir: t.TempDir()}}}
+}
+
+func (r *rig) start(t testing.TB, vms ...string) {
+	t.Helper()
+	for _, vm := range vms {
+		if err := r.Client.Start(bg, vm); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (r *rig) status(t testing.TB, c *Chain) *Status {
+	t.Helper()
+	st, err := r.e.Status(bg, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// leftovers lists every loop, mapper and attachment in the demo qubes.
+func (r *rig) leftovers(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	vms, _ := r.Client.ListVMs(bg)
+	for _, vm := range vms {
+		if vm.State != qubes.StateRunning {
+			continue
+		}
+		if vm.Name != "dom0" {
+			res := r.Sh(t, vm.Name, "losetup -a; ls /dev/mapper")
+			for _, l := range strings.Fields(string(res.Stdout)) {
+				out = append(out, vm.Name+":"+l)
+			}
+		}
+		atts, err := r.Client.Attached(bg, vm.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range atts {
+			out = append(out, vm.Name+"<-"+a.DeviceRef.String())
+		}
+	}
+	return out
+}
+
+func TestOpenWriteCloseReopen(t *testing.T) {
+	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+		t.Run(string(d), func(t *testing.T) {
+			r := newRig(t, d)
+			r.start(t, "work")
+			c := demoChain()
+			c.ReadOnly = false
+			var steps []string
+			if err := r.e.Open(bg, c, OpenOptions{}, func(p Progress) { steps = append(steps, fmt.Sprintf("%d/%d", p.Step, p.Steps)) }); err != nil {
+				t.Fatal(err)
+			}
+			if len(steps) == 0 || steps[len(steps)-1] != fmt.Sprintf("%d/%d", len(steps), len(steps)) {
+				t.Errorf("progress %v", steps)
+			}
+			if st := r.status(t, c); !st.Open() {
+				t.Fatalf("status after open: %+v", st)
+			}
+			marker := "marker-c0ffee-123"
+			r.Sh(t, "work", "echo "+marker+" > /mnt/secure/m")
+			if err := r.e.Open(bg, c, OpenOptions{}, nil); !errors.Is(err, ErrAlreadyOpen) {
+				t.Errorf("re-open: %v", err)
+			}
+			if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if left := r.leftovers(t); len(left) != 0 {
+				t.Errorf("left after close: %v", left)
+			}
+			st := r.status(t, c)
+			if st.Missing != 2*len(c.Hops)+1+1 || !st.Closed() {
+				t.Errorf("closed status %d %+v, want %d", st.Missing, st, 2*len(c.Hops)+2)
+			}
+			// Closing twice is fine.
+			if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+				t.Errorf("second close: %v", err)
+			}
+			usb, _ := r.VM("sys-usb")
+			data, _ := os.ReadFile(filepath.Join(usb.Root(), sim.DemoContainer))
+			if bytes.Contains(data, []byte(marker)) {
+				t.Error("plaintext in the container file")
+			}
+			if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if got := r.Sh(t, "work", "cat /mnt/secure/m").Stdout; string(got) != marker+"\n" {
+				t.Errorf("after reopen: %q", got)
+			}
+		})
+	}
+}
+
+func TestOpenRefusals(t *testing.T) {
+	tests := map[string]struct {
+		setup func(t *testing.T, r *rig, c *Chain)
+		want  string
+	}{
+		"target not running": {func(t *testing.T, r *rig, c *Chain) {}, "target qube work (autostart is off)"},
+		"source not running": {func(t *testing.T, r *rig, c *Chain) {
+			r.start(t, "work")
+			r.Client.Shutdown(bg, "sys-usb", false, true)
+		}, "source qube sys-usb"},
+		"missing qube": {func(t *testing.T, r *rig, c *Chain) { c.Hops[1].VM = "nosuchvm" }, "qube nosuchvm does not exist"},
+		"missing container": {func(t *testing.T, r *rig, c *Chain) {
+			r.start(t, "work")
+			c.SourceFile = "/home/user/nothing.luks"
+		}, "the container file does not exist"},
+		"missing key": {func(t *testing.T, r *rig, c *Chain) {
+			r.start(t, "work")
+			r.Sh(t, "work", "rm /home/user/.qcrypt/keys/demo")
+		}, "the key is missing"},
+		"wrong key": {func(t *testing.T, r *rig, c *Chain) {
+			r.start(t, "work")
+			r.Sh(t, "work", "echo wrong > /home/user/.qcrypt/keys/demo")
+		}, "wrong key"},
+		"paused target": {func(t *testing.T, r *rig, c *Chain) {
+			r.start(t, "work")
+			r.Client.Pause(bg, "work")
+		}, "is paused"},
+		"keystore injection": {func(t *testing.T, r *rig, c *Chain) {
+			r.start(t, "work")
+			c.Hops[0].Inject = "keystore://"
+		}, "key store is not supported"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			r := newRig(t, sim.R42)
+			c := demoChain()
+			tc.setup(t, r, c)
+			err := r.e.Open(bg, c, OpenOptions{}, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want %q", err, tc.want)
+			}
+			if left := r.leftovers(t); len(left) != 0 {
+				t.Errorf("left behind: %v", left)
+			}
+		})
+	}
+}
+
+func TestAutostartStartsSourceAndTarget(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.Client.Shutdown(bg, "sys-usb", false, true)
+	c := demoChain()
+	c.Autostart = true
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !r.status(t, c).Open() {
+		t.Error("not open")
+	}
+}
+
+func TestReadOnlyChain(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	c := demoChain()
+	c.ReadOnly = true
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	res := r.Sh(t, "work", "touch /mnt/secure/x")
+	if res.ExitCode == 0 || !strings.Contains(string(res.Stderr), "Read-only") {
+		t.Errorf("write on a read-only chain: %d %s", res.ExitCode, res.Stderr)
+	}
+	atts, _ := r.Client.Attached(bg, "mediator")
+	if len(atts) != 1 || !atts[0].ReadOnly {
+		t.Errorf("attachment not read-only: %+v", atts)
+	}
+}
+
+func TestKeyInjection(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	// The demo key of work, copied to dom0 and removed from work, comes back by injection.
+	work, _ := r.VM("work")
+	key, err := os.ReadFile(filepath.Join(work.Root(), "home/user/.qcrypt/keys/demo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inj := filepath.Join(t.TempDir(), "work_demo")
+	os.WriteFile(inj, key, 0o600)
+	r.Sh(t, "work", "rm /home/user/.qcrypt/keys/demo")
+	c := demoChain()
+	c.Hops[1].Inject = inj
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	got := r.Sh(t, "work", "stat -c %a /home/user/.qcrypt/keys/demo; cmp -s /home/user/.qcrypt/keys/demo - && echo same")
+	_ = got
+	res, _ := r.Runner.Run(bg, "work", "stat -c %a /home/user/.qcrypt/keys/demo; cmp -s /home/user/.qcrypt/keys/demo - && echo same", bytes.NewReader(key))
+	if string(res.Stdout) != "600\nsame\n" {
+		t.Errorf("injected key: %q", res.Stdout)
+	}
+	// An existing key is never overwritten.
+	r.e.Close(bg, c, CloseOptions{}, nil)
+	os.WriteFile(inj, []byte("other"), 0o600)
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatalf("open with an existing key and a different injection: %v", err)
+	}
+}
+
+func TestPartialChain(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Someone unmounts and closes the inner layer by hand: partially open.
+	r.Sh(t, "work", "umount /mnt/secure && cryptsetup close demo")
+	st := r.status(t, c)
+	if st.Open() || st.Closed() || st.Missing != 2 {
+		t.Fatalf("partial status %+v", st)
+	}
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); !errors.Is(err, ErrPartiallyOpen) {
+		t.Fatalf("open of a partial chain: %v", err)
+	}
+	if err := r.e.Open(bg, c, OpenOptions{Force: true}, nil); err != nil {
+		t.Fatalf("forced open: %v", err)
+	}
+	if !r.status(t, c).Open() {
+		t.Error("not open after forced open")
+	}
+}
+
+func TestCloseAfterIntermediateWentDown(t *testing.T) {
+	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+		t.Run(string(d), func(t *testing.T) {
+			r := newRig(t, d)
+			r.start(t, "work")
+			c := demoChain()
+			if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Client.Kill(bg, "mediator"); err != nil {
+				t.Fatal(err)
+			}
+			// The plaintext mount cannot be written back (its device is dead): a clean close
+			// fails at the first layer and never touches the dead peer.
+			err := r.e.Close(bg, c, CloseOptions{}, nil)
+			if err == nil {
+				t.Fatal("close of a chain with a dead middle succeeded without force")
+			}
+			if _, err := r.Client.Available(bg, "sys-usb"); err != nil {
+				t.Fatalf("qubesd wedged (detached from a dead peer?): %v", err)
+			}
+			// The target is never shut down without its own option...
+			if err := r.e.Close(bg, c, CloseOptions{Force: true}, nil); err == nil {
+				t.Fatal("forced close shut the target down or lost data silently")
+			}
+			if st, _ := r.Client.CurrentState(bg, "work"); st != qubes.StateRunning {
+				t.Fatalf("target is %s", st)
+			}
+			// ...and with it, the close converges.
+			if err := r.e.Close(bg, c, CloseOptions{Force: true, ShutdownTarget: true}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := r.Client.Available(bg, "sys-usb"); err != nil {
+				t.Fatalf("qubesd wedged: %v", err)
+			}
+			if left := r.leftovers(t); len(left) != 0 {
+				t.Errorf("left: %v", left)
+			}
+			st := r.status(t, c)
+			// source loop gone (+1), mediator and work down (+4 each), mount missing (+1)
+			if st.Missing != 1+4+4+1 {
+				t.Errorf("status %d %+v", st.Missing, st)
+			}
+		})
+	}
+}
+
+func TestStatusCounts(t *testing.T) {
+	r := newRig(t, sim.R42)
+	c := demoChain()
+	// sys-usb running with the file, mediator and work halted.
+	if got := r.status(t, c).Missing; got != 1+4+4+1 {
+		t.Errorf("halted destinations: %d", got)
+	}
+	r.start(t, "mediator", "work")
+	if got := r.status(t, c).Missing; got != 2*2+1+1 {
+		t.Errorf("closed, all running: %d", got)
+	}
+	c.MountPoint = ""
+	if got := r.status(t, c).Missing; got != 2*2+1 {
+		t.Errorf("closed without mount point: %d", got)
+	}
+	r.Sh(t, "work", "rm /home/user/.qcrypt/keys/demo")
+	if got := r.status(t, c).Missing; got != 2*2+1+1 {
+		t.Errorf("missing key: %d", got)
+	}
+	c.SourceFile = "/nothing"
+	if got := r.status(t, c).Missing; got != 2+2+3 {
+		t.Errorf("missing file: %d", got)
+	}
+	r.Client.Shutdown(bg, "sys-usb", false, true)
+	if got := r.status(t, c).Missing; got != 3+2+3 {
+		t.Errorf("source down: %d", got)
+	}
+}
+
+func TestStatusStrangeState(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	r.Sh(t, "mediator", "mv /home/user/.qcrypt/keys/demo /tmp/")
+	st := r.status(t, c)
+	if st.Open() || !strings.Contains(st.Problem, "without its key") {
+		t.Errorf("status %+v", st)
+	}
+}
+
+// failing wraps the Admin API and the runner and fails exactly the n-th call.
+type failing struct {
+	Qubes
+	Runner
+	mu    sync.Mutex
+	n     int
+	calls int
+	what  []string
+}
+
+func (f *failing) hit(what string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	f.what = append(f.what, what)
+	if f.calls == f.n {
+		return fmt.Errorf("injected failure at call %d (%s)", f.n, what)
+	}
+	return nil
+}
+
+func (f *failing) ListVMs(ctx context.Context) ([]qubes.VM, error) {
+	if err := f.hit("ListVMs"); err != nil {
+		return nil, err
+	}
+	return f.Qubes.ListVMs(ctx)
+}
+func (f *failing) Start(ctx context.Context, vm string) error {
+	if err := f.hit("Start " + vm); err != nil {
+		return err
+	}
+	return f.Qubes.Start(ctx, vm)
+}
+func (f *failing) DefaultUser(ctx context.Context, vm string) (string, error) {
+	if err := f.hit("DefaultUser " + vm); err != nil {
+		return "", err
+	}
+	return f.Qubes.DefaultUser(ctx, vm)
+}
+func (f *failing) Available(ctx context.Context, vm string) ([]qubes.BlockDevice, error) {
+	if err := f.hit("Available " + vm); err != nil {
+		return nil, err
+	}
+	return f.Qubes.Available(ctx, vm)
+}
+func (f *failing) Attached(ctx context.Context, vm string) ([]qubes.Attachment, error) {
+	if err := f.hit("Attached " + vm); err != nil {
+		return nil, err
+	}
+	return f.Qubes.Attached(ctx, vm)
+}
+func (f *failing) Attach(ctx context.Context, vm string, d qubes.DeviceRef, ro bool) error {
+	if err := f.hit("Attach " + d.String() + " to " + vm); err != nil {
+		return err
+	}
+	return f.Qubes.Attach(ctx, vm, d, ro)
+}
+func (f *failing) Run(ctx context.Context, vm, script string, in io.Reader) (qubes.Result, error) {
+	if err := f.hit("qrexec " + vm); err != nil {
+		return qubes.Result{}, &qubes.TransportError{VM: vm, Code: qubes.ExitQrexecProblem}
+	}
+	return f.Runner.Run(ctx, vm, script, in)
+}
+
+func TestRollbackAfterAFailureAtEveryCall(t *testing.T) {
+	// Count the calls of a clean open, then fail each of them in turn.
+	r := newRig(t, sim.R42)
+	counter := &failing{Qubes: r.Client, Runner: r.Runner}
+	r.e.Qubes, r.e.Runner = counter, counter
+	if err := r.e.Open(bg, demoChain(), OpenOptions{Autostart: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	total := counter.calls
+	t.Logf("a clean open makes %d calls: %v", total, counter.what)
+	for n := 1; n <= total; n++ {
+		t.Run(fmt.Sprintf("call %d %s", n, counter.what[n-1]), func(t *testing.T) {
+			r := newRig(t, sim.R42)
+			f := &failing{Qubes: r.Client, Runner: r.Runner, n: n}
+			r.e.Qubes, r.e.Runner = f, f
+			c := demoChain()
+			if err := r.e.Open(bg, c, OpenOptions{Autostart: true}, nil); err == nil {
+				t.Fatal("open succeeded despite the failure")
+			}
+			if left := r.leftovers(t); len(left) != 0 {
+				t.Errorf("left behind: %v", left)
+			}
+			rec, err := r.e.Journal.Read("demo")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rec != nil && (!rec.Finished || rec.Error == "") {
+				t.Errorf("journal %+v", rec)
+			}
+			// And the chain opens cleanly afterwards.
+			r.e.Qubes, r.e.Runner = r.Client, r.Runner
+			if err := r.e.Open(bg, c, OpenOptions{Autostart: true}, nil); err != nil {
+				t.Errorf("open after rollback: %v", err)
+			}
+		})
+	}
+}
+
+func TestCancelBetweenStepsRollsBack(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	ctx, cancel := context.WithCancel(bg)
+	err := r.e.Open(ctx, demoChain(), OpenOptions{}, func(p Progress) {
+		if p.Step == 4 {
+			cancel()
+		}
+	})
+	if !errors.Is(err, ErrCanceled) && !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v", err)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
+	}
+}
+
+func TestSpoofedDeviceIsRefused(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	// mediator lies about its dm device: qubesd relays the description the qube wrote.
+	r.SetDescription(qubes.DeviceRef{Backend: "mediator", Port: "dm-0"}, "other-key")
+	err := r.e.Open(bg, demoChain(), OpenOptions{}, nil)
+	if !errors.Is(err, ErrSpoofed) {
+		t.Fatalf("got %v", err)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
+	}
+}
+
+func TestPlans(t *testing.T) {
+	c := demoChain()
+	c.Hops[0].Inject = "/root/keys/mediator_demo"
+	c.ReadOnly = true
+	golden(t, "testdata/golden/plan-open.txt", PlanOpen(c, OpenOptions{}).String())
+	golden(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
+}

@@ -1,0 +1,129 @@
+package chains
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// DefaultStateDir holds the journal (tmpfs: it describes kernel state, which does not
+// survive a reboot either).
+const DefaultStateDir = "/run/qcryptd"
+
+// Journal keeps, per chain, the record of the operation in progress. Each write is
+// atomic (temporary file, fsync, rename), before and after every step.
+type Journal struct {
+	Dir string
+}
+
+// Record is what the journal knows of a chain's last operation.
+type Record struct {
+	Chain    string         `json:"chain"`
+	Op       string         `json:"op"` // open, close
+	Started  time.Time      `json:"started"`
+	Updated  time.Time      `json:"updated"`
+	Steps    []RecordedStep `json:"steps"`
+	Finished bool           `json:"finished"`
+	Error    string         `json:"error,omitempty"`
+}
+
+// RecordedStep is one step of a plan and how far it got.
+type RecordedStep struct {
+	Step
+	State string            `json:"state"` // pending, running, done, undone, failed
+	Facts map[string]string `json:"facts,omitempty"`
+}
+
+func (j *Journal) path(chain string) string {
+	return filepath.Join(j.Dir, "chains", chain+".json")
+}
+
+// Write stores r atomically.
+func (j *Journal) Write(r *Record) error {
+	if j == nil {
+		return nil
+	}
+	r.Updated = time.Now().UTC()
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	p := j.path(r.Chain)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(p), ".tmp-"+r.Chain+"-")
+	if err != nil {
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), p); err != nil {
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	return nil
+}
+
+// Read returns the record of a chain, or nil when there is none.
+func (j *Journal) Read(chain string) (*Record, error) {
+	if j == nil {
+		return nil, nil
+	}
+	data, err := os.ReadFile(j.path(chain))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cannot read journal: %w", err)
+	}
+	var r Record
+	if err := json.Unmarshal(data, &r); err != nil {
+		return nil, fmt.Errorf("cannot read journal of %s: %w", chain, err)
+	}
+	return &r, nil
+}
+
+// Decision is what Reconcile concludes for a chain at start-up.
+type Decision int
+
+const (
+	DecideClosed       Decision = iota // nothing open, nothing to do
+	DecideAdopt                        // healthy and complete: take it as open
+	DecideRollback                     // an open was interrupted: close what it did
+	DecideFinishClose                  // a close was interrupted: finish it
+	DecideDegraded                     // partly open without a record: needs a decision
+)
+
+func (d Decision) String() string {
+	return [...]string{"closed", "adopt", "roll back", "finish closing", "degraded"}[d]
+}
+
+// Reconcile decides from the journal and the live state together; the journal alone is
+// never trusted (a step may have happened after the last write, or been undone by a
+// qube shutdown).
+func Reconcile(rec *Record, st *Status) Decision {
+	switch {
+	case st.Open():
+		return DecideAdopt
+	case st.Closed():
+		return DecideClosed
+	case rec != nil && !rec.Finished && rec.Op == "open":
+		return DecideRollback
+	case rec != nil && !rec.Finished && rec.Op == "close":
+		return DecideFinishClose
+	}
+	return DecideDegraded
+}

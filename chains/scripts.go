@@ -1,0 +1,211 @@
+package chains
+
+import (
+	"fmt"
+	"path"
+	"regexp"
+	"strings"
+)
+
+// Scripts sent to qubes. Every value is quoted with q(); values are validated before
+// (key ids, paths, allow-listed options, tokens from the Admin API), so quoting is the
+// second line of defence, not the first. Results come back as exit codes; where a
+// device name has to come back, it is checked against a strict pattern.
+
+// q quotes s for a POSIX shell.
+func q(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+func qargs(args []string) string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		out[i] = q(a)
+	}
+	return strings.Join(out, " ")
+}
+
+// Exit codes of the open scripts (0..124; 125..127 are qrexec's).
+const (
+	exitLoopCreated   = 0
+	exitLoopReused    = 1 // +2 when the source device was mounted by this script
+	exitSourceMounted = 2
+	exitSrcMkdir      = 30
+	exitSrcMount      = 31
+	exitNoContainer   = 32
+	exitLoopFailed    = 33
+
+	exitInjectFailed = 40
+	exitNoKey        = 41
+	exitMapperExists = 42
+	exitNoDevice     = 43
+	exitWrongKey     = 44
+	exitOpenFailed   = 45
+	exitNoMapperLink = 46
+	exitMountFailed  = 47
+	exitKeyExists    = 48
+	exitFileExists   = 49
+	exitWriteFailed  = 50
+
+	exitUmountFailed = 60
+	exitCloseFailed  = 61
+	exitLoopBusy     = 62
+	exitEjectFailed  = 63
+
+	statusBase = 32 // status scripts exit statusBase + bit set
+)
+
+var scriptErrors = map[int]string{
+	exitSrcMkdir: "cannot create the source mount point", exitSrcMount: "cannot mount the source device",
+	exitNoContainer: "the container file does not exist", exitLoopFailed: "cannot set up a loop device",
+	exitInjectFailed: "cannot inject the key", exitNoKey: "the key is missing (configure an injection or create it)",
+	exitMapperExists: "the mapper name is already in use (partially open chain?)", exitNoDevice: "the attached device did not appear",
+	exitWrongKey: "wrong key (cryptsetup: no key available with this passphrase)", exitOpenFailed: "cryptsetup open failed",
+	exitNoMapperLink: "the opened mapper has no dm device", exitMountFailed: "cannot mount the plaintext",
+	exitKeyExists: "a key with that id exists already (keys are never overwritten)", exitFileExists: "the file exists already (never overwritten)",
+	exitWriteFailed: "cannot write the file", exitUmountFailed: "cannot unmount (still in use?)",
+	exitCloseFailed: "cryptsetup close failed (still in use?)", exitLoopBusy: "cannot detach the loop device",
+	exitEjectFailed: "cannot unmount the source device",
+}
+
+func scriptError(code int) string {
+	if m, ok := scriptErrors[code]; ok {
+		return m
+	}
+	return fmt.Sprintf("unexpected exit status %d", code)
+}
+
+var (
+	loopOutRE = regexp.MustCompile(`^/dev/(loop[0-9]{1,4})\n$`)
+	dmOutRE   = regexp.MustCompile(`^/dev/(dm-[0-9]{1,4})\n$`)
+	xvdOutRE  = regexp.MustCompile(`^/dev/(xvd[a-z]{1,2})\n$`)
+)
+
+// keyPath is where a qube keeps key id k for its default user.
+func keyPath(user, k string) string { return "/home/" + user + "/.qcrypt/keys/" + k }
+
+// sourceOpenScript mounts the source device when configured and sets up (or finds) the
+// loop device of the container; it prints /dev/loopN.
+func sourceOpenScript(c *Chain) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "f=%s\nm=0\n", q(c.Container()))
+	if c.SourceDevice != "" {
+		fmt.Fprintf(&b, "mkdir -p %s || exit %d\n", q(c.SourceMountPoint), exitSrcMkdir)
+		fmt.Fprintf(&b, "if ! findmnt -n -M %s >/dev/null 2>&1; then mount %s %s || exit %d; m=%d; fi\n",
+			q(c.SourceMountPoint), q(c.SourceDevice), q(c.SourceMountPoint), exitSrcMount, exitSourceMounted)
+	}
+	fmt.Fprintf(&b, "[ -f \"$f\" ] || exit %d\n", exitNoContainer)
+	fmt.Fprintf(&b, "l=$(losetup -j \"$f\" | head -n 1 | cut -d: -f1)\n")
+	fmt.Fprintf(&b, "if [ -n \"$l\" ]; then echo \"$l\"; exit $((m + %d)); fi\n", exitLoopReused)
+	fmt.Fprintf(&b, "losetup -f --show \"$f\" || exit %d\nexit $m", exitLoopFailed)
+	return b.String()
+}
+
+// hopOpen says what one destination qube does to open its layer.
+type hopOpen struct {
+	key, name, dev string // key file, mapper name, /dev/xvdX
+	options        []string
+	readOnly       bool
+	injectLen      int    // >0: key bytes follow the script on stdin
+	mountPoint     string // last hop only
+	printDM        bool   // not the last hop: print the dm device for the next attach
+}
+
+func hopOpenScript(h hopOpen) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "k=%s\nname=%s\ndev=%s\n", q(h.key), q(h.name), q(h.dev))
+	if h.injectLen > 0 {
+		fmt.Fprintf(&b, "if [ ! -e \"$k\" ]; then\n  umask 077; mkdir -p %s || exit %d\n", q(path.Dir(h.key)), exitInjectFailed)
+		fmt.Fprintf(&b, "  head -c %d > \"$k.part\" && [ \"$(wc -c < \"$k.part\")\" -eq %d ] && mv \"$k.part\" \"$k\" || { rm -f \"$k.part\"; exit %d; }\nfi\n", h.injectLen, h.injectLen, exitInjectFailed)
+	} else {
+		fmt.Fprintf(&b, "[ -e \"$k\" ] || exit %d\n", exitNoKey)
+	}
+	fmt.Fprintf(&b, "cryptsetup status \"$name\" >/dev/null 2>&1 && exit %d\n", exitMapperExists)
+	fmt.Fprintf(&b, "[ -e \"$dev\" ] || exit %d\n", exitNoDevice)
+	ro := ""
+	if h.readOnly {
+		ro = " -r"
+	}
+	opts := ""
+	if len(h.options) > 0 {
+		opts = " " + qargs(h.options)
+	}
+	fmt.Fprintf(&b, "cryptsetup open%s%s --key-file \"$k\" \"$dev\" \"$name\"\n", opts, ro)
+	fmt.Fprintf(&b, "case $? in 0) ;; 2) exit %d;; *) exit %d;; esac\n", exitWrongKey, exitOpenFailed)
+	if h.printDM {
+		fmt.Fprintf(&b, "readlink -f \"/dev/mapper/$name\" || { cryptsetup close \"$name\"; exit %d; }", exitNoMapperLink)
+	}
+	if h.mountPoint != "" {
+		fmt.Fprintf(&b, "mkdir -p %s && mount%s \"/dev/mapper/$name\" %s || { cryptsetup close \"$name\"; exit %d; }", q(h.mountPoint), ro, q(h.mountPoint), exitMountFailed)
+	}
+	return b.String()
+}
+
+// hopCloseScript unmounts everything of the mapper and closes it; it prints the device
+// the mapper was on (/dev/xvdX) when it was open. Not open is success.
+func hopCloseScript(name string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "name=%s\n", q(name))
+	fmt.Fprintf(&b, "cryptsetup status \"$name\" >/dev/null 2>&1 || exit 0\n")
+	fmt.Fprintf(&b, "for t in $(findmnt -n -o TARGET -S \"/dev/mapper/$name\" | sort -r); do umount \"$t\" || exit %d; done\n", exitUmountFailed)
+	fmt.Fprintf(&b, "d=$(cryptsetup status \"$name\" | awk '$1 == \"device:\" {print $2}')\n")
+	fmt.Fprintf(&b, "cryptsetup close \"$name\" || exit %d\necho \"$d\"", exitCloseFailed)
+	return b.String()
+}
+
+// sourceCloseScript detaches the container's loop devices, and unmounts the source
+// device when eject is set.
+func sourceCloseScript(c *Chain, eject bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "f=%s\n", q(c.Container()))
+	fmt.Fprintf(&b, "for l in $(losetup -j \"$f\" | cut -d: -f1); do losetup -d \"$l\" || exit %d; done\n", exitLoopBusy)
+	if eject && c.SourceDevice != "" {
+		fmt.Fprintf(&b, "if findmnt -n -M %s >/dev/null 2>&1; then umount %s || exit %d; fi\n", q(c.SourceMountPoint), q(c.SourceMountPoint), exitEjectFailed)
+	}
+	b.WriteString("exit 0")
+	return b.String()
+}
+
+// Status bits of a destination qube.
+const (
+	bitKey = 1 << iota
+	bitDecrypted
+	bitFromHop // the mapper sits on one of the attached devices
+	bitMounted
+	bitMountedAt
+)
+
+// Source status exit codes.
+const (
+	srcLoop    = statusBase + 8
+	srcNoLoop  = statusBase + 9
+	srcMissing = statusBase + 10
+)
+
+func sourceStatusScript(c *Chain) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "f=%s\n", q(c.Container()))
+	if c.SourceDevice != "" {
+		fmt.Fprintf(&b, "findmnt -n -M %s >/dev/null 2>&1 || exit %d\n", q(c.SourceMountPoint), srcMissing)
+	}
+	fmt.Fprintf(&b, "[ -f \"$f\" ] || exit %d\n", srcMissing)
+	fmt.Fprintf(&b, "[ -n \"$(losetup -j \"$f\")\" ] && exit %d\nexit %d", srcLoop, srcNoLoop)
+	return b.String()
+}
+
+// hopStatusScript reports a destination's facts as an exit code: statusBase + bits.
+// devs are the frontend devices attached from the previous hop.
+func hopStatusScript(key, name string, devs []string, mountPoint string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "k=%s\nname=%s\nb=0\n", q(key), q(name))
+	fmt.Fprintf(&b, "[ -e \"$k\" ] && b=$((b | %d))\n", bitKey)
+	fmt.Fprintf(&b, "if cryptsetup status \"$name\" >/dev/null 2>&1; then\n  b=$((b | %d))\n", bitDecrypted)
+	fmt.Fprintf(&b, "  d=$(cryptsetup status \"$name\" | awk '$1 == \"device:\" {print $2}')\n")
+	for _, d := range devs {
+		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && b=$((b | %d))\n", q(d), bitFromHop)
+	}
+	fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" >/dev/null 2>&1 && b=$((b | %d))\n", bitMounted)
+	if mountPoint != "" {
+		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && b=$((b | %d))\n", q(mountPoint), bitMountedAt)
+	}
+	fmt.Fprintf(&b, "fi\nexit $((%d + b))", statusBase)
+	return b.String()
+}

@@ -1,0 +1,176 @@
+package chains
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Source states.
+const (
+	SourceUnknown = "unknown" // qube down
+	SourceMissing = "missing" // no container file (or source device not mounted)
+	SourceFile    = "file"    // file, no loop device
+	SourceLoop    = "loop"    // loop device set up
+)
+
+// Status is a chain's facts, hop by hop, as qubesd and exit codes of the qubes say.
+type Status struct {
+	Chain         string      `json:"chain"`
+	SourceVM      string      `json:"source_vm"`
+	SourceRunning bool        `json:"source_running"`
+	Source        string      `json:"source"`
+	Hops          []HopStatus `json:"hops"`
+	// Missing is the original's exit code: the number of steps missing towards
+	// decryption (and mounting) in the target; 0 = open.
+	Missing int `json:"missing"`
+	// Problem is set when the facts do not fit a chain qcrypt made (decrypted without a
+	// key, ...); such a chain is never "open".
+	Problem string `json:"problem,omitempty"`
+}
+
+// HopStatus is one destination qube.
+type HopStatus struct {
+	VM          string `json:"vm"`
+	Running     bool   `json:"running"`
+	Attached    bool   `json:"attached"`
+	FrontendDev string `json:"frontend_dev,omitempty"`
+	KeyPresent  bool   `json:"key_present"`
+	Decrypted   bool   `json:"decrypted"`
+	Mounted     bool   `json:"mounted"`
+}
+
+// Open reports a complete, healthy chain.
+func (s *Status) Open() bool { return s.Missing == 0 && s.Problem == "" }
+
+// Closed reports that nothing of the chain exists: no loop device, nothing attached,
+// decrypted or mounted.
+func (s *Status) Closed() bool {
+	if s.Source == SourceLoop {
+		return false
+	}
+	for _, h := range s.Hops {
+		if h.Attached || h.Decrypted || h.Mounted {
+			return false
+		}
+	}
+	return true
+}
+
+var (
+	loopPortRE = regexp.MustCompile(`^loop[0-9]+$`)
+	dmPortRE   = regexp.MustCompile(`^dm-[0-9]+$`)
+)
+
+// hopAttachments returns what hop i has attached from the previous qube of the chain
+// (a loop device from the source, a dm device from an intermediate).
+func hopAttachments(atts []qubes.Attachment, prev string, first bool) []qubes.Attachment {
+	var out []qubes.Attachment
+	for _, a := range atts {
+		if a.Backend != prev {
+			continue
+		}
+		if first && loopPortRE.MatchString(a.Port) || !first && dmPortRE.MatchString(a.Port) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// Status inspects a chain with one Admin API list, one Attached per running
+// destination and one script per running qube; only exit codes come back from qubes.
+func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
+	states, err := e.states(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st := &Status{Chain: c.Name, SourceVM: c.SourceVM, Source: SourceUnknown}
+	st.SourceRunning = states[c.SourceVM] == qubes.StateRunning
+	if st.SourceRunning {
+		res, err := e.run(ctx, c.SourceVM, sourceStatusScript(c), nil)
+		if err != nil {
+			return nil, err
+		}
+		switch res.ExitCode {
+		case srcLoop:
+			st.Source = SourceLoop
+		case srcNoLoop:
+			st.Source, st.Missing = SourceFile, st.Missing+1
+		case srcMissing:
+			st.Source, st.Missing = SourceMissing, st.Missing+2
+		default:
+			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(res.ExitCode))
+		}
+	} else {
+		st.Missing += 3
+	}
+	prev := c.SourceVM
+	for i, h := range c.Hops {
+		hs := HopStatus{VM: h.VM, Running: states[h.VM] == qubes.StateRunning}
+		last := i == len(c.Hops)-1
+		if !hs.Running {
+			st.Missing += 4
+			if last && c.MountPoint != "" {
+				st.Missing++
+			}
+			st.Hops = append(st.Hops, hs)
+			prev = h.VM
+			continue
+		}
+		atts, err := e.Qubes.Attached(ctx, h.VM)
+		if err != nil {
+			return nil, fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+		}
+		mine := hopAttachments(atts, prev, i == 0)
+		var devs []string
+		for _, a := range mine {
+			if a.FrontendDev != "" {
+				devs = append(devs, "/dev/"+a.FrontendDev)
+			}
+		}
+		hs.Attached = len(mine) > 0
+		if hs.Attached && len(mine) == 1 {
+			hs.FrontendDev = mine[0].FrontendDev
+		}
+		user, err := e.user(ctx, h.VM)
+		if err != nil {
+			return nil, err
+		}
+		mp := ""
+		if last {
+			mp = c.MountPoint
+		}
+		res, err := e.run(ctx, h.VM, hopStatusScript(keyPath(user, c.Key), c.Key, devs, mp), nil)
+		if err != nil {
+			return nil, err
+		}
+		bits := res.ExitCode - statusBase
+		if bits < 0 || bits >= 32 {
+			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(res.ExitCode))
+		}
+		hs.KeyPresent = bits&bitKey != 0
+		hs.Decrypted = bits&bitDecrypted != 0
+		hs.Mounted = bits&bitMounted != 0
+		if !hs.Attached {
+			st.Missing++
+		}
+		switch {
+		case hs.Decrypted && !hs.KeyPresent:
+			st.Problem = fmt.Sprintf("%s has %s open without its key: not managed by qcrypt?", h.VM, c.Key)
+		case hs.Decrypted && hs.Attached && bits&bitFromHop == 0:
+			st.Problem = fmt.Sprintf("%s has %s open on a device that is not the chain's previous hop", h.VM, c.Key)
+		case !hs.Decrypted && hs.KeyPresent:
+			st.Missing++
+		case !hs.Decrypted:
+			st.Missing += 2
+		}
+		if last && c.MountPoint != "" && bits&bitMountedAt == 0 {
+			st.Missing++
+		}
+		st.Hops = append(st.Hops, hs)
+		prev = h.VM
+	}
+	return st, nil
+}

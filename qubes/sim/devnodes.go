@@ -1,0 +1,91 @@
+package sim
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+)
+
+// The sandbox's /dev is a private tmpfs. So that scripts can test for devices and
+// resolve /dev/mapper links as on a real system, it holds an empty file per block device
+// of the qube and the links /dev/mapper/NAME, /dev/disk/by-uuid/U and /dev/disk/by-label/L.
+// They are synced when a sandbox starts and after every fake tool call.
+
+type devNode struct {
+	Name   string `json:"name"`
+	Mapper string `json:"mapper,omitempty"`
+	UUID   string `json:"uuid,omitempty"`
+	Label  string `json:"label,omitempty"`
+}
+
+var (
+	ownedNodeRE = regexp.MustCompile(`^(loop[0-9]+|dm-[0-9]+|xvd[a-z]+|sd[a-z]+[0-9]*)$`)
+	safeLinkRE  = regexp.MustCompile(`^[A-Za-z0-9_.+-]{1,127}$`)
+)
+
+// devNodes lists what /dev must show for a qube (World.mu held).
+func (k *kernel) devNodes() []devNode {
+	var out []devNode
+	for _, b := range k.sortedDevs() {
+		n := devNode{Name: b.name, Mapper: b.mapper}
+		if meta, _, err := readFSMeta(b.io); err == nil {
+			n.UUID, n.Label = meta.UUID, meta.Label
+		} else if h, err := readLUKS(b.io); err == nil {
+			n.UUID, n.Label = h.UUID, h.Label
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// syncDevNodes makes root+"/dev" match nodes (root is "" inside a sandbox).
+func syncDevNodes(root string, nodes []devNode) {
+	dev := filepath.Join(root, "/dev")
+	want := map[string]bool{}
+	for _, n := range nodes {
+		want[n.Name] = true
+	}
+	ents, _ := os.ReadDir(dev)
+	for _, e := range ents {
+		if ownedNodeRE.MatchString(e.Name()) && !want[e.Name()] {
+			os.Remove(filepath.Join(dev, e.Name()))
+		}
+	}
+	for _, d := range []string{"mapper", "disk/by-uuid", "disk/by-label"} {
+		os.RemoveAll(filepath.Join(dev, d))
+		os.MkdirAll(filepath.Join(dev, d), 0o755)
+	}
+	for _, n := range nodes {
+		p := filepath.Join(dev, n.Name)
+		if f, err := os.OpenFile(p, os.O_CREATE|os.O_RDONLY, 0o600); err == nil {
+			f.Close()
+		}
+		if n.Mapper != "" && safeLinkRE.MatchString(n.Mapper) {
+			os.Symlink("../"+n.Name, filepath.Join(dev, "mapper", n.Mapper))
+		}
+		if n.UUID != "" && safeLinkRE.MatchString(n.UUID) {
+			os.Symlink("../../"+n.Name, filepath.Join(dev, "disk/by-uuid", n.UUID))
+		}
+		if n.Label != "" && safeLinkRE.MatchString(n.Label) {
+			os.Symlink("../../"+n.Name, filepath.Join(dev, "disk/by-label", n.Label))
+		}
+	}
+}
+
+// SandboxInit runs first in every sandbox: it fills /dev, then becomes the command.
+func SandboxInit(argv []string) int {
+	if len(argv) > 0 && argv[0] == "--" {
+		argv = argv[1:]
+	}
+	if len(argv) == 0 {
+		return 2
+	}
+	if resp, err := kernelCall(kernelReq{Op: "devices"}); err == nil {
+		syncDevNodes("", resp.Devices)
+	}
+	err := syscall.Exec(argv[0], argv, os.Environ())
+	os.Stderr.WriteString("qubes-sim: cannot run " + strings.Join(argv, " ") + ": " + err.Error() + "\n")
+	return 127
+}
