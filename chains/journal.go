@@ -100,11 +100,11 @@ func (j *Journal) Read(chain string) (*Record, error) {
 type Decision int
 
 const (
-	DecideClosed       Decision = iota // nothing open, nothing to do
-	DecideAdopt                        // healthy and complete: take it as open
-	DecideRollback                     // an open was interrupted: close what it did
-	DecideFinishClose                  // a close was interrupted: finish it
-	DecideDegraded                     // partly open without a record: needs a decision
+	DecideClosed      Decision = iota // nothing open, nothing to do
+	DecideAdopt                       // healthy and complete: take it as open
+	DecideRollback                    // an open was interrupted: close what it did
+	DecideFinishClose                 // a close was interrupted: finish it
+	DecideDegraded                    // partly open without a record: needs a decision
 )
 
 func (d Decision) String() string {
