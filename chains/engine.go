@@ -188,11 +188,13 @@ func roWord(ro bool) string {
 	return ""
 }
 
-// action is one executable step with its undo.
+// action is one executable step with its undo; facts, if set, says what the step
+// learned (device names), for the journal.
 type action struct {
-	step Step
-	do   func(ctx context.Context) error
-	undo func(ctx context.Context) error
+	step  Step
+	do    func(ctx context.Context) error
+	undo  func(ctx context.Context) error
+	facts func() map[string]string
 }
 
 // execute runs actions in order, journaling before and after each; on failure (or
@@ -233,6 +235,9 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 		}
 		log.Debug("step done")
 		rec.Steps[i].State = "done"
+		if a.facts != nil {
+			rec.Steps[i].Facts = a.facts()
+		}
 		undoFrom = i + 1
 		if err := e.Journal.Write(rec); err != nil {
 			failed = err
@@ -354,7 +359,7 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 				do: func(ctx context.Context) error { return e.Qubes.Start(ctx, vm) }})
 		}
 	}
-	acts = append(acts, action{step: PlanOpen(c, OpenOptions{})[0], do: func(ctx context.Context) error {
+	acts = append(acts, action{step: stepOf(PlanOpen(c, OpenOptions{}), "source", c.SourceVM), do: func(ctx context.Context) error {
 		res, err := e.run(ctx, c.SourceVM, sourceOpenScript(c), nil)
 		if err != nil {
 			return err
@@ -385,6 +390,8 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			return nil
 		}
 		return e.runOK(ctx, c.SourceVM, script.String()+"exit 0")
+	}, facts: func() map[string]string {
+		return map[string]string{"loop": s.dev[0].Port, "created": fmt.Sprint(s.created), "mounted": fmt.Sprint(s.mounted)}
 	}})
 	for i, h := range c.Hops {
 		i, h := i, h
@@ -410,6 +417,8 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 				return nil
 			}
 			return e.detachIfAlive(ctx, h.VM, s.dev[i])
+		}, facts: func() map[string]string {
+			return map[string]string{"device": s.dev[i].String(), "frontend_dev": s.feDev[i]}
 		}})
 		acts = append(acts, action{step: decryptStep, do: func(ctx context.Context) error {
 			user, err := e.user(ctx, h.VM)
@@ -448,6 +457,11 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			return e.checkExposed(ctx, s.dev[i+1], c.Key)
 		}, undo: func(ctx context.Context) error {
 			return e.runOK(ctx, h.VM, hopCloseScript(c.Key))
+		}, facts: func() map[string]string {
+			if i+1 < len(s.dev) {
+				return map[string]string{"dm": s.dev[i+1].Port}
+			}
+			return nil
 		}})
 	}
 	return acts

@@ -496,3 +496,88 @@ func TestPlans(t *testing.T) {
 	golden(t, "testdata/golden/plan-open.txt", PlanOpen(c, OpenOptions{}).String())
 	golden(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
 }
+
+func TestDiscover(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// A second, unconfigured one-layer chain made by hand: sys-usb:/tmp/other -> vault.
+	if _, err := r.AddVM("vault", "AppVM", "user"); err != nil {
+		t.Fatal(err)
+	}
+	r.start(t, "vault")
+	r.Sh(t, "sys-usb", "truncate -s 1M /tmp/other && losetup -f /tmp/other")
+	if err := r.Client.Attach(bg, "vault", qubes.DeviceRef{Backend: "sys-usb", Port: "loop1"}, false); err != nil {
+		t.Fatal(err)
+	}
+	found, err := r.e.Discover(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, d := range found {
+		lines = append(lines, fmt.Sprintf("%s key=%q file=%q managed=%v", d, d.Key, d.File, d.Matches(c)))
+	}
+	got := strings.Join(lines, "\n")
+	want := `sys-usb:loop0 --> mediator:dm-0 --> work:xvdi (r/w) key="demo" file="/home/user/demo.luks" managed=true` + "\n" +
+		`sys-usb:loop1 --> vault:xvdi (r/w) key="" file="/tmp/other" managed=false`
+	if got != want {
+		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
+
+func TestReconcile(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	c := demoChain()
+	closed := r.status(t, c)
+	if d := Reconcile(nil, closed); d != DecideClosed {
+		t.Errorf("closed: %v", d)
+	}
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	open := r.status(t, c)
+	unfinishedOpen := &Record{Chain: "demo", Op: "open"}
+	if d := Reconcile(unfinishedOpen, open); d != DecideAdopt {
+		t.Errorf("complete despite an unfinished record: %v", d)
+	}
+	r.Sh(t, "work", "umount /mnt/secure && cryptsetup close demo")
+	partial := r.status(t, c)
+	for _, tc := range []struct {
+		rec  *Record
+		want Decision
+	}{
+		{unfinishedOpen, DecideRollback},
+		{&Record{Chain: "demo", Op: "close"}, DecideFinishClose},
+		{&Record{Chain: "demo", Op: "open", Finished: true}, DecideDegraded},
+		{nil, DecideDegraded},
+	} {
+		if d := Reconcile(tc.rec, partial); d != tc.want {
+			t.Errorf("%+v: %v, want %v", tc.rec, d, tc.want)
+		}
+	}
+}
+
+func TestJournalRecordsSteps(t *testing.T) {
+	r := newRig(t, sim.R42)
+	r.start(t, "work")
+	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := r.e.Journal.Read("demo")
+	if err != nil || rec == nil {
+		t.Fatalf("%v %v", rec, err)
+	}
+	var states []string
+	for _, s := range rec.Steps {
+		states = append(states, s.Kind+":"+s.State)
+	}
+	if !rec.Finished || rec.Op != "open" || strings.Join(states, " ") != "start:done source:done attach:done decrypt:done attach:done decrypt:done" ||
+		rec.Steps[1].Facts["loop"] != "loop0" || rec.Steps[3].Facts["dm"] != "dm-0" || rec.Steps[4].Facts["frontend_dev"] != "xvdi" {
+		t.Errorf("record %+v: %v", rec, states)
+	}
+}
