@@ -131,12 +131,16 @@ var cryptOptions = map[string]*regexp.Regexp{
 	"--allow-discards": nil, "--iv-large-sectors": nil, "--perf-same_cpu_crypt": nil,
 	"--perf-submit_from_crypt_cpus": nil, "--perf-no_read_workqueue": nil, "--perf-no_write_workqueue": nil,
 	"--disable-keyring": nil, "--tcrypt-hidden": nil, "--tcrypt-system": nil, "--veracrypt": nil,
+	// luksFormat tuning (ignored by open)
+	"--pbkdf": regexp.MustCompile(`^(argon2i|argon2id|pbkdf2)$`), "--pbkdf-memory": numRE,
+	"--pbkdf-force-iterations": numRE, "--pbkdf-parallel": numRE, "--iter-time": numRE, "-i": nil,
+	"--use-urandom": nil, "--use-random": nil,
 }
 
 var (
 	valueRE = regexp.MustCompile(`^[A-Za-z0-9:_.,+-]{1,64}$`)
 	numRE   = regexp.MustCompile(`^[0-9]{1,12}$`)
-	shortOf = map[string]string{"-M": "--type", "-c": "--cipher", "-s": "--key-size", "-h": "--hash", "-o": "--offset", "-p": "--skip", "-b": "--size", "-l": "--keyfile-size"}
+	shortOf = map[string]string{"-M": "--type", "-c": "--cipher", "-s": "--key-size", "-h": "--hash", "-o": "--offset", "-p": "--skip", "-b": "--size", "-l": "--keyfile-size", "-i": "--iter-time"}
 )
 
 // ParseCryptOptions splits and checks "destination opt N" / --cy options against the

@@ -1,11 +1,15 @@
 package chains
 
-import "io"
+import (
+	"context"
+	"io"
 
-// Dom0 is where luks-init builds a container: a runner for dom0 scripts and read
-// access to the files they make. In production it is dom0 itself; in the simulator,
-// the simulated dom0.
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Dom0 is where luks-init builds a container: a runner for dom0 scripts and read access
+// to the files they make (qubes.LocalDom0 in production, sim.Dom0 in the simulator).
 type Dom0 interface {
-	Run(script string, input io.Reader) (exitCode int, stdout []byte, err error)
-	Open(path string) (io.ReadCloser, int64, error)
+	Run(ctx context.Context, script string, input io.Reader) (qubes.Result, error)
+	Open(path string) (io.ReadCloser, error)
 }

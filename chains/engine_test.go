@@ -64,11 +64,9 @@ func (r *rig) leftovers(t *testing.T) []string {
 		if vm.State != qubes.StateRunning {
 			continue
 		}
-		if vm.Name != "dom0" {
-			res := r.Sh(t, vm.Name, "losetup -a; ls /dev/mapper")
-			for _, l := range strings.Fields(string(res.Stdout)) {
-				out = append(out, vm.Name+":"+l)
-			}
+		res := r.Sh(t, vm.Name, "losetup -a; ls /dev/mapper")
+		for _, l := range strings.Fields(string(res.Stdout)) {
+			out = append(out, vm.Name+":"+l)
 		}
 		atts, err := r.Client.Attached(bg, vm.Name)
 		if err != nil {

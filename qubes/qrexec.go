@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"sync/atomic"
@@ -92,18 +93,36 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 	if err := ValidateVMName(vm); err != nil {
 		return Result{}, err
 	}
-	if _, ok := ctx.Deadline(); !ok && r.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, r.Timeout)
-		defer cancel()
-	}
 	args := append([]string{}, r.Command[1:]...)
 	args = append(args, "-d", vm)
 	if r.ConnectTimeout > 0 {
 		args = append(args, "-w", fmt.Sprint(r.ConnectTimeout))
 	}
 	args = append(args, "root:QUBESRPC qubes.VMShell+ dom0")
-	cmd := exec.CommandContext(ctx, r.Command[0], args...)
+	res, err := r.exec(ctx, r.Command[0], args, script, input)
+	if err != nil {
+		return res, fmt.Errorf("cannot run a command in %s: %w", vm, err)
+	}
+	if res.ExitCode < 0 {
+		// Killed by a signal before exiting: the remote state is unknown.
+		return res, &TransportError{VM: vm, Code: res.ExitCode}
+	}
+	switch res.ExitCode {
+	case ExitQrexecProblem, ExitQrexecRefused, ExitQrexecNotFound:
+		return res, &TransportError{VM: vm, Code: res.ExitCode, Stderr: Printable(string(res.Stderr), 200)}
+	}
+	return res, nil
+}
+
+// exec runs name with args, the wrapped script and input on stdin, and collects capped
+// output. Only a failure to run at all or the context ending is an error.
+func (r *Runner) exec(ctx context.Context, name string, args []string, script string, input io.Reader) (Result, error) {
+	if _, ok := ctx.Deadline(); !ok && r.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, r.Timeout)
+		defer cancel()
+	}
+	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = r.KillDelay
 
@@ -123,22 +142,32 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 		StdoutTruncated: stdout.dropped, StderrTruncated: stderr.dropped,
 	}
 	if ctx.Err() != nil {
-		return res, fmt.Errorf("cannot run a command in %s: %w", vm, ctx.Err())
+		return res, ctx.Err()
 	}
 	if cmd.ProcessState == nil {
-		return res, fmt.Errorf("cannot start qrexec-client: %w", err)
+		return res, fmt.Errorf("cannot start %s: %w", name, err)
 	}
 	res.ExitCode = cmd.ProcessState.ExitCode()
-	if res.ExitCode < 0 {
-		// Killed by a signal before exiting: the remote state is unknown.
-		return res, &TransportError{VM: vm, Code: res.ExitCode}
-	}
-	switch res.ExitCode {
-	case ExitQrexecProblem, ExitQrexecRefused, ExitQrexecNotFound:
-		return res, &TransportError{VM: vm, Code: res.ExitCode, Stderr: Printable(string(res.Stderr), 200)}
+	return res, nil
+}
+
+// LocalDom0 runs scripts in dom0 itself, with the runner's limits, and reads dom0 files:
+// the place luks-init builds containers.
+type LocalDom0 struct {
+	Runner *Runner
+}
+
+// Run runs script as the daemon's user (root) with bash.
+func (d LocalDom0) Run(ctx context.Context, script string, input io.Reader) (Result, error) {
+	res, err := d.Runner.exec(ctx, "/bin/bash", nil, script, input)
+	if err != nil {
+		return res, fmt.Errorf("cannot run a command in dom0: %w", err)
 	}
 	return res, nil
 }
+
+// Open opens a dom0 file.
+func (LocalDom0) Open(path string) (io.ReadCloser, error) { return os.Open(path) }
 
 // WrapScript is what is sent before the input bytes: the script in a subshell, then the
 // status mapping, then exit, all parsed by bash before any input byte is read.
