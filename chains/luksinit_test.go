@@ -13,7 +13,7 @@ import (
 func initSpec(fs string) InitSpec {
 	return InitSpec{
 		Chain: &Chain{Name: "new", SourceVM: "sys-usb", SourceFile: "/home/user/vault/new.luks", Key: "newkey",
-			Hops: []Hop{{VM: "mediator", Options: []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}}, {VM: "work"}},
+			Hops:       []Hop{{VM: "mediator", Options: []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}}, {VM: "work"}},
 			MountPoint: "/mnt/new"},
 		Size: 4 << 20, KeySize: 64, FS: fs, Autostart: true,
 	}
