@@ -116,7 +116,7 @@ func validatePath(p string, absolute bool) error {
 	}
 	for _, part := range strings.Split(p, "/") {
 		if part == ".." {
-			return fmt.Errorf("path %q must not contain ..", p)
+			return fmt.Errorf("path %q must not contain a .. component", p)
 		}
 	}
 	return nil

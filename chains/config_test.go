@@ -55,7 +55,7 @@ func TestConfigRules(t *testing.T) {
 		"absolute source mount point": {conf("", "source mount point=usb"), conf("", "source mount point=/usb"), "source mount point", "must be absolute"},
 		"absolute injected key":       {conf("", "destination inj 1=keys/k"), conf("", "destination inj 1=/root/keys/k"), "destination inj 1", "must be absolute"},
 		"keystore injection":          {conf("", "destination inj 1=keystore:x"), conf("", "destination inj 1=keystore://"), "destination inj 1", "must be absolute"},
-		"no .. in source file":        {conf("source file=/c.luks", "source file=/a/../../etc/shadow"), conf("source file=/c.luks", "source file=a/c.luks"), "source file", "must not contain .."},
+		"no .. in source file":        {conf("source file=/c.luks", "source file=/a/../../etc/shadow"), conf("source file=/c.luks", "source file=a/c.luks"), "source file", "must not contain a .. component"},
 		"source device under /dev":    {conf("", "source device=/tmp/x\nsource mount point=/m"), conf("", "source device=/dev/disk/by-label/X\nsource mount point=/m"), "source device", "under /dev/"},
 		"source device needs a mp":    {conf("", "source device=/dev/sda1"), conf("", "source device=/dev/sda1\nsource mount point=/m"), "source device", "needs a"},
 		"injection needs its qube":    {conf("", "destination inj 3=/k"), conf("", "destination inj 2=/k"), "destination inj 3", "there is no"},
