@@ -6,8 +6,8 @@ import (
 	"go/token"
 	"os"
 	"path/filepath"
-	"strings"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/qcrypt/qcrypt/qubes"
