@@ -7,11 +7,16 @@ GOBIN_DIR := $(shell $(GO) env GOPATH)/bin
 STATICCHECK_VERSION := v0.8.2
 STATICCHECK := $(GOBIN_DIR)/staticcheck
 FUZZTIME  ?= 5s
-# Debian packages the tests need (bubblewrap: the simulator's qube sandboxes; gcc: -race).
-DEB_PACKAGES := bubblewrap gcc make
+# Debian packages the tests need: bubblewrap (the simulator's qube sandboxes), gcc (-race),
+# dbus (a private dbus-daemon for the D-Bus tests), systemd (busctl, systemd-analyze).
+DEB_PACKAGES := bubblewrap gcc make dbus systemd
 COMMANDS  := qubes-sim qcryptd
 
-.PHONY: all build check fmt-check vet staticcheck test fuzz bench deps clean
+BINDIR    ?= $(PREFIX)/bin
+UNITDIR   ?= $(PREFIX)/lib/systemd/system
+DBUSDIR   ?= $(PREFIX)/share/dbus-1
+
+.PHONY: all build check fmt-check vet staticcheck test fuzz bench deps install clean
 
 all: build
 
@@ -58,6 +63,15 @@ deps:
 	  echo "deps: installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else echo "deps: missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi
 	$(GO) mod download
+
+# Installs qcryptd and its systemd unit, D-Bus policy and activation file
+# (systemctl enable --now qcryptd afterwards). DESTDIR and PREFIX as usual.
+install: build
+	install -D -m 0755 $(BIN)/qcryptd $(DESTDIR)$(BINDIR)/qcryptd
+	install -D -m 0644 systemd/qcryptd.service $(DESTDIR)$(UNITDIR)/qcryptd.service
+	install -D -m 0644 systemd/org.qcrypt.Qcryptd1.conf $(DESTDIR)$(DBUSDIR)/system.d/org.qcrypt.Qcryptd1.conf
+	install -D -m 0644 systemd/org.qcrypt.Qcryptd1.service $(DESTDIR)$(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service
+	install -d -m 0755 $(DESTDIR)/etc/qcryptd/default
 
 clean:
 	rm -rf $(BIN)

@@ -181,3 +181,53 @@ func ParseCryptOptions(s string) ([]string, error) {
 	}
 	return out, nil
 }
+
+// Validate checks a chain that did not come from a config file (an ad-hoc chain or a
+// luks-init spec) with the rules of the config loader.
+func (c *Chain) Validate() error {
+	if err := qubes.ValidateVMName(c.SourceVM); err != nil {
+		return fmt.Errorf("source qube: %w", err)
+	}
+	if err := validatePath(c.SourceFile, true); err != nil {
+		return fmt.Errorf("file: %w", err)
+	}
+	if c.SourceDevice != "" || c.SourceMountPoint != "" {
+		if err := validatePath(c.SourceDevice, true); err != nil {
+			return fmt.Errorf("source device: %w", err)
+		}
+		if err := validatePath(c.SourceMountPoint, true); err != nil {
+			return fmt.Errorf("source mount point: %w", err)
+		}
+	}
+	if err := ValidateKeyID(c.Key); err != nil {
+		return err
+	}
+	if len(c.Hops) == 0 {
+		return fmt.Errorf("at least one destination qube is needed")
+	}
+	seen := map[string]bool{c.SourceVM: true}
+	for _, h := range c.Hops {
+		if err := qubes.ValidateVMName(h.VM); err != nil {
+			return fmt.Errorf("destination: %w", err)
+		}
+		if seen[h.VM] {
+			return fmt.Errorf("qube %s appears twice in the chain", h.VM)
+		}
+		seen[h.VM] = true
+		if h.Inject != "" && !strings.HasPrefix(h.Inject, "keystore://") {
+			if err := validatePath(h.Inject, true); err != nil {
+				return fmt.Errorf("key to inject into %s: %w", h.VM, err)
+			}
+		}
+	}
+	if c.MountPoint != "" {
+		if err := validatePath(c.MountPoint, true); err != nil || c.MountPoint == "/" {
+			return fmt.Errorf("mount point %q must be an absolute path other than /", c.MountPoint)
+		}
+	}
+	return nil
+}
+
+// AdhocName names a chain that has no config file: key id and target, which together
+// are unique (the key id is the target's mapper name).
+func AdhocName(c *Chain) string { return c.Key + "@" + c.Target() }

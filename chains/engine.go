@@ -556,3 +556,16 @@ func readInjectedKey(p string) ([]byte, error) {
 	}
 	return io.ReadAll(f)
 }
+
+// SourcePresent reports whether the chain's source device exists in the source qube
+// (always true without a source device); only the exit code comes back.
+func (e *Engine) SourcePresent(ctx context.Context, c *Chain) (bool, error) {
+	if c.SourceDevice == "" {
+		return true, nil
+	}
+	res, err := e.run(ctx, c.SourceVM, "[ -e "+q(c.SourceDevice)+" ] && exit 0; exit 1", nil)
+	if err != nil {
+		return false, err
+	}
+	return res.ExitCode == 0, nil
+}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -196,4 +197,22 @@ func (w *capWriter) Write(p []byte) (int, error) {
 		w.dropped = true
 	}
 	return len(p), nil
+}
+
+// RemoteDom0 is a dom0 reached through qrexec-client whose files are under Root on this
+// machine: the simulator's dom0 (qcryptd --dom0-root). Production uses LocalDom0.
+type RemoteDom0 struct {
+	Runner *Runner
+	Root   string
+}
+
+// Run runs a script in that dom0.
+func (d RemoteDom0) Run(ctx context.Context, script string, input io.Reader) (Result, error) {
+	return d.Runner.Run(ctx, "dom0", script, input)
+}
+
+// Open opens one of its files.
+func (d RemoteDom0) Open(path string) (io.ReadCloser, error) {
+	clean := filepath.Clean("/" + path)
+	return os.Open(filepath.Join(d.Root, clean))
 }

@@ -82,18 +82,12 @@ func serve(args []string, stderr io.Writer) int {
 		defer os.RemoveAll(dir)
 		*state = dir
 	}
-	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket})
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo})
 	if err != nil {
 		fmt.Fprintln(stderr, "qubes-sim:", err)
 		return 1
 	}
 	defer s.Close()
-	if *demo {
-		if err := s.SetupDemo(); err != nil {
-			fmt.Fprintln(stderr, "qubes-sim: cannot set up the demo world:", err)
-			return 1
-		}
-	}
 	fmt.Fprintf(stderr, "qubes-sim: Qubes %s simulator serving %s (state %s)\n", *version, *socket, *state)
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)

@@ -24,6 +24,7 @@ type Config struct {
 	Socket      string  // Admin API socket; default Dir/qubesd.sock
 	ToolsBinary string  // the qubes-sim binary that acts as the fake tools; default this executable
 	Bwrap       string  // bubblewrap; default "bwrap" from PATH
+	Demo        bool    // build the demo world before serving
 }
 
 // ControlSocket is the simulator's control socket for an Admin API socket path.
@@ -76,6 +77,12 @@ func Start(cfg Config) (*Sim, error) {
 	}
 	if err := s.listenKernel("dom0"); err != nil {
 		return nil, err
+	}
+	if cfg.Demo {
+		// Before the sockets exist, so a client never sees half a world.
+		if err := s.SetupDemo(); err != nil {
+			return nil, fmt.Errorf("cannot set up the demo world: %w", err)
+		}
 	}
 	for _, p := range []string{cfg.Socket, ControlSocket(cfg.Socket)} {
 		os.Remove(p)

@@ -1,0 +1,411 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+// The dbusapi.Backend methods: each runs its state work in the loop.
+
+var _ dbusapi.Backend = (*Daemon)(nil)
+
+func noChain(name string) error {
+	return dbusapi.Errorf(dbusapi.ReasonNoSuchChain, "no chain %q", name)
+}
+
+func (d *Daemon) refuseWhenStopping() error {
+	if d.stopping {
+		return dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd is stopping")
+	}
+	return nil
+}
+
+// ListChains lists the chains.
+func (d *Daemon) ListChains() []dbusapi.ChainInfo {
+	var out []dbusapi.ChainInfo
+	d.do(func() {
+		for _, name := range d.sortedNames() {
+			out = append(out, d.info(d.chains[name]))
+		}
+	})
+	return out
+}
+
+// Open queues an open of a known chain.
+func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, error) {
+	var id uint64
+	var err error
+	d.do(func() {
+		if err = d.refuseWhenStopping(); err != nil {
+			return
+		}
+		cs, ok := d.chains[name]
+		if !ok {
+			err = noChain(name)
+			return
+		}
+		j := d.newJob("open", cs, uid, false, "requested")
+		j.openOpts = o
+		d.enqueue(j)
+		id = j.id
+	})
+	return id, err
+}
+
+// Close queues a close of a known chain.
+func (d *Daemon) Close(uid uint32, name string, o chains.CloseOptions) (uint64, error) {
+	var id uint64
+	var err error
+	d.do(func() {
+		if err = d.refuseWhenStopping(); err != nil {
+			return
+		}
+		cs, ok := d.chains[name]
+		if !ok {
+			err = noChain(name)
+			return
+		}
+		j := d.newJob("close", cs, uid, false, "requested")
+		j.closeOpts = o
+		d.enqueue(j)
+		id = j.id
+	})
+	return id, err
+}
+
+func (d *Daemon) chain(name string) (*chains.Chain, error) {
+	var c *chains.Chain
+	d.do(func() {
+		if cs, ok := d.chains[name]; ok {
+			c = cs.c
+		}
+	})
+	if c == nil {
+		return nil, noChain(name)
+	}
+	return c, nil
+}
+
+// Status inspects a known chain (outside the loop: it only reads qubes).
+func (d *Daemon) Status(ctx context.Context, name string) (*chains.Status, error) {
+	c, err := d.chain(name)
+	if err != nil {
+		return nil, err
+	}
+	return d.engine.Status(ctx, c)
+}
+
+// StatusAdhoc inspects a chain given as a spec.
+func (d *Daemon) StatusAdhoc(ctx context.Context, c *chains.Chain) (*chains.Status, error) {
+	return d.engine.Status(ctx, c)
+}
+
+// Discover finds the open chains of the system and names the configured ones.
+func (d *Daemon) Discover(ctx context.Context) ([]dbusapi.Discovered, error) {
+	found, err := d.engine.Discover(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var known []*chains.Chain
+	d.do(func() {
+		for _, name := range d.sortedNames() {
+			known = append(known, d.chains[name].c)
+		}
+	})
+	out := make([]dbusapi.Discovered, len(found))
+	for i, f := range found {
+		out[i].Discovered = f
+		for _, c := range known {
+			if f.Matches(c) {
+				out[i].Managed = c.Name
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+// adhoc finds or adds the state of an ad-hoc chain.
+func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
+	if cs, ok := d.chains[c.Name]; ok {
+		if cs.managed {
+			return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "a configured chain is named %q", c.Name)
+		}
+		return cs, nil
+	}
+	for _, name := range d.sortedNames() {
+		other := d.chains[name].c
+		for _, h := range other.Hops {
+			if other.Key == c.Key && c.Involves(h.VM) && h.VM != c.SourceVM {
+				return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "chain %s already uses mapper %s in %s", name, c.Key, h.VM)
+			}
+		}
+	}
+	cs := &chainState{c: c, state: StateClosed}
+	d.chains[c.Name] = cs
+	if d.pub != nil {
+		d.pub.ChainAdded(d.info(cs))
+	}
+	return cs, nil
+}
+
+// OpenAdhoc opens a chain given as a spec; it exists on the bus while it is open.
+func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error) {
+	var id uint64
+	var err error
+	d.do(func() {
+		if err = d.refuseWhenStopping(); err != nil {
+			return
+		}
+		var cs *chainState
+		if cs, err = d.adhoc(c); err != nil {
+			return
+		}
+		j := d.newJob("open", cs, uid, false, "requested")
+		j.openOpts = o
+		d.enqueue(j)
+		id = j.id
+	})
+	return id, err
+}
+
+// CloseAdhoc closes a chain given as a spec (known or not: it converges either way).
+func (d *Daemon) CloseAdhoc(uid uint32, c *chains.Chain, o chains.CloseOptions) (uint64, error) {
+	var id uint64
+	var err error
+	d.do(func() {
+		if err = d.refuseWhenStopping(); err != nil {
+			return
+		}
+		var cs *chainState
+		if cs, err = d.adhoc(c); err != nil {
+			return
+		}
+		j := d.newJob("close", cs, uid, false, "requested")
+		j.closeOpts = o
+		d.enqueue(j)
+		id = j.id
+	})
+	return id, err
+}
+
+// Plan lists the steps of an open or close.
+func (d *Daemon) Plan(op, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error) {
+	if c == nil {
+		var err error
+		if c, err = d.chain(name); err != nil {
+			return nil, err
+		}
+	}
+	if op == "open" {
+		return chains.PlanOpen(c, oo), nil
+	}
+	return chains.PlanClose(c, co), nil
+}
+
+// LuksInit queues the creation of a container.
+func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec) (uint64, error) {
+	if d.o.Dom0 == nil {
+		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
+	}
+	var id uint64
+	var err error
+	d.do(func() {
+		if err = d.refuseWhenStopping(); err != nil {
+			return
+		}
+		j := d.newJob("luks-init", nil, uid, false, "requested")
+		j.spec = spec
+		d.enqueue(j)
+		id = j.id
+	})
+	return id, err
+}
+
+// Reload re-reads the config target: unchanged chains are left alone, removed or
+// changed ones are closed (if open) and dropped, new ones added and evaluated. A
+// target with errors changes nothing.
+func (d *Daemon) Reload() (int, error) {
+	dir, err := chains.TargetDir(d.o.Target, d.o.ConfigRoot)
+	if err != nil {
+		return 0, dbusapi.Errorf(dbusapi.ReasonInvalidConfig, "%v", err)
+	}
+	loaded, err := chains.LoadTarget(dir, d.o.AsRoot)
+	if err != nil {
+		return 0, dbusapi.Errorf(dbusapi.ReasonInvalidConfig, "%v", err)
+	}
+	d.do(func() {
+		fresh := map[string]*chains.Chain{}
+		for _, c := range loaded {
+			fresh[c.Name] = c
+		}
+		for _, name := range d.sortedNames() {
+			cs := d.chains[name]
+			if !cs.managed {
+				continue
+			}
+			if c, ok := fresh[name]; ok && c.Equal(cs.c) {
+				delete(fresh, name)
+				continue
+			}
+			d.retire(cs)
+		}
+		for _, c := range loaded {
+			if _, ok := fresh[c.Name]; !ok {
+				continue
+			}
+			if old, exists := d.chains[c.Name]; exists {
+				// Changed: the old one is closing; the new one follows when it is gone.
+				old.pending = nil
+				c := c
+				d.afterRemoval(old, func() { d.addChain(c) })
+				continue
+			}
+			d.addChain(c)
+		}
+		d.log.WithField("chains", len(loaded)).Info("configuration reloaded")
+	})
+	return len(loaded), nil
+}
+
+// retire closes a chain that left the configuration and removes it once closed.
+func (d *Daemon) retire(cs *chainState) {
+	cs.removed = true
+	if cs.running == nil && !d.isOpenish(cs) {
+		d.removeChain(cs)
+		return
+	}
+	if !wanted(cs, "close") {
+		d.enqueue(d.newJob("close", cs, 0, true, "removed from the configuration"))
+	}
+}
+
+// afterRemoval runs f once cs has been removed.
+func (d *Daemon) afterRemoval(cs *chainState, f func()) {
+	if _, ok := d.chains[cs.c.Name]; !ok || d.chains[cs.c.Name] != cs {
+		f()
+		return
+	}
+	j := cs.running
+	if cs.pending != nil {
+		j = cs.pending
+	}
+	if j == nil {
+		f()
+		return
+	}
+	j.done = append(j.done, func(bool) {
+		d.post(func() {
+			if cur, ok := d.chains[cs.c.Name]; ok && cur == cs {
+				d.removeChain(cs)
+			}
+			f()
+		})
+	})
+}
+
+func (d *Daemon) addChain(c *chains.Chain) {
+	cs := &chainState{c: c, managed: true, state: StateClosed}
+	d.chains[c.Name] = cs
+	if d.pub != nil {
+		d.pub.ChainAdded(d.info(cs))
+	}
+	d.updateSummary()
+	if d.connected {
+		d.enqueue(d.newJob("reconcile", cs, 0, true, "added by a reload"))
+	}
+}
+
+// Check validates a config target without changing anything.
+func (d *Daemon) Check(target string) (bool, []string) {
+	if target == "" {
+		target = d.o.Target
+	}
+	dir, err := chains.TargetDir(target, d.o.ConfigRoot)
+	if err != nil {
+		return false, []string{err.Error()}
+	}
+	loaded, err := chains.LoadTarget(dir, d.o.AsRoot)
+	var cerrs chains.ConfigErrors
+	switch {
+	case errors.As(err, &cerrs):
+		var out []string
+		for _, e := range cerrs {
+			out = append(out, e.Error())
+		}
+		return false, out
+	case err != nil:
+		return false, []string{err.Error()}
+	case len(loaded) == 0:
+		return false, []string{fmt.Sprintf("%s has no chain files (*.ini)", dir)}
+	}
+	return true, nil
+}
+
+// CloseAll closes every chain that is not closed; with stop, qcryptd exits when done.
+func (d *Daemon) CloseAll(uid uint32, o chains.CloseOptions, stop bool) ([]uint64, error) {
+	var ids []uint64
+	var err error
+	d.do(func() {
+		if err = d.refuseWhenStopping(); err != nil {
+			return
+		}
+		var jobs []*job
+		for _, name := range d.sortedNames() {
+			cs := d.chains[name]
+			if cs.state == StateClosed && cs.running == nil {
+				continue
+			}
+			j := d.newJob("close", cs, uid, false, "close all")
+			j.closeOpts = o
+			d.enqueue(j)
+			jobs = append(jobs, j)
+			ids = append(ids, j.id)
+		}
+		if !stop {
+			return
+		}
+		left := len(jobs)
+		if left == 0 {
+			close(d.stop)
+			return
+		}
+		for _, j := range jobs {
+			j.done = append(j.done, func(bool) {
+				if left--; left == 0 {
+					close(d.stop)
+				}
+			})
+		}
+	})
+	return ids, err
+}
+
+// CancelJob cancels a job: a queued one at once, a running one between steps.
+func (d *Daemon) CancelJob(uid uint32, id uint64) error {
+	var err error
+	d.do(func() {
+		j, ok := d.jobs[id]
+		if !ok {
+			err = dbusapi.Errorf(dbusapi.ReasonNoSuchJob, "no job %d", id)
+			return
+		}
+		switch j.state {
+		case "queued":
+			d.finish(j, context.Canceled, false)
+		case "running":
+			j.canceled = true
+			j.cancel()
+		}
+	})
+	return err
+}
+
+// Info is the manager's properties.
+func (d *Daemon) Info() (version, target, summary string) {
+	return d.o.Version, d.o.Target, d.summary
+}

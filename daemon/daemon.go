@@ -1,0 +1,359 @@
+// Package daemon is qcryptd's core: the event loop that owns all mutable state, one
+// state machine per chain, jobs, and the reactions to Qubes events.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// Chain states, as the Chain object's State property shows them.
+const (
+	StateClosed   = "closed"
+	StateWaiting  = "waiting"
+	StateOpening  = "opening"
+	StateOpen     = "open"
+	StateClosing  = "closing"
+	StateDegraded = "degraded"
+	StateFailed   = "failed"
+)
+
+// Publisher reflects state on the bus (dbusapi.Server implements it).
+type Publisher interface {
+	ChainAdded(dbusapi.ChainInfo)
+	ChainChanged(c dbusapi.ChainInfo, previous, reason string)
+	ChainRemoved(name string)
+	JobAdded(dbusapi.JobInfo)
+	JobChanged(dbusapi.JobInfo)
+	JobCompleted(j dbusapi.JobInfo, success bool)
+	JobRemoved(id uint64)
+	SummaryChanged(string)
+}
+
+// Qubes is what the daemon needs of the Admin API client.
+type Qubes interface {
+	chains.Qubes
+	Events(ctx context.Context, b qubes.Backoff) <-chan qubes.Event
+	DeviceAPI(ctx context.Context) (qubes.DeviceAPI, error)
+	DefaultQrexecTimeout(ctx context.Context) (int, error)
+}
+
+// Options configure a daemon.
+type Options struct {
+	ConfigRoot, Target, StateDir string
+	Qubes                        Qubes
+	Runner                       chains.Runner
+	Dom0                         chains.Dom0
+	Log                          *logrus.Entry
+	Notify                       func(state string) // sd_notify; nil: not under systemd
+	Watchdog                     time.Duration      // ping interval; 0: none
+	AsRoot                       bool               // enforce ownership rules of hook files
+	Hook                         func(ctx context.Context, command string, env []string) error
+	Debounce                     time.Duration // per-qube debounce of R4.2 device-list-change
+	JobLinger                    time.Duration // finished jobs stay on the bus this long
+	Backoff                      qubes.Backoff
+	Version                      string
+}
+
+// Daemon is qcryptd.
+type Daemon struct {
+	o      Options
+	log    *logrus.Entry
+	engine *chains.Engine
+	pub    Publisher
+
+	reqs chan func()
+	stop chan struct{} // closed to stop Run (CloseAll with stop)
+	wg   sync.WaitGroup
+
+	// Everything below is owned by the loop goroutine.
+	chains     map[string]*chainState
+	vms        map[string]string   // power state per qube
+	devices    map[string][]string // R4.2: ports per backend, for diffing
+	debounce   map[string]*time.Timer
+	started    map[string]time.Time // last start per qube (domain-unpaused during starts)
+	jobs       map[uint64]*job
+	nextJob    uint64
+	connected  bool
+	newAPI     bool
+	qrexecWait time.Duration
+	stopping   bool
+	summary    string
+}
+
+type chainState struct {
+	c           *chains.Chain
+	managed     bool
+	state       string
+	waiting     string
+	step, steps int
+	lastError   string
+	lastChange  time.Time
+	lastAttempt time.Time
+	retryAt     time.Time
+	retry       *time.Timer
+	running     *job
+	pending     *job
+	removed     bool // dropped by a reload: remove once closed
+}
+
+type job struct {
+	id        uint64
+	op        string // open, close, luks-init, reconcile, check
+	chain     *chainState
+	auto      bool
+	uid       uint32
+	openOpts  chains.OpenOptions
+	closeOpts chains.CloseOptions
+	spec      chains.InitSpec
+	reason    string
+	state     string
+	step      int
+	steps     int
+	desc      string
+	bytes     uint64
+	total     uint64
+	message   string
+	cancel    context.CancelFunc
+	canceled  bool
+	done      []func(success bool) // run in the loop when the job ends
+}
+
+// New loads the config target and prepares the daemon; Run starts it.
+func New(o Options) (*Daemon, error) {
+	if o.Log == nil {
+		o.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	if o.Debounce == 0 {
+		o.Debounce = 300 * time.Millisecond
+	}
+	if o.JobLinger == 0 {
+		o.JobLinger = time.Minute
+	}
+	if o.Backoff == (qubes.Backoff{}) {
+		o.Backoff = qubes.DefaultBackoff
+	}
+	if o.Hook == nil {
+		o.Hook = runHook
+	}
+	d := &Daemon{o: o, log: o.Log, reqs: make(chan func(), 256), stop: make(chan struct{}),
+		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},
+		debounce: map[string]*time.Timer{}, started: map[string]time.Time{}, jobs: map[uint64]*job{},
+		qrexecWait: 60 * time.Second}
+	d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: &chains.Journal{Dir: o.StateDir}}
+	dir, err := chains.TargetDir(o.Target, o.ConfigRoot)
+	if err != nil {
+		return nil, err
+	}
+	loaded, err := chains.LoadTarget(dir, o.AsRoot)
+	if err != nil {
+		return nil, fmt.Errorf("cannot load config target %s: %w", dir, err)
+	}
+	for _, c := range loaded {
+		d.chains[c.Name] = &chainState{c: c, managed: true, state: StateClosed, lastChange: time.Now()}
+	}
+	return d, nil
+}
+
+// SetPublisher connects the bus side and publishes every chain. Call before Run.
+func (d *Daemon) SetPublisher(p Publisher) {
+	d.pub = p
+	for _, name := range d.sortedNames() {
+		p.ChainAdded(d.info(d.chains[name]))
+	}
+	d.updateSummary()
+}
+
+func (d *Daemon) sortedNames() []string {
+	names := make([]string, 0, len(d.chains))
+	for n := range d.chains {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Run is the event loop. It returns when ctx ends (chains stay open; running jobs are
+// canceled between steps and rolled back) or after CloseAll with stop.
+func (d *Daemon) Run(ctx context.Context) error {
+	ctx, cancelEvents := context.WithCancel(ctx)
+	defer cancelEvents()
+	events := d.o.Qubes.Events(ctx, d.o.Backoff)
+	var watchdog <-chan time.Time
+	if d.o.Watchdog > 0 {
+		t := time.NewTicker(d.o.Watchdog)
+		defer t.Stop()
+		watchdog = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			d.shutdown()
+			return nil
+		case <-d.stop:
+			d.shutdown()
+			return nil
+		case ev, ok := <-events:
+			if ok {
+				d.handleEvent(ev)
+			}
+		case f := <-d.reqs:
+			f()
+		case <-watchdog:
+			d.notify("WATCHDOG=1")
+		}
+	}
+}
+
+// shutdown cancels running jobs and waits for them (their rollbacks included).
+func (d *Daemon) shutdown() {
+	d.stopping = true
+	d.notify("STOPPING=1")
+	for _, j := range d.jobs {
+		if j.cancel != nil {
+			j.cancel()
+		}
+	}
+	done := make(chan struct{})
+	go func() { d.wg.Wait(); close(done) }()
+	for {
+		select {
+		case <-done:
+			return
+		case f := <-d.reqs:
+			f() // let finishing jobs report
+		}
+	}
+}
+
+// post runs f in the loop; it is how goroutines report back.
+func (d *Daemon) post(f func()) { d.reqs <- f }
+
+// do runs f in the loop and waits for it: how the bus side reaches the state.
+func (d *Daemon) do(f func()) {
+	done := make(chan struct{})
+	d.reqs <- func() { f(); close(done) }
+	<-done
+}
+
+func (d *Daemon) notify(state string) {
+	if d.o.Notify != nil {
+		d.o.Notify(state)
+	}
+}
+
+func (d *Daemon) chainLog(cs *chainState) *logrus.Entry {
+	return d.log.WithField("chain", cs.c.Name)
+}
+
+// setState changes a chain's state and publishes it.
+func (d *Daemon) setState(cs *chainState, state, waiting, reason string) {
+	prev := cs.state
+	if prev == state && cs.waiting == waiting {
+		d.publish(cs, prev, reason)
+		return
+	}
+	cs.state, cs.waiting, cs.lastChange = state, waiting, time.Now()
+	if state != StateOpening && state != StateClosing {
+		cs.step, cs.steps = 0, 0
+	}
+	d.chainLog(cs).WithFields(logrus.Fields{"state": state, "previous": prev, "reason": reason, "waiting": waiting}).Info("chain state changed")
+	d.publish(cs, prev, reason)
+	d.updateSummary()
+}
+
+func (d *Daemon) publish(cs *chainState, prev, reason string) {
+	if d.pub != nil {
+		d.pub.ChainChanged(d.info(cs), prev, reason)
+	}
+}
+
+func (d *Daemon) info(cs *chainState) dbusapi.ChainInfo {
+	c := cs.c
+	return dbusapi.ChainInfo{Name: c.Name, State: cs.state, Waiting: cs.waiting, LastError: cs.lastError,
+		Target: c.Target(), MountPoint: c.MountPoint, Step: uint32(cs.step), Steps: uint32(cs.steps),
+		LastChange: cs.lastChange, RetryAt: cs.retryAt, Managed: cs.managed, Autostart: c.Autostart,
+		ReadOnly: c.ReadOnly, Layers: c.VMs()}
+}
+
+// updateSummary sets STATUS= and the Summary property: "3 chains: 2 open, 1 waiting for sys-usb".
+func (d *Daemon) updateSummary() {
+	counts := map[string]int{}
+	var waits []string
+	for _, name := range d.sortedNames() {
+		cs := d.chains[name]
+		counts[cs.state]++
+		if cs.state == StateWaiting && cs.waiting != "" {
+			waits = append(waits, cs.waiting)
+		}
+	}
+	var parts []string
+	for _, s := range []string{StateOpen, StateOpening, StateClosing, StateWaiting, StateDegraded, StateFailed, StateClosed} {
+		if n := counts[s]; n > 0 {
+			p := fmt.Sprintf("%d %s", n, s)
+			if s == StateWaiting && len(waits) > 0 {
+				p += " (" + strings.Join(uniq(waits), "; ") + ")"
+			}
+			parts = append(parts, p)
+		}
+	}
+	summary := fmt.Sprintf("%d chains", len(d.chains))
+	if len(parts) > 0 {
+		summary += ": " + strings.Join(parts, ", ")
+	}
+	if !d.connected {
+		summary += "; waiting for qubesd"
+	}
+	if summary == d.summary {
+		return
+	}
+	d.summary = summary
+	d.notify("STATUS=" + summary)
+	if d.pub != nil {
+		d.pub.SummaryChanged(summary)
+	}
+}
+
+func uniq(s []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, x := range s {
+		if !seen[x] {
+			seen[x] = true
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// runHook runs a dom0 hook command with /bin/sh as root.
+func runHook(ctx context.Context, command string, env []string) error {
+	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", command)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%w: %s", err, qubes.Printable(string(out), 300))
+	}
+	return nil
+}
+
+func hookEnv(c *chains.Chain, op string) []string {
+	return []string{"QCRYPT_CHAIN=" + c.Name, "QCRYPT_OPERATION=" + op, "QCRYPT_SOURCE_VM=" + c.SourceVM,
+		"QCRYPT_SOURCE_FILE=" + c.Container(), "QCRYPT_TARGET_VM=" + c.Target(), "QCRYPT_MOUNT_POINT=" + c.MountPoint,
+		"QCRYPT_KEY=" + c.Key, "QCRYPT_VMS=" + strings.Join(c.VMs(), " "), fmt.Sprintf("QCRYPT_READ_ONLY=%v", c.ReadOnly)}
+}
+
+var errSuperseded = errors.New("superseded by a later request")

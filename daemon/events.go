@@ -1,0 +1,287 @@
+package daemon
+
+import (
+	"context"
+	"sort"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// handleEvent reacts to one qubesd event (in the loop).
+func (d *Daemon) handleEvent(ev qubes.Event) {
+	vm := ev.Subject
+	switch ev.Kind {
+	case qubes.EventResync:
+		d.log.Info("connected to qubesd: resynchronising")
+		d.resync()
+	case qubes.EventDisconnected:
+		if d.connected {
+			d.log.WithError(ev.Err).Warn("lost the qubesd event stream; reconnecting")
+		}
+		d.connected = false
+		d.updateSummary()
+	case qubes.EventDomainPreStart:
+		d.started[vm] = time.Now()
+	case qubes.EventDomainStart:
+		d.vms[vm] = qubes.StateRunning
+		d.started[vm] = time.Now()
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" started") })
+	case qubes.EventDomainStartFailed:
+		d.vms[vm] = qubes.StateHalted
+		d.log.WithFields(logrus.Fields{"vm": vm, "reason": qubes.Printable(ev.Args["reason"], 200)}).Warn("qube failed to start")
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" failed to start") })
+	case qubes.EventDomainShutdown:
+		d.vms[vm] = qubes.StateHalted
+		delete(d.devices, vm)
+		d.forChains(vm, func(cs *chainState) {
+			if d.isOpenish(cs) {
+				d.autoClose(cs, vm+" shut down")
+			} else {
+				d.evaluate(cs, vm+" shut down")
+			}
+		})
+	case qubes.EventDomainPaused:
+		d.vms[vm] = qubes.StatePaused
+		d.forChains(vm, func(cs *chainState) {
+			if cs.state == StateOpen && vm != cs.c.Target() {
+				d.chainLog(cs).WithField("vm", vm).Warn("a qube of an open chain is paused; its layer is unreachable until it is unpaused")
+			}
+		})
+	case qubes.EventDomainUnpaused:
+		prev := d.vms[vm]
+		if prev == qubes.StateHalted || time.Since(d.started[vm]) < d.qrexecWait {
+			return // part of a start
+		}
+		d.vms[vm] = qubes.StateRunning
+		d.forChains(vm, func(cs *chainState) {
+			if d.isOpenish(cs) && cs.running == nil {
+				d.enqueue(d.newJob("check", cs, 0, true, vm+" unpaused"))
+			} else {
+				d.evaluate(cs, vm+" unpaused")
+			}
+		})
+	case qubes.EventDeviceAdded:
+		if ev.Device.Backend != "" {
+			d.sourceDevicesChanged(ev.Device.Backend, true, false)
+		}
+	case qubes.EventDeviceRemoved:
+		if ev.Device.Backend != "" {
+			d.sourceDevicesChanged(ev.Device.Backend, false, true)
+		}
+	case qubes.EventDeviceListChange:
+		if !d.newAPI {
+			d.debounceList(vm)
+		}
+	}
+}
+
+// forChains runs f for every chain the qube is part of.
+func (d *Daemon) forChains(vm string, f func(cs *chainState)) {
+	for _, name := range d.sortedNames() {
+		if cs := d.chains[name]; cs.c.Involves(vm) {
+			f(cs)
+		}
+	}
+}
+
+func (d *Daemon) isOpenish(cs *chainState) bool {
+	return cs.state == StateOpen || cs.state == StateOpening || cs.state == StateDegraded
+}
+
+// autoClose closes a chain because a qube or device went away. The engine never
+// detaches from a qube that is down (Qubes #4784) and never shuts the target down.
+func (d *Daemon) autoClose(cs *chainState, reason string) {
+	if wanted(cs, "close") {
+		return
+	}
+	d.enqueue(d.newJob("close", cs, 0, true, reason))
+}
+
+// resync rebuilds the picture after (re)connecting: qubes, then every chain's state
+// from the journal and live facts, then opens what is eligible.
+func (d *Daemon) resync() {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		vms, err := d.o.Qubes.ListVMs(ctx)
+		api, aerr := d.o.Qubes.DeviceAPI(ctx)
+		wait, werr := d.o.Qubes.DefaultQrexecTimeout(ctx)
+		d.post(func() {
+			if err != nil || aerr != nil {
+				d.log.WithError(err).WithField("device_api_error", aerr).Error("cannot read the qubes after connecting; waiting for the next connection")
+				return
+			}
+			d.connected = true
+			d.newAPI = api == qubes.DeviceAPINew
+			if werr == nil && wait > 0 {
+				d.qrexecWait = time.Duration(wait) * time.Second
+			}
+			d.vms = map[string]string{}
+			for _, vm := range vms {
+				d.vms[vm.Name] = vm.State
+			}
+			d.log.WithFields(logrus.Fields{"qubes": len(vms), "device_api": api.String()}).Info("qubes listed")
+			d.updateSummary()
+			for _, name := range d.sortedNames() {
+				cs := d.chains[name]
+				if cs.running == nil && cs.pending == nil {
+					d.enqueue(d.newJob("reconcile", cs, 0, true, "qubesd connection (re)established"))
+				}
+			}
+		})
+	}()
+}
+
+// evaluate opens a managed chain when it becomes eligible, or says what it waits for.
+func (d *Daemon) evaluate(cs *chainState, reason string) { d.consider(cs, reason, true) }
+
+// consider updates what a closed chain waits for and, if mayOpen, opens it when eligible.
+func (d *Daemon) consider(cs *chainState, reason string, mayOpen bool) {
+	if !cs.managed || cs.removed || d.stopping || !d.connected || cs.running != nil || cs.pending != nil {
+		return
+	}
+	switch cs.state {
+	case StateOpen, StateDegraded, StateOpening, StateClosing:
+		return
+	}
+	if wait := d.waitingFor(cs); wait != "" {
+		d.setState(cs, StateWaiting, wait, reason)
+		return
+	}
+	if !mayOpen {
+		return
+	}
+	if next := cs.lastAttempt.Add(cs.c.StartupInterval); !cs.lastAttempt.IsZero() && time.Now().Before(next) {
+		d.scheduleRetry(cs, next)
+		return
+	}
+	if reason == "" {
+		reason = "eligible"
+	}
+	d.enqueue(d.newJob("open", cs, 0, true, reason))
+}
+
+// waitingFor says which qube an automatic open waits for ("" = none). With autostart
+// the daemon starts qubes itself; without, the source and the target must run
+// (intermediates are always started).
+func (d *Daemon) waitingFor(cs *chainState) string {
+	c := cs.c
+	for _, vm := range c.VMs() {
+		st, ok := d.vms[vm]
+		switch {
+		case !ok:
+			return "waiting for " + vm + " (no such qube)"
+		case st == qubes.StatePaused:
+			return "waiting for " + vm + " (paused)"
+		case st == qubes.StateHalting || st == qubes.StateDying:
+			return "waiting for " + vm + " (shutting down)"
+		}
+	}
+	if c.Autostart {
+		return ""
+	}
+	for _, vm := range []string{c.SourceVM, c.Target()} {
+		if !qubes.IsRunning(d.vms[vm]) {
+			return "waiting for " + vm
+		}
+	}
+	return ""
+}
+
+// scheduleRetry shows a failed chain's next attempt and evaluates it again then.
+func (d *Daemon) scheduleRetry(cs *chainState, at time.Time) {
+	if cs.retry != nil {
+		cs.retry.Stop()
+	}
+	cs.retryAt = at
+	if cs.state != StateFailed && cs.state != StateWaiting {
+		d.setState(cs, StateFailed, "", "startup interval")
+	} else {
+		d.publish(cs, cs.state, "retry scheduled")
+	}
+	cs.retry = time.AfterFunc(time.Until(at), func() {
+		d.post(func() {
+			cs.retryAt = time.Time{}
+			cs.lastAttempt = time.Time{}
+			d.evaluate(cs, "retry")
+		})
+	})
+}
+
+// debounceList handles R4.2's device-list-change: after a quiet moment, re-list the
+// backend's devices and diff with the last list.
+func (d *Daemon) debounceList(vm string) {
+	if t := d.debounce[vm]; t != nil {
+		t.Stop()
+	}
+	d.debounce[vm] = time.AfterFunc(d.o.Debounce, func() {
+		d.post(func() {
+			delete(d.debounce, vm)
+			d.relist(vm)
+		})
+	})
+}
+
+func (d *Daemon) relist(vm string) {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		devs, err := d.o.Qubes.Available(ctx, vm)
+		d.post(func() {
+			if err != nil {
+				d.log.WithField("vm", vm).WithError(err).Warn("cannot list block devices")
+				return
+			}
+			var ports []string
+			for _, dev := range devs {
+				ports = append(ports, dev.Port)
+			}
+			sort.Strings(ports)
+			added, removed := diff(d.devices[vm], ports)
+			d.devices[vm] = ports
+			if added || removed {
+				d.sourceDevicesChanged(vm, added, removed)
+			}
+		})
+	}()
+}
+
+func diff(old, cur []string) (added, removed bool) {
+	o := map[string]bool{}
+	for _, p := range old {
+		o[p] = true
+	}
+	c := map[string]bool{}
+	for _, p := range cur {
+		c[p] = true
+		added = added || !o[p]
+	}
+	for _, p := range old {
+		removed = removed || !c[p]
+	}
+	return added, removed
+}
+
+// sourceDevicesChanged: a device appeared in a source qube (open its chains that wait
+// for a device) or went away (check its open chains).
+func (d *Daemon) sourceDevicesChanged(vm string, added, removed bool) {
+	for _, name := range d.sortedNames() {
+		cs := d.chains[name]
+		if cs.c.SourceVM != vm {
+			continue
+		}
+		switch {
+		case removed && cs.state == StateOpen && cs.running == nil:
+			d.enqueue(d.newJob("check", cs, 0, true, "a device of "+vm+" went away"))
+		case added && cs.c.SourceDevice != "":
+			d.evaluate(cs, "a device appeared in "+vm)
+		}
+	}
+}

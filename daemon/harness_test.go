@@ -1,0 +1,248 @@
+package daemon_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// The integration tests run the real binaries: a private dbus-daemon with a system-bus
+// configuration, qubes-sim with the demo world and qcryptd pointed at both.
+
+var (
+	binOnce sync.Once
+	binDir  string
+	binErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+func need(t testing.TB) {
+	t.Helper()
+	for _, tool := range []string{"dbus-daemon", "bwrap", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
+				t.Fatalf("%s is needed (make deps)", tool)
+			}
+			t.Skipf("%s is not installed", tool)
+		}
+	}
+}
+
+// bin builds qcryptd and qubes-sim once (static, as shipped).
+func bin(t testing.TB, name string) string {
+	t.Helper()
+	binOnce.Do(func() {
+		binDir, binErr = os.MkdirTemp("", "qcrypt-bin-")
+		if binErr != nil {
+			return
+		}
+		os.Chmod(binDir, 0o755)
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			binErr = fmt.Errorf("%v: %s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return filepath.Join(binDir, name)
+}
+
+// world is one test's bus, simulator and daemon.
+type world struct {
+	t       testing.TB
+	dir     string
+	busAddr string
+	socket  string
+	simDir  string
+	conf    string // config root
+	qubes   *qubes.Client
+	daemon  *exec.Cmd
+	logPath string
+}
+
+const permissiveBus = `<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/></policy>`
+
+// realPolicyBus is the stock system bus default policy plus qcryptd's policy file.
+func realPolicyBus(policyFile string) string {
+	return `<policy context="default"><allow user="*"/><deny own="*"/><deny send_type="method_call"/>
+<allow send_type="signal"/><allow send_requested_reply="true" send_type="method_return"/><allow send_requested_reply="true" send_type="error"/>
+<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/>
+<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/></policy>
+<include>` + policyFile + `</include>`
+}
+
+func newWorld(t testing.TB, dialect, policy string) *world {
+	t.Helper()
+	need(t)
+	dir, err := os.MkdirTemp("", "qcrypt-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	w := &world{t: t, dir: dir, socket: filepath.Join(dir, "qubesd.sock"), simDir: filepath.Join(dir, "sim"), conf: filepath.Join(dir, "conf")}
+	os.MkdirAll(w.simDir, 0o755)
+	// The bus.
+	cfg := filepath.Join(dir, "bus.conf")
+	busSock := filepath.Join(dir, "bus.sock")
+	os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path=`+busSock+`</listen><auth>EXTERNAL</auth>`+policy+`</busconfig>`), 0o644)
+	bus := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
+	out, _ := bus.StdoutPipe()
+	bus.Stderr = os.Stderr
+	if err := bus.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bus.Process.Kill(); bus.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("dbus-daemon: %v", err)
+	}
+	w.busAddr = strings.TrimSpace(line)
+	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", w.busAddr)
+	// The simulator.
+	sim := exec.Command(bin(t, "qubes-sim"), "serve", "--socket", w.socket, "--state", w.simDir, "--qubes-version", dialect, "--demo")
+	simLog, _ := os.Create(filepath.Join(dir, "sim.log"))
+	sim.Stdout, sim.Stderr = simLog, simLog
+	if err := sim.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Process.Signal(syscall.SIGTERM); sim.Wait() })
+	w.qubes = qubes.NewClient(w.socket)
+	w.qubes.SetTimeout(time.Minute)
+	w.eventually("the simulator listens", 10*time.Second, func() bool {
+		_, err := w.qubes.ListVMs(context.Background())
+		return err == nil
+	})
+	return w
+}
+
+// writeChain adds a chain file to the demo target.
+func (w *world) writeChain(name, content string) {
+	os.MkdirAll(filepath.Join(w.conf, "demo"), 0o755)
+	if err := os.WriteFile(filepath.Join(w.conf, "demo", name+".ini"), []byte(content), 0o644); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+const demoChain = `source vm=sys-usb
+source file=/home/user/demo.luks
+key=demo
+destination vm 1=mediator
+destination vm 2=work
+destination mount point=/mnt/demo
+read-only=false
+startup interval=0
+`
+
+// startDaemon runs qcryptd on the demo target and waits for its bus name.
+func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
+	w.t.Helper()
+	w.logPath = filepath.Join(w.dir, fmt.Sprintf("qcryptd-%d.log", time.Now().UnixNano()))
+	logf, _ := os.Create(w.logPath)
+	cmd := exec.Command(bin(w.t, "qcryptd"), "--config-root", w.conf, "--target", "demo", "--qubesd-socket", w.socket,
+		"--qrexec-client", bin(w.t, "qubes-sim")+" qrexec-client --socket "+w.socket, "--state-dir", filepath.Join(w.dir, "state"),
+		"--dom0-root", filepath.Join(w.simDir, "qubes", "dom0"), "--log-level", "debug")
+	cmd.Env = append(append(os.Environ(), "DBUS_SYSTEM_BUS_ADDRESS="+w.busAddr), extraEnv...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		w.t.Fatal(err)
+	}
+	w.daemon = cmd
+	w.t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Signal(syscall.SIGTERM)
+			cmd.Wait()
+		}
+		if w.t.Failed() {
+			data, _ := os.ReadFile(w.logPath)
+			w.t.Logf("qcryptd log:\n%s", data)
+		}
+	})
+	w.eventually("qcryptd owns its name", 20*time.Second, func() bool {
+		c, err := dbusapi.Connect()
+		if err == nil {
+			c.Disconnect()
+		}
+		return err == nil
+	})
+	return cmd
+}
+
+func (w *world) client() *dbusapi.Client {
+	w.t.Helper()
+	c, err := dbusapi.Connect()
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(func() { c.Disconnect() })
+	return c
+}
+
+func (w *world) eventually(what string, timeout time.Duration, ok func() bool) {
+	w.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !ok() {
+		if time.Now().After(deadline) {
+			w.t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitState waits until the chain shows state.
+func (w *world) waitState(c *dbusapi.Client, chain, state string, timeout time.Duration) dbusapi.ChainInfo {
+	w.t.Helper()
+	var ci dbusapi.ChainInfo
+	w.eventually("chain "+chain+" is "+state, timeout, func() bool {
+		var err error
+		ci, err = c.Chain(context.Background(), chain)
+		return err == nil && ci.State == state
+	})
+	return ci
+}
+
+func (w *world) sh(vm, script string) qubes.Result {
+	w.t.Helper()
+	r := qubes.NewRunner([]string{bin(w.t, "qubes-sim"), "qrexec-client", "--socket", w.socket})
+	res, err := r.Run(context.Background(), vm, script, nil)
+	if err != nil {
+		w.t.Fatalf("in %s: %v", vm, err)
+	}
+	return res
+}
+
+func (w *world) ctl(args ...string) string {
+	w.t.Helper()
+	out, err := exec.Command(bin(w.t, "qubes-sim"), append([]string{"ctl", "--socket", w.socket}, args...)...).CombinedOutput()
+	if err != nil {
+		w.t.Fatalf("qubes-sim ctl %v: %v: %s", args, err, out)
+	}
+	return string(out)
+}
+
+func (w *world) log() string {
+	data, _ := os.ReadFile(w.logPath)
+	return string(data)
+}

@@ -1,0 +1,486 @@
+package daemon_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes/sim"
+)
+
+var bg = context.Background()
+
+func TestWorkStartOpensAndShutdownCloses(t *testing.T) {
+	for _, dialect := range []string{"4.2", "4.3"} {
+		t.Run(dialect, func(t *testing.T) {
+			w := newWorld(t, dialect, permissiveBus)
+			w.writeChain("demo", demoChain)
+			w.startDaemon()
+			c := w.client()
+			ci := w.waitState(c, "demo", "waiting", 20*time.Second)
+			if ci.Waiting != "waiting for work" {
+				t.Errorf("waiting %q", ci.Waiting)
+			}
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
+			w.waitState(c, "demo", "open", 30*time.Second)
+			st, err := c.Status(bg, "demo")
+			if err != nil || !st.Open() {
+				t.Fatalf("status %+v %v", st, err)
+			}
+			w.sh("work", "echo kept > /mnt/demo/f")
+			if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
+				t.Fatal(err)
+			}
+			ci = w.waitState(c, "demo", "waiting", 30*time.Second)
+			if ci.LastError != "" {
+				t.Errorf("last error %q", ci.LastError)
+			}
+			// Nothing of the chain is left in the running qubes.
+			if out := string(w.sh("mediator", "ls /dev/mapper").Stdout); out != "" {
+				t.Errorf("mediator still has %q", out)
+			}
+			if out := string(w.sh("sys-usb", "losetup -a").Stdout); out != "" {
+				t.Errorf("sys-usb still has %q", out)
+			}
+			// And the data is there on the next start.
+			w.qubes.Start(bg, "work")
+			w.waitState(c, "demo", "open", 30*time.Second)
+			if got := string(w.sh("work", "cat /mnt/demo/f").Stdout); got != "kept\n" {
+				t.Errorf("after reopen: %q", got)
+			}
+		})
+	}
+}
+
+func TestPluggedDiskOpensDeviceChain(t *testing.T) {
+	for _, dialect := range []string{"4.2", "4.3"} {
+		t.Run(dialect, func(t *testing.T) {
+			w := newWorld(t, dialect, permissiveBus)
+			// A USB disk that holds a copy of the demo container (keys: mediator, work).
+			container, err := os.ReadFile(filepath.Join(w.simDir, "qubes/sys-usb/home/user/demo.luks"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			img := filepath.Join(w.dir, "usb.img")
+			if err := sim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"containers/demo.luks": container}); err != nil {
+				t.Fatal(err)
+			}
+			w.writeChain("usb", `source vm=sys-usb
+source device=/dev/disk/by-label/QCRYPTUSB
+source mount point=/mnt/usb
+source file=/containers/demo.luks
+key=demo
+destination vm 1=mediator
+destination vm 2=work
+destination mount point=/mnt/usb-demo
+startup interval=0
+`)
+			w.qubes.Start(bg, "work")
+			w.startDaemon()
+			c := w.client()
+			ci := w.waitState(c, "usb", "waiting", 30*time.Second)
+			if !strings.Contains(ci.Waiting, "QCRYPTUSB") {
+				t.Errorf("waiting for %q", ci.Waiting)
+			}
+			w.ctl("plug", "sys-usb", img)
+			w.waitState(c, "usb", "open", 30*time.Second)
+			if out := string(w.sh("work", "findmnt -n -o OPTIONS /mnt/usb-demo").Stdout); out != "ro\n" {
+				t.Errorf("mount options %q (read-only is the default)", out)
+			}
+		})
+	}
+}
+
+func TestOpenCloseStormEndsConsistent(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.qubes.Start(bg, "work")
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "open", 30*time.Second)
+	var wg sync.WaitGroup
+	results := make([]dbusapi.JobResult, 100)
+	errs := make([]error, 100)
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			cl, err := dbusapi.Connect()
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			defer cl.Disconnect()
+			start := cl.Open("demo", chains.OpenOptions{})
+			if i%2 == 1 {
+				start = cl.Close("demo", chains.CloseOptions{})
+			}
+			results[i], errs[i] = cl.RunJob(bg, start, nil)
+		}(i)
+	}
+	wg.Wait()
+	done, superseded := 0, 0
+	for i := range results {
+		if errs[i] != nil {
+			t.Fatalf("call %d: %v", i, errs[i])
+		}
+		switch {
+		case results[i].Success:
+			done++
+		case strings.Contains(results[i].Message, "superseded"):
+			superseded++
+		default:
+			t.Errorf("job %d failed: %s", i, results[i].Message)
+		}
+	}
+	t.Logf("100 calls: %d ran, %d superseded", done, superseded)
+	ci, err := c.Chain(bg, "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := c.Status(bg, "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch ci.State {
+	case "open":
+		if !st.Open() {
+			t.Errorf("state open but status %+v", st)
+		}
+	case "closed", "waiting":
+		if !st.Closed() {
+			t.Errorf("state %s but status %+v", ci.State, st)
+		}
+	default:
+		t.Errorf("storm ended in state %s (%s)", ci.State, ci.LastError)
+	}
+}
+
+func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.qubes.Start(bg, "work")
+	// Hold the second attach long enough to kill qcryptd in the middle of the open.
+	w.ctl("fault", "admin.vm.device.block.Attach", "delay", "3000", "work")
+	d := w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "opening", 30*time.Second)
+	w.eventually("the open reached the second attach", 20*time.Second, func() bool {
+		return strings.Contains(w.log(), "decrypt layer 1") || len(string(w.sh("mediator", "ls /dev/mapper").Stdout)) > 0
+	})
+	d.Process.Signal(syscall.SIGKILL)
+	d.Wait()
+	w.ctl("clear-faults")
+	time.Sleep(3500 * time.Millisecond) // let the delayed attach land: the worst case
+	w.startDaemon()
+	c = w.client()
+	w.waitState(c, "demo", "open", 60*time.Second)
+	if !strings.Contains(w.log(), `decision="roll back"`) && !strings.Contains(w.log(), "decision=adopt") {
+		t.Errorf("no reconcile decision in the log:\n%s", w.log())
+	}
+	st, err := c.Status(bg, "demo")
+	if err != nil || !st.Open() {
+		t.Errorf("status after restart %+v %v", st, err)
+	}
+}
+
+// nobody runs busctl as uid 65534.
+func nobody(t *testing.T, addr string, args ...string) (string, error) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another user")
+	}
+	cmd := exec.Command("busctl", append([]string{"--address=" + addr}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func TestNonRootCallerIsDenied(t *testing.T) {
+	t.Run("by qcryptd itself", func(t *testing.T) {
+		w := newWorld(t, "4.2", permissiveBus)
+		w.writeChain("demo", demoChain)
+		w.startDaemon()
+		out, err := nobody(t, w.busAddr, "call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Open", "sa{sv}", "demo", "0")
+		// The bus lets everyone call here, so the refusal is qcryptd's own uid check.
+		if err == nil || !strings.Contains(out, "Access denied") {
+			t.Errorf("nobody's Open: %v %s", err, out)
+		}
+		if out, err := nobody(t, w.busAddr, "get-property", dbusapi.BusName, string(dbusapi.ChainPath("demo")), dbusapi.ChainInterface, "State"); err != nil {
+			t.Errorf("nobody cannot read a property: %v %s", err, out)
+		}
+	})
+	t.Run("by the policy file", func(t *testing.T) {
+		policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+		w := newWorld(t, "4.2", realPolicyBus(policy))
+		w.writeChain("demo", demoChain)
+		w.startDaemon()
+		out, err := nobody(t, w.busAddr, "call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "ListChains")
+		if err == nil || !strings.Contains(strings.ToLower(out), "access denied") {
+			t.Errorf("nobody's ListChains: %v %s", err, out)
+		}
+		for _, args := range [][]string{
+			{"introspect", dbusapi.BusName, string(dbusapi.ManagerPath)},
+			{"get-property", dbusapi.BusName, string(dbusapi.ChainPath("demo")), dbusapi.ChainInterface, "State"},
+		} {
+			if out, err := nobody(t, w.busAddr, args...); err != nil {
+				t.Errorf("nobody %v: %v %s", args, err, out)
+			}
+		}
+		// root may call.
+		if _, err := w.client().ListChains(bg); err != nil {
+			t.Errorf("root: %v", err)
+		}
+	})
+}
+
+func TestSdNotify(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	sock := filepath.Join(w.dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	msgs := make(chan string, 100)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	d := w.startDaemon("NOTIFY_SOCKET=" + sock)
+	var got []string
+	collect := func(until string) {
+		timeout := time.After(20 * time.Second)
+		for {
+			select {
+			case m := <-msgs:
+				got = append(got, m)
+				if strings.HasPrefix(m, until) {
+					return
+				}
+			case <-timeout:
+				t.Fatalf("no %s; got %q", until, got)
+			}
+		}
+	}
+	collect("READY=1")
+	collect("STATUS=1 chains: 1 waiting (waiting for work)")
+	d.Process.Signal(syscall.SIGTERM)
+	collect("STOPPING=1")
+	if err := d.Wait(); err != nil {
+		t.Errorf("qcryptd exited with %v", err)
+	}
+	t.Logf("notifications: %q", got)
+}
+
+func TestIntrospectionGolden(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 20*time.Second)
+	for name, path := range map[string]string{"manager": string(dbusapi.ManagerPath), "chain": string(dbusapi.ChainPath("demo"))} {
+		out, err := exec.Command("busctl", "--address="+w.busAddr, "introspect", dbusapi.BusName, path).CombinedOutput()
+		if err != nil {
+			t.Fatalf("busctl: %v %s", err, out)
+		}
+		// Values that change from run to run.
+		lines := strings.Split(string(out), "\n")
+		for i, l := range lines {
+			if strings.HasPrefix(l, ".LastChange") || strings.HasPrefix(l, ".Summary") {
+				f := strings.Fields(l)
+				lines[i] = fmt.Sprintf("%s %s %s", f[0], f[1], f[2])
+			}
+		}
+		golden(t, "testdata/golden/introspect-"+name+".txt", strings.Join(lines, "\n"))
+	}
+	tree, _ := exec.Command("busctl", "--address="+w.busAddr, "tree", dbusapi.BusName).CombinedOutput()
+	if !strings.Contains(string(tree), "/org/qcrypt/Qcryptd1/chain/demo") {
+		t.Errorf("busctl tree:\n%s", tree)
+	}
+}
+
+func golden(t *testing.T, path, got string) {
+	t.Helper()
+	if os.Getenv("TESTS_UPDATE_GOLDEN") == "1" {
+		os.MkdirAll(filepath.Dir(path), 0o755)
+		os.WriteFile(path, []byte(got), 0o644)
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (TESTS_UPDATE_GOLDEN=1 creates it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs:\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+}
+
+// TestEventToOpenLatency measures, over 20 runs, the time from admin.vm.Start of the
+// target returning (its domain-start event is out) to the chain's StateChanged to open.
+func TestEventToOpenLatency(t *testing.T) {
+	if testing.Short() {
+		t.Skip("measurement")
+	}
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 20*time.Second)
+	var lat []time.Duration
+	for i := 0; i < 20; i++ {
+		opened := make(chan time.Time, 1)
+		ctx, cancel := context.WithCancel(bg)
+		ready := make(chan struct{})
+		go func() {
+			close(ready)
+			c.Watch(ctx, func(ev dbusapi.ChainEvent) {
+				if ev.Chain == "demo" && ev.State == "open" {
+					select {
+					case opened <- time.Now():
+					default:
+					}
+				}
+			})
+		}()
+		<-ready
+		time.Sleep(50 * time.Millisecond)
+		if err := w.qubes.Start(bg, "work"); err != nil {
+			t.Fatal(err)
+		}
+		t0 := time.Now()
+		select {
+		case t1 := <-opened:
+			lat = append(lat, t1.Sub(t0))
+		case <-time.After(30 * time.Second):
+			t.Fatalf("run %d: no open", i)
+		}
+		cancel()
+		w.qubes.Shutdown(bg, "work", false, true)
+		w.waitState(c, "demo", "waiting", 30*time.Second)
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	t.Logf("event-to-open latency over %d runs: min %v, median %v, max %v", len(lat), lat[0], lat[len(lat)/2], lat[len(lat)-1])
+}
+
+func TestReloadAndSIGHUP(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.qubes.Start(bg, "work")
+	d := w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "open", 30*time.Second)
+	before, _ := c.Chain(bg, "demo")
+
+	// A new chain by SIGHUP; the unchanged open one is left alone.
+	w.writeChain("other", strings.Replace(strings.Replace(demoChain, "key=demo", "key=other", 1), "/home/user/demo.luks", "/home/user/none.luks", 1))
+	d.Process.Signal(syscall.SIGHUP)
+	w.eventually("the new chain appears", 20*time.Second, func() bool {
+		_, err := c.Chain(bg, "other")
+		return err == nil
+	})
+	after, _ := c.Chain(bg, "demo")
+	if after.State != "open" || !after.LastChange.Equal(before.LastChange) {
+		t.Errorf("unchanged chain touched: %+v -> %+v", before, after)
+	}
+	// A broken file changes nothing.
+	w.writeChain("broken", "key=\n")
+	if _, err := c.Reload(bg); !dbusapi.IsReason(err, dbusapi.ReasonInvalidConfig) {
+		t.Errorf("reload of a broken target: %v", err)
+	}
+	os.Remove(filepath.Join(w.conf, "demo", "broken.ini"))
+	// Removing the open chain closes it and drops its object.
+	os.Remove(filepath.Join(w.conf, "demo", "demo.ini"))
+	if n, err := c.Reload(bg); err != nil || n != 1 {
+		t.Fatalf("reload: %d %v", n, err)
+	}
+	w.eventually("the removed chain is gone", 30*time.Second, func() bool {
+		_, err := c.Chain(bg, "demo")
+		return err != nil
+	})
+	if out := string(w.sh("work", "ls /dev/mapper").Stdout); out != "" {
+		t.Errorf("removed chain still open in work: %q", out)
+	}
+}
+
+func TestPreOpenHookVetoesAndPostHooksRun(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	mark := filepath.Join(w.dir, "hooks.log")
+	veto := filepath.Join(w.dir, "veto")
+	os.WriteFile(veto, nil, 0o644)
+	w.writeChain("demo", demoChain+
+		"pre open command=echo pre-open $QCRYPT_CHAIN $QCRYPT_TARGET_VM $QCRYPT_MOUNT_POINT >> "+mark+"; [ ! -e "+veto+" ]\n"+
+		"post open command=echo post-open >> "+mark+"\n"+
+		"pre close command=echo pre-close >> "+mark+"; false\n"+
+		"post close command=echo post-close >> "+mark+"\n")
+	os.Chmod(filepath.Join(w.conf, "demo", "demo.ini"), 0o644)
+	w.qubes.Start(bg, "work")
+	w.startDaemon()
+	c := w.client()
+	ci := w.waitState(c, "demo", "failed", 30*time.Second)
+	if !strings.Contains(ci.LastError, "pre open command vetoed") {
+		t.Errorf("last error %q", ci.LastError)
+	}
+	if out := string(w.sh("sys-usb", "losetup -a").Stdout); out != "" {
+		t.Errorf("vetoed open did something: %q", out)
+	}
+	if st, _ := w.qubes.CurrentState(bg, "mediator"); st != "Halted" {
+		t.Errorf("vetoed open started mediator: %s", st)
+	}
+	os.Remove(veto)
+	if r, err := c.RunJob(bg, c.Open("demo", chains.OpenOptions{}), nil); err != nil || !r.Success {
+		t.Fatalf("open: %+v %v", r, err)
+	}
+	if r, err := c.RunJob(bg, c.Close("demo", chains.CloseOptions{}), nil); err != nil || !r.Success {
+		t.Fatalf("close (a failing pre close command is ignored): %+v %v", r, err)
+	}
+	log, _ := os.ReadFile(mark)
+	if got := string(log); got != "pre-open demo work /mnt/demo\npre-open demo work /mnt/demo\npost-open\npre-close\npost-close\n" {
+		t.Errorf("hooks ran:\n%s", got)
+	}
+}
+
+func TestCloseAllWithStop(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.qubes.Start(bg, "work")
+	d := w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "open", 30*time.Second)
+	jobs, err := c.CloseAll(bg, chains.CloseOptions{}, true)
+	if err != nil || len(jobs) != 1 {
+		t.Fatalf("close-all: %v %v", jobs, err)
+	}
+	done := make(chan error)
+	go func() { done <- d.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("qcryptd exited with %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("qcryptd did not stop")
+	}
+	if out := string(w.sh("work", "ls /dev/mapper").Stdout); out != "" {
+		t.Errorf("chain still open after close-all: %q", out)
+	}
+}

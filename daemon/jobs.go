@@ -1,0 +1,296 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+func (j *job) info() dbusapi.JobInfo {
+	name := ""
+	if j.chain != nil {
+		name = j.chain.c.Name
+	}
+	return dbusapi.JobInfo{ID: j.id, Operation: j.op, Chain: name, State: j.state, Step: uint32(j.step), Steps: uint32(j.steps),
+		StepDescription: j.desc, Bytes: j.bytes, TotalBytes: j.total, Message: j.message, UID: j.uid}
+}
+
+func (d *Daemon) newJob(op string, cs *chainState, uid uint32, auto bool, reason string) *job {
+	d.nextJob++
+	j := &job{id: d.nextJob, op: op, chain: cs, uid: uid, auto: auto, reason: reason, state: "queued"}
+	d.jobs[j.id] = j
+	if d.pub != nil {
+		d.pub.JobAdded(j.info())
+	}
+	return j
+}
+
+// enqueue runs j now if its chain is idle; otherwise it becomes the chain's pending job,
+// superseding an earlier pending one (a storm of requests ends in the last one's state).
+func (d *Daemon) enqueue(j *job) {
+	cs := j.chain
+	if cs == nil || cs.running == nil {
+		d.start(j)
+		return
+	}
+	if cs.pending != nil {
+		old := cs.pending
+		d.finish(old, fmt.Errorf("%w (job %d)", errSuperseded, j.id), false)
+	}
+	cs.pending = j
+}
+
+// wanted reports whether an automatic operation op is already running or pending.
+func wanted(cs *chainState, op string) bool {
+	return cs.running != nil && cs.running.op == op && cs.pending == nil || cs.pending != nil && cs.pending.op == op
+}
+
+func (d *Daemon) start(j *job) {
+	cs := j.chain
+	if cs != nil {
+		cs.running = j
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	j.cancel = cancel
+	j.state = "running"
+	d.jobChanged(j)
+	if cs != nil {
+		switch j.op {
+		case "open":
+			d.setState(cs, StateOpening, "", j.reason)
+		case "close":
+			d.setState(cs, StateClosing, "", j.reason)
+		}
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		defer cancel()
+		res, err := d.execute(ctx, j)
+		d.post(func() { d.completed(j, res, err) })
+	}()
+}
+
+// outcome says what a finished job means for its chain.
+type outcome struct {
+	state, waiting, message string
+	attempt                 bool // counts for the startup interval
+}
+
+// execute runs in the job's goroutine; it must not touch daemon state.
+func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
+	progress := func(p chains.Progress) {
+		d.post(func() {
+			j.step, j.steps, j.desc = p.Step, p.Steps, p.Desc
+			if p.Total > 0 {
+				j.bytes, j.total = uint64(p.Bytes), uint64(p.Total)
+			}
+			d.jobChanged(j)
+			if cs := j.chain; cs != nil && (cs.state == StateOpening || cs.state == StateClosing) && cs.running == j {
+				cs.step, cs.steps = p.Step, p.Steps
+				d.publish(cs, cs.state, j.reason)
+			}
+		})
+	}
+	var c *chains.Chain
+	if j.chain != nil {
+		c = j.chain.c
+	}
+	log := d.log.WithFields(logrus.Fields{"job": j.id, "op": j.op})
+	if c != nil {
+		log = log.WithField("chain", c.Name)
+	}
+	switch j.op {
+	case "open":
+		if j.auto {
+			present, err := d.engine.SourcePresent(ctx, c)
+			if err != nil {
+				return outcome{state: StateFailed, attempt: true}, err
+			}
+			if !present {
+				return outcome{state: StateWaiting, waiting: "waiting for " + c.SourceDevice + " in " + c.SourceVM, message: "source device absent"}, nil
+			}
+		}
+		if c.PreOpen != "" && j.chain.managed {
+			if err := d.o.Hook(ctx, c.PreOpen, hookEnv(c, "open")); err != nil {
+				return outcome{state: StateFailed, attempt: true}, fmt.Errorf("pre open command vetoed the open: %w", err)
+			}
+		}
+		err := d.engine.Open(ctx, c, j.openOpts, progress)
+		if errors.Is(err, chains.ErrAlreadyOpen) {
+			return outcome{state: StateOpen, message: "already open"}, nil
+		}
+		if err != nil {
+			return outcome{state: StateFailed, attempt: true}, err
+		}
+		if c.PostOpen != "" && j.chain.managed {
+			if err := d.o.Hook(ctx, c.PostOpen, hookEnv(c, "open")); err != nil {
+				log.WithError(err).Warn("post open command failed")
+			}
+		}
+		return outcome{state: StateOpen, message: "open", attempt: true}, nil
+	case "close":
+		if c.PreClose != "" && j.chain.managed {
+			if err := d.o.Hook(ctx, c.PreClose, hookEnv(c, "close")); err != nil {
+				log.WithError(err).Warn("pre close command failed (ignored)")
+			}
+		}
+		if err := d.engine.Close(ctx, c, j.closeOpts, progress); err != nil {
+			return outcome{state: StateDegraded}, err
+		}
+		if c.PostClose != "" && j.chain.managed {
+			if err := d.o.Hook(ctx, c.PostClose, hookEnv(c, "close")); err != nil {
+				log.WithError(err).Warn("post close command failed")
+			}
+		}
+		return outcome{state: StateClosed, message: "closed"}, nil
+	case "reconcile", "check":
+		st, err := d.engine.Status(ctx, c)
+		if err != nil {
+			return outcome{state: StateDegraded}, err
+		}
+		var rec *chains.Record
+		if j.op == "reconcile" {
+			if rec, err = d.engine.Journal.Read(c.Name); err != nil {
+				log.WithError(err).Warn("cannot read the journal")
+			}
+		}
+		decision := chains.Reconcile(rec, st)
+		if j.op == "check" && decision == chains.DecideDegraded {
+			// A chain that was open and broke (a qube or device went away): close what is left.
+			decision = chains.DecideFinishClose
+		}
+		log.WithFields(logrus.Fields{"decision": decision.String(), "missing": st.Missing}).Info("reconciled")
+		switch decision {
+		case chains.DecideAdopt:
+			return outcome{state: StateOpen, message: "open"}, nil
+		case chains.DecideClosed:
+			return outcome{state: StateClosed, message: "closed"}, nil
+		case chains.DecideRollback, chains.DecideFinishClose:
+			if err := d.engine.Close(ctx, c, chains.CloseOptions{}, progress); err != nil {
+				return outcome{state: StateDegraded}, err
+			}
+			return outcome{state: StateClosed, message: decision.String() + ": closed"}, nil
+		}
+		return outcome{state: StateDegraded}, fmt.Errorf("partly open (%d steps missing) with no record of how: close it with force", st.Missing)
+	case "luks-init":
+		if err := d.engine.LuksInit(ctx, j.spec, progress); err != nil {
+			return outcome{}, err
+		}
+		return outcome{message: "container created"}, nil
+	}
+	return outcome{}, fmt.Errorf("unknown operation %s", j.op)
+}
+
+// completed runs in the loop when a job's goroutine ends.
+func (d *Daemon) completed(j *job, res outcome, err error) {
+	cs := j.chain
+	if cs != nil {
+		if res.attempt {
+			cs.lastAttempt = time.Now()
+		}
+		msg := res.message
+		if err != nil {
+			cs.lastError = err.Error()
+			msg = err.Error()
+			d.chainLog(cs).WithError(err).WithField("op", j.op).Error("operation failed")
+		} else if res.state == StateOpen || res.state == StateClosed {
+			cs.lastError = ""
+		}
+		if res.state != "" {
+			d.setState(cs, res.state, res.waiting, msg)
+		}
+		cs.running = nil
+	}
+	if err == nil && j.canceled {
+		err = context.Canceled
+	}
+	d.finish(j, err, err == nil)
+	if cs == nil {
+		return
+	}
+	if cs.pending != nil {
+		next := cs.pending
+		cs.pending = nil
+		d.start(next)
+		return
+	}
+	if cs.removed && (cs.state == StateClosed || cs.state == StateWaiting || cs.state == StateFailed) {
+		d.removeChain(cs)
+		return
+	}
+	if !cs.managed && cs.state == StateClosed {
+		d.removeChain(cs) // an ad-hoc chain exists while it is open
+		return
+	}
+	// Only a reconcile (start-up, reconnect) or a failed automatic open leads to another
+	// automatic attempt here; a chain the user closed stays closed until a trigger.
+	switch {
+	case j.op == "reconcile":
+		d.evaluate(cs, "")
+	case j.op == "open" && j.auto && cs.state == StateFailed:
+		// Retry after the startup interval; with none, at the next trigger (never in a loop).
+		if cs.c.StartupInterval > 0 {
+			d.scheduleRetry(cs, cs.lastAttempt.Add(cs.c.StartupInterval))
+		}
+	case j.auto:
+		d.consider(cs, j.reason, false)
+	}
+}
+
+// finish ends a job: state, message, Completed signal, removal after a while.
+func (d *Daemon) finish(j *job, err error, success bool) {
+	switch {
+	case success:
+		j.state = "done"
+	case errors.Is(err, context.Canceled) || errors.Is(err, chains.ErrCanceled):
+		j.state = "canceled"
+	default:
+		j.state = "failed"
+	}
+	if err != nil {
+		j.message = err.Error()
+	} else if j.message == "" {
+		j.message = j.state
+	}
+	if j.chain != nil && j.chain.pending == j {
+		j.chain.pending = nil
+	}
+	if d.pub != nil {
+		d.pub.JobCompleted(j.info(), success)
+	}
+	for _, f := range j.done {
+		f(success)
+	}
+	time.AfterFunc(d.o.JobLinger, func() {
+		d.post(func() {
+			delete(d.jobs, j.id)
+			if d.pub != nil {
+				d.pub.JobRemoved(j.id)
+			}
+		})
+	})
+}
+
+func (d *Daemon) jobChanged(j *job) {
+	if d.pub != nil {
+		d.pub.JobChanged(j.info())
+	}
+}
+
+func (d *Daemon) removeChain(cs *chainState) {
+	if cs.retry != nil {
+		cs.retry.Stop()
+	}
+	delete(d.chains, cs.c.Name)
+	if d.pub != nil {
+		d.pub.ChainRemoved(cs.c.Name)
+	}
+	d.updateSummary()
+}

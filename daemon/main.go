@@ -1,0 +1,137 @@
+package daemon
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/godbus/dbus/v5"
+	"github.com/sirupsen/logrus"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/systemd"
+)
+
+// Version is set at build time.
+var Version = "0.1.0-dev"
+
+const usage = `usage: qcryptd [OPTIONS]              run the daemon
+       qcryptd [OPTIONS] check [TARGET|DIR]   validate a config target offline
+
+options:
+`
+
+// Main is the qcryptd command.
+func Main(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("qcryptd", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
+	root := fs.String("config-root", chains.DefaultConfigRoot, "directory holding one directory per config target")
+	target := fs.String("target", "default", "config target: the chains of `NAME` under --config-root")
+	socket := fs.String("qubesd-socket", qubes.DefaultSocket, "qubesd Admin API socket")
+	qrexec := fs.String("qrexec-client", qubes.DefaultQrexecClient, "qrexec-client command line, 'CMD [ARGS]' split on spaces")
+	state := fs.String("state-dir", chains.DefaultStateDir, "directory for the journal")
+	dom0Root := fs.String("dom0-root", "", "simulator only: run dom0 work through qrexec-client -d dom0 and read dom0 files under `DIR`")
+	level := fs.String("log-level", "info", "debug, info, warning or error")
+	version := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	if *version {
+		fmt.Fprintln(stdout, "qcryptd", Version)
+		return 0
+	}
+	if rest := fs.Args(); len(rest) > 0 {
+		if rest[0] != "check" || len(rest) > 2 {
+			fs.Usage()
+			return 2
+		}
+		t := ""
+		if len(rest) == 2 {
+			t = rest[1]
+		}
+		return chains.Check(stdout, t, *root)
+	}
+
+	logger := logrus.New()
+	logger.SetOutput(stderr)
+	lvl, err := logrus.ParseLevel(*level)
+	if err != nil {
+		fmt.Fprintln(stderr, "qcryptd: --log-level:", err)
+		return 2
+	}
+	logger.SetLevel(lvl)
+	systemd.SetupLogging(logger, "qcryptd")
+	log := logrus.NewEntry(logger)
+
+	client := qubes.NewClient(*socket)
+	runner := qubes.NewRunner(strings.Fields(*qrexec))
+	var dom0 chains.Dom0 = qubes.LocalDom0{Runner: runner}
+	if *dom0Root != "" {
+		dom0 = qubes.RemoteDom0{Runner: runner, Root: filepath.Clean(*dom0Root)}
+	}
+	d, err := New(Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
+		Dom0: dom0, Log: log, Notify: systemd.Notify, Watchdog: systemd.WatchdogInterval(),
+		AsRoot: os.Geteuid() == 0, Version: Version})
+	if err != nil {
+		log.WithError(err).Error("cannot start")
+		return 1
+	}
+	conn, err := dbus.ConnectSystemBus()
+	if err != nil {
+		log.WithError(err).Error("cannot connect to the system bus")
+		return 1
+	}
+	defer conn.Close()
+	srv := dbusapi.NewServer(conn, d)
+	d.SetPublisher(srv)
+	if err := srv.Export(); err != nil {
+		log.WithError(err).Error("cannot export the D-Bus objects")
+		return 1
+	}
+	if err := srv.RequestName(); err != nil {
+		log.WithError(err).Error("cannot own the bus name")
+		return 1
+	}
+	systemd.Notify("READY=1")
+	log.WithFields(logrus.Fields{"target": *target, "version": Version}).Info("qcryptd ready")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	go func() {
+		for s := range sigs {
+			if s == syscall.SIGHUP {
+				go func() {
+					n, err := d.Reload()
+					if err != nil {
+						log.WithError(err).Error("reload refused")
+					} else {
+						log.WithField("chains", n).Info("reloaded on SIGHUP")
+					}
+				}()
+				continue
+			}
+			log.WithField("signal", s.String()).Info("stopping; open chains stay open")
+			cancel()
+			return
+		}
+	}()
+	err = d.Run(ctx)
+	conn.ReleaseName(dbusapi.BusName)
+	if err != nil {
+		log.WithError(err).Error("stopped with an error")
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}

@@ -1,0 +1,380 @@
+package dbusapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/qcrypt/qcrypt/chains"
+)
+
+// ErrNotRunning means no qcryptd owns the bus name.
+var ErrNotRunning = errors.New("qcryptd is not running (start it with: sudo systemctl start qcryptd)")
+
+// Client is the typed client of qcryptd on the system bus.
+type Client struct {
+	conn *dbus.Conn
+	obj  dbus.BusObject
+}
+
+// Connect dials the system bus (DBUS_SYSTEM_BUS_ADDRESS if set) and checks that
+// qcryptd is there.
+func Connect() (*Client, error) {
+	conn, err := dbus.ConnectSystemBus()
+	if err != nil {
+		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
+	}
+	c := &Client{conn: conn, obj: conn.Object(BusName, ManagerPath)}
+	var has bool
+	if err := conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, BusName).Store(&has); err != nil || !has {
+		conn.Close()
+		return nil, ErrNotRunning
+	}
+	return c, nil
+}
+
+// Disconnect closes the connection.
+func (c *Client) Disconnect() error { return c.conn.Close() }
+
+// Conn is the underlying connection (for signal subscriptions).
+func (c *Client) Conn() *dbus.Conn { return c.conn }
+
+// RemoteError is an error reply; Name is the D-Bus error name.
+type RemoteError struct {
+	Name, Msg string
+}
+
+func (e *RemoteError) Error() string { return e.Msg }
+
+// IsReason reports whether err is qcryptd's error with that reason.
+func IsReason(err error, reason string) bool {
+	var re *RemoteError
+	return errors.As(err, &re) && re.Name == ErrorPrefix+reason
+}
+
+// IsAccessDenied reports an access refusal.
+func IsAccessDenied(err error) bool {
+	var re *RemoteError
+	return errors.As(err, &re) && re.Name == accessDenied
+}
+
+func remote(err error) error {
+	var de dbus.Error
+	if errors.As(err, &de) {
+		msg := de.Name
+		if len(de.Body) > 0 {
+			if s, ok := de.Body[0].(string); ok {
+				msg = s
+			}
+		}
+		if de.Name == "org.freedesktop.DBus.Error.ServiceUnknown" || de.Name == "org.freedesktop.DBus.Error.NameHasNoOwner" {
+			return ErrNotRunning
+		}
+		return &RemoteError{Name: de.Name, Msg: msg}
+	}
+	return err
+}
+
+func (c *Client) call(ctx context.Context, method string, out []any, args ...any) error {
+	call := c.obj.CallWithContext(ctx, ManagerInterface+"."+method, 0, args...)
+	if call.Err != nil {
+		return remote(call.Err)
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return call.Store(out...)
+}
+
+// ChainEntry is one line of ListChains.
+type ChainEntry struct {
+	Name  string
+	Path  dbus.ObjectPath
+	State string
+}
+
+// ListChains lists the chains the daemon knows.
+func (c *Client) ListChains(ctx context.Context) ([]ChainEntry, error) {
+	var out []ChainEntry
+	return out, c.call(ctx, "ListChains", []any{&out})
+}
+
+// Chain reads a chain object's properties.
+func (c *Client) Chain(ctx context.Context, name string) (ChainInfo, error) {
+	var all map[string]dbus.Variant
+	call := c.conn.Object(BusName, ChainPath(name)).CallWithContext(ctx, propertiesInterface+".GetAll", 0, ChainInterface)
+	if call.Err != nil {
+		return ChainInfo{}, remote(call.Err)
+	}
+	if err := call.Store(&all); err != nil {
+		return ChainInfo{}, err
+	}
+	return ChainInfoFromProps(all)
+}
+
+// ChainInfoFromProps decodes a chain object's properties.
+func ChainInfoFromProps(all map[string]dbus.Variant) (ChainInfo, error) {
+	var ci ChainInfo
+	var lastChange, retryAt uint64
+	err := fields(all, map[string]any{"Name": &ci.Name, "State": &ci.State, "Waiting": &ci.Waiting, "Step": &ci.Step,
+		"Steps": &ci.Steps, "LastError": &ci.LastError, "LastChange": &lastChange, "RetryAt": &retryAt, "Managed": &ci.Managed,
+		"Autostart": &ci.Autostart, "ReadOnly": &ci.ReadOnly, "Layers": &ci.Layers, "Target": &ci.Target, "MountPoint": &ci.MountPoint})
+	if lastChange != 0 {
+		ci.LastChange = time.UnixMicro(int64(lastChange))
+	}
+	if retryAt != 0 {
+		ci.RetryAt = time.UnixMicro(int64(retryAt))
+	}
+	return ci, err
+}
+
+// Status returns the status of a configured chain.
+func (c *Client) Status(ctx context.Context, name string) (*chains.Status, error) {
+	var m map[string]dbus.Variant
+	if err := c.call(ctx, "Status", []any{&m}, name); err != nil {
+		return nil, err
+	}
+	return StatusFromMap(m)
+}
+
+// StatusAdhoc returns the status of a chain given as a spec.
+func (c *Client) StatusAdhoc(ctx context.Context, spec Spec) (*chains.Status, error) {
+	var m map[string]dbus.Variant
+	if err := c.call(ctx, "StatusAdhoc", []any{&m}, spec.ToMap()); err != nil {
+		return nil, err
+	}
+	return StatusFromMap(m)
+}
+
+// Discover lists every chain open on the system.
+func (c *Client) Discover(ctx context.Context) ([]Discovered, error) {
+	var ms []map[string]dbus.Variant
+	if err := c.call(ctx, "Discover", []any{&ms}); err != nil {
+		return nil, err
+	}
+	var out []Discovered
+	for _, m := range ms {
+		d, err := DiscoveredFromMap(m)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// PlanStep is one step of a plan.
+type PlanStep struct{ VM, Desc string }
+
+// Plan returns the steps of an open or close of a chain (name) or spec.
+func (c *Client) Plan(ctx context.Context, op, name string, spec *Spec, options map[string]dbus.Variant) ([]PlanStep, error) {
+	m := map[string]dbus.Variant{}
+	if spec != nil {
+		m = spec.ToMap()
+	}
+	if options == nil {
+		options = map[string]dbus.Variant{}
+	}
+	var out []PlanStep
+	return out, c.call(ctx, "Plan", []any{&out}, op, name, m, options)
+}
+
+// Reload re-reads the daemon's config target.
+func (c *Client) Reload(ctx context.Context) (int, error) {
+	var n uint32
+	err := c.call(ctx, "Reload", []any{&n})
+	return int(n), err
+}
+
+// Check validates a config target.
+func (c *Client) Check(ctx context.Context, target string) (bool, []string, error) {
+	var ok bool
+	var errs []string
+	err := c.call(ctx, "Check", []any{&ok, &errs}, target)
+	return ok, errs, err
+}
+
+// JobResult is how a job ended.
+type JobResult struct {
+	Success bool
+	Message string
+}
+
+// Starter starts a job and returns its path.
+type Starter func(ctx context.Context) (dbus.ObjectPath, error)
+
+// Open, Close, OpenAdhoc, CloseAdhoc and LuksInit return Starters for RunJob.
+func (c *Client) Open(name string, o chains.OpenOptions) Starter {
+	return c.starter("Open", name, OpenOptionsToMap(o))
+}
+
+func (c *Client) Close(name string, o chains.CloseOptions) Starter {
+	return c.starter("Close", name, CloseOptionsToMap(o))
+}
+
+func (c *Client) OpenAdhoc(spec Spec, o chains.OpenOptions) Starter {
+	return c.starter("OpenAdhoc", spec.ToMap(), OpenOptionsToMap(o))
+}
+
+func (c *Client) CloseAdhoc(spec Spec, o chains.CloseOptions) Starter {
+	return c.starter("CloseAdhoc", spec.ToMap(), CloseOptionsToMap(o))
+}
+
+func (c *Client) LuksInit(spec Spec) Starter { return c.starter("LuksInit", spec.ToMap()) }
+
+func (c *Client) starter(method string, args ...any) Starter {
+	return func(ctx context.Context) (dbus.ObjectPath, error) {
+		var p dbus.ObjectPath
+		return p, c.call(ctx, method, []any{&p}, args...)
+	}
+}
+
+// CloseAll closes every open chain; with stop, the daemon exits afterwards.
+func (c *Client) CloseAll(ctx context.Context, o chains.CloseOptions, stop bool) ([]dbus.ObjectPath, error) {
+	m := CloseOptionsToMap(o)
+	m["stop"] = dbus.MakeVariant(stop)
+	var out []dbus.ObjectPath
+	return out, c.call(ctx, "CloseAll", []any{&out}, m)
+}
+
+// CancelJob asks the daemon to cancel a job between steps.
+func (c *Client) CancelJob(ctx context.Context, job dbus.ObjectPath) error {
+	call := c.conn.Object(BusName, job).CallWithContext(ctx, JobInterface+".Cancel", 0)
+	return remote(call.Err)
+}
+
+// Job reads a job's properties.
+func (c *Client) Job(ctx context.Context, job dbus.ObjectPath) (JobInfo, error) {
+	var all map[string]dbus.Variant
+	call := c.conn.Object(BusName, job).CallWithContext(ctx, propertiesInterface+".GetAll", 0, JobInterface)
+	if call.Err != nil {
+		return JobInfo{}, remote(call.Err)
+	}
+	if err := call.Store(&all); err != nil {
+		return JobInfo{}, err
+	}
+	var j JobInfo
+	err := fields(all, map[string]any{"Operation": &j.Operation, "Chain": &j.Chain, "State": &j.State, "Step": &j.Step,
+		"Steps": &j.Steps, "StepDescription": &j.StepDescription, "Bytes": &j.Bytes, "TotalBytes": &j.TotalBytes,
+		"Message": &j.Message, "StartedByUID": &j.UID})
+	return j, err
+}
+
+// RunJob starts a job and waits for it, passing progress to progress (may be nil).
+// When ctx ends first, the job is canceled and still waited for, so the result is the
+// job's real outcome.
+func (c *Client) RunJob(ctx context.Context, start Starter, progress func(JobInfo)) (JobResult, error) {
+	rules := []dbus.MatchOption{dbus.WithMatchSender(BusName), dbus.WithMatchPathNamespace("/org/qcrypt/Qcryptd1/job")}
+	if err := c.conn.AddMatchSignal(rules...); err != nil {
+		return JobResult{}, fmt.Errorf("cannot subscribe to job signals: %w", err)
+	}
+	defer c.conn.RemoveMatchSignal(rules...)
+	sigs := make(chan *dbus.Signal, 64)
+	c.conn.Signal(sigs)
+	defer c.conn.RemoveSignal(sigs)
+
+	path, err := start(context.Background())
+	if err != nil {
+		return JobResult{}, err
+	}
+	if j, err := c.Job(context.Background(), path); err == nil {
+		if progress != nil {
+			progress(j)
+		}
+		if done(j.State) {
+			return JobResult{Success: j.State == "done", Message: j.Message}, nil
+		}
+	}
+	canceled := false
+	for {
+		select {
+		case <-ctx.Done():
+			if !canceled {
+				canceled = true
+				c.CancelJob(context.Background(), path)
+			}
+			ctx = context.Background()
+		case s := <-sigs:
+			if s.Path != path {
+				continue
+			}
+			switch s.Name {
+			case JobInterface + ".Completed":
+				var r JobResult
+				if err := dbus.Store(s.Body, &r.Success, &r.Message); err != nil {
+					return r, err
+				}
+				return r, nil
+			case propertiesInterface + ".PropertiesChanged":
+				if progress != nil {
+					if j, err := c.Job(context.Background(), path); err == nil {
+						progress(j)
+					}
+				}
+			}
+		}
+	}
+}
+
+func done(state string) bool { return state == "done" || state == "failed" || state == "canceled" }
+
+// ChainEvent is a state change of a chain.
+type ChainEvent struct {
+	Chain, State, Previous, Reason string
+}
+
+// Watch calls fn for every chain state change until ctx ends.
+func (c *Client) Watch(ctx context.Context, fn func(ChainEvent)) error {
+	rules := []dbus.MatchOption{dbus.WithMatchSender(BusName), dbus.WithMatchInterface(ChainInterface), dbus.WithMatchMember("StateChanged")}
+	if err := c.conn.AddMatchSignal(rules...); err != nil {
+		return err
+	}
+	defer c.conn.RemoveMatchSignal(rules...)
+	sigs := make(chan *dbus.Signal, 64)
+	c.conn.Signal(sigs)
+	defer c.conn.RemoveSignal(sigs)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case s := <-sigs:
+			if s.Name != ChainInterface+".StateChanged" {
+				continue
+			}
+			var ev ChainEvent
+			if dbus.Store(s.Body, &ev.State, &ev.Previous, &ev.Reason) != nil {
+				continue
+			}
+			ev.Chain = chainNameOf(s.Path)
+			fn(ev)
+		}
+	}
+}
+
+// chainNameOf reverses ChainPath.
+func chainNameOf(p dbus.ObjectPath) string {
+	s := string(p)
+	if len(s) <= len(chainPathPrefix) {
+		return ""
+	}
+	return unescape(s[len(chainPathPrefix):])
+}
+
+func unescape(s string) string {
+	var out []byte
+	for i := 0; i < len(s); i++ {
+		if s[i] == '_' && i+2 < len(s) {
+			var b byte
+			if _, err := fmt.Sscanf(s[i+1:i+3], "%02x", &b); err == nil {
+				out = append(out, b)
+				i += 2
+				continue
+			}
+		}
+		out = append(out, s[i])
+	}
+	return string(out)
+}

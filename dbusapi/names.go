@@ -1,0 +1,79 @@
+// Package dbusapi is qcryptd's whole D-Bus surface: names, the introspection data, the
+// server side that checks callers and hands requests to the daemon, and the typed
+// client qcryptctl uses.
+package dbusapi
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/coreos/go-systemd/v22/dbus"
+	godbus "github.com/godbus/dbus/v5"
+)
+
+// Fixed names.
+const (
+	BusName          = "org.qcrypt.Qcryptd1"
+	ManagerPath      = godbus.ObjectPath("/org/qcrypt/Qcryptd1")
+	ManagerInterface = "org.qcrypt.Qcryptd1.Manager"
+	ChainInterface   = "org.qcrypt.Qcryptd1.Chain"
+	JobInterface     = "org.qcrypt.Qcryptd1.Job"
+	ErrorPrefix      = "org.qcrypt.Qcryptd1.Error."
+	chainPathPrefix  = "/org/qcrypt/Qcryptd1/chain/"
+	jobPathPrefix    = "/org/qcrypt/Qcryptd1/job/"
+
+	objectManagerInterface = "org.freedesktop.DBus.ObjectManager"
+	propertiesInterface    = "org.freedesktop.DBus.Properties"
+)
+
+// ChainPath is the object of a chain; names are escaped as systemd does (_xx).
+func ChainPath(name string) godbus.ObjectPath {
+	return godbus.ObjectPath(chainPathPrefix + dbus.PathBusEscape(name))
+}
+
+// JobPath is the object of job n.
+func JobPath(n uint64) godbus.ObjectPath {
+	return godbus.ObjectPath(fmt.Sprintf("%s%d", jobPathPrefix, n))
+}
+
+// Error reasons (org.qcrypt.Qcryptd1.Error.<Reason>).
+const (
+	ReasonNoSuchChain   = "NoSuchChain"
+	ReasonNoSuchJob     = "NoSuchJob"
+	ReasonInvalidArgs   = "InvalidArgs"
+	ReasonInvalidConfig = "InvalidConfig"
+	ReasonShuttingDown  = "ShuttingDown"
+	ReasonFailed        = "Failed"
+	accessDenied        = "org.freedesktop.DBus.Error.AccessDenied"
+)
+
+// Error is a failure the backend reports with a reason from the list above.
+type Error struct {
+	Reason string
+	Msg    string
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+// Errorf makes an *Error.
+func Errorf(reason, format string, a ...any) error {
+	return &Error{Reason: reason, Msg: fmt.Sprintf(format, a...)}
+}
+
+// ErrAccessDenied is returned to callers that are neither root nor in group qubes.
+var ErrAccessDenied = errors.New("access denied: only root and members of group qubes may call qcryptd")
+
+// toDBus maps an error to the reply a client sees.
+func toDBus(err error) *godbus.Error {
+	if err == nil {
+		return nil
+	}
+	var e *Error
+	switch {
+	case errors.Is(err, ErrAccessDenied):
+		return godbus.NewError(accessDenied, []any{err.Error()})
+	case errors.As(err, &e):
+		return godbus.NewError(ErrorPrefix+e.Reason, []any{e.Msg})
+	}
+	return godbus.NewError(ErrorPrefix+ReasonFailed, []any{err.Error()})
+}

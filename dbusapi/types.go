@@ -1,0 +1,293 @@
+package dbusapi
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// ChainInfo is what the bus shows of a chain.
+type ChainInfo struct {
+	Name, State, Waiting, LastError, Target, MountPoint string
+	Step, Steps                                         uint32
+	LastChange, RetryAt                                 time.Time
+	Managed, Autostart, ReadOnly                        bool
+	Layers                                              []string
+}
+
+// JobInfo is what the bus shows of a job.
+type JobInfo struct {
+	ID                                       uint64
+	Operation, Chain, State, StepDescription string
+	Message                                  string
+	Step, Steps                              uint32
+	Bytes, TotalBytes                        uint64
+	UID                                      uint32
+}
+
+// Discovered is an open chain found on the system and the configured chain it is, if any.
+type Discovered struct {
+	chains.Discovered
+	Managed string
+}
+
+// Backend is what the daemon offers the bus. Methods that start work return a job id at
+// once; the work runs in the daemon's event loop.
+type Backend interface {
+	ListChains() []ChainInfo
+	Open(uid uint32, name string, o chains.OpenOptions) (uint64, error)
+	Close(uid uint32, name string, o chains.CloseOptions) (uint64, error)
+	Status(ctx context.Context, name string) (*chains.Status, error)
+	Discover(ctx context.Context) ([]Discovered, error)
+	OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error)
+	CloseAdhoc(uid uint32, c *chains.Chain, o chains.CloseOptions) (uint64, error)
+	StatusAdhoc(ctx context.Context, c *chains.Chain) (*chains.Status, error)
+	Plan(op, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error)
+	LuksInit(uid uint32, spec chains.InitSpec) (uint64, error)
+	Reload() (int, error)
+	Check(target string) (bool, []string)
+	CloseAll(uid uint32, o chains.CloseOptions, stop bool) ([]uint64, error)
+	CancelJob(uid uint32, id uint64) error
+	Info() (version, target, summary string)
+}
+
+// StatusToMap renders a status for the bus.
+func StatusToMap(st *chains.Status) map[string]dbus.Variant {
+	hops := make([]map[string]dbus.Variant, len(st.Hops))
+	for i, h := range st.Hops {
+		hops[i] = map[string]dbus.Variant{
+			"vm": dbus.MakeVariant(h.VM), "running": dbus.MakeVariant(h.Running), "attached": dbus.MakeVariant(h.Attached),
+			"frontend_dev": dbus.MakeVariant(h.FrontendDev), "key_present": dbus.MakeVariant(h.KeyPresent),
+			"decrypted": dbus.MakeVariant(h.Decrypted), "mounted": dbus.MakeVariant(h.Mounted),
+		}
+	}
+	return map[string]dbus.Variant{
+		"chain": dbus.MakeVariant(st.Chain), "source_vm": dbus.MakeVariant(st.SourceVM),
+		"source_running": dbus.MakeVariant(st.SourceRunning), "source": dbus.MakeVariant(st.Source),
+		"missing": dbus.MakeVariant(int32(st.Missing)), "problem": dbus.MakeVariant(st.Problem),
+		"hops": dbus.MakeVariant(hops),
+	}
+}
+
+// StatusFromMap is the client side of StatusToMap.
+func StatusFromMap(m map[string]dbus.Variant) (*chains.Status, error) {
+	st := &chains.Status{}
+	var hops []map[string]dbus.Variant
+	var missing int32
+	if err := fields(m, map[string]any{"chain": &st.Chain, "source_vm": &st.SourceVM, "source_running": &st.SourceRunning,
+		"source": &st.Source, "missing": &missing, "problem": &st.Problem, "hops": &hops}); err != nil {
+		return nil, err
+	}
+	st.Missing = int(missing)
+	for _, h := range hops {
+		var hs chains.HopStatus
+		if err := fields(h, map[string]any{"vm": &hs.VM, "running": &hs.Running, "attached": &hs.Attached,
+			"frontend_dev": &hs.FrontendDev, "key_present": &hs.KeyPresent, "decrypted": &hs.Decrypted, "mounted": &hs.Mounted}); err != nil {
+			return nil, err
+		}
+		st.Hops = append(st.Hops, hs)
+	}
+	return st, nil
+}
+
+// DiscoveredToMap renders a discovered chain.
+func DiscoveredToMap(d Discovered) map[string]dbus.Variant {
+	var vms, devs, ports []string
+	for _, h := range d.Hops {
+		vms, devs, ports = append(vms, h.VM), append(devs, h.FrontendDev), append(ports, h.Port)
+	}
+	return map[string]dbus.Variant{
+		"source_vm": dbus.MakeVariant(d.SourceVM), "source_port": dbus.MakeVariant(d.SourcePort),
+		"file": dbus.MakeVariant(d.File), "key": dbus.MakeVariant(d.Key), "read_only": dbus.MakeVariant(d.ReadOnly),
+		"hops": dbus.MakeVariant(vms), "frontend_devs": dbus.MakeVariant(devs), "ports": dbus.MakeVariant(ports),
+		"managed": dbus.MakeVariant(d.Managed),
+	}
+}
+
+// DiscoveredFromMap is the client side of DiscoveredToMap.
+func DiscoveredFromMap(m map[string]dbus.Variant) (Discovered, error) {
+	var d Discovered
+	var vms, devs, ports []string
+	if err := fields(m, map[string]any{"source_vm": &d.SourceVM, "source_port": &d.SourcePort, "file": &d.File, "key": &d.Key,
+		"read_only": &d.ReadOnly, "hops": &vms, "frontend_devs": &devs, "ports": &ports, "managed": &d.Managed}); err != nil {
+		return d, err
+	}
+	if len(devs) != len(vms) || len(ports) != len(vms) {
+		return d, fmt.Errorf("inconsistent discovered chain")
+	}
+	for i := range vms {
+		d.Hops = append(d.Hops, chains.DiscoveredHop{VM: vms[i], FrontendDev: devs[i], Port: ports[i]})
+	}
+	return d, nil
+}
+
+// fields stores m[k] into each pointer; missing keys are an error, unknown keys are not.
+func fields(m map[string]dbus.Variant, into map[string]any) error {
+	for k, p := range into {
+		v, ok := m[k]
+		if !ok {
+			return fmt.Errorf("field %s is missing", k)
+		}
+		if err := v.Store(p); err != nil {
+			return fmt.Errorf("field %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// optional stores m[k] into p when present and reports a type mismatch by name.
+func optional(m map[string]dbus.Variant, k string, p any) error {
+	v, ok := m[k]
+	if !ok {
+		return nil
+	}
+	if err := v.Store(p); err != nil {
+		return Errorf(ReasonInvalidArgs, "option %s: wrong type %s", k, v.Signature())
+	}
+	return nil
+}
+
+func knownKeys(m map[string]dbus.Variant, what string, known ...string) error {
+	for k := range m {
+		ok := false
+		for _, n := range known {
+			ok = ok || n == k
+		}
+		if !ok {
+			return Errorf(ReasonInvalidArgs, "unknown %s %q", what, qubes.Printable(k, 40))
+		}
+	}
+	return nil
+}
+
+// OpenOptionsFromMap decodes Open's options.
+func OpenOptionsFromMap(m map[string]dbus.Variant) (chains.OpenOptions, error) {
+	var o chains.OpenOptions
+	if err := knownKeys(m, "option", "force", "autostart"); err != nil {
+		return o, err
+	}
+	if err := optional(m, "force", &o.Force); err != nil {
+		return o, err
+	}
+	return o, optional(m, "autostart", &o.Autostart)
+}
+
+// CloseOptionsFromMap decodes Close's options (stop only where allowed).
+func CloseOptionsFromMap(m map[string]dbus.Variant, allowStop bool) (chains.CloseOptions, bool, error) {
+	var o chains.CloseOptions
+	var stop bool
+	known := []string{"force", "shutdown_target", "eject"}
+	if allowStop {
+		known = append(known, "stop")
+	}
+	if err := knownKeys(m, "option", known...); err != nil {
+		return o, false, err
+	}
+	for k, p := range map[string]any{"force": &o.Force, "shutdown_target": &o.ShutdownTarget, "eject": &o.Eject, "stop": &stop} {
+		if err := optional(m, k, p); err != nil {
+			return o, false, err
+		}
+	}
+	return o, stop, nil
+}
+
+// OpenOptionsToMap and CloseOptionsToMap are the client side.
+func OpenOptionsToMap(o chains.OpenOptions) map[string]dbus.Variant {
+	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "autostart": dbus.MakeVariant(o.Autostart)}
+}
+
+func CloseOptionsToMap(o chains.CloseOptions) map[string]dbus.Variant {
+	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "shutdown_target": dbus.MakeVariant(o.ShutdownTarget), "eject": dbus.MakeVariant(o.Eject)}
+}
+
+// Spec is an ad-hoc chain (and, for luks-init, the container to create).
+type Spec struct {
+	SourceVM, File, Key string
+	Destinations        []string
+	Inject              map[string]string // qube -> dom0 key file
+	CryptOptions        map[string]string // qube -> cryptsetup options
+	MountPoint          string
+	ReadOnly, Autostart bool
+	// luks-init
+	Size                                                 uint64
+	KeySize                                              uint32
+	WorkDir, BackupDir, FS, KeyEntropy, ContainerEntropy string
+}
+
+var specKeys = []string{"source_vm", "file", "key", "destinations", "inject", "crypt_options", "mount_point", "read_only", "autostart",
+	"size", "key_size", "work_dir", "backup_dir", "fs", "key_entropy", "container_entropy"}
+
+// ToMap renders a spec for the bus (empty fields left out).
+func (s Spec) ToMap() map[string]dbus.Variant {
+	m := map[string]dbus.Variant{"source_vm": dbus.MakeVariant(s.SourceVM), "file": dbus.MakeVariant(s.File),
+		"key": dbus.MakeVariant(s.Key), "destinations": dbus.MakeVariant(s.Destinations),
+		"read_only": dbus.MakeVariant(s.ReadOnly), "autostart": dbus.MakeVariant(s.Autostart)}
+	if len(s.Inject) > 0 {
+		m["inject"] = dbus.MakeVariant(s.Inject)
+	}
+	if len(s.CryptOptions) > 0 {
+		m["crypt_options"] = dbus.MakeVariant(s.CryptOptions)
+	}
+	for k, v := range map[string]string{"mount_point": s.MountPoint, "work_dir": s.WorkDir, "backup_dir": s.BackupDir, "fs": s.FS,
+		"key_entropy": s.KeyEntropy, "container_entropy": s.ContainerEntropy} {
+		if v != "" {
+			m[k] = dbus.MakeVariant(v)
+		}
+	}
+	if s.Size != 0 {
+		m["size"] = dbus.MakeVariant(s.Size)
+	}
+	if s.KeySize != 0 {
+		m["key_size"] = dbus.MakeVariant(s.KeySize)
+	}
+	return m
+}
+
+// SpecFromMap decodes and validates a spec into a chain (and the luks-init fields).
+func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
+	var s Spec
+	if err := knownKeys(m, "spec field", specKeys...); err != nil {
+		return nil, s, err
+	}
+	for k, p := range map[string]any{"source_vm": &s.SourceVM, "file": &s.File, "key": &s.Key, "destinations": &s.Destinations,
+		"inject": &s.Inject, "crypt_options": &s.CryptOptions, "mount_point": &s.MountPoint, "read_only": &s.ReadOnly,
+		"autostart": &s.Autostart, "size": &s.Size, "key_size": &s.KeySize, "work_dir": &s.WorkDir, "backup_dir": &s.BackupDir,
+		"fs": &s.FS, "key_entropy": &s.KeyEntropy, "container_entropy": &s.ContainerEntropy} {
+		if err := optional(m, k, p); err != nil {
+			return nil, s, err
+		}
+	}
+	c := &chains.Chain{SourceVM: s.SourceVM, SourceFile: s.File, Key: s.Key, MountPoint: s.MountPoint,
+		ReadOnly: s.ReadOnly, Autostart: s.Autostart, Type: "luks"}
+	for _, vm := range s.Destinations {
+		h := chains.Hop{VM: vm, Inject: s.Inject[vm]}
+		if o := s.CryptOptions[vm]; o != "" {
+			opts, err := chains.ParseCryptOptions(o)
+			if err != nil {
+				return nil, s, Errorf(ReasonInvalidArgs, "crypt_options of %s: %v", vm, err)
+			}
+			h.Options = opts
+		}
+		c.Hops = append(c.Hops, h)
+	}
+	for vm := range s.Inject {
+		if !c.Involves(vm) || vm == c.SourceVM {
+			return nil, s, Errorf(ReasonInvalidArgs, "inject: %s is not a destination", vm)
+		}
+	}
+	for vm := range s.CryptOptions {
+		if !c.Involves(vm) || vm == c.SourceVM {
+			return nil, s, Errorf(ReasonInvalidArgs, "crypt_options: %s is not a destination", vm)
+		}
+	}
+	if err := c.Validate(); err != nil {
+		return nil, s, Errorf(ReasonInvalidArgs, "%v", err)
+	}
+	c.Name = chains.AdhocName(c)
+	return c, s, nil
+}
