@@ -15,6 +15,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
 )
 
 // The integration tests run the real binaries: a private dbus-daemon with a system-bus
@@ -25,14 +26,6 @@ var (
 	binDir  string
 	binErr  error
 )
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
-	os.Exit(code)
-}
 
 func need(t testing.TB) {
 	t.Helper()
@@ -54,6 +47,7 @@ func bin(t testing.TB, name string) string {
 		if binErr != nil {
 			return
 		}
+		simtest.AtExit(func() { os.RemoveAll(binDir) })
 		os.Chmod(binDir, 0o755)
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

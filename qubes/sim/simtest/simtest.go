@@ -31,8 +31,17 @@ func Main(m *testing.M) {
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
+	for _, f := range atExit {
+		f()
+	}
 	os.Exit(code)
 }
+
+var atExit []func()
+
+// AtExit registers cleanup to run after all tests of the package (Main exits the
+// process, so a test package that uses it has no TestMain of its own).
+func AtExit(f func()) { atExit = append(atExit, f) }
 
 var (
 	buildOnce sync.Once

@@ -1,0 +1,162 @@
+package daemon
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+)
+
+// In-process tests of the event loop (under -race), with the simulator and a recording
+// publisher instead of the bus.
+
+func TestMain(m *testing.M) { simtest.Main(m) }
+
+type recorder struct {
+	mu     sync.Mutex
+	states map[string][]string
+	jobs   map[uint64]bool
+}
+
+func (r *recorder) ChainAdded(c dbusapi.ChainInfo) { r.ChainChanged(c, "", "added") }
+func (r *recorder) ChainChanged(c dbusapi.ChainInfo, prev, reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if l := r.states[c.Name]; len(l) == 0 || l[len(l)-1] != c.State {
+		r.states[c.Name] = append(r.states[c.Name], c.State)
+	}
+}
+func (r *recorder) ChainRemoved(string)        {}
+func (r *recorder) JobAdded(dbusapi.JobInfo)   {}
+func (r *recorder) JobChanged(dbusapi.JobInfo) {}
+func (r *recorder) JobCompleted(j dbusapi.JobInfo, ok bool) {
+	r.mu.Lock()
+	r.jobs[j.ID] = ok
+	r.mu.Unlock()
+}
+func (r *recorder) JobRemoved(uint64)     {}
+func (r *recorder) SummaryChanged(string) {}
+
+func (r *recorder) last(name string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.states[name]
+	if len(l) == 0 {
+		return ""
+	}
+	return l[len(l)-1]
+}
+
+func startLoop(t *testing.T) (*simtest.Fixture, *Daemon, *recorder) {
+	t.Helper()
+	f := simtest.StartDemo(t, sim.R43)
+	conf := t.TempDir()
+	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte("source vm=sys-usb\nsource file=/home/user/demo.luks\nkey=demo\n"+
+		"destination vm 1=mediator\ndestination vm 2=work\ndestination mount point=/mnt/demo\nstartup interval=0\n"), 0o644)
+	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: t.TempDir(), Qubes: f.Client, Runner: f.Runner,
+		Backoff: qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}, JobLinger: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{states: map[string][]string{}, jobs: map[uint64]bool{}}
+	d.SetPublisher(rec)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { d.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return f, d, rec
+}
+
+func waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out: %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
+	f, d, rec := startLoop(t)
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	// The event stream drops: the loop resyncs and adopts the open chain.
+	f.DropEventStreams()
+	waitFor(t, "resync", func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return len(rec.jobs) >= 3 // reconcile, open, reconcile
+	})
+	if rec.last("demo") != StateOpen {
+		t.Errorf("after resync: %v", rec.states["demo"])
+	}
+	f.Client.Kill(context.Background(), "work")
+	waitFor(t, "closed again", func() bool { return rec.last("demo") == StateWaiting })
+	ids := d.ListChains()
+	if len(ids) != 1 || ids[0].Name != "demo" {
+		t.Errorf("chains %+v", ids)
+	}
+}
+
+func TestLoopConcurrentRequests(t *testing.T) {
+	f, d, rec := startLoop(t)
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	var wg sync.WaitGroup
+	for i := 0; i < 40; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			if i%2 == 0 {
+				d.Open(0, "demo", chains.OpenOptions{})
+			} else {
+				d.Close(0, "demo", chains.CloseOptions{})
+			}
+			d.ListChains()
+		}(i)
+	}
+	wg.Wait()
+	waitFor(t, "idle", func() bool {
+		var idle bool
+		d.do(func() { cs := d.chains["demo"]; idle = cs.running == nil && cs.pending == nil })
+		return idle
+	})
+	st, err := d.Status(context.Background(), "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch rec.last("demo") {
+	case StateOpen:
+		if !st.Open() {
+			t.Errorf("open but %+v", st)
+		}
+	case StateClosed, StateWaiting:
+		if !st.Closed() {
+			t.Errorf("closed but %+v", st)
+		}
+	default:
+		t.Errorf("ended %v", rec.states["demo"])
+	}
+	if _, err := d.Open(0, "nope", chains.OpenOptions{}); !dbusapi.IsReason(toRemote(err), dbusapi.ReasonNoSuchChain) {
+		t.Errorf("unknown chain: %v", err)
+	}
+}
+
+func toRemote(err error) error {
+	if e, ok := err.(*dbusapi.Error); ok {
+		return &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + e.Reason, Msg: e.Msg}
+	}
+	return err
+}
