@@ -10,19 +10,23 @@ FUZZTIME  ?= 5s
 # Debian packages the tests need: bubblewrap (the simulator's qube sandboxes), gcc (-race),
 # dbus (a private dbus-daemon for the D-Bus tests), systemd (busctl, systemd-analyze).
 DEB_PACKAGES := bubblewrap gcc make dbus systemd
-COMMANDS  := qubes-sim qcryptd
+COMMANDS  := qubes-sim qcryptd qcryptctl
 
 BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
 
-.PHONY: all build check fmt-check vet staticcheck test fuzz bench deps install clean
+.PHONY: all build demo check fmt-check vet staticcheck test fuzz bench deps install clean
 
 all: build
 
 build:
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ $(addprefix ./cmd/,$(COMMANDS))
+
+# qcrypt's main job on the embedded simulator, step by step (README's first command).
+demo: build
+	BIN=$(BIN) ./ctl/demo.sh
 
 check: fmt-check vet staticcheck test fuzz
 

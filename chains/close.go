@@ -99,9 +99,9 @@ func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string) e
 	if err != nil {
 		return err
 	}
-	mine := hopAttachments(atts, prev, i == 0)
-	if len(mine) > 1 {
-		mine = e.pickAttachment(ctx, c, mine, feDev, i == 0)
+	mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), feDev)
+	if err != nil {
+		return err
 	}
 	var errs []string
 	for _, a := range mine {
@@ -115,27 +115,37 @@ func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string) e
 	return nil
 }
 
-func (e *Engine) pickAttachment(ctx context.Context, c *Chain, cands []qubes.Attachment, feDev string, first bool) []qubes.Attachment {
+// ownAttachments keeps, of the candidates hop i has attached from the previous qube,
+// the chain's own: the one the mapper sat on (feDev) if known, else those whose
+// description is the chain's (a loop: the container path; a dm device: the key id).
+// Descriptions come from the qubes: good enough to tell chains apart, never used to
+// decide what to decrypt.
+func (e *Engine) ownAttachments(ctx context.Context, c *Chain, i int, cands []qubes.Attachment, feDev string) ([]qubes.Attachment, error) {
+	if len(cands) == 0 {
+		return nil, nil
+	}
 	for _, a := range cands {
 		if feDev != "" && a.FrontendDev == feDev {
-			return []qubes.Attachment{a}
+			return []qubes.Attachment{a}, nil
 		}
 	}
-	if first {
-		return nil // several loop devices of the source: none is provably ours
+	want := c.Key
+	if i == 0 {
+		want = c.Container()
 	}
 	devs, err := e.Qubes.Available(ctx, cands[0].Backend)
 	if err != nil {
-		return nil
+		return nil, err
 	}
+	var out []qubes.Attachment
 	for _, a := range cands {
 		for _, d := range devs {
-			if d.Port == a.Port && normDesc(d.Description) == normDesc(c.Key) {
-				return []qubes.Attachment{a}
+			if d.Port == a.Port && normDesc(d.Description) == normDesc(want) {
+				out = append(out, a)
 			}
 		}
 	}
-	return nil
+	return out, nil
 }
 
 func (e *Engine) shutdown(ctx context.Context, vm string) error {

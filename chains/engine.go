@@ -310,15 +310,17 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 	// Attachments that exist already mean an open or partially open chain.
 	prev := c.SourceVM
 	existing := false
-	for _, h := range c.Hops {
-		if wasRunning[h.VM] {
+	for i, h := range c.Hops {
+		if wasRunning[h.VM] && wasRunning[prev] {
 			atts, err := e.Qubes.Attached(ctx, h.VM)
 			if err != nil {
 				return fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
 			}
-			for _, a := range atts {
-				existing = existing || a.Backend == prev
+			mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), "")
+			if err != nil {
+				return fmt.Errorf("cannot list devices of %s: %w", prev, err)
 			}
+			existing = existing || len(mine) > 0
 		}
 		prev = h.VM
 	}

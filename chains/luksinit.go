@@ -122,7 +122,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	}
 	c := s.Chain
 	log := e.log().WithFields(logrus.Fields{"chain": c.Name, "op": "luks-init"})
-	steps := 3 + 2*len(c.Hops) + 1
+	steps := 4 + len(c.Hops) // check, build, one key per destination, container, done
 	step := 0
 	report := func(desc string, bytes, total int64) {
 		if progress != nil {
@@ -217,7 +217,6 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		return err
 	}
 	written = append(written, struct{ vm, path string }{c.SourceVM, c.Container()})
-	step = steps - 1
 	next("done")
 	log.Info("container created")
 	return nil

@@ -123,7 +123,10 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		if err != nil {
 			return nil, fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
 		}
-		mine := hopAttachments(atts, prev, i == 0)
+		mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), "")
+		if err != nil {
+			return nil, fmt.Errorf("cannot list devices of %s: %w", prev, err)
+		}
 		var devs []string
 		for _, a := range mine {
 			if a.FrontendDev != "" {

@@ -297,7 +297,10 @@ func (c *Client) RunJob(ctx context.Context, start Starter, progress func(JobInf
 				c.CancelJob(context.Background(), path)
 			}
 			ctx = context.Background()
-		case s := <-sigs:
+		case s, ok := <-sigs:
+			if !ok {
+				return JobResult{}, errors.New("the connection to the system bus closed")
+			}
 			if s.Path != path {
 				continue
 			}
@@ -340,7 +343,10 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent)) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case s := <-sigs:
+		case s, ok := <-sigs:
+			if !ok {
+				return errors.New("the connection to the system bus closed")
+			}
 			if s.Name != ChainInterface+".StateChanged" {
 				continue
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os/user"
+	"sort"
 	"sync"
 	"time"
 
@@ -175,8 +176,21 @@ func propMap(iface string, values map[string]any, constant ...string) prop.Map {
 }
 
 // update sets only the properties whose value changed: prop emits on every SetMust.
+// State and Step go last, so a client that reacts to them reads the other values new.
 func update(p *prop.Properties, iface string, values map[string]any) {
-	for k, v := range values {
+	keys := make([]string, 0, len(values))
+	for k := range values {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		last := func(k string) bool { return k == "State" || k == "Step" }
+		if last(keys[i]) != last(keys[j]) {
+			return !last(keys[i])
+		}
+		return keys[i] < keys[j]
+	})
+	for _, k := range keys {
+		v := values[k]
 		if cur, err := p.Get(iface, k); err == nil && fmt.Sprint(cur.Value()) == fmt.Sprint(v) {
 			continue
 		}

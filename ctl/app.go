@@ -1,0 +1,239 @@
+package ctl
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/godbus/dbus/v5"
+	"golang.org/x/sys/unix"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+// Exit statuses (docs/qcryptctl.md). status CHAIN exits with the number of missing steps.
+const (
+	ExitOK          = 0
+	ExitFailed      = 1
+	ExitUsage       = 2
+	ExitStatusError = 64 // status CHAIN could not tell (or the chain is in a strange state)
+	ExitNotRunning  = 69 // qcryptd is not running
+	ExitDenied      = 77 // caller not allowed
+)
+
+// API is what qcryptctl needs of qcryptd (*dbusapi.Client has it).
+type API interface {
+	ListChains(ctx context.Context) ([]dbusapi.ChainEntry, error)
+	Chain(ctx context.Context, name string) (dbusapi.ChainInfo, error)
+	Status(ctx context.Context, name string) (*chains.Status, error)
+	StatusAdhoc(ctx context.Context, spec dbusapi.Spec) (*chains.Status, error)
+	Discover(ctx context.Context) ([]dbusapi.Discovered, error)
+	Plan(ctx context.Context, op, name string, spec *dbusapi.Spec, options map[string]dbus.Variant) ([]dbusapi.PlanStep, error)
+	Reload(ctx context.Context) (int, error)
+	Check(ctx context.Context, target string) (bool, []string, error)
+	CloseAll(ctx context.Context, o chains.CloseOptions, stop bool) ([]dbus.ObjectPath, error)
+	Open(name string, o chains.OpenOptions) dbusapi.Starter
+	Close(name string, o chains.CloseOptions) dbusapi.Starter
+	OpenAdhoc(spec dbusapi.Spec, o chains.OpenOptions) dbusapi.Starter
+	CloseAdhoc(spec dbusapi.Spec, o chains.CloseOptions) dbusapi.Starter
+	LuksInit(spec dbusapi.Spec) dbusapi.Starter
+	RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error)
+	Watch(ctx context.Context, fn func(dbusapi.ChainEvent)) error
+	Disconnect() error
+}
+
+// app is one invocation.
+type app struct {
+	out, err  io.Writer
+	connect   func() (API, error)
+	api       API
+	tty       bool // out is a terminal: progress bars
+	ctx       context.Context
+	configDir string // for check without a daemon
+	session   func() (*dbus.Conn, error)
+}
+
+// Main runs qcryptctl.
+func Main(args []string, stdout, stderr io.Writer) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	a := &app{out: stdout, err: stderr, ctx: ctx, configDir: chains.DefaultConfigRoot, tty: isTerminal(stdout),
+		connect: func() (API, error) { return dbusapi.Connect() }, session: func() (*dbus.Conn, error) { return dbus.ConnectSessionBus() }}
+	return a.main(args[1:])
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+func (a *app) main(args []string) int {
+	if len(args) == 0 {
+		a.usage(a.err)
+		return ExitUsage
+	}
+	if args[0] == "-h" || args[0] == "--help" {
+		a.usage(a.out)
+		return ExitOK
+	}
+	c := lookup(args[0])
+	if c == nil {
+		fmt.Fprintf(a.err, "qcryptctl: unknown command %q\n\n", args[0])
+		a.usage(a.err)
+		return ExitUsage
+	}
+	p, err := parse(c, args[1:])
+	if err != nil {
+		fmt.Fprintf(a.err, "qcryptctl %s: %v\nusage: qcryptctl %s %s\n", c.name, err, c.name, c.args)
+		return ExitUsage
+	}
+	if p.help {
+		a.commandHelp(a.out, c)
+		return ExitOK
+	}
+	defer func() {
+		if a.api != nil {
+			a.api.Disconnect()
+		}
+	}()
+	return c.run(a, p)
+}
+
+// client connects on first use and maps "not running" to its exit status.
+func (a *app) client() (API, int) {
+	if a.api != nil {
+		return a.api, ExitOK
+	}
+	api, err := a.connect()
+	if err != nil {
+		return nil, a.fail(err)
+	}
+	a.api = api
+	return api, ExitOK
+}
+
+// fail prints an error and returns the matching exit status.
+func (a *app) fail(err error) int {
+	fmt.Fprintln(a.err, "qcryptctl:", err)
+	switch {
+	case errors.Is(err, dbusapi.ErrNotRunning):
+		return ExitNotRunning
+	case dbusapi.IsAccessDenied(err):
+		return ExitDenied
+	}
+	return ExitFailed
+}
+
+// parsed is a command line after option parsing.
+type parsed struct {
+	flags  map[string]bool
+	values map[string][]string // arity 1: one per use; arity 2: pairs flattened
+	args   []string
+	help   bool
+}
+
+func (p *parsed) value(name string) string {
+	if v := p.values[name]; len(v) > 0 {
+		return v[len(v)-1]
+	}
+	return ""
+}
+
+// parse accepts options anywhere (as the original), "--" to end them.
+func parse(c *command, args []string) (*parsed, error) {
+	p := &parsed{flags: map[string]bool{}, values: map[string][]string{}}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			p.args = append(p.args, args[i+1:]...)
+			break
+		}
+		if a == "-h" || a == "--help" {
+			p.help = true
+			continue
+		}
+		if !strings.HasPrefix(a, "-") || a == "-" {
+			p.args = append(p.args, a)
+			continue
+		}
+		name, val, hasVal := strings.Cut(a, "=")
+		var spec *flagSpec
+		for j := range c.flags {
+			if c.flags[j].long == name || c.flags[j].short != "" && c.flags[j].short == name {
+				spec = &c.flags[j]
+			}
+		}
+		if spec == nil {
+			return nil, fmt.Errorf("unknown option %s", name)
+		}
+		switch spec.arity {
+		case 0:
+			if hasVal {
+				return nil, fmt.Errorf("%s takes no value", name)
+			}
+			p.flags[spec.long] = true
+		default:
+			var vals []string
+			if hasVal {
+				vals = append(vals, val)
+			}
+			for len(vals) < spec.arity {
+				if i+1 >= len(args) {
+					return nil, fmt.Errorf("%s needs %d value(s)", name, spec.arity)
+				}
+				i++
+				vals = append(vals, args[i])
+			}
+			if !spec.repeat && len(p.values[spec.long]) > 0 {
+				return nil, fmt.Errorf("%s given twice", name)
+			}
+			p.values[spec.long] = append(p.values[spec.long], vals...)
+		}
+	}
+	return p, nil
+}
+
+// spec builds an ad-hoc chain from SOURCE_VM FILE KEY DST... and the options.
+func (p *parsed) spec(rw bool) (dbusapi.Spec, error) {
+	if len(p.args) < 4 {
+		return dbusapi.Spec{}, errors.New("needs SOURCE_VM FILE KEY DST...")
+	}
+	s := dbusapi.Spec{SourceVM: p.args[0], File: p.args[1], Key: p.args[2], Destinations: p.args[3:],
+		MountPoint: p.value("--mp"), ReadOnly: !rw || p.flags["--ro"], Autostart: p.flags["--autostart"]}
+	pairs := func(name string) map[string]string {
+		v := p.values[name]
+		if len(v) == 0 {
+			return nil
+		}
+		m := map[string]string{}
+		for i := 0; i+1 < len(v); i += 2 {
+			m[v[i]] = v[i+1]
+		}
+		return m
+	}
+	s.Inject, s.CryptOptions = pairs("--inj"), pairs("--cy")
+	for vm, f := range s.Inject {
+		if !strings.HasPrefix(f, "/") && !strings.HasPrefix(f, "keystore://") {
+			return s, fmt.Errorf("--inj %s: the key file must be an absolute dom0 path", vm)
+		}
+	}
+	return s, nil
+}
+
+// printJSON writes v as indented JSON.
+func (a *app) printJSON(v any) {
+	enc := json.NewEncoder(a.out)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}

@@ -1,0 +1,584 @@
+package ctl
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+// chainJSON is the JSON form of a chain (list, status).
+type chainJSON struct {
+	Name       string   `json:"name"`
+	State      string   `json:"state"`
+	Waiting    string   `json:"waiting,omitempty"`
+	Step       uint32   `json:"step,omitempty"`
+	Steps      uint32   `json:"steps,omitempty"`
+	LastError  string   `json:"last_error,omitempty"`
+	Target     string   `json:"target"`
+	Layers     []string `json:"layers"`
+	MountPoint string   `json:"mount_point,omitempty"`
+	Managed    bool     `json:"managed"`
+	ReadOnly   bool     `json:"read_only"`
+	Autostart  bool     `json:"autostart"`
+}
+
+func toJSON(c dbusapi.ChainInfo) chainJSON {
+	return chainJSON{Name: c.Name, State: c.State, Waiting: c.Waiting, Step: c.Step, Steps: c.Steps, LastError: c.LastError,
+		Target: c.Target, Layers: c.Layers, MountPoint: c.MountPoint, Managed: c.Managed, ReadOnly: c.ReadOnly, Autostart: c.Autostart}
+}
+
+func (a *app) chains(api API) ([]dbusapi.ChainInfo, error) {
+	entries, err := api.ListChains(a.ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []dbusapi.ChainInfo
+	for _, e := range entries {
+		ci, err := api.Chain(a.ctx, e.Name)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ci)
+	}
+	return out, nil
+}
+
+func info(c dbusapi.ChainInfo) string {
+	switch {
+	case c.State == "opening" || c.State == "closing":
+		return fmt.Sprintf("step %d of %d", c.Step, c.Steps)
+	case c.Waiting != "":
+		return c.Waiting
+	case c.LastError != "":
+		return c.LastError
+	case c.State == "open" && c.MountPoint != "":
+		return "mounted on " + c.MountPoint + " in " + c.Target
+	}
+	return ""
+}
+
+func cmdList(a *app, p *parsed) int {
+	if len(p.args) != 0 {
+		return a.usageError("list takes no arguments")
+	}
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	cs, err := a.chains(api)
+	if err != nil {
+		return a.fail(err)
+	}
+	if p.flags["--json"] {
+		out := []chainJSON{}
+		for _, c := range cs {
+			out = append(out, toJSON(c))
+		}
+		a.printJSON(out)
+		return ExitOK
+	}
+	a.chainTable(cs)
+	return ExitOK
+}
+
+func (a *app) chainTable(cs []dbusapi.ChainInfo) {
+	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CHAIN\tSTATE\tTARGET\tLAYERS\tINFO")
+	for _, c := range cs {
+		name := c.Name
+		if !c.Managed {
+			name += " (ad-hoc)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, c.State, c.Target, strings.Join(c.Layers, " > "), info(c))
+	}
+	tw.Flush()
+	if len(cs) == 0 {
+		fmt.Fprintln(a.out, "(no chains)")
+	}
+}
+
+func (a *app) usageError(msg string) int {
+	fmt.Fprintln(a.err, "qcryptctl:", msg)
+	return ExitUsage
+}
+
+func cmdStatus(a *app, p *parsed) int {
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	var st *chains.Status
+	var err error
+	switch len(p.args) {
+	case 0:
+		return a.overview(api, p.flags["--json"])
+	case 1:
+		st, err = api.Status(a.ctx, p.args[0])
+	default:
+		spec, serr := p.spec(true)
+		if serr != nil {
+			return a.usageError(serr.Error())
+		}
+		st, err = api.StatusAdhoc(a.ctx, spec)
+	}
+	if err != nil {
+		a.fail(err)
+		return ExitStatusError
+	}
+	if p.flags["--json"] {
+		a.printJSON(st)
+	} else {
+		a.printStatus(st)
+	}
+	if st.Problem != "" {
+		return ExitStatusError
+	}
+	return min(st.Missing, ExitStatusError-1)
+}
+
+func yesno(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func (a *app) printStatus(st *chains.Status) {
+	state := "open"
+	switch {
+	case st.Problem != "":
+		state = "strange: " + st.Problem
+	case st.Closed():
+		state = "closed"
+	case !st.Open():
+		state = "partially open"
+	}
+	fmt.Fprintf(a.out, "%s: %s (%d steps missing)\n", st.Chain, state, st.Missing)
+	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  QUBE\tRUNNING\tATTACHED\tKEY\tDECRYPTED\tMOUNTED")
+	src := map[string]string{chains.SourceLoop: "source: loop device set up", chains.SourceFile: "source: file, no loop device",
+		chains.SourceMissing: "source: container missing", chains.SourceUnknown: "source: unknown"}[st.Source]
+	fmt.Fprintf(tw, "  %s\t%s\t%s\t\t\t\n", st.SourceVM, yesno(st.SourceRunning), src)
+	for _, h := range st.Hops {
+		if !h.Running {
+			fmt.Fprintf(tw, "  %s\tno\t-\t-\t-\t-\n", h.VM)
+			continue
+		}
+		att := yesno(h.Attached)
+		if h.FrontendDev != "" {
+			att += " (" + h.FrontendDev + ")"
+		}
+		fmt.Fprintf(tw, "  %s\tyes\t%s\t%s\t%s\t%s\n", h.VM, att, yesno(h.KeyPresent), yesno(h.Decrypted), yesno(h.Mounted))
+	}
+	tw.Flush()
+}
+
+type discoveredJSON struct {
+	Line     string   `json:"line"`
+	SourceVM string   `json:"source_vm"`
+	File     string   `json:"file,omitempty"`
+	Key      string   `json:"key,omitempty"`
+	Qubes    []string `json:"qubes"`
+	ReadOnly bool     `json:"read_only"`
+	Managed  string   `json:"managed_by,omitempty"`
+	Command  string   `json:"status_command"`
+}
+
+func discoveredToJSON(d dbusapi.Discovered) discoveredJSON {
+	var vms []string
+	for _, h := range d.Hops {
+		vms = append(vms, h.VM)
+	}
+	key, file := d.Key, d.File
+	if key == "" {
+		key = "UNKNOWN-KEY"
+	}
+	if file == "" {
+		file = "UNKNOWN-FILE"
+	}
+	return discoveredJSON{Line: d.String(), SourceVM: d.SourceVM, File: d.File, Key: d.Key, Qubes: vms, ReadOnly: d.ReadOnly,
+		Managed: d.Managed, Command: fmt.Sprintf("qcryptctl status -- %s %s %s %s", d.SourceVM, file, key, strings.Join(vms, " "))}
+}
+
+func (a *app) overview(api API, asJSON bool) int {
+	cs, err := a.chains(api)
+	if err != nil {
+		return a.fail(err)
+	}
+	found, err := api.Discover(a.ctx)
+	if err != nil {
+		return a.fail(err)
+	}
+	var unmanaged []discoveredJSON
+	for _, d := range found {
+		if d.Managed == "" {
+			unmanaged = append(unmanaged, discoveredToJSON(d))
+		}
+	}
+	if asJSON {
+		out := struct {
+			Chains    []chainJSON      `json:"chains"`
+			Unmanaged []discoveredJSON `json:"unmanaged"`
+		}{[]chainJSON{}, []discoveredJSON{}}
+		for _, c := range cs {
+			out.Chains = append(out.Chains, toJSON(c))
+		}
+		out.Unmanaged = append(out.Unmanaged, unmanaged...)
+		a.printJSON(out)
+		return ExitOK
+	}
+	a.chainTable(cs)
+	if len(unmanaged) > 0 {
+		fmt.Fprintln(a.out, "\nOpen chains qcryptd does not manage:")
+		for _, u := range unmanaged {
+			fmt.Fprintf(a.out, "  %s\n    %s\n", u.Line, u.Command)
+		}
+	}
+	return ExitOK
+}
+
+// job runs a job with progress on a terminal (a bar) or as plain lines.
+func (a *app) job(api API, start dbusapi.Starter, asJSON bool) int {
+	lastStep := -1
+	progress := func(j dbusapi.JobInfo) {
+		if asJSON || j.Steps == 0 || j.Step == 0 {
+			return
+		}
+		if a.tty {
+			bar := progressBar(j)
+			fmt.Fprintf(a.out, "\r\033[K%s", bar)
+			return
+		}
+		if int(j.Step) != lastStep {
+			lastStep = int(j.Step)
+			fmt.Fprintf(a.out, "[%d/%d] %s\n", j.Step, j.Steps, j.StepDescription)
+		}
+	}
+	res, err := api.RunJob(a.ctx, start, progress)
+	if a.tty && !asJSON {
+		fmt.Fprint(a.out, "\r\033[K")
+	}
+	if err != nil {
+		return a.fail(err)
+	}
+	if asJSON {
+		a.printJSON(struct {
+			Success bool   `json:"success"`
+			Message string `json:"message"`
+		}{res.Success, res.Message})
+	} else if res.Success {
+		fmt.Fprintln(a.out, res.Message)
+	} else {
+		fmt.Fprintln(a.err, "qcryptctl:", res.Message)
+	}
+	if !res.Success {
+		return ExitFailed
+	}
+	return ExitOK
+}
+
+func progressBar(j dbusapi.JobInfo) string {
+	const width = 20
+	frac := float64(j.Step-1) / float64(j.Steps)
+	extra := ""
+	if j.TotalBytes > 0 {
+		frac += float64(j.Bytes) / float64(j.TotalBytes) / float64(j.Steps)
+		extra = fmt.Sprintf(" %s/%s", mib(j.Bytes), mib(j.TotalBytes))
+	}
+	n := int(frac * width)
+	n = max(0, min(width, n))
+	return fmt.Sprintf("[%s%s] %d/%d %s%s", strings.Repeat("#", n), strings.Repeat(".", width-n), j.Step, j.Steps, j.StepDescription, extra)
+}
+
+func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+func cmdOpen(a *app, p *parsed) int {
+	o := chains.OpenOptions{Force: p.flags["--force"], Autostart: p.flags["--autostart"]}
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	switch len(p.args) {
+	case 0:
+		return a.usageError("open needs a chain or SOURCE_VM FILE KEY DST...")
+	case 1:
+		if len(p.values) > 0 || p.flags["--ro"] {
+			return a.usageError("--mp, --ro, --inj and --cy are for ad-hoc chains; a configured chain has them in its file")
+		}
+		return a.job(api, api.Open(p.args[0], o), p.flags["--json"])
+	}
+	spec, err := p.spec(true)
+	if err != nil {
+		return a.usageError(err.Error())
+	}
+	return a.job(api, api.OpenAdhoc(spec, o), p.flags["--json"])
+}
+
+func closeOptions(p *parsed) chains.CloseOptions {
+	return chains.CloseOptions{Force: p.flags["--force"], ShutdownTarget: p.flags["--shutdown-target"], Eject: p.flags["--eject"]}
+}
+
+func cmdClose(a *app, p *parsed) int {
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	switch len(p.args) {
+	case 0:
+		return a.usageError("close needs a chain or SOURCE_VM FILE KEY DST...")
+	case 1:
+		return a.job(api, api.Close(p.args[0], closeOptions(p)), p.flags["--json"])
+	}
+	spec, err := p.spec(true)
+	if err != nil {
+		return a.usageError(err.Error())
+	}
+	return a.job(api, api.CloseAdhoc(spec, closeOptions(p)), p.flags["--json"])
+}
+
+func cmdLuksInit(a *app, p *parsed) int {
+	spec, err := p.spec(true)
+	if err != nil {
+		return a.usageError(err.Error())
+	}
+	if p.value("--keystore") != "" {
+		return a.usageError("--keystore: the blib key store is not supported; use --bak for key backups")
+	}
+	if v := p.value("--size"); v != "" {
+		n, err := chains.ParseSize(v)
+		if err != nil {
+			return a.usageError("--size: " + err.Error())
+		}
+		spec.Size = uint64(n)
+	}
+	if v := p.value("--ks"); v != "" {
+		var n uint32
+		if _, err := fmt.Sscan(v, &n); err != nil || n == 0 {
+			return a.usageError("--ks needs a number of bytes")
+		}
+		spec.KeySize = n
+	}
+	spec.WorkDir, spec.BackupDir, spec.FS = p.value("--wd"), p.value("--bak"), p.value("--fs")
+	spec.KeyEntropy, spec.ContainerEntropy = p.value("--enkey"), p.value("--encon")
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	return a.job(api, api.LuksInit(spec), p.flags["--json"])
+}
+
+func cmdPlan(a *app, p *parsed) int {
+	if len(p.args) < 2 || p.args[0] != "open" && p.args[0] != "close" {
+		return a.usageError("plan needs open|close and a chain or SOURCE_VM FILE KEY DST...")
+	}
+	op := p.args[0]
+	p.args = p.args[1:]
+	options := map[string]dbus.Variant{}
+	if op == "open" {
+		options = dbusapi.OpenOptionsToMap(chains.OpenOptions{Force: p.flags["--force"], Autostart: p.flags["--autostart"]})
+	} else {
+		options = dbusapi.CloseOptionsToMap(closeOptions(p))
+	}
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	var steps []dbusapi.PlanStep
+	var err error
+	if len(p.args) == 1 {
+		steps, err = api.Plan(a.ctx, op, p.args[0], nil, options)
+	} else {
+		spec, serr := p.spec(true)
+		if serr != nil {
+			return a.usageError(serr.Error())
+		}
+		steps, err = api.Plan(a.ctx, op, "", &spec, options)
+	}
+	if err != nil {
+		return a.fail(err)
+	}
+	if p.flags["--json"] {
+		type step struct {
+			VM   string `json:"vm"`
+			Step string `json:"step"`
+		}
+		out := []step{}
+		for _, s := range steps {
+			out = append(out, step{s.VM, s.Desc})
+		}
+		a.printJSON(out)
+		return ExitOK
+	}
+	for i, s := range steps {
+		fmt.Fprintf(a.out, "%2d. [%s] %s\n", i+1, s.VM, s.Desc)
+	}
+	return ExitOK
+}
+
+func cmdCheck(a *app, p *parsed) int {
+	if len(p.args) > 1 {
+		return a.usageError("check takes at most one TARGET or DIR")
+	}
+	target := ""
+	if len(p.args) == 1 {
+		target = p.args[0]
+	}
+	var ok bool
+	var errs []string
+	if api, err := a.connect(); err == nil {
+		a.api = api
+		if ok, errs, err = api.Check(a.ctx, target); err != nil {
+			return a.fail(err)
+		}
+	} else {
+		// No daemon: the same checks, locally.
+		var out strings.Builder
+		ok = chains.Check(&out, target, a.configDir) == 0
+		if !ok {
+			for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+				if e, found := strings.CutPrefix(l, "ERROR: "); found {
+					errs = append(errs, e)
+				}
+			}
+		}
+	}
+	if p.flags["--json"] {
+		if errs == nil {
+			errs = []string{}
+		}
+		a.printJSON(struct {
+			OK     bool     `json:"ok"`
+			Errors []string `json:"errors"`
+		}{ok, errs})
+	} else if ok {
+		fmt.Fprintln(a.out, "All good.")
+	} else {
+		for _, e := range errs {
+			fmt.Fprintln(a.out, "ERROR:", e)
+		}
+	}
+	if !ok {
+		return ExitFailed
+	}
+	return ExitOK
+}
+
+func cmdReload(a *app, p *parsed) int {
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	n, err := api.Reload(a.ctx)
+	if err != nil {
+		return a.fail(err)
+	}
+	if p.flags["--json"] {
+		a.printJSON(map[string]int{"chains": n})
+	} else {
+		fmt.Fprintf(a.out, "Reloaded: %d chains configured.\n", n)
+	}
+	return ExitOK
+}
+
+func cmdCloseAll(a *app, p *parsed) int {
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	paths, err := api.CloseAll(a.ctx, closeOptions(p), p.flags["--stop"])
+	if err != nil {
+		return a.fail(err)
+	}
+	type result struct {
+		Job     string `json:"job"`
+		Success bool   `json:"success"`
+		Message string `json:"message"`
+	}
+	results := []result{}
+	failed := false
+	for _, path := range paths {
+		path := path
+		res, err := api.RunJob(a.ctx, func(context.Context) (dbus.ObjectPath, error) { return path, nil }, nil)
+		if err != nil {
+			// With --stop the daemon may be gone before the last signal.
+			res = dbusapi.JobResult{Success: p.flags["--stop"], Message: err.Error()}
+		}
+		failed = failed || !res.Success
+		results = append(results, result{string(path), res.Success, res.Message})
+	}
+	if p.flags["--json"] {
+		a.printJSON(results)
+	} else {
+		for _, r := range results {
+			fmt.Fprintf(a.out, "%s: %s\n", r.Job, r.Message)
+		}
+		fmt.Fprintf(a.out, "%d chains closed.\n", len(results))
+	}
+	if failed {
+		return ExitFailed
+	}
+	return ExitOK
+}
+
+func cmdWatch(a *app, p *parsed) int {
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	err := api.Watch(a.ctx, func(ev dbusapi.ChainEvent) {
+		if p.flags["--json"] {
+			a.printJSON(struct {
+				Time     string `json:"time"`
+				Chain    string `json:"chain"`
+				State    string `json:"state"`
+				Previous string `json:"previous"`
+				Reason   string `json:"reason"`
+			}{time.Now().UTC().Format(time.RFC3339), ev.Chain, ev.State, ev.Previous, ev.Reason})
+			return
+		}
+		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", time.Now().Format("15:04:05"), ev.Chain, ev.Previous, ev.State, ev.Reason)
+	})
+	if err != nil {
+		return a.fail(err)
+	}
+	return ExitOK
+}
+
+func cmdHelp(a *app, p *parsed) int {
+	if len(p.args) == 1 && p.args[0] == "--markdown" || p.flags["--markdown"] {
+		fmt.Fprint(a.out, Markdown())
+		return ExitOK
+	}
+	if len(p.args) == 0 {
+		a.usage(a.out)
+		return ExitOK
+	}
+	c := lookup(p.args[0])
+	if c == nil {
+		return a.usageError("no command " + p.args[0])
+	}
+	a.commandHelp(a.out, c)
+	return ExitOK
+}
+
+func cmdCompletion(a *app, p *parsed) int {
+	if len(p.args) != 1 {
+		return a.usageError("completion needs bash or zsh")
+	}
+	switch p.args[0] {
+	case "bash":
+		fmt.Fprint(a.out, bashCompletion())
+	case "zsh":
+		fmt.Fprint(a.out, zshCompletion())
+	default:
+		return a.usageError("completion needs bash or zsh")
+	}
+	return ExitOK
+}

@@ -1,0 +1,91 @@
+// Package ctl is qcryptctl: the command-line client of qcryptd. Commands, their help,
+// the generated docs page and the shell completions all come from the table below.
+package ctl
+
+// command describes one qcryptctl command.
+type command struct {
+	name    string
+	args    string // synopsis after the name
+	summary string
+	help    string
+	flags   []flagSpec
+	run     func(a *app, p *parsed) int
+}
+
+// flagSpec is an option: arity 0 (switch), 1 or 2 (values); repeatable options collect.
+type flagSpec struct {
+	long, short string
+	arity       int
+	repeat      bool
+	help        string
+}
+
+var (
+	fJSON     = flagSpec{long: "--json", help: "print JSON (schema in docs/qcryptctl.md) instead of text"}
+	fForce    = flagSpec{long: "--force", help: "open: close a partially open chain first; close: shut down intermediate qubes whose layer cannot be closed"}
+	fShutdown = flagSpec{long: "--shutdown-target", help: "close: also shut down the target if its layer cannot be closed"}
+	fEject    = flagSpec{long: "--eject", help: "close: also unmount the source device in the source qube"}
+	fAuto     = flagSpec{long: "--autostart", short: "-a", help: "start every qube of the chain (default: intermediates only)"}
+	fMP       = flagSpec{long: "--mp", arity: 1, help: "mount the plaintext at this path in the target"}
+	fRO       = flagSpec{long: "--ro", help: "read-only everywhere (ad-hoc chains are read-write by default, as the original)"}
+	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none"}
+	fCy       = flagSpec{long: "--cy", arity: 2, repeat: true, help: "VM OPTIONS: extra cryptsetup options for VM"}
+	fStop     = flagSpec{long: "--stop", help: "close-all: stop qcryptd afterwards"}
+)
+
+var adhocFlags = []flagSpec{fAuto, fMP, fRO, fInj, fCy}
+
+var commands []*command
+
+func init() {
+	commands = []*command{
+		{name: "list", summary: "list the chains qcryptd manages", flags: []flagSpec{fJSON}, run: cmdList,
+			help: "Lists configured and ad-hoc chains with their state, target and layers."},
+		{name: "status", args: "[CHAIN | SOURCE_VM FILE KEY DST...]", summary: "show chains, or one chain hop by hop", run: cmdStatus,
+			flags: append([]flagSpec{fJSON}, fMP),
+			help: "Without arguments: every configured chain and every chain open on the system that qcryptd does not manage.\n" +
+				"With a chain: its facts hop by hop; the exit status is the number of steps missing to open it (0 = open)."},
+		{name: "open", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "open a chain", run: cmdOpen,
+			flags: append([]flagSpec{fJSON, fForce}, adhocFlags...),
+			help: "Opens a configured chain, or an ad-hoc one given as the original qcrypt's arguments: the container FILE in\n" +
+				"SOURCE_VM, key id KEY, destination qubes in decryption order. Shows progress; Ctrl-C cancels (the open is rolled back)."},
+		{name: "close", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "close a chain", run: cmdClose,
+			flags: []flagSpec{fJSON, fForce, fShutdown, fEject},
+			help:  "Closes a chain in reverse order. Never detaches from a qube that is down, never shuts the target down\nunless --shutdown-target."},
+		{name: "luks-init", args: "[OPTIONS] SOURCE_VM FILE KEY DST...", summary: "create a new container and its keys", run: cmdLuksInit,
+			flags: []flagSpec{fJSON, fAuto, fCy,
+				{long: "--size", arity: 1, help: "container size, e.g. 1G (default 1G)"},
+				{long: "--wd", arity: 1, help: "dom0 working directory (default /tmp)"},
+				{long: "--ks", arity: 1, help: "key size in bytes (default 100)"},
+				{long: "--bak", arity: 1, help: "keep key backups <VM>_<KEY> in this dom0 directory (mode 0600)"},
+				{long: "--keystore", arity: 1, help: "not supported: the blib key store"},
+				{long: "--fs", arity: 1, help: "btrfs (default, zstd compression) or ext4"},
+				{long: "--enkey", arity: 1, help: "entropy for keys (default /dev/random)"},
+				{long: "--encon", arity: 1, help: "entropy for the container (default /dev/urandom)"}},
+			help: "Builds the container in dom0 (one LUKS2 layer per destination, the outermost for the first), copies the keys\n" +
+				"into the destinations and the container into SOURCE_VM. Never overwrites a file or a key."},
+		{name: "plan", args: "open|close CHAIN | open|close [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "print the steps an open or close would run", run: cmdPlan,
+			flags: append([]flagSpec{fJSON, fForce, fShutdown, fEject}, adhocFlags...), help: "A dry run: nothing is changed."},
+		{name: "check", args: "[TARGET|DIR]", summary: "validate a configuration target", run: cmdCheck, flags: []flagSpec{fJSON},
+			help: "Asks qcryptd, or checks locally when it is not running. Prints \"All good.\" or every error."},
+		{name: "reload", summary: "make qcryptd re-read its configuration", run: cmdReload, flags: []flagSpec{fJSON},
+			help: "Unchanged open chains are left alone; removed ones are closed."},
+		{name: "close-all", summary: "close every open chain", run: cmdCloseAll, flags: []flagSpec{fJSON, fForce, fShutdown, fStop}},
+		{name: "watch", summary: "follow chain state changes", run: cmdWatch, flags: []flagSpec{fJSON}, help: "Prints one line per change until interrupted."},
+		{name: "notify-agent", summary: "post desktop notifications for chain events (run in the desktop session)", run: cmdNotifyAgent,
+			help: "Listens to qcryptd on the system bus and notifies through org.freedesktop.Notifications on the session bus:\n" +
+				"a chain opened (and where), closed, failed (critical) or its device appeared. One notification per chain."},
+		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", run: cmdCompletion},
+		{name: "help", args: "[COMMAND]", summary: "show help", run: cmdHelp,
+			flags: []flagSpec{{long: "--markdown", help: "print docs/qcryptctl.md"}}},
+	}
+}
+
+func lookup(name string) *command {
+	for _, c := range commands {
+		if c.name == name {
+			return c
+		}
+	}
+	return nil
+}

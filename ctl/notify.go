@@ -1,0 +1,117 @@
+package ctl
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+// notifier posts org.freedesktop.Notifications for chain events: one notification per
+// chain that replaces the previous one, and at most one per chain per MinGap (a burst
+// shows its last event).
+type notifier struct {
+	conn   *dbus.Conn
+	chain  func(name string) (dbusapi.ChainInfo, error)
+	MinGap time.Duration
+
+	mu      sync.Mutex
+	ids     map[string]uint32
+	last    map[string]time.Time
+	pending map[string]*time.Timer
+}
+
+type note struct {
+	summary, body string
+	critical      bool
+}
+
+func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error)) *notifier {
+	return &notifier{conn: conn, chain: chain, MinGap: 2 * time.Second, ids: map[string]uint32{}, last: map[string]time.Time{}, pending: map[string]*time.Timer{}}
+}
+
+// describe turns a state change into a notification, or nil for changes not worth one.
+func (n *notifier) describe(ev dbusapi.ChainEvent) *note {
+	switch {
+	case ev.State == "open":
+		body := "The chain is open."
+		if ci, err := n.chain(ev.Chain); err == nil && ci.MountPoint != "" {
+			body = fmt.Sprintf("Mounted on %s in %s.", ci.MountPoint, ci.Target)
+		}
+		return &note{summary: "qcrypt: " + ev.Chain + " opened", body: body}
+	case ev.State == "failed" || ev.State == "degraded":
+		return &note{summary: "qcrypt: " + ev.Chain + " " + ev.State, body: ev.Reason, critical: true}
+	case ev.Previous == "closing" && (ev.State == "closed" || ev.State == "waiting"):
+		return &note{summary: "qcrypt: " + ev.Chain + " closed", body: ev.Reason}
+	case ev.State == "opening" && strings.Contains(ev.Reason, "a device appeared"):
+		return &note{summary: "qcrypt: device for " + ev.Chain + " appeared", body: "Opening the chain."}
+	}
+	return nil
+}
+
+func (n *notifier) handle(ev dbusapi.ChainEvent) {
+	nt := n.describe(ev)
+	if nt == nil {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if t := n.pending[ev.Chain]; t != nil {
+		t.Stop()
+		delete(n.pending, ev.Chain)
+	}
+	if wait := n.MinGap - time.Since(n.last[ev.Chain]); wait > 0 && !nt.critical {
+		n.pending[ev.Chain] = time.AfterFunc(wait, func() {
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			delete(n.pending, ev.Chain)
+			n.send(ev.Chain, nt)
+		})
+		return
+	}
+	n.send(ev.Chain, nt)
+}
+
+// send calls Notify (n.mu held).
+func (n *notifier) send(chain string, nt *note) {
+	urgency := byte(1)
+	timeout := int32(-1)
+	if nt.critical {
+		urgency, timeout = 2, 0
+	}
+	hints := map[string]dbus.Variant{"urgency": dbus.MakeVariant(urgency), "desktop-entry": dbus.MakeVariant("qcryptctl-notify-agent")}
+	var id uint32
+	err := n.conn.Object("org.freedesktop.Notifications", "/org/freedesktop/Notifications").Call(
+		"org.freedesktop.Notifications.Notify", 0, "qcrypt", n.ids[chain], "drive-harddisk", nt.summary, nt.body,
+		[]string{}, hints, timeout).Store(&id)
+	if err == nil {
+		n.ids[chain] = id
+	}
+	n.last[chain] = time.Now()
+}
+
+func cmdNotifyAgent(a *app, p *parsed) int {
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	sess, err := a.session()
+	if err != nil {
+		return a.fail(fmt.Errorf("cannot connect to the session bus: %w", err))
+	}
+	defer sess.Close()
+	n := newNotifier(sess, func(name string) (dbusapi.ChainInfo, error) {
+		ctx, cancel := context.WithTimeout(a.ctx, 5*time.Second)
+		defer cancel()
+		return api.Chain(ctx, name)
+	})
+	if err := api.Watch(a.ctx, n.handle); err != nil {
+		return a.fail(err)
+	}
+	return ExitOK
+}
