@@ -28,7 +28,7 @@ build:
 demo: build
 	BIN=$(BIN) ./ctl/demo.sh
 
-check: fmt-check vet staticcheck test fuzz
+check: fmt-check vet staticcheck test fuzz demo
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -68,10 +68,17 @@ deps:
 	else echo "deps: missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi
 	$(GO) mod download
 
-# Installs qcryptd and its systemd unit, D-Bus policy and activation file
+# Installs qcryptd, qcryptctl, the systemd unit, D-Bus policy and activation file, the
+# notification agent's autostart entry and user unit, and shell completions
 # (systemctl enable --now qcryptd afterwards). DESTDIR and PREFIX as usual.
 install: build
 	install -D -m 0755 $(BIN)/qcryptd $(DESTDIR)$(BINDIR)/qcryptd
+	install -D -m 0755 $(BIN)/qcryptctl $(DESTDIR)$(BINDIR)/qcryptctl
+	install -D -m 0644 systemd/qcryptctl-notify-agent.desktop $(DESTDIR)/etc/xdg/autostart/qcryptctl-notify-agent.desktop
+	install -D -m 0644 systemd/qcryptctl-notify-agent.service $(DESTDIR)$(PREFIX)/lib/systemd/user/qcryptctl-notify-agent.service
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/bash-completion/completions $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+	$(BIN)/qcryptctl completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/qcryptctl
+	$(BIN)/qcryptctl completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_qcryptctl
 	install -D -m 0644 systemd/qcryptd.service $(DESTDIR)$(UNITDIR)/qcryptd.service
 	install -D -m 0644 systemd/org.qcrypt.Qcryptd1.conf $(DESTDIR)$(DBUSDIR)/system.d/org.qcrypt.Qcryptd1.conf
 	install -D -m 0644 systemd/org.qcrypt.Qcryptd1.service $(DESTDIR)$(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service

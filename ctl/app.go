@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/godbus/dbus/v5"
 	"golang.org/x/sys/unix"
@@ -58,6 +59,7 @@ type app struct {
 	ctx       context.Context
 	configDir string // for check without a daemon
 	session   func() (*dbus.Conn, error)
+	now       func() time.Time
 }
 
 // Main runs qcryptctl.
@@ -65,7 +67,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	a := &app{out: stdout, err: stderr, ctx: ctx, configDir: chains.DefaultConfigRoot, tty: isTerminal(stdout),
-		connect: func() (API, error) { return dbusapi.Connect() }, session: func() (*dbus.Conn, error) { return dbus.ConnectSessionBus() }}
+		connect: func() (API, error) { return dbusapi.Connect() }, session: func() (*dbus.Conn, error) { return dbus.ConnectSessionBus() },
+		now: time.Now}
 	return a.main(args[1:])
 }
 
@@ -207,7 +210,7 @@ func parse(c *command, args []string) (*parsed, error) {
 // spec builds an ad-hoc chain from SOURCE_VM FILE KEY DST... and the options.
 func (p *parsed) spec(rw bool) (dbusapi.Spec, error) {
 	if len(p.args) < 4 {
-		return dbusapi.Spec{}, errors.New("needs SOURCE_VM FILE KEY DST...")
+		return dbusapi.Spec{}, errors.New("needs SOURCE_VM FILE KEY DST (one or more destinations)")
 	}
 	s := dbusapi.Spec{SourceVM: p.args[0], File: p.args[1], Key: p.args[2], Destinations: p.args[3:],
 		MountPoint: p.value("--mp"), ReadOnly: !rw || p.flags["--ro"], Autostart: p.flags["--autostart"]}

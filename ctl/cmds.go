@@ -2,6 +2,7 @@ package ctl
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -380,7 +381,7 @@ func cmdPlan(a *app, p *parsed) int {
 	}
 	op := p.args[0]
 	p.args = p.args[1:]
-	options := map[string]dbus.Variant{}
+	var options map[string]dbus.Variant
 	if op == "open" {
 		options = dbusapi.OpenOptionsToMap(chains.OpenOptions{Force: p.flags["--force"], Autostart: p.flags["--autostart"]})
 	} else {
@@ -533,17 +534,19 @@ func cmdWatch(a *app, p *parsed) int {
 		return code
 	}
 	err := api.Watch(a.ctx, func(ev dbusapi.ChainEvent) {
+		now := a.now()
 		if p.flags["--json"] {
-			a.printJSON(struct {
+			line, _ := json.Marshal(struct {
 				Time     string `json:"time"`
 				Chain    string `json:"chain"`
 				State    string `json:"state"`
 				Previous string `json:"previous"`
 				Reason   string `json:"reason"`
-			}{time.Now().UTC().Format(time.RFC3339), ev.Chain, ev.State, ev.Previous, ev.Reason})
+			}{now.UTC().Format(time.RFC3339), ev.Chain, ev.State, ev.Previous, ev.Reason})
+			fmt.Fprintf(a.out, "%s\n", line)
 			return
 		}
-		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", time.Now().Format("15:04:05"), ev.Chain, ev.Previous, ev.State, ev.Reason)
+		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", now.Format("15:04:05"), ev.Chain, ev.Previous, ev.State, ev.Reason)
 	})
 	if err != nil {
 		return a.fail(err)

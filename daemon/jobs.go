@@ -211,6 +211,9 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	if err == nil && j.canceled {
 		err = context.Canceled
 	}
+	if err == nil {
+		j.message = res.message
+	}
 	d.finish(j, err, err == nil)
 	if cs == nil {
 		return

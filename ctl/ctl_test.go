@@ -1,0 +1,259 @@
+package ctl
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+// fakeAPI is a qcryptd with canned answers; it records what it was asked.
+type fakeAPI struct {
+	calls []string
+	fail  error
+}
+
+var fakeChains = []dbusapi.ChainInfo{
+	{Name: "demo", State: "open", Target: "work", MountPoint: "/mnt/demo", Managed: true, Layers: []string{"sys-usb", "mediator", "work"}},
+	{Name: "usb", State: "waiting", Waiting: "waiting for /dev/disk/by-label/USB in sys-usb", Target: "work", Managed: true, ReadOnly: true, Layers: []string{"sys-usb", "mediator", "work"}},
+	{Name: "vault@work", State: "failed", LastError: "wrong key (cryptsetup: no key available with this passphrase)", Target: "work", Layers: []string{"sys-usb", "work"}},
+}
+
+func (f *fakeAPI) rec(s string, a ...any) error {
+	f.calls = append(f.calls, fmt.Sprintf(s, a...))
+	return f.fail
+}
+
+func (f *fakeAPI) ListChains(context.Context) ([]dbusapi.ChainEntry, error) {
+	var out []dbusapi.ChainEntry
+	for _, c := range fakeChains {
+		out = append(out, dbusapi.ChainEntry{Name: c.Name, Path: dbusapi.ChainPath(c.Name), State: c.State})
+	}
+	return out, f.rec("ListChains")
+}
+
+func (f *fakeAPI) Chain(_ context.Context, name string) (dbusapi.ChainInfo, error) {
+	for _, c := range fakeChains {
+		if c.Name == name {
+			return c, nil
+		}
+	}
+	return dbusapi.ChainInfo{}, &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + dbusapi.ReasonNoSuchChain, Msg: "no chain " + name}
+}
+
+func openStatus(name string, missing int) *chains.Status {
+	st := &chains.Status{Chain: name, SourceVM: "sys-usb", SourceRunning: true, Source: chains.SourceLoop, Missing: missing,
+		Hops: []chains.HopStatus{{VM: "mediator", Running: true, Attached: true, FrontendDev: "xvdi", KeyPresent: true, Decrypted: true},
+			{VM: "work", Running: true, Attached: true, FrontendDev: "xvdi", KeyPresent: true, Decrypted: true, Mounted: true}}}
+	if missing > 0 {
+		st.Source = chains.SourceFile
+		st.Hops[1] = chains.HopStatus{VM: "work"}
+		st.Hops[0] = chains.HopStatus{VM: "mediator", Running: true, KeyPresent: true}
+	}
+	return st
+}
+
+func (f *fakeAPI) Status(_ context.Context, name string) (*chains.Status, error) {
+	if name == "nope" {
+		return nil, &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + dbusapi.ReasonNoSuchChain, Msg: `no chain "nope"`}
+	}
+	if name == "usb" {
+		return openStatus(name, 6), f.rec("Status %s", name)
+	}
+	return openStatus(name, 0), f.rec("Status %s", name)
+}
+
+func (f *fakeAPI) StatusAdhoc(_ context.Context, s dbusapi.Spec) (*chains.Status, error) {
+	return openStatus(s.Key+"@"+s.Destinations[len(s.Destinations)-1], 0), f.rec("StatusAdhoc %+v", s)
+}
+
+func (f *fakeAPI) Discover(context.Context) ([]dbusapi.Discovered, error) {
+	return []dbusapi.Discovered{
+		{Discovered: chains.Discovered{SourceVM: "sys-usb", SourcePort: "loop0", File: "/home/user/demo.luks", Key: "demo",
+			Hops: []chains.DiscoveredHop{{VM: "mediator", FrontendDev: "xvdi", Port: "dm-0"}, {VM: "work", FrontendDev: "xvdi"}}}, Managed: "demo"},
+		{Discovered: chains.Discovered{SourceVM: "cloud", SourcePort: "loop3", File: "/srv/box.luks", ReadOnly: true,
+			Hops: []chains.DiscoveredHop{{VM: "vault", FrontendDev: "xvdj"}}}},
+	}, f.rec("Discover")
+}
+
+func (f *fakeAPI) Plan(_ context.Context, op, name string, spec *dbusapi.Spec, options map[string]dbus.Variant) ([]dbusapi.PlanStep, error) {
+	return []dbusapi.PlanStep{{VM: "sys-usb", Desc: "set up a loop device for /home/user/demo.luks"}, {VM: "mediator", Desc: "attach sys-usb's loop device to mediator"}},
+		f.rec("Plan %s %s %v %v", op, name, spec != nil, len(options))
+}
+
+func (f *fakeAPI) Reload(context.Context) (int, error) { return 2, f.rec("Reload") }
+
+func (f *fakeAPI) Check(_ context.Context, target string) (bool, []string, error) {
+	if target == "bad" {
+		return false, []string{"/etc/qcryptd/bad/x.ini:3: key: empty (required)"}, f.rec("Check bad")
+	}
+	return true, nil, f.rec("Check %s", target)
+}
+
+func (f *fakeAPI) CloseAll(_ context.Context, o chains.CloseOptions, stop bool) ([]dbus.ObjectPath, error) {
+	return []dbus.ObjectPath{dbusapi.JobPath(7)}, f.rec("CloseAll %+v stop=%v", o, stop)
+}
+
+func (f *fakeAPI) starter(what string) dbusapi.Starter {
+	return func(context.Context) (dbus.ObjectPath, error) { return dbusapi.JobPath(3), f.rec("%s", what) }
+}
+
+func (f *fakeAPI) Open(name string, o chains.OpenOptions) dbusapi.Starter {
+	return f.starter(fmt.Sprintf("Open %s %+v", name, o))
+}
+func (f *fakeAPI) Close(name string, o chains.CloseOptions) dbusapi.Starter {
+	return f.starter(fmt.Sprintf("Close %s %+v", name, o))
+}
+func (f *fakeAPI) OpenAdhoc(s dbusapi.Spec, o chains.OpenOptions) dbusapi.Starter {
+	return f.starter(fmt.Sprintf("OpenAdhoc %+v %+v", s, o))
+}
+func (f *fakeAPI) CloseAdhoc(s dbusapi.Spec, o chains.CloseOptions) dbusapi.Starter {
+	return f.starter(fmt.Sprintf("CloseAdhoc %+v %+v", s, o))
+}
+func (f *fakeAPI) LuksInit(s dbusapi.Spec) dbusapi.Starter {
+	return f.starter(fmt.Sprintf("LuksInit %+v", s))
+}
+
+func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error) {
+	if _, err := start(ctx); err != nil {
+		return dbusapi.JobResult{}, err
+	}
+	if progress != nil {
+		for i := uint32(0); i <= 3; i++ {
+			progress(dbusapi.JobInfo{Step: i, Steps: 3, StepDescription: fmt.Sprintf("step %d", i), Bytes: uint64(i) << 20, TotalBytes: 3 << 20})
+		}
+	}
+	return dbusapi.JobResult{Success: true, Message: "open"}, nil
+}
+
+func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent)) error {
+	fn(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"})
+	fn(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
+	return f.rec("Watch")
+}
+
+func (f *fakeAPI) Disconnect() error { return nil }
+
+// run runs qcryptctl against api and returns stdout, stderr and the exit status.
+func run(api API, tty bool, args ...string) (string, string, int) {
+	var out, errb bytes.Buffer
+	a := &app{out: &out, err: &errb, ctx: context.Background(), tty: tty, configDir: "../chains/testdata/check",
+		now: func() time.Time { return time.Date(2026, 11, 27, 9, 30, 0, 0, time.UTC) },
+		connect: func() (API, error) {
+			if api == nil {
+				return nil, dbusapi.ErrNotRunning
+			}
+			return api, nil
+		}}
+	code := a.main(args)
+	return out.String(), errb.String(), code
+}
+
+func TestGoldenOutput(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		code int
+		tty  bool
+	}{
+		{"list", []string{"list"}, 0, false},
+		{"list-json", []string{"list", "--json"}, 0, false},
+		{"status", []string{"status"}, 0, false},
+		{"status-json", []string{"status", "--json"}, 0, false},
+		{"status-chain", []string{"status", "demo"}, 0, false},
+		{"status-chain-json", []string{"status", "--json", "demo"}, 0, false},
+		{"status-missing-steps", []string{"status", "usb"}, 6, false},
+		{"status-adhoc", []string{"status", "--", "sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}, 0, false},
+		{"status-unknown-chain", []string{"status", "nope"}, ExitStatusError, false},
+		{"open", []string{"open", "demo"}, 0, false},
+		{"open-tty", []string{"open", "demo"}, 0, true},
+		{"open-json", []string{"open", "demo", "--json"}, 0, false},
+		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "/root/k", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		{"close", []string{"close", "--force", "--eject", "demo"}, 0, false},
+		{"close-adhoc-json", []string{"close", "--json", "sys-usb", "/c.luks", "k", "work"}, 0, false},
+		{"luks-init", []string{"luks-init", "--size", "64M", "--fs", "ext4", "--bak", "/root/bak", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		{"plan", []string{"plan", "open", "demo"}, 0, false},
+		{"plan-json", []string{"plan", "close", "--force", "--json", "demo"}, 0, false},
+		{"check", []string{"check"}, 0, false},
+		{"check-bad-json", []string{"check", "--json", "bad"}, 1, false},
+		{"reload", []string{"reload"}, 0, false},
+		{"reload-json", []string{"reload", "--json"}, 0, false},
+		{"close-all", []string{"close-all", "--stop"}, 0, false},
+		{"close-all-json", []string{"close-all", "--json"}, 0, false},
+		{"watch", []string{"watch"}, 0, false},
+		{"watch-json", []string{"watch", "--json"}, 0, false},
+		{"usage-unknown-option", []string{"open", "--bogus", "demo"}, ExitUsage, false},
+		{"usage-adhoc-arity", []string{"open", "sys-usb", "/c.luks"}, ExitUsage, false},
+		{"usage-no-command", []string{}, ExitUsage, false},
+		{"help-open", []string{"open", "--help"}, 0, false},
+		{"completion-bash", []string{"completion", "bash"}, 0, false},
+		{"completion-zsh", []string{"completion", "zsh"}, 0, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			api := &fakeAPI{}
+			out, errs, code := run(api, tc.tty, tc.args...)
+			if code != tc.code {
+				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errs)
+			}
+			got := fmt.Sprintf("$ qcryptctl %s\n%s--- stderr\n%s--- exit %d\n--- daemon calls\n%s\n", strings.Join(tc.args, " "), out, errs, code, strings.Join(api.calls, "\n"))
+			golden(t, filepath.Join("testdata/golden", tc.name+".txt"), got)
+		})
+	}
+}
+
+func TestDaemonNotRunning(t *testing.T) {
+	_, errs, code := run(nil, false, "list")
+	if code != ExitNotRunning || !strings.Contains(errs, "systemctl start qcryptd") {
+		t.Errorf("exit %d stderr %q", code, errs)
+	}
+	// check works without the daemon, on the local files.
+	out, _, code := run(nil, false, "check", "valid")
+	if code != 0 || out != "All good.\n" {
+		t.Errorf("local check: %d %q", code, out)
+	}
+	out, _, code = run(nil, false, "check", "invalid")
+	if code != 1 || !strings.Contains(out, "ERROR: testdata/check/invalid/") && !strings.Contains(out, "ERROR: ../chains/testdata/check/invalid/") {
+		t.Errorf("local check of an invalid target: %d %q", code, out)
+	}
+}
+
+func TestAccessDeniedExitStatus(t *testing.T) {
+	api := &fakeAPI{fail: &dbusapi.RemoteError{Name: "org.freedesktop.DBus.Error.AccessDenied", Msg: "access denied"}}
+	if _, _, code := run(api, false, "list"); code != ExitDenied {
+		t.Errorf("exit %d", code)
+	}
+	api = &fakeAPI{fail: errors.New("boom")}
+	if _, _, code := run(api, false, "reload"); code != ExitFailed {
+		t.Errorf("exit %d", code)
+	}
+}
+
+func TestDocsAreGenerated(t *testing.T) {
+	golden(t, "../docs/qcryptctl.md", Markdown())
+}
+
+func golden(t *testing.T, path, got string) {
+	t.Helper()
+	if os.Getenv("TESTS_UPDATE_GOLDEN") == "1" {
+		os.MkdirAll(filepath.Dir(path), 0o755)
+		os.WriteFile(path, []byte(got), 0o644)
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (TESTS_UPDATE_GOLDEN=1 creates it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs:\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+}

@@ -1,0 +1,136 @@
+package ctl
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+
+	"github.com/qcrypt/qcrypt/dbusapi"
+)
+
+// fakeNotifications records Notify calls, as a desktop's notification server would get them.
+type fakeNotifications struct {
+	mu    sync.Mutex
+	calls []notifyCall
+	next  uint32
+}
+
+type notifyCall struct {
+	Replaces      uint32
+	Summary, Body string
+	Urgency       byte
+	Timeout       int32
+}
+
+func (f *fakeNotifications) Notify(app string, replaces uint32, icon, summary, body string, actions []string, hints map[string]dbus.Variant, timeout int32) (uint32, *dbus.Error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var urgency byte
+	hints["urgency"].Store(&urgency)
+	f.calls = append(f.calls, notifyCall{replaces, summary, body, urgency, timeout})
+	if replaces != 0 {
+		return replaces, nil
+	}
+	f.next++
+	return f.next, nil
+}
+
+func (f *fakeNotifications) get() []notifyCall {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]notifyCall(nil), f.calls...)
+}
+
+func sessionBus(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("dbus-daemon"); err != nil {
+		if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
+			t.Fatal("dbus-daemon is needed (make deps)")
+		}
+		t.Skip("no dbus-daemon")
+	}
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "session.conf")
+	os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>session</type><listen>unix:path=`+dir+`/bus</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>`), 0o644)
+	cmd := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	addr, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(addr)
+}
+
+func TestNotifyAgent(t *testing.T) {
+	addr := sessionBus(t)
+	server, err := dbus.Connect(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	fake := &fakeNotifications{}
+	server.Export(fake, "/org/freedesktop/Notifications", "org.freedesktop.Notifications")
+	if r, err := server.RequestName("org.freedesktop.Notifications", dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
+		t.Fatalf("name: %v %v", r, err)
+	}
+	agentConn, err := dbus.Connect(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer agentConn.Close()
+	n := newNotifier(agentConn, func(name string) (dbusapi.ChainInfo, error) {
+		return dbusapi.ChainInfo{Name: name, Target: "work", MountPoint: "/mnt/" + name}, nil
+	})
+	n.MinGap = 300 * time.Millisecond
+
+	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "opening", Previous: "waiting", Reason: "a device appeared in sys-usb"})
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"}) // not worth a note
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "closing", Previous: "open", Reason: "work shut down"})
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "waiting", Previous: "closing", Reason: "work shut down"}) // rate-limited: sent later
+	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "failed", Previous: "opening", Reason: "wrong key"})        // critical: at once
+	deadline := time.Now().Add(5 * time.Second)
+	for len(fake.get()) < 4 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := fake.get()
+	want := []notifyCall{
+		{0, "qcrypt: device for usb appeared", "Opening the chain.", 1, -1},
+		{0, "qcrypt: demo opened", "Mounted on /mnt/demo in work.", 1, -1},
+		{1, "qcrypt: usb failed", "wrong key", 2, 0},
+		{2, "qcrypt: demo closed", "work shut down", 1, -1},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %d notifications: %+v", len(got), got)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("notification %d: %+v, want %+v", i, got[i], want[i])
+		}
+	}
+}
+
+func TestDesktopFiles(t *testing.T) {
+	for _, f := range []string{"../systemd/qcryptctl-notify-agent.desktop", "../systemd/qcryptctl-notify-agent.service"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(data), "qcryptctl notify-agent") {
+			t.Errorf("%s does not run the agent", f)
+		}
+	}
+}

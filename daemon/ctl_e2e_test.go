@@ -1,0 +1,71 @@
+package daemon_test
+
+import (
+	"encoding/json"
+	"errors"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// qcryptctl runs the real client binary.
+func (w *world) qcryptctl(args ...string) (string, int) {
+	w.t.Helper()
+	cmd := exec.Command(bin(w.t, "qcryptctl"), args...)
+	cmd.Env = append(cmd.Environ(), "DBUS_SYSTEM_BUS_ADDRESS="+w.busAddr)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		w.t.Fatalf("qcryptctl %v: %v", args, err)
+	}
+	return string(out), cmd.ProcessState.ExitCode()
+}
+
+func TestQcryptctlEndToEnd(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("demo", demoChain)
+	d := w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 20*time.Second)
+
+	expect := func(wantCode int, wantOut string, args ...string) string {
+		t.Helper()
+		out, code := w.qcryptctl(args...)
+		if code != wantCode || !strings.Contains(out, wantOut) {
+			t.Errorf("qcryptctl %s: exit %d, output:\n%s\nwant exit %d and %q", strings.Join(args, " "), code, out, wantCode, wantOut)
+		}
+		return out
+	}
+	expect(0, "waiting for work", "list")
+	expect(10, "demo: closed (10 steps missing)", "status", "demo")
+	expect(0, "All good.", "check")
+	expect(0, "1 chains configured", "reload")
+	expect(2, "unknown option --bogus", "open", "--bogus", "demo")
+
+	adhoc := []string{"sys-usb", "/home/user/vault.luks", "vault", "mediator", "work"}
+	expect(0, "[6/6] done", append([]string{"luks-init", "-a", "--size", "8M", "--fs", "ext4"}, adhoc...)...)
+	expect(0, "mount the plaintext on /mnt/vault", append([]string{"plan", "open", "--mp", "/mnt/vault"}, adhoc...)...)
+	out := expect(0, "", append([]string{"open", "--json", "--mp", "/mnt/vault"}, adhoc...)...)
+	var res struct {
+		Success bool   `json:"success"`
+		Message string `json:"message"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || !res.Success {
+		t.Errorf("open --json: %q %v", out, err)
+	}
+	expect(0, "vault@work (ad-hoc)  open", "list")
+	expect(0, "vault@work: open (0 steps missing)", append([]string{"status", "--mp", "/mnt/vault"}, adhoc...)...)
+	w.sh("work", "echo e2e > /mnt/vault/f")
+	expect(0, "closed", append([]string{"close"}, adhoc...)...)
+	expect(0, "vault", append([]string{"open", "--mp", "/mnt/vault"}, adhoc...)...)
+	if got := string(w.sh("work", "cat /mnt/vault/f").Stdout); got != "e2e\n" {
+		t.Errorf("after reopen: %q", got)
+	}
+	expect(0, "2 chains closed", "close-all")
+
+	d.Process.Signal(syscall.SIGTERM)
+	d.Wait()
+	expect(69, "qcryptd is not running", "list")
+}
