@@ -7,7 +7,7 @@ work=$(mktemp -d /tmp/qcrypt-demo.XXXXXX)
 chmod 755 "$work"
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -63,7 +63,7 @@ run qcryptctl status
 rc=0; run qcryptctl status demo || rc=$?; echo "(exit status $rc = steps missing)"
 
 step "Start work: qcryptd sees the event and opens the chain by itself"
-qcryptctl watch & pids+=($!)
+qcryptctl watch 2>/dev/null & pids+=($!)
 sleep 0.2
 run qubes-sim ctl --socket "$work/qubesd.sock" start work
 until_state demo open

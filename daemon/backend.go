@@ -35,46 +35,43 @@ func (d *Daemon) ListChains() []dbusapi.ChainInfo {
 	return out
 }
 
-// Open queues an open of a known chain.
-func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, error) {
+// request queues a job on a chain found (or added) by find, in the loop.
+func (d *Daemon) request(op string, uid uint32, find func() (*chainState, error), set func(*job)) (uint64, error) {
 	var id uint64
 	var err error
 	d.do(func() {
 		if err = d.refuseWhenStopping(); err != nil {
 			return
 		}
-		cs, ok := d.chains[name]
-		if !ok {
-			err = noChain(name)
+		var cs *chainState
+		if cs, err = find(); err != nil {
 			return
 		}
-		j := d.newJob("open", cs, uid, false, "requested")
-		j.openOpts = o
+		j := d.newJob(op, cs, uid, false, "requested")
+		set(j)
 		d.enqueue(j)
 		id = j.id
 	})
 	return id, err
 }
 
+func (d *Daemon) known(name string) func() (*chainState, error) {
+	return func() (*chainState, error) {
+		if cs, ok := d.chains[name]; ok {
+			return cs, nil
+		}
+		return nil, noChain(name)
+	}
+}
+
+// Open queues an open of a known chain.
+func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, error) {
+	return d.request("open", uid, d.known(name), func(j *job) { j.openOpts = o })
+}
+
 // Close queues a close of a known chain.
 func (d *Daemon) Close(uid uint32, name string, o chains.CloseOptions) (uint64, error) {
-	var id uint64
-	var err error
-	d.do(func() {
-		if err = d.refuseWhenStopping(); err != nil {
-			return
-		}
-		cs, ok := d.chains[name]
-		if !ok {
-			err = noChain(name)
-			return
-		}
-		j := d.newJob("close", cs, uid, false, "requested")
-		j.closeOpts = o
-		d.enqueue(j)
-		id = j.id
-	})
-	return id, err
+	return d.request("close", uid, d.known(name), func(j *job) { j.closeOpts = o })
 }
 
 func (d *Daemon) chain(name string) (*chains.Chain, error) {
@@ -155,42 +152,12 @@ func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 
 // OpenAdhoc opens a chain given as a spec; it exists on the bus while it is open.
 func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error) {
-	var id uint64
-	var err error
-	d.do(func() {
-		if err = d.refuseWhenStopping(); err != nil {
-			return
-		}
-		var cs *chainState
-		if cs, err = d.adhoc(c); err != nil {
-			return
-		}
-		j := d.newJob("open", cs, uid, false, "requested")
-		j.openOpts = o
-		d.enqueue(j)
-		id = j.id
-	})
-	return id, err
+	return d.request("open", uid, func() (*chainState, error) { return d.adhoc(c) }, func(j *job) { j.openOpts = o })
 }
 
 // CloseAdhoc closes a chain given as a spec (known or not: it converges either way).
 func (d *Daemon) CloseAdhoc(uid uint32, c *chains.Chain, o chains.CloseOptions) (uint64, error) {
-	var id uint64
-	var err error
-	d.do(func() {
-		if err = d.refuseWhenStopping(); err != nil {
-			return
-		}
-		var cs *chainState
-		if cs, err = d.adhoc(c); err != nil {
-			return
-		}
-		j := d.newJob("close", cs, uid, false, "requested")
-		j.closeOpts = o
-		d.enqueue(j)
-		id = j.id
-	})
-	return id, err
+	return d.request("close", uid, func() (*chainState, error) { return d.adhoc(c) }, func(j *job) { j.closeOpts = o })
 }
 
 // Plan lists the steps of an open or close.
@@ -212,18 +179,7 @@ func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec) (uint64, error) {
 	if d.o.Dom0 == nil {
 		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
 	}
-	var id uint64
-	var err error
-	d.do(func() {
-		if err = d.refuseWhenStopping(); err != nil {
-			return
-		}
-		j := d.newJob("luks-init", nil, uid, false, "requested")
-		j.spec = spec
-		d.enqueue(j)
-		id = j.id
-	})
-	return id, err
+	return d.request("luks-init", uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec = spec })
 }
 
 // Reload re-reads the config target: unchanged chains are left alone, removed or

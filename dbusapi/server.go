@@ -208,19 +208,29 @@ func (s *Server) interfacesAdded(path dbus.ObjectPath, iface string, values map[
 
 // ChainAdded exports a chain object.
 func (s *Server) ChainAdded(c ChainInfo) {
-	path := ChainPath(c.Name)
-	values := chainProps(c)
-	props, err := prop.Export(s.conn, path, propMap(ChainInterface, values, "Name", "Managed"))
-	if err != nil {
-		return
+	if e := s.exportObject(ChainPath(c.Name), ChainInterface, ChainXML, &chainObject{s, c.Name}, chainProps(c), "Name", "Managed"); e != nil {
+		s.mu.Lock()
+		s.chains[c.Name] = e
+		s.mu.Unlock()
+		s.added(e, chainProps(c))
 	}
-	s.conn.Export(&chainObject{s, c.Name}, path, ChainInterface)
-	s.conn.Export(introspect.Introspectable(nodeXML([]string{ChainXML}, nil)), path, "org.freedesktop.DBus.Introspectable")
-	s.mu.Lock()
-	s.chains[c.Name] = &exported{path: path, props: props, iface: ChainInterface}
-	s.mu.Unlock()
+}
+
+// exportObject exports methods, properties and introspection at path.
+func (s *Server) exportObject(path dbus.ObjectPath, iface, xml string, methods any, values map[string]any, constant ...string) *exported {
+	props, err := prop.Export(s.conn, path, propMap(iface, values, constant...))
+	if err != nil {
+		return nil
+	}
+	s.conn.Export(methods, path, iface)
+	s.conn.Export(introspect.Introspectable(nodeXML([]string{xml}, nil)), path, "org.freedesktop.DBus.Introspectable")
+	return &exported{path: path, props: props, iface: iface}
+}
+
+// added announces a new object (after it is recorded, so the manager lists it).
+func (s *Server) added(e *exported, values map[string]any) {
 	s.refreshManagerIntrospection()
-	s.interfacesAdded(path, ChainInterface, values)
+	s.interfacesAdded(e.path, e.iface, values)
 }
 
 // ChainChanged updates a chain's properties and, when the state changed, signals it.
@@ -259,19 +269,12 @@ func (s *Server) unexport(path dbus.ObjectPath, iface string) {
 
 // JobAdded exports a job object.
 func (s *Server) JobAdded(j JobInfo) {
-	path := JobPath(j.ID)
-	values := jobProps(j)
-	props, err := prop.Export(s.conn, path, propMap(JobInterface, values, "Operation", "Chain", "StartedByUID"))
-	if err != nil {
-		return
+	if e := s.exportObject(JobPath(j.ID), JobInterface, JobXML, &jobObject{s, j.ID}, jobProps(j), "Operation", "Chain", "StartedByUID"); e != nil {
+		s.mu.Lock()
+		s.jobs[j.ID] = e
+		s.mu.Unlock()
+		s.added(e, jobProps(j))
 	}
-	s.conn.Export(&jobObject{s, j.ID}, path, JobInterface)
-	s.conn.Export(introspect.Introspectable(nodeXML([]string{JobXML}, nil)), path, "org.freedesktop.DBus.Introspectable")
-	s.mu.Lock()
-	s.jobs[j.ID] = &exported{path: path, props: props, iface: JobInterface}
-	s.mu.Unlock()
-	s.refreshManagerIntrospection()
-	s.interfacesAdded(path, JobInterface, values)
 }
 
 // JobChanged updates a job's properties.
