@@ -100,6 +100,13 @@ startup interval=0
 			if out := string(w.sh("work", "findmnt -n -o OPTIONS /mnt/usb-demo").Stdout); out != "ro\n" {
 				t.Errorf("mount options %q (read-only is the default)", out)
 			}
+			// Close with eject: the USB disk is unmounted in sys-usb too.
+			if r, err := c.RunJob(bg, c.Close("usb", chains.CloseOptions{Eject: true}), nil); err != nil || !r.Success {
+				t.Fatalf("close --eject: %+v %v", r, err)
+			}
+			if res := w.sh("sys-usb", "findmnt -n /mnt/usb"); res.ExitCode == 0 {
+				t.Errorf("the source device is still mounted: %q", res.Stdout)
+			}
 		})
 	}
 }

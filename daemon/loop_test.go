@@ -160,3 +160,40 @@ func toRemote(err error) error {
 	}
 	return err
 }
+
+func TestLoopCancelRollsBack(t *testing.T) {
+	f, d, rec := startLoop(t)
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	d.Close(0, "demo", chains.CloseOptions{})
+	waitFor(t, "closed", func() bool { return rec.last("demo") == StateClosed })
+	// Slow the second attach down, then cancel the open while it waits there.
+	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Delay: 500 * time.Millisecond, Count: 1})
+	id, err := d.Open(0, "demo", chains.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := d.CancelJob(0, id); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the job ends", func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		_, ok := rec.jobs[id]
+		return ok
+	})
+	rec.mu.Lock()
+	ok := rec.jobs[id]
+	rec.mu.Unlock()
+	if ok {
+		t.Error("a canceled job reported success")
+	}
+	st, err := d.Status(context.Background(), "demo")
+	if err != nil || !st.Closed() {
+		t.Errorf("after cancel: %+v %v", st, err)
+	}
+	if err := d.CancelJob(0, 9999); err == nil {
+		t.Error("canceling an unknown job succeeded")
+	}
+}
