@@ -26,7 +26,7 @@ build:
 
 # qcrypt's main job on the embedded simulator, step by step (README's first command).
 demo: build
-	BIN=$(BIN) ./ctl/demo.sh
+	BIN=$(BIN) timeout 180 ./ctl/demo.sh
 
 check: fmt-check vet staticcheck test fuzz demo
 

@@ -39,13 +39,14 @@ type API interface {
 	Plan(ctx context.Context, op, name string, spec *dbusapi.Spec, options map[string]dbus.Variant) ([]dbusapi.PlanStep, error)
 	Reload(ctx context.Context) (int, error)
 	Check(ctx context.Context, target string) (bool, []string, error)
-	CloseAll(ctx context.Context, o chains.CloseOptions, stop bool) ([]dbus.ObjectPath, error)
+	CloseAll(o chains.CloseOptions, stop bool) func(context.Context) ([]dbus.ObjectPath, error)
 	Open(name string, o chains.OpenOptions) dbusapi.Starter
 	Close(name string, o chains.CloseOptions) dbusapi.Starter
 	OpenAdhoc(spec dbusapi.Spec, o chains.OpenOptions) dbusapi.Starter
 	CloseAdhoc(spec dbusapi.Spec, o chains.CloseOptions) dbusapi.Starter
 	LuksInit(spec dbusapi.Spec) dbusapi.Starter
 	RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error)
+	RunJobs(ctx context.Context, start func(context.Context) ([]dbus.ObjectPath, error), progress func(dbusapi.JobInfo)) ([]dbusapi.JobResult, error)
 	Watch(ctx context.Context, fn func(dbusapi.ChainEvent)) error
 	Disconnect() error
 }

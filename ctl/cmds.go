@@ -493,7 +493,13 @@ func cmdCloseAll(a *app, p *parsed) int {
 	if api == nil {
 		return code
 	}
-	paths, err := api.CloseAll(a.ctx, closeOptions(p), p.flags["--stop"])
+	var paths []dbus.ObjectPath
+	start := api.CloseAll(closeOptions(p), p.flags["--stop"])
+	res, err := api.RunJobs(a.ctx, func(ctx context.Context) ([]dbus.ObjectPath, error) {
+		var err error
+		paths, err = start(ctx)
+		return paths, err
+	}, nil)
 	if err != nil {
 		return a.fail(err)
 	}
@@ -504,15 +510,9 @@ func cmdCloseAll(a *app, p *parsed) int {
 	}
 	results := []result{}
 	failed := false
-	for _, path := range paths {
-		path := path
-		res, err := api.RunJob(a.ctx, func(context.Context) (dbus.ObjectPath, error) { return path, nil }, nil)
-		if err != nil {
-			// With --stop the daemon may be gone before the last signal.
-			res = dbusapi.JobResult{Success: p.flags["--stop"], Message: err.Error()}
-		}
-		failed = failed || !res.Success
-		results = append(results, result{string(path), res.Success, res.Message})
+	for i, r := range res {
+		failed = failed || !r.Success
+		results = append(results, result{string(paths[i]), r.Success, r.Message})
 	}
 	if p.flags["--json"] {
 		a.printJSON(results)

@@ -100,8 +100,22 @@ func (f *fakeAPI) Check(_ context.Context, target string) (bool, []string, error
 	return true, nil, f.rec("Check %s", target)
 }
 
-func (f *fakeAPI) CloseAll(_ context.Context, o chains.CloseOptions, stop bool) ([]dbus.ObjectPath, error) {
-	return []dbus.ObjectPath{dbusapi.JobPath(7)}, f.rec("CloseAll %+v stop=%v", o, stop)
+func (f *fakeAPI) CloseAll(o chains.CloseOptions, stop bool) func(context.Context) ([]dbus.ObjectPath, error) {
+	return func(context.Context) ([]dbus.ObjectPath, error) {
+		return []dbus.ObjectPath{dbusapi.JobPath(7)}, f.rec("CloseAll %+v stop=%v", o, stop)
+	}
+}
+
+func (f *fakeAPI) RunJobs(ctx context.Context, start func(context.Context) ([]dbus.ObjectPath, error), progress func(dbusapi.JobInfo)) ([]dbusapi.JobResult, error) {
+	paths, err := start(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]dbusapi.JobResult, len(paths))
+	for i := range out {
+		out[i] = dbusapi.JobResult{Success: true, Message: "closed"}
+	}
+	return out, nil
 }
 
 func (f *fakeAPI) starter(what string) dbusapi.Starter {

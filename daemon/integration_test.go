@@ -473,9 +473,9 @@ func TestCloseAllWithStop(t *testing.T) {
 	d := w.startDaemon()
 	c := w.client()
 	w.waitState(c, "demo", "open", 30*time.Second)
-	jobs, err := c.CloseAll(bg, chains.CloseOptions{}, true)
-	if err != nil || len(jobs) != 1 {
-		t.Fatalf("close-all: %v %v", jobs, err)
+	results, err := c.RunJobs(bg, c.CloseAll(chains.CloseOptions{}, true), nil)
+	if err != nil || len(results) != 1 || !results[0].Success {
+		t.Fatalf("close-all: %+v %v", results, err)
 	}
 	done := make(chan error)
 	go func() { done <- d.Wait() }()

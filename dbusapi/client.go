@@ -232,12 +232,15 @@ func (c *Client) starter(method string, args ...any) Starter {
 	}
 }
 
-// CloseAll closes every open chain; with stop, the daemon exits afterwards.
-func (c *Client) CloseAll(ctx context.Context, o chains.CloseOptions, stop bool) ([]dbus.ObjectPath, error) {
+// CloseAll closes every open chain; with stop, the daemon exits afterwards. Pass it to
+// RunJobs to wait for the closes.
+func (c *Client) CloseAll(o chains.CloseOptions, stop bool) func(context.Context) ([]dbus.ObjectPath, error) {
 	m := CloseOptionsToMap(o)
 	m["stop"] = dbus.MakeVariant(stop)
-	var out []dbus.ObjectPath
-	return out, c.call(ctx, "CloseAll", []any{&out}, m)
+	return func(ctx context.Context) ([]dbus.ObjectPath, error) {
+		var out []dbus.ObjectPath
+		return out, c.call(ctx, "CloseAll", []any{&out}, m)
+	}
 }
 
 // CancelJob asks the daemon to cancel a job between steps.
@@ -267,59 +270,98 @@ func (c *Client) Job(ctx context.Context, job dbus.ObjectPath) (JobInfo, error) 
 // When ctx ends first, the job is canceled and still waited for, so the result is the
 // job's real outcome.
 func (c *Client) RunJob(ctx context.Context, start Starter, progress func(JobInfo)) (JobResult, error) {
-	rules := []dbus.MatchOption{dbus.WithMatchSender(BusName), dbus.WithMatchPathNamespace("/org/qcrypt/Qcryptd1/job")}
-	if err := c.conn.AddMatchSignal(rules...); err != nil {
-		return JobResult{}, fmt.Errorf("cannot subscribe to job signals: %w", err)
-	}
-	defer c.conn.RemoveMatchSignal(rules...)
-	sigs := make(chan *dbus.Signal, 64)
-	c.conn.Signal(sigs)
-	defer c.conn.RemoveSignal(sigs)
-
-	path, err := start(context.Background())
+	results, err := c.RunJobs(ctx, func(ctx context.Context) ([]dbus.ObjectPath, error) {
+		p, err := start(ctx)
+		return []dbus.ObjectPath{p}, err
+	}, progress)
 	if err != nil {
 		return JobResult{}, err
 	}
-	if j, err := c.Job(context.Background(), path); err == nil {
+	return results[0], nil
+}
+
+// RunJobs is RunJob for a call that starts several jobs (CloseAll); results are in the
+// order of the paths. Subscribing before the call means no job can end unseen.
+func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbus.ObjectPath, error), progress func(JobInfo)) ([]JobResult, error) {
+	rules := []dbus.MatchOption{dbus.WithMatchSender(BusName), dbus.WithMatchPathNamespace("/org/qcrypt/Qcryptd1/job")}
+	if err := c.conn.AddMatchSignal(rules...); err != nil {
+		return nil, fmt.Errorf("cannot subscribe to job signals: %w", err)
+	}
+	defer c.conn.RemoveMatchSignal(rules...)
+	// qcryptd going away (stopped, crashed) ends the wait too.
+	gone := []dbus.MatchOption{dbus.WithMatchSender("org.freedesktop.DBus"), dbus.WithMatchMember("NameOwnerChanged"), dbus.WithMatchArg(0, BusName)}
+	if err := c.conn.AddMatchSignal(gone...); err != nil {
+		return nil, fmt.Errorf("cannot subscribe to name changes: %w", err)
+	}
+	defer c.conn.RemoveMatchSignal(gone...)
+	sigs := make(chan *dbus.Signal, 256)
+	c.conn.Signal(sigs)
+	defer c.conn.RemoveSignal(sigs)
+
+	paths, err := start(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	results := make([]JobResult, len(paths))
+	pending := map[dbus.ObjectPath]int{}
+	for i, p := range paths {
+		pending[p] = i
+	}
+	finish := func(p dbus.ObjectPath, r JobResult) {
+		if i, ok := pending[p]; ok {
+			results[i] = r
+			delete(pending, p)
+		}
+	}
+	// A job may have ended before anything was seen: read the state of each.
+	for _, p := range paths {
+		j, err := c.Job(context.Background(), p)
+		if err != nil {
+			continue // gone already: its Completed signal is queued
+		}
 		if progress != nil {
 			progress(j)
 		}
 		if done(j.State) {
-			return JobResult{Success: j.State == "done", Message: j.Message}, nil
+			finish(p, JobResult{Success: j.State == "done", Message: j.Message})
 		}
 	}
 	canceled := false
-	for {
+	for len(pending) > 0 {
 		select {
 		case <-ctx.Done():
 			if !canceled {
 				canceled = true
-				c.CancelJob(context.Background(), path)
+				for p := range pending {
+					c.CancelJob(context.Background(), p)
+				}
 			}
 			ctx = context.Background()
 		case s, ok := <-sigs:
 			if !ok {
-				return JobResult{}, errors.New("the connection to the system bus closed")
-			}
-			if s.Path != path {
-				continue
+				return results, errors.New("the connection to the system bus closed")
 			}
 			switch s.Name {
+			case "org.freedesktop.DBus.NameOwnerChanged":
+				var name, old, owner string
+				if dbus.Store(s.Body, &name, &old, &owner) == nil && name == BusName && owner == "" {
+					return results, errors.New("qcryptd stopped before the end of its jobs was seen")
+				}
 			case JobInterface + ".Completed":
 				var r JobResult
-				if err := dbus.Store(s.Body, &r.Success, &r.Message); err != nil {
-					return r, err
+				if dbus.Store(s.Body, &r.Success, &r.Message) == nil {
+					finish(s.Path, r)
 				}
-				return r, nil
 			case propertiesInterface + ".PropertiesChanged":
-				if progress != nil {
-					if j, err := c.Job(context.Background(), path); err == nil {
+				if _, mine := pending[s.Path]; mine && progress != nil {
+					if j, err := c.Job(context.Background(), s.Path); err == nil {
 						progress(j)
 					}
 				}
 			}
 		}
 	}
+	return results, nil
 }
 
 func done(state string) bool { return state == "done" || state == "failed" || state == "canceled" }
