@@ -16,7 +16,7 @@ BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
 
-.PHONY: all build demo check fmt-check vet staticcheck test fuzz bench deps install clean
+.PHONY: all build demo e2e check fmt-check vet staticcheck test fuzz bench deps install clean
 
 all: build
 
@@ -27,6 +27,17 @@ build:
 # qcrypt's main job on the embedded simulator, step by step (README's first command).
 demo: build
 	BIN=$(BIN) timeout 180 ./ctl/demo.sh
+
+# Real loop, dm-crypt and mounts in a qemu guest (Debian's kernel package). Groundwork
+# for the real-kernel harness: today it boots and runs e2e/smoke.sh. Needs qemu-system-x86,
+# busybox-static, cpio, kmod, bc, cryptsetup-bin (see E2E_PACKAGES); not yet part of check.
+E2E_PACKAGES := qemu-system-x86 busybox-static cpio kmod bc cryptsetup-bin e2fsprogs
+e2e:
+	@missing=""; for p in $(E2E_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "e2e: missing Debian packages:$$missing"; exit 1; fi; fi
+	./e2e/boot.sh e2e/smoke.sh
 
 check: fmt-check vet staticcheck test fuzz demo
 
