@@ -52,6 +52,11 @@ func wanted(cs *chainState, op string) bool {
 }
 
 func (d *Daemon) start(j *job) {
+	if d.stopping {
+		// Nothing new starts while shutdown waits for the running jobs.
+		d.finish(j, dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd is stopping"), false)
+		return
+	}
 	cs := j.chain
 	if cs != nil {
 		cs.running = j
