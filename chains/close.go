@@ -27,13 +27,26 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 	next := func() Step { s := plan[k]; k++; return s }
 	// backing[i] is the frontend device hop i's mapper sat on, learned when closing it.
 	backing := make([]string, len(c.Hops))
+	// states is the latest list of qubes: taken fresh before every detach (never detach
+	// from a qube that just went down, Qubes #4784), reused by the other steps.
+	var states map[string]string
+	current := func(ctx context.Context, fresh bool) (map[string]string, error) {
+		if states == nil || fresh {
+			st, err := e.states(ctx)
+			if err != nil {
+				return nil, err
+			}
+			states = st
+		}
+		return states, nil
+	}
 	for i := len(c.Hops) - 1; i >= 0; i-- {
 		i, h := i, c.Hops[i]
 		last := i == len(c.Hops)-1
 		mayShutdown := o.Force && !last || o.ShutdownTarget && last
 		closeStep := next()
 		acts = append(acts, action{step: closeStep, do: func(ctx context.Context) error {
-			states, err := e.states(ctx)
+			states, err := current(ctx, false)
 			if err != nil {
 				return err
 			}
@@ -58,12 +71,16 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 		}})
 		detachStep := next()
 		acts = append(acts, action{step: detachStep, do: func(ctx context.Context) error {
-			return e.detachHop(ctx, c, i, backing[i])
+			states, err := current(ctx, true)
+			if err != nil {
+				return err
+			}
+			return e.detachHop(ctx, c, i, backing[i], states)
 		}})
 	}
 	srcStep := next()
 	acts = append(acts, action{step: srcStep, do: func(ctx context.Context) error {
-		states, err := e.states(ctx)
+		states, err := current(ctx, false)
 		if err != nil {
 			return err
 		}
@@ -77,16 +94,12 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 
 // detachHop detaches what hop i has attached from the previous qube of the chain. With
 // several candidates, the one the mapper sat on (feDev) is ours; without that fact, a
-// dm device whose description is the key id.
-func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string) error {
+// dm device whose description is the key id. states must be fresh.
+func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string, states map[string]string) error {
 	h := c.Hops[i]
 	prev := c.SourceVM
 	if i > 0 {
 		prev = c.Hops[i-1].VM
-	}
-	states, err := e.states(ctx)
-	if err != nil {
-		return err
 	}
 	if !qubes.IsRunning(states[h.VM]) {
 		return nil
