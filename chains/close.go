@@ -45,7 +45,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 		last := i == len(c.Hops)-1
 		mayShutdown := o.Force && !last || o.ShutdownTarget && last
 		closeStep := next()
-		acts = append(acts, action{step: closeStep, do: func(ctx context.Context) error {
+		acts = append(acts, action{step: closeStep, layer: i + 1, do: func(ctx context.Context) error {
 			states, err := current(ctx, false)
 			if err != nil {
 				return err
@@ -70,7 +70,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 			return e.shutdown(ctx, h.VM)
 		}})
 		detachStep := next()
-		acts = append(acts, action{step: detachStep, do: func(ctx context.Context) error {
+		acts = append(acts, action{step: detachStep, layer: i + 1, do: func(ctx context.Context) error {
 			states, err := current(ctx, true)
 			if err != nil {
 				return err

@@ -192,6 +192,7 @@ func roWord(ro bool) string {
 // learned (device names), for the journal.
 type action struct {
 	step  Step
+	layer int // 1 for the outermost layer's qube; 0 for the source and start steps
 	do    func(ctx context.Context) error
 	undo  func(ctx context.Context) error
 	facts func() map[string]string
@@ -226,6 +227,9 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 			break
 		}
 		log := e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": a.step.VM, "step": a.step.Kind})
+		if a.layer > 0 {
+			log = log.WithField("layer", a.layer)
+		}
 		if err := a.do(ctx); err != nil {
 			log.WithError(err).Warn("step failed")
 			rec.Steps[i].State = "failed"
@@ -399,7 +403,7 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		i, h := i, h
 		plan := PlanOpen(c, OpenOptions{})
 		attachStep, decryptStep := stepOf(plan, "attach", h.VM), stepOf(plan, "decrypt", h.VM)
-		acts = append(acts, action{step: attachStep, do: func(ctx context.Context) error {
+		acts = append(acts, action{step: attachStep, layer: i + 1, do: func(ctx context.Context) error {
 			if err := e.Qubes.Attach(ctx, h.VM, s.dev[i], c.ReadOnly); err != nil {
 				return err
 			}
@@ -422,7 +426,7 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		}, facts: func() map[string]string {
 			return map[string]string{"device": s.dev[i].String(), "frontend_dev": s.feDev[i]}
 		}})
-		acts = append(acts, action{step: decryptStep, do: func(ctx context.Context) error {
+		acts = append(acts, action{step: decryptStep, layer: i + 1, do: func(ctx context.Context) error {
 			user, err := e.user(ctx, h.VM)
 			if err != nil {
 				return err

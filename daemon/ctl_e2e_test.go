@@ -69,3 +69,36 @@ func TestQcryptctlEndToEnd(t *testing.T) {
 	d.Wait()
 	expect(69, "qcryptd is not running", "list")
 }
+
+func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 20*time.Second)
+	// The chain would open on its own once work runs; close it and make the next open slow.
+	w.qubes.Start(bg, "work")
+	w.waitState(c, "demo", "open", 30*time.Second)
+	if out, code := w.qcryptctl("close", "demo"); code != 0 {
+		t.Fatalf("close: %d %s", code, out)
+	}
+	w.ctl("fault", "admin.vm.device.block.Attach", "delay", "1500", "work")
+	cmd := exec.Command(bin(t, "qcryptctl"), "open", "demo")
+	cmd.Env = append(cmd.Environ(), "DBUS_SYSTEM_BUS_ADDRESS="+w.busAddr)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.waitState(c, "demo", "opening", 20*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	cmd.Process.Signal(syscall.SIGINT)
+	cmd.Wait()
+	if code := cmd.ProcessState.ExitCode(); code != 1 || !strings.Contains(out.String(), "canceled") {
+		t.Errorf("Ctrl-C: exit %d, output:\n%s", code, out.String())
+	}
+	st, err := c.Status(bg, "demo")
+	if err != nil || !st.Closed() {
+		t.Errorf("after Ctrl-C the open was not rolled back: %+v %v", st, err)
+	}
+}
