@@ -226,8 +226,6 @@ func TestKeyInjection(t *testing.T) {
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
 		t.Fatal(err)
 	}
-	got := r.Sh(t, "work", "stat -c %a /home/user/.qcrypt/keys/demo; cmp -s /home/user/.qcrypt/keys/demo - && echo same")
-	_ = got
 	res, _ := r.Runner.Run(bg, "work", "stat -c %a /home/user/.qcrypt/keys/demo; cmp -s /home/user/.qcrypt/keys/demo - && echo same", bytes.NewReader(key))
 	if string(res.Stdout) != "600\nsame\n" {
 		t.Errorf("injected key: %q", res.Stdout)

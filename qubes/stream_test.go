@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -157,6 +158,17 @@ func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
 	}
 	// Attempts fail while it is gone: more disconnected events, with backoff.
 	collect(t, ch, is(qubes.EventDisconnected, ""))
+	// qubesd comes back on the same socket: the stream resyncs and delivers again.
+	back, err := sim.Start(sim.Config{Dir: t.TempDir(), Socket: f.Socket(), ToolsBinary: os.Args[0], Demo: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer back.Close()
+	collect(t, ch, is(qubes.EventResync, ""))
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
+	collect(t, ch, is(qubes.EventDomainStart, "work"))
 }
 
 func TestSimulatorEventDestFilter(t *testing.T) {
