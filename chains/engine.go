@@ -76,11 +76,16 @@ type CloseOptions struct {
 	Eject          bool // also unmount the source device in the source qube
 }
 
+// discard is the logger of an engine without one.
+var discard = func() *logrus.Entry {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	return logrus.NewEntry(l)
+}()
+
 func (e *Engine) log() *logrus.Entry {
 	if e.Log == nil {
-		l := logrus.New()
-		l.SetOutput(io.Discard)
-		return logrus.NewEntry(l)
+		return discard
 	}
 	return e.Log
 }
@@ -117,14 +122,10 @@ func (e *Engine) states(ctx context.Context) (map[string]string, error) {
 	return st, nil
 }
 
-// run runs a script and turns transport failures and unexpected statuses into errors.
+// run runs a script in a qube (transport failures are errors; exit codes are not).
 func (e *Engine) run(ctx context.Context, vm, script string, input io.Reader) (qubes.Result, error) {
 	e.log().WithField("vm", vm).Debug("running script")
-	res, err := e.Runner.Run(ctx, vm, script, input)
-	if err != nil {
-		return res, err
-	}
-	return res, nil
+	return e.Runner.Run(ctx, vm, script, input)
 }
 
 // PlanOpen lists the steps an open performs, in order.
