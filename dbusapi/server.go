@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os/user"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,10 +27,12 @@ type Server struct {
 	// CallTimeout bounds Status and Discover, which run scripts in qubes.
 	CallTimeout time.Duration
 
-	mu      sync.Mutex
-	manager *prop.Properties
-	chains  map[string]*exported
-	jobs    map[uint64]*exported
+	mu           sync.Mutex
+	manager      *prop.Properties
+	chains       map[string]*exported
+	jobs         map[uint64]*exported
+	introspected string // children in the manager's exported introspection
+	exportedOnce bool
 }
 
 type exported struct {
@@ -104,15 +107,23 @@ func (s *Server) RequestName() error {
 	return nil
 }
 
+// refreshManagerIntrospection lists the manager's children (chain, job) when that set
+// changes: only when the first object of a kind appears or the last goes.
 func (s *Server) refreshManagerIntrospection() {
-	var children []string
 	s.mu.Lock()
+	var children []string
 	if len(s.chains) > 0 {
 		children = append(children, "chain")
 	}
 	if len(s.jobs) > 0 {
 		children = append(children, "job")
 	}
+	key := strings.Join(children, ",")
+	if s.introspected == key && s.exportedOnce {
+		s.mu.Unlock()
+		return
+	}
+	s.introspected, s.exportedOnce = key, true
 	s.mu.Unlock()
 	s.conn.Export(introspect.Introspectable(nodeXML([]string{ManagerXML, objectManagerXML}, children)), ManagerPath, "org.freedesktop.DBus.Introspectable")
 }
@@ -338,30 +349,37 @@ func (m *manager) ListChains(sender dbus.Sender) ([]struct {
 	return out, nil
 }
 
-func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
+// job checks the caller, starts a job and answers with its path.
+func (m *manager) job(sender dbus.Sender, start func(uid uint32) (uint64, error)) (dbus.ObjectPath, *dbus.Error) {
 	uid, derr := m.s.caller(sender)
 	if derr != nil {
 		return "", derr
 	}
-	o, err := OpenOptionsFromMap(options)
+	id, err := start(uid)
 	if err != nil {
 		return "", toDBus(err)
 	}
-	id, err := m.s.backend.Open(uid, chain, o)
-	return JobPath(id), toDBus(err)
+	return JobPath(id), nil
+}
+
+func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
+	return m.job(sender, func(uid uint32) (uint64, error) {
+		o, err := OpenOptionsFromMap(options)
+		if err != nil {
+			return 0, err
+		}
+		return m.s.backend.Open(uid, chain, o)
+	})
 }
 
 func (m *manager) Close(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	uid, derr := m.s.caller(sender)
-	if derr != nil {
-		return "", derr
-	}
-	o, _, err := CloseOptionsFromMap(options, false)
-	if err != nil {
-		return "", toDBus(err)
-	}
-	id, err := m.s.backend.Close(uid, chain, o)
-	return JobPath(id), toDBus(err)
+	return m.job(sender, func(uid uint32) (uint64, error) {
+		o, _, err := CloseOptionsFromMap(options, false)
+		if err != nil {
+			return 0, err
+		}
+		return m.s.backend.Close(uid, chain, o)
+	})
 }
 
 func (m *manager) Status(sender dbus.Sender, chain string) (map[string]dbus.Variant, *dbus.Error) {
@@ -395,37 +413,31 @@ func (m *manager) Discover(sender dbus.Sender) ([]map[string]dbus.Variant, *dbus
 }
 
 func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	uid, derr := m.s.caller(sender)
-	if derr != nil {
-		return "", derr
-	}
-	c, _, err := SpecFromMap(spec)
-	if err != nil {
-		return "", toDBus(err)
-	}
-	o, err := OpenOptionsFromMap(options)
-	if err != nil {
-		return "", toDBus(err)
-	}
-	id, err := m.s.backend.OpenAdhoc(uid, c, o)
-	return JobPath(id), toDBus(err)
+	return m.job(sender, func(uid uint32) (uint64, error) {
+		c, _, err := SpecFromMap(spec)
+		if err != nil {
+			return 0, err
+		}
+		o, err := OpenOptionsFromMap(options)
+		if err != nil {
+			return 0, err
+		}
+		return m.s.backend.OpenAdhoc(uid, c, o)
+	})
 }
 
 func (m *manager) CloseAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	uid, derr := m.s.caller(sender)
-	if derr != nil {
-		return "", derr
-	}
-	c, _, err := SpecFromMap(spec)
-	if err != nil {
-		return "", toDBus(err)
-	}
-	o, _, err := CloseOptionsFromMap(options, false)
-	if err != nil {
-		return "", toDBus(err)
-	}
-	id, err := m.s.backend.CloseAdhoc(uid, c, o)
-	return JobPath(id), toDBus(err)
+	return m.job(sender, func(uid uint32) (uint64, error) {
+		c, _, err := SpecFromMap(spec)
+		if err != nil {
+			return 0, err
+		}
+		o, _, err := CloseOptionsFromMap(options, false)
+		if err != nil {
+			return 0, err
+		}
+		return m.s.backend.CloseAdhoc(uid, c, o)
+	})
 }
 
 func (m *manager) StatusAdhoc(sender dbus.Sender, spec map[string]dbus.Variant) (map[string]dbus.Variant, *dbus.Error) {
@@ -482,17 +494,14 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 }
 
 func (m *manager) LuksInit(sender dbus.Sender, spec map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	uid, derr := m.s.caller(sender)
-	if derr != nil {
-		return "", derr
-	}
-	c, s, err := SpecFromMap(spec)
-	if err != nil {
-		return "", toDBus(err)
-	}
-	id, err := m.s.backend.LuksInit(uid, chains.InitSpec{Chain: c, Size: int64(s.Size), WorkDir: s.WorkDir, KeySize: int(s.KeySize),
-		BackupDir: s.BackupDir, FS: s.FS, KeyEntropy: s.KeyEntropy, ContainerEntropy: s.ContainerEntropy, Autostart: s.Autostart})
-	return JobPath(id), toDBus(err)
+	return m.job(sender, func(uid uint32) (uint64, error) {
+		c, sp, err := SpecFromMap(spec)
+		if err != nil {
+			return 0, err
+		}
+		return m.s.backend.LuksInit(uid, chains.InitSpec{Chain: c, Size: int64(sp.Size), WorkDir: sp.WorkDir, KeySize: int(sp.KeySize),
+			BackupDir: sp.BackupDir, FS: sp.FS, KeyEntropy: sp.KeyEntropy, ContainerEntropy: sp.ContainerEntropy, Autostart: sp.Autostart})
+	})
 }
 
 func (m *manager) Reload(sender dbus.Sender) (uint32, *dbus.Error) {
