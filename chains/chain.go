@@ -131,7 +131,7 @@ var cryptOptions = map[string]*regexp.Regexp{
 	"--allow-discards": nil, "--iv-large-sectors": nil, "--perf-same_cpu_crypt": nil,
 	"--perf-submit_from_crypt_cpus": nil, "--perf-no_read_workqueue": nil, "--perf-no_write_workqueue": nil,
 	"--disable-keyring": nil, "--tcrypt-hidden": nil, "--tcrypt-system": nil, "--veracrypt": nil,
-	// luksFormat tuning (ignored by open)
+	// luksFormat tuning (cryptsetup refuses most of it with open: see actionOnly)
 	"--pbkdf": regexp.MustCompile(`^(argon2i|argon2id|pbkdf2)$`), "--pbkdf-memory": numRE,
 	"--pbkdf-force-iterations": numRE, "--pbkdf-parallel": numRE, "--iter-time": numRE, "-i": nil,
 	"--use-urandom": nil, "--use-random": nil,
@@ -142,6 +142,41 @@ var (
 	numRE   = regexp.MustCompile(`^[0-9]{1,12}$`)
 	shortOf = map[string]string{"-M": "--type", "-c": "--cipher", "-s": "--key-size", "-h": "--hash", "-o": "--offset", "-p": "--skip", "-b": "--size", "-l": "--keyfile-size", "-i": "--iter-time"}
 )
+
+// actionOnly lists the options cryptsetup 2.6 refuses with the other action ("Option
+// --pbkdf is not allowed with open action"): a hop's options are given to each action
+// without the other's.
+var actionOnly = map[string]map[string]bool{
+	"luksFormat": {"--pbkdf": true, "--pbkdf-force-iterations": true, "--iter-time": true, "--use-urandom": true, "--use-random": true},
+	"open":       {"--skip": true, "--size": true, "--allow-discards": true, "--iv-large-sectors": true, "--tcrypt-hidden": true, "--tcrypt-system": true},
+}
+
+// CryptArgs are the cryptsetup options of hop i for action "open" or "luksFormat": the
+// chain's type (unless the hop names one) and the hop's options that action accepts.
+func (c *Chain) CryptArgs(i int, action string) []string {
+	opts := c.Hops[i].Options
+	var out []string
+	if c.Type != "" && c.Type != "luks" && !hasOption(opts, "--type") {
+		out = append(out, "--type", c.Type)
+	}
+	other := actionOnly["open"]
+	if action == "open" {
+		other = actionOnly["luksFormat"]
+	}
+	for j := 0; j < len(opts); j++ {
+		takesValue := cryptOptions[opts[j]] != nil
+		if !other[opts[j]] {
+			out = append(out, opts[j])
+			if takesValue && j+1 < len(opts) {
+				out = append(out, opts[j+1])
+			}
+		}
+		if takesValue {
+			j++
+		}
+	}
+	return out
+}
 
 // ParseCryptOptions splits and checks "destination opt N" / --cy options against the
 // allow-list; values must be plain tokens, so the options can be quoted safely.

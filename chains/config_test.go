@@ -186,3 +186,19 @@ func TestParseCryptOptions(t *testing.T) {
 		}
 	}
 }
+
+func TestCryptArgsPerAction(t *testing.T) {
+	opts, err := ParseCryptOptions("--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --allow-discards -c aes-xts-plain64 --use-urandom")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Chain{Type: "luks2", Hops: []Hop{{VM: "a", Options: opts}}}
+	for _, tc := range []struct{ action, want string }{
+		{"open", "--type luks2 --allow-discards --cipher aes-xts-plain64"},
+		{"luksFormat", "--type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --cipher aes-xts-plain64 --use-urandom"},
+	} {
+		if got := strings.Join(c.CryptArgs(0, tc.action), " "); got != tc.want {
+			t.Errorf("%s: got %q, want %q", tc.action, got, tc.want)
+		}
+	}
+}

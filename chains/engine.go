@@ -432,12 +432,8 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			if err != nil {
 				return err
 			}
-			opts := h.Options
-			if c.Type != "" && c.Type != "luks" && !hasOption(opts, "--type") {
-				opts = append([]string{"--type", c.Type}, opts...)
-			}
 			last := i == len(c.Hops)-1
-			ho := hopOpen{key: keyPath(user, c.Key), name: c.Key, dev: "/dev/" + s.feDev[i], options: opts,
+			ho := hopOpen{key: keyPath(user, c.Key), name: c.Key, dev: "/dev/" + s.feDev[i], options: c.CryptArgs(i, "open"),
 				readOnly: c.ReadOnly, injectLen: len(keys[i]), printDM: !last}
 			if last {
 				ho.mountPoint = c.MountPoint

@@ -291,19 +291,15 @@ func buildScript(s InitSpec) string {
 	fmt.Fprintf(&b, "head -c %d < %s > \"$d/container\" || fail\n", s.Size, q(s.ContainerEntropy))
 	fmt.Fprintf(&b, "loop=$(losetup -f --show \"$d/container\") || fail\ndev=$loop\n")
 	for i, h := range c.Hops {
-		opts := h.Options
-		if c.Type != "" && c.Type != "luks" && !hasOption(opts, "--type") {
-			opts = append([]string{"--type", c.Type}, opts...)
-		}
-		fmtOpts := opts
-		if !hasOption(opts, "--type") && !hasOption(opts, "--pbkdf-memory") && !hasOption(opts, "--pbkdf") {
+		fmtOpts := c.CryptArgs(i, "luksFormat")
+		if !hasOption(fmtOpts, "--type") && !hasOption(fmtOpts, "--pbkdf-memory") && !hasOption(fmtOpts, "--pbkdf") {
 			// LUKS2's default argon2 memory kills small qubes (cryptsetup issue 372).
-			fmtOpts = append(append([]string{}, opts...), "--pbkdf-memory", "10240")
+			fmtOpts = append(fmtOpts, "--pbkdf-memory", "10240")
 		}
 		name := fmt.Sprintf("qcrypt-init-$$-%d", i)
 		fmt.Fprintf(&b, "head -c %d < %s > \"$d/key%d\" || fail\n", s.KeySize, q(s.KeyEntropy), i)
 		fmt.Fprintf(&b, "cryptsetup -q --key-file \"$d/key%d\" %s luksFormat \"$dev\" || fail\n", i, qargs(fmtOpts))
-		fmt.Fprintf(&b, "cryptsetup open --key-file \"$d/key%d\" %s \"$dev\" \"%s\" || fail\nmaps=\"%s $maps\"\ndev=\"/dev/mapper/%s\"\n", i, qargs(opts), name, name, name)
+		fmt.Fprintf(&b, "cryptsetup open --key-file \"$d/key%d\" %s \"$dev\" \"%s\" || fail\nmaps=\"%s $maps\"\ndev=\"/dev/mapper/%s\"\n", i, qargs(c.CryptArgs(i, "open")), name, name, name)
 		if s.BackupDir != "" {
 			bak := path.Join(s.BackupDir, h.VM+"_"+c.Key)
 			fmt.Fprintf(&b, "mkdir -p %s && cat \"$d/key%d\" > %s.part && mv %s.part %s || fail\n", q(s.BackupDir), i, q(bak), q(bak), q(bak))

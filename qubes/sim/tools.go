@@ -252,6 +252,13 @@ func (t *tool) cryptsetup(argv []string) int {
 			Cipher: o.values["cipher"], KeyBits: keyBits, Hash: o.values["hash"], PBKDF: o.values["pbkdf"], Label: o.values["label"]})
 		return code
 	case "open", "luksOpen", "plainOpen", "create":
+		for value, opt := range map[string]string{"pbkdf": "--pbkdf", "iterations": "--pbkdf-force-iterations", "iter-time": "--iter-time"} {
+			if _, ok := o.values[value]; ok {
+				// As cryptsetup 2.6: format tuning is an error with open.
+				fmt.Fprintf(t.stderr, "cryptsetup: Option %s is not allowed with open action.\n", opt)
+				return 1
+			}
+		}
 		if action == "create" {
 			if len(args) == 2 {
 				args = []string{args[1], args[0]}
