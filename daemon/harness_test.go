@@ -1,19 +1,18 @@
 package daemon_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
 )
@@ -74,7 +73,7 @@ type world struct {
 	logPath string
 }
 
-const permissiveBus = `<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/></policy>`
+const permissiveBus = dbustest.Permissive
 
 // realPolicyBus is the stock system bus default policy plus qcryptd's policy file.
 func realPolicyBus(policyFile string) string {
@@ -98,22 +97,12 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	w := &world{t: t, dir: dir, socket: filepath.Join(dir, "qubesd.sock"), simDir: filepath.Join(dir, "sim"), conf: filepath.Join(dir, "conf")}
 	os.MkdirAll(w.simDir, 0o755)
 	// The bus.
-	cfg := filepath.Join(dir, "bus.conf")
-	busSock := filepath.Join(dir, "bus.sock")
-	os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path=`+busSock+`</listen><auth>EXTERNAL</auth>`+policy+`</busconfig>`), 0o644)
-	bus := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
-	out, _ := bus.StdoutPipe()
-	bus.Stderr = os.Stderr
-	if err := bus.Start(); err != nil {
+	addr, stop, err := dbustest.Start(dir, policy)
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { bus.Process.Kill(); bus.Wait() })
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		t.Fatalf("dbus-daemon: %v", err)
-	}
-	w.busAddr = strings.TrimSpace(line)
+	t.Cleanup(stop)
+	w.busAddr = addr
 	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", w.busAddr)
 	// The simulator.
 	sim := exec.Command(bin(t, "qubes-sim"), "serve", "--socket", w.socket, "--state", w.simDir, "--qubes-version", dialect, "--demo")

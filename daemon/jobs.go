@@ -178,6 +178,12 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 		case chains.DecideClosed:
 			return outcome{state: StateClosed, message: "closed"}, nil
 		case chains.DecideRollback, chains.DecideFinishClose:
+			// Clients must not see "closed" while devices are still being taken down.
+			d.post(func() {
+				if j.chain.running == j {
+					d.setState(j.chain, StateClosing, "", j.reason+": "+decision.String())
+				}
+			})
 			if err := d.engine.Close(ctx, c, chains.CloseOptions{}, progress); err != nil {
 				return outcome{state: StateDegraded}, err
 			}

@@ -84,14 +84,14 @@ boot() { # boot ACCEL: run the guest; 0 when the script's status came back
   if [ "$a" = kvm ]; then
     # KVM hung after kernel decompression on this kind of machine in a trial: if the
     # guest has not booted within the probe window, give up on KVM.
-    for _ in $(seq $((${E2E_KVM_PROBE:-20} * 10))); do
+    for _ in $(seq $((${E2E_KVM_PROBE:-10} * 10))); do
       grep -q E2E-BOOTED "$results/console" 2>/dev/null && break
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
     if ! grep -q E2E-BOOTED "$results/console" 2>/dev/null; then
       kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
-      echo "e2e: KVM guest did not boot in ${E2E_KVM_PROBE:-20} s; using TCG" >&2
+      echo "e2e: KVM guest did not boot in ${E2E_KVM_PROBE:-10} s; using TCG" >&2
       return 1
     fi
   fi

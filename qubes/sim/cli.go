@@ -32,6 +32,9 @@ ctl commands:
 
 // Main is the qubes-sim command (and, invoked under a tool's name, that fake tool).
 func Main(args []string, stdout, stderr io.Writer) int {
+	if filepath.Base(args[0]) == "cryptsetup" && os.Getenv(dmPrefixEnv) != "" {
+		return CryptsetupWrapper(args[1:], os.Stdin, stdout, stderr)
+	}
 	if tool := ToolName(args[0]); tool != "" {
 		return RunTool(tool, args[1:], os.Stdin, stdout, stderr)
 	}
@@ -49,6 +52,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return QrexecClient(args[2:])
 	case "sandbox-init":
 		return SandboxInit(args[2:])
+	case "qube-holder":
+		return QubeHolder(args[2:])
 	case "ctl":
 		return ctl(args[2:], stdout, stderr)
 	case "-h", "--help", "help":
@@ -66,6 +71,7 @@ func serve(args []string, stderr io.Writer) int {
 	state := fs.String("state", "", "state directory (default: a new temporary directory)")
 	version := fs.String("qubes-version", "4.2", "Qubes release to simulate: 4.2 or 4.3")
 	demo := fs.Bool("demo", false, "start with the demo world")
+	backend := fs.String("backend", BackendSandbox, "how qubes run: sandbox (fake block tools) or kernel (real kernel; root)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -82,7 +88,7 @@ func serve(args []string, stderr io.Writer) int {
 		defer os.RemoveAll(dir)
 		*state = dir
 	}
-	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo})
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend})
 	if err != nil {
 		fmt.Fprintln(stderr, "qubes-sim:", err)
 		return 1

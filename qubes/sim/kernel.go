@@ -181,7 +181,7 @@ func (k *kernel) nextName(prefix string) string {
 func (k *kernel) add(b *bdev) {
 	k.devs[b.name] = b
 	if b.exposed() {
-		k.w.deviceAdded(k.vm, b)
+		k.w.deviceAdded(k.vm, b.name)
 	}
 }
 
@@ -191,7 +191,7 @@ func (k *kernel) remove(b *bdev) {
 		b.file.f.Close()
 	}
 	if b.exposed() {
-		k.w.deviceRemoved(k.vm, b)
+		k.w.deviceRemoved(k.vm, b.name)
 	}
 	// A loop detached lazily goes away with its last user.
 	if b.under != nil && b.under.autoclear && k.busy(b.under) == "" {

@@ -70,22 +70,22 @@ func (w *World) deviceListChanged(vm *VM) {
 	w.emit(vm.Name, "device-list-change:block")
 }
 
-func (w *World) deviceAdded(vm *VM, b *bdev) {
+func (w *World) deviceAdded(vm *VM, port string) {
 	w.deviceListChanged(vm)
 	if w.dialect == R43 {
-		w.emit(vm.Name, "device-added:block", "device", vm.Name+":"+b.name+":"+devID(b.name))
+		w.emit(vm.Name, "device-added:block", "device", vm.Name+":"+port+":"+devID(port))
 	}
 }
 
-func (w *World) deviceRemoved(vm *VM, b *bdev) {
-	ref := qubes.DeviceRef{Backend: vm.Name, Port: b.name}
+func (w *World) deviceRemoved(vm *VM, port string) {
+	ref := qubes.DeviceRef{Backend: vm.Name, Port: port}
 	if a := w.attachmentOf(ref); a != nil {
 		// The backend device vanished under an attachment: the frontend's disk is dead.
 		a.Stale = true
 	}
 	w.deviceListChanged(vm)
 	if w.dialect == R43 {
-		w.emit(vm.Name, "device-removed:block", "port", vm.Name+":"+b.name)
+		w.emit(vm.Name, "device-removed:block", "port", vm.Name+":"+port)
 	}
 }
 
@@ -144,6 +144,14 @@ func (w *World) start(name string) error {
 	}
 	vm.State = qubes.StateTransient
 	resetRoot(vm)
+	if w.hk != nil {
+		if err := w.hk.boot(vm); err != nil {
+			vm.State = qubes.StateHalted
+			w.emit(name, "domain-start-failed", "reason", err.Error())
+			w.mu.Unlock()
+			return &exception{"QubesException", "Start failed: " + err.Error()}
+		}
+	}
 	w.emit(name, "domain-spawn", "start_guid", "True")
 	delay := w.StartDelay
 	w.mu.Unlock()
@@ -251,7 +259,11 @@ func (w *World) powerOff(vm *VM, clean bool) {
 	for cmd := range vm.procs {
 		killGroup(cmd)
 	}
-	vm.kernel.teardown(clean)
+	if w.hk != nil {
+		w.hk.teardown(vm)
+	} else {
+		vm.kernel.teardown(clean)
+	}
 	for _, a := range append([]*Attachment(nil), w.attachments...) {
 		switch {
 		case a.Frontend == vm.Name:
@@ -337,8 +349,14 @@ func (w *World) attach(frontend string, dev qubes.DeviceRef, readOnly *bool) err
 	if !be.running() {
 		return &exception{"QubesVMNotRunningError", fmt.Sprintf("Domain %s needs to be running to attach device from it", be.Name)}
 	}
-	b, ok := be.kernel.devs[dev.Port]
-	if !ok || !b.exposed() {
+	var b devInfo
+	ok = false
+	for _, d := range w.published(be) {
+		if d.name == dev.Port {
+			b, ok = d, true
+		}
+	}
+	if !ok {
 		return errEmpty // unknown device: AttributeError / ProtocolError in qubesd
 	}
 	if a := w.attachmentOf(dev); a != nil {
@@ -374,8 +392,15 @@ func (w *World) attach(frontend string, dev qubes.DeviceRef, readOnly *bool) err
 	}
 	a := &Attachment{DeviceRef: dev, Frontend: frontend, ReadOnly: ro, FrontendDev: fdev}
 	w.attachEvents(a, true)
+	if w.hk != nil {
+		if err := w.hk.attach(a, b); err != nil {
+			return &exception{"QubesException", "Device attach failed: " + err.Error()}
+		}
+	} else {
+		under := be.kernel.devs[dev.Port]
+		fe.kernel.devs[fdev] = &bdev{name: fdev, kind: kindXVD, att: a, ro: ro, io: &attachedIO{att: a, under: under.io}}
+	}
 	w.attachments = append(w.attachments, a)
-	fe.kernel.devs[fdev] = &bdev{name: fdev, kind: kindXVD, att: a, ro: ro, io: &attachedIO{att: a, under: b.io}}
 	w.attachEvents(a, false)
 	w.deviceListChanged(be)
 	return nil
@@ -404,7 +429,12 @@ func (w *World) detach(frontend string, dev qubes.DeviceRef) error {
 		return errEmpty
 	}
 	fe := w.vms[frontend]
-	if b, ok := fe.kernel.devs[att.FrontendDev]; ok {
+	if w.hk != nil {
+		if err := w.hk.detach(att); err != nil {
+			// Xen refuses to detach a disk the frontend still uses.
+			return errEmpty
+		}
+	} else if b, ok := fe.kernel.devs[att.FrontendDev]; ok {
 		if who := fe.kernel.busy(b); who != "" {
 			// Xen refuses to detach a disk the frontend still uses.
 			return errEmpty

@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,18 +22,9 @@ func prepareTools(dir, binary string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	// A copy, not the original path: the sandbox sees only this directory. A hard link
-	// is enough when both are on one file system.
-	dst := filepath.Join(dir, "qubes-sim")
-	os.Remove(dst)
-	if err := os.Link(binary, dst); err != nil {
-		data, err := os.ReadFile(binary)
-		if err != nil {
-			return fmt.Errorf("cannot read the simulator binary for the fake tools: %w", err)
-		}
-		if err := os.WriteFile(dst, data, 0o755); err != nil {
-			return err
-		}
+	// A copy, not the original path: the sandbox sees only this directory.
+	if err := linkBinary(binary, filepath.Join(dir, "qubes-sim")); err != nil {
+		return err
 	}
 	for _, t := range ToolNames {
 		os.Remove(filepath.Join(dir, t))

@@ -345,18 +345,18 @@ func (w *World) available(backend, filter string) string {
 		return ""
 	}
 	var b strings.Builder
-	for _, d := range vm.kernel.sortedDevs() {
-		if !d.exposed() || filter != "" && d.name != filter {
+	for _, d := range w.published(vm) {
+		if filter != "" && d.name != filter {
 			continue
 		}
 		ref := qubes.DeviceRef{Backend: backend, Port: d.name}
-		desc := w.description(ref, d)
+		desc := w.description(ref, d.desc)
 		mode := "w"
 		if d.ro {
 			mode = "r"
 		}
 		if w.dialect == R42 {
-			fmt.Fprintf(&b, "%s mode=%s size=%d device_node=/dev/%s description=%s\n", d.name, mode, d.io.Size(), d.name, sanitizeOld(desc))
+			fmt.Fprintf(&b, "%s mode=%s size=%d device_node=/dev/%s description=%s\n", d.name, mode, d.size, d.name, sanitizeOld(desc))
 			continue
 		}
 		desc = sanitizeNew(desc)

@@ -25,7 +25,16 @@ type Config struct {
 	ToolsBinary string  // the qubes-sim binary that acts as the fake tools; default this executable
 	Bwrap       string  // bubblewrap; default "bwrap" from PATH
 	Demo        bool    // build the demo world before serving
+	// Backend is how qubes run: BackendSandbox (default: bubblewrap sandboxes with fake
+	// block tools) or BackendKernel (namespaces on the real kernel, real tools; root).
+	Backend string
 }
+
+// The simulator's backends.
+const (
+	BackendSandbox = "sandbox"
+	BackendKernel  = "kernel"
+)
 
 // ControlSocket is the simulator's control socket for an Admin API socket path.
 func ControlSocket(adminSocket string) string { return adminSocket + ".control" }
@@ -63,17 +72,36 @@ func Start(cfg Config) (*Sim, error) {
 	if cfg.Bwrap == "" {
 		cfg.Bwrap = "bwrap"
 	}
-	bwrap, err := exec.LookPath(cfg.Bwrap)
-	if err != nil {
-		return nil, fmt.Errorf("cannot find bubblewrap (apt-get install bubblewrap): %w", err)
+	if cfg.Backend == "" {
+		cfg.Backend = BackendSandbox
 	}
 	w, err := NewWorld(cfg.Dir, cfg.Dialect)
 	if err != nil {
 		return nil, err
 	}
-	s := &Sim{World: w, cfg: cfg, toolsDir: filepath.Join(cfg.Dir, "tools"), bwrap: bwrap, kernels: map[string]net.Listener{}}
-	if err := prepareTools(s.toolsDir, cfg.ToolsBinary); err != nil {
-		return nil, err
+	s := &Sim{World: w, cfg: cfg, toolsDir: filepath.Join(cfg.Dir, "tools"), kernels: map[string]net.Listener{}}
+	switch cfg.Backend {
+	case BackendSandbox:
+		if s.bwrap, err = exec.LookPath(cfg.Bwrap); err != nil {
+			return nil, fmt.Errorf("cannot find bubblewrap (apt-get install bubblewrap): %w", err)
+		}
+		if err := prepareTools(s.toolsDir, cfg.ToolsBinary); err != nil {
+			return nil, err
+		}
+	case BackendKernel:
+		if cfg.Demo {
+			return nil, errors.New("cannot build the demo world on the kernel backend: its container is in the fake format")
+		}
+		if w.hk, err = newHostKernel(w, cfg.ToolsBinary, s.toolsDir); err != nil {
+			return nil, err
+		}
+		dom0 := w.vms["dom0"]
+		resetRoot(dom0)
+		if err := w.hk.boot(dom0); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("cannot run qubes on backend %q: use %s or %s", cfg.Backend, BackendSandbox, BackendKernel)
 	}
 	if err := s.listenKernel("dom0"); err != nil {
 		return nil, err
@@ -120,6 +148,10 @@ func (s *Sim) Close() error {
 	for _, vm := range s.World.vms {
 		for cmd := range vm.procs {
 			killGroup(cmd)
+		}
+		if s.World.hk != nil {
+			// Leave nothing in the kernel.
+			s.World.hk.teardown(vm)
 		}
 	}
 	for s2 := range s.World.subs {
@@ -331,13 +363,18 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 		home = "/home/" + vm.DefaultUser
 	}
 	s.World.mu.Lock()
-	var roMounts []string
-	for _, m := range vm.kernel.mounts {
-		if m.ro {
-			roMounts = append(roMounts, m.target)
+	var cmd *exec.Cmd
+	if s.World.hk != nil {
+		cmd = s.World.hk.command(vm, home, argv)
+	} else {
+		var roMounts []string
+		for _, m := range vm.kernel.mounts {
+			if m.ro {
+				roMounts = append(roMounts, m.target)
+			}
 		}
+		cmd = s.sandboxCommand(vm, home, roMounts, argv)
 	}
-	cmd := s.sandboxCommand(vm, home, roMounts, argv)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
 	if err := cmd.Start(); err != nil {
 		s.World.mu.Unlock()
@@ -359,6 +396,11 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 	close(done)
 	s.World.mu.Lock()
 	delete(vm.procs, cmd)
+	if s.World.hk != nil && vm.running() {
+		// What the command did to the qube's block devices reaches qubesd as its udev
+		// would report it.
+		s.World.hk.refresh(vm)
+	}
 	s.World.mu.Unlock()
 	st := cmd.ProcessState
 	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
@@ -376,6 +418,9 @@ func (s *Sim) Plug(vmName, image, desc string, ro bool) (string, error) {
 	vm, ok := s.World.vms[vmName]
 	if !ok || !vm.running() {
 		return "", fmt.Errorf("cannot plug a disk into %s: not running", vmName)
+	}
+	if s.World.hk != nil {
+		return s.World.hk.plug(vm, image, desc, ro)
 	}
 	fio, err := newFileIO(image, ro)
 	if err != nil {
@@ -408,6 +453,9 @@ func (s *Sim) Unplug(vmName, port string) error {
 	vm, ok := s.World.vms[vmName]
 	if !ok {
 		return fmt.Errorf("cannot unplug from %s: no such qube", vmName)
+	}
+	if s.World.hk != nil {
+		return s.World.hk.unplug(vm, port)
 	}
 	b, ok := vm.kernel.devs[port]
 	if !ok || b.kind != kindDisk {

@@ -93,6 +93,8 @@ type World struct {
 	DefaultQrexecTimeout int
 
 	calls int64 // Admin API calls served
+
+	hk *hostKernel // the kernel backend; nil for the sandbox backend
 }
 
 // NewWorld creates an empty world (only dom0) whose qube trees live under dir.
@@ -225,11 +227,25 @@ func (w *World) frontendDev(frontend string) (string, error) {
 
 // description of an exposed device: what the backend's udev script would write to
 // QubesDB, unless a test installed a hostile override.
-func (w *World) description(dev qubes.DeviceRef, b *bdev) string {
+func (w *World) description(dev qubes.DeviceRef, own string) string {
 	if d, ok := w.descs[dev]; ok {
 		return d
 	}
-	return b.desc()
+	return own
+}
+
+// published lists the block devices a running qube exposes, sorted by name.
+func (w *World) published(vm *VM) []devInfo {
+	if w.hk != nil {
+		return w.hk.devices(vm.Name)
+	}
+	var out []devInfo
+	for _, d := range vm.kernel.sortedDevs() {
+		if d.exposed() {
+			out = append(out, devInfo{name: d.name, desc: d.desc(), size: d.io.Size(), ro: d.ro})
+		}
+	}
+	return out
 }
 
 // sanitizeOld is R4.1/R4.2 qubesd's per-byte description filter.

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# e2e/run.sh: the real-kernel end-to-end tests (make e2e). Builds the shipped static
+# binaries and the e2e test binary, then runs the tests as root on a kernel with loop
+# and dm-crypt: on this machine when it has them (E2E_MODE=direct), otherwise in a qemu
+# guest booted from Debian's kernel package (E2E_MODE=qemu, see boot.sh). The exit
+# status is the tests'.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$PWD/bin/e2e
+rm -rf "$out" && mkdir -p "$out"
+CGO_ENABLED=0 go build -trimpath -o "$out/" ./cmd/qcryptd ./cmd/qcryptctl ./cmd/qubes-sim
+CGO_ENABLED=0 go test -c -trimpath -o "$out/e2e.test" ./e2e
+
+run=""
+[ -n "${E2E_RUN:-}" ] && run="-test.run $(printf %q "$E2E_RUN")"
+cat > "$out/tests.sh" <<SCRIPT
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export QCRYPT_E2E=1 QCRYPT_E2E_BIN=$out DM_DISABLE_UDEV=1 E2E_LOGS=${E2E_LOGS:-0}
+cd /tmp
+start=\$(date +%s)
+"$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-9m} $run
+status=\$?
+echo "e2e: tests took \$((\$(date +%s) - start)) s on kernel \$(uname -r)"
+exit \$status
+SCRIPT
+
+mode=${E2E_MODE:-auto}
+if [ "$mode" = auto ]; then
+  mode=qemu
+  if [ "$(id -u)" = 0 ] && modprobe -q dm_crypt 2>/dev/null && modprobe -q loop 2>/dev/null && [ -e /dev/mapper/control ]; then
+    mode=direct
+  fi
+fi
+echo "e2e: running on $([ "$mode" = direct ] && echo "this machine's kernel" || echo "a qemu guest")"
+if [ "$mode" = direct ]; then
+  exec sh "$out/tests.sh"
+fi
+exec ./e2e/boot.sh "$out/tests.sh"
