@@ -3,8 +3,7 @@
 # package, with the host's root file system (read-only 9p, writable through an overlay on
 # tmpfs) and real loop, device-mapper and dm-crypt. The script's output and exit status
 # come back through a writable 9p export; boot.sh exits with the script's status.
-#
-# Groundwork for the real-kernel harness (issue 6): the boot, not yet the scenarios.
+# e2e/run.sh uses it to run the end-to-end tests.
 set -euo pipefail
 script=$(realpath "$1")
 cache=${E2E_CACHE:-/tmp/qcrypt-e2e-cache}
@@ -22,7 +21,9 @@ need depmod kmod
 
 # The kernel: Debian 12's generic amd64 image (the -cloud- one has no 9p).
 if ! ls "$cache"/root/boot/vmlinuz-* >/dev/null 2>&1; then
-  pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | cut -d' ' -f1 | sort -V | tail -n 1)
+  search() { apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | cut -d' ' -f1 | sort -V | tail -n 1; }
+  pkg=$(search)
+  if [ -z "$pkg" ] && [ "$(id -u)" = 0 ]; then apt-get update -qq && pkg=$(search); fi
   [ -n "$pkg" ] || { echo "e2e: no linux-image-6.1.0-*-amd64 package found (apt-get update?)" >&2; exit 2; }
   (cd "$cache" && apt-get download "$pkg" >/dev/null && rm -rf root && dpkg -x linux-image-*.deb root)
 fi

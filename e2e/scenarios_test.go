@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -70,6 +71,13 @@ func TestLuksInitOpenWriteReopen(t *testing.T) {
 func TestPlaintextOnlyInTarget(t *testing.T) {
 	if st := chainInfo(t, "vault").State; st != "open" {
 		t.Fatalf("the chain must be open (left so by the previous test), is %s", st)
+	}
+	if out := mustCtl(t, "status", "vault"); !strings.Contains(out, "vault: open (0 steps missing)") {
+		t.Errorf("qcryptctl status of the open chain:\n%s", out)
+	}
+	// Inside work, cryptsetup shows the plain names a real qube has.
+	if st := string(sh(t, "work", "cryptsetup status vault").Stdout); !regexp.MustCompile(`(?s)^/dev/mapper/vault is active.*device:\s+/dev/xvd[a-z]\n`).MatchString(st) {
+		t.Errorf("cryptsetup status in work:\n%s", st)
 	}
 	dms := dmDevices()
 	layer := func(prefix string) string {

@@ -190,56 +190,24 @@ var attDevRE = regexp.MustCompile(`/dev/mapper/` + regexp.QuoteMeta(attMapPrefix
 // the plain names in what cryptsetup prints.
 func CryptsetupWrapper(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	prefix := os.Getenv(dmPrefixEnv) + ":"
-	args = append([]string(nil), args...)
-	var positional []int
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		switch {
-		case cryptsetupValueOpts[a]:
-			i++
-		case strings.HasPrefix(a, "-"):
-		default:
-			positional = append(positional, i)
-		}
-	}
-	action, name, nameAt := "", "", -1
-	if len(positional) > 0 {
-		action = args[positional[0]]
-		if at, ok := mapperArg[action]; ok {
-			switch {
-			case at == -1 && len(positional) == 3:
-				nameAt = positional[2]
-			case at == 1 && len(positional) == 2:
-				nameAt = positional[1]
-			}
-		}
-	}
-	if nameAt >= 0 {
-		name = strings.TrimPrefix(args[nameAt], "/dev/mapper/")
-		args[nameAt] = prefix + name
-	}
+	args, action, name := prefixMapperName(args, prefix)
 	var oldNode string
 	if name != "" && (action == "close" || action == "luksClose" || action == "remove") {
 		oldNode, _ = filepath.EvalSymlinks("/dev/mapper/" + name)
 	}
-	real, err := realCryptsetup()
+	bin, err := realCryptsetup()
 	if err != nil {
 		fmt.Fprintln(stderr, "cryptsetup:", err)
 		return 1
 	}
-	cmd := exec.Command(real, args...)
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "DM_DISABLE_UDEV=1")
 	cmd.Stdin = stdin
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err = cmd.Run()
-	show := func(w io.Writer, b []byte) {
-		s := strings.ReplaceAll(string(b), "/dev/mapper/"+prefix, "/dev/mapper/")
-		s = attDevRE.ReplaceAllString(s, "/dev/$1")
-		io.WriteString(w, strings.ReplaceAll(s, prefix, ""))
-	}
-	show(stdout, out.Bytes())
-	show(stderr, errOut.Bytes())
+	io.WriteString(stdout, plainNames(out.String(), prefix))
+	io.WriteString(stderr, plainNames(errOut.String(), prefix))
 	code := 0
 	if err != nil {
 		var ee *exec.ExitError
@@ -265,6 +233,48 @@ func CryptsetupWrapper(args []string, stdin io.Reader, stdout, stderr io.Writer)
 		}
 	}
 	return code
+}
+
+// prefixMapperName finds the cryptsetup action and the mapping name it acts on and puts
+// prefix on the name (a "/dev/mapper/NAME" argument too).
+func prefixMapperName(args []string, prefix string) (out []string, action, name string) {
+	out = append([]string(nil), args...)
+	var positional []int
+	for i := 0; i < len(out); i++ {
+		switch a := out[i]; {
+		case cryptsetupValueOpts[a]:
+			i++
+		case strings.HasPrefix(a, "-"):
+		default:
+			positional = append(positional, i)
+		}
+	}
+	if len(positional) == 0 {
+		return out, "", ""
+	}
+	action = out[positional[0]]
+	at := -1
+	switch where, ok := mapperArg[action]; {
+	case !ok:
+	case where == -1 && len(positional) == 3:
+		at = positional[2]
+	case where == 1 && len(positional) == 2:
+		at = positional[1]
+	}
+	if at < 0 {
+		return out, action, ""
+	}
+	name = strings.TrimPrefix(out[at], "/dev/mapper/")
+	out[at] = prefix + name
+	return out, action, name
+}
+
+// plainNames shows what cryptsetup printed as the qube would see it: its own mappings
+// without the prefix, attached devices as /dev/xvdX.
+func plainNames(s, prefix string) string {
+	s = strings.ReplaceAll(s, "/dev/mapper/"+prefix, "/dev/mapper/")
+	s = attDevRE.ReplaceAllString(s, "/dev/$1")
+	return strings.ReplaceAll(s, prefix, "")
 }
 
 // linkMapper replaces the node libdevmapper made for the prefixed name with what udev
