@@ -77,6 +77,10 @@ func (s *InitSpec) defaults() error {
 	case s.FS != "btrfs" && s.FS != "ext4":
 		return fmt.Errorf("file system %q is not btrfs or ext4", s.FS)
 	}
+	if need := minContainerSize(c); s.Size < need {
+		// Otherwise cryptsetup fails deep inside: "Requested offset is beyond real size".
+		return fmt.Errorf("the container must be at least %d MiB for %d layers: a LUKS2 header takes 16 MiB", need>>20, len(c.Hops))
+	}
 	for _, p := range []string{s.WorkDir, s.KeyEntropy, s.ContainerEntropy} {
 		if err := validatePath(p, true); err != nil {
 			return err
@@ -99,6 +103,28 @@ func (s *InitSpec) defaults() error {
 		}
 	}
 	return nil
+}
+
+// minContainerSize is what the layers' headers take plus 2 MiB for the file system:
+// 16 MiB per LUKS2 layer (cryptsetup 2's default metadata and key slot area, found with
+// the real tools), 2 MiB for LUKS1.
+func minContainerSize(c *Chain) int64 {
+	size := int64(2 << 20)
+	for i := range c.Hops {
+		args := c.CryptArgs(i, "luksFormat")
+		typ := ""
+		for j := 0; j+1 < len(args); j++ {
+			if args[j] == "--type" {
+				typ = args[j+1]
+			}
+		}
+		if typ == "" || typ == "luks" || typ == "luks2" {
+			size += 16 << 20
+		} else {
+			size += 2 << 20
+		}
+	}
+	return size
 }
 
 // Exit codes of the luks-init scripts.

@@ -15,7 +15,7 @@ func initSpec(fs string) InitSpec {
 		Chain: &Chain{Name: "new", SourceVM: "sys-usb", SourceFile: "/home/user/vault/new.luks", Key: "newkey",
 			Hops:       []Hop{{VM: "mediator", Options: []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}}, {VM: "work"}},
 			MountPoint: "/mnt/new"},
-		Size: 4 << 20, KeySize: 64, FS: fs, Autostart: true,
+		Size: 34 << 20, KeySize: 64, FS: fs, Autostart: true,
 	}
 }
 
@@ -112,6 +112,7 @@ func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
 			os.WriteFile(filepath.Join(dom0.Root(), "root/bak/work_newkey"), []byte("old"), 0o600)
 		}, "key backup exists already"},
 		"bad file system": {func(t *testing.T, r *rig, s *InitSpec) { s.FS = "zfs" }, "not btrfs or ext4"},
+		"too small for two LUKS2 headers": {func(t *testing.T, r *rig, s *InitSpec) { s.Size = 32 << 20 }, "at least 34 MiB for 2 layers"},
 		"source copy fails": {func(t *testing.T, r *rig, s *InitSpec) {
 			r.start(t, "mediator", "work")
 			// the container's directory is a file: copying it fails after the keys went in
@@ -157,6 +158,22 @@ func TestParseSize(t *testing.T) {
 	for _, bad := range []string{"", "1.5G", "-1", "1P", "G", "0"} {
 		if _, err := ParseSize(bad); err == nil {
 			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestMinContainerSize(t *testing.T) {
+	two := []Hop{{VM: "a"}, {VM: "b"}}
+	for _, tc := range []struct {
+		c    Chain
+		want int64
+	}{
+		{Chain{Hops: two}, 34 << 20},
+		{Chain{Type: "luks1", Hops: two}, 6 << 20},
+		{Chain{Hops: []Hop{{VM: "a", Options: []string{"--type", "luks1"}}, {VM: "b"}}}, 20 << 20},
+	} {
+		if got := minContainerSize(&tc.c); got != tc.want {
+			t.Errorf("%+v: %d MiB, want %d MiB", tc.c, got>>20, tc.want>>20)
 		}
 	}
 }

@@ -80,7 +80,7 @@ run qcryptctl open demo
 inqube work 'cat /mnt/demo/hello.txt'
 
 step "Create a second container with luks-init (keys go to mediator and work), open it ad hoc"
-run qcryptctl luks-init --size 32M --fs ext4 sys-usb /home/user/vault.luks vault mediator work
+run qcryptctl luks-init --size 48M --fs ext4 sys-usb /home/user/vault.luks vault mediator work
 run qcryptctl open --mp /mnt/vault sys-usb /home/user/vault.luks vault mediator work
 inqube work 'echo secret > /mnt/vault/note && df -h /mnt/vault >/dev/null && ls /mnt/vault'
 run qcryptctl list

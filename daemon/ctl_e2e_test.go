@@ -45,7 +45,7 @@ func TestQcryptctlEndToEnd(t *testing.T) {
 	expect(2, "unknown option --bogus", "open", "--bogus", "demo")
 
 	adhoc := []string{"sys-usb", "/home/user/vault.luks", "vault", "mediator", "work"}
-	expect(0, "[6/6] done", append([]string{"luks-init", "-a", "--size", "8M", "--fs", "ext4"}, adhoc...)...)
+	expect(0, "[6/6] done", append([]string{"luks-init", "-a", "--size", "48M", "--fs", "ext4"}, adhoc...)...)
 	expect(0, "mount the plaintext on /mnt/vault", append([]string{"plan", "open", "--mp", "/mnt/vault"}, adhoc...)...)
 	out := expect(0, "", append([]string{"open", "--json", "--mp", "/mnt/vault"}, adhoc...)...)
 	var res struct {

@@ -198,6 +198,9 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 	if !strings.Contains(w.log(), `decision="roll back"`) && !strings.Contains(w.log(), "decision=adopt") {
 		t.Errorf("no reconcile decision in the log:\n%s", w.log())
 	}
+	if strings.Contains(w.log(), `decision="roll back"`) && !strings.Contains(w.log(), `: roll back" state=closing`) {
+		t.Errorf("the roll back did not show the chain as closing:\n%s", w.log())
+	}
 	st, err := c.Status(bg, "demo")
 	if err != nil || !st.Open() {
 		t.Errorf("status after restart %+v %v", st, err)

@@ -16,7 +16,7 @@ import (
 )
 
 const usage = `usage:
-  qubes-sim serve --socket PATH [--state DIR] [--qubes-version 4.2|4.3] [--demo]
+  qubes-sim serve --socket PATH [--state DIR] [--qubes-version 4.2|4.3] [--demo] [--backend sandbox|kernel]
   qubes-sim qrexec-client --socket PATH -d VM [-w SECS] USER:CMDLINE
   qubes-sim ctl --socket PATH COMMAND [ARGS]
 

@@ -250,15 +250,6 @@ func sysBlock(name string) (devInfo, bool) {
 	return devInfo{name: name, size: sectors * 512, ro: read("ro") == "1", major: uint32(maj), minor: uint32(min)}, true
 }
 
-func (hk *hostKernel) device(vm, port string) (devInfo, bool) {
-	for _, d := range hk.devices(vm) {
-		if d.name == port {
-			return d, true
-		}
-	}
-	return devInfo{}, false
-}
-
 // refresh publishes device changes of a qube as qubesd events, as its udev would.
 func (hk *hostKernel) refresh(vm *VM) {
 	seen, ok := hk.seen[vm.Name]
