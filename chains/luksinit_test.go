@@ -111,7 +111,7 @@ func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
 			os.MkdirAll(filepath.Join(dom0.Root(), "root/bak"), 0o700)
 			os.WriteFile(filepath.Join(dom0.Root(), "root/bak/work_newkey"), []byte("old"), 0o600)
 		}, "key backup exists already"},
-		"bad file system": {func(t *testing.T, r *rig, s *InitSpec) { s.FS = "zfs" }, "not btrfs or ext4"},
+		"bad file system":                 {func(t *testing.T, r *rig, s *InitSpec) { s.FS = "zfs" }, "not btrfs or ext4"},
 		"too small for two LUKS2 headers": {func(t *testing.T, r *rig, s *InitSpec) { s.Size = 32 << 20 }, "at least 34 MiB for 2 layers"},
 		"source copy fails": {func(t *testing.T, r *rig, s *InitSpec) {
 			r.start(t, "mediator", "work")

@@ -174,7 +174,11 @@ func (s *Sim) kernelSocket(vm string) string {
 	return filepath.Join(s.cfg.Dir, "run", vm, "kernel.sock")
 }
 
+// listenKernel serves a qube's fake kernel to its sandbox (the kernel backend has none).
 func (s *Sim) listenKernel(name string) error {
+	if s.World.hk != nil {
+		return nil
+	}
 	p := s.kernelSocket(name)
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return err
