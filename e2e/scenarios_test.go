@@ -63,6 +63,24 @@ func TestLuksInitOpenWriteReopen(t *testing.T) {
 	}
 }
 
+// TestDetachInUseRefused: like Xen, the simulator refuses to take a device away from a
+// qube that has it open (work's mounted layer); the chain keeps working.
+func TestDetachInUseRefused(t *testing.T) {
+	if st := chainInfo(t, "vault").State; st != "open" {
+		t.Fatalf("the chain must be open (left so by the first test), is %s", st)
+	}
+	atts, err := h.q.Attached(context.Background(), "work")
+	if err != nil || len(atts) != 1 || atts[0].Backend != "mediator" {
+		t.Fatalf("work's attachments: %+v %v", atts, err)
+	}
+	if err := h.q.Detach(context.Background(), "work", atts[0].DeviceRef); err == nil {
+		t.Error("detaching the device work has mounted succeeded")
+	}
+	if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
+		t.Errorf("after the refused detach the marker reads %q", res.Stdout)
+	}
+}
+
 // TestPlaintextOnlyInTarget checks the security property byte-wise, reading files and
 // devices from outside the qubes: the container in sys-usb, what mediator is given and
 // what it produces, and what work is given do not hold the marker; only work's
@@ -70,7 +88,7 @@ func TestLuksInitOpenWriteReopen(t *testing.T) {
 // their own qubes; dom0 holds neither keys nor plaintext.
 func TestPlaintextOnlyInTarget(t *testing.T) {
 	if st := chainInfo(t, "vault").State; st != "open" {
-		t.Fatalf("the chain must be open (left so by the previous test), is %s", st)
+		t.Fatalf("the chain must be open (left so by the first test), is %s", st)
 	}
 	if out := mustCtl(t, "status", "vault"); !strings.Contains(out, "vault: open (0 steps missing)") {
 		t.Errorf("qcryptctl status of the open chain:\n%s", out)
