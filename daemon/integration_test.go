@@ -186,7 +186,9 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 	c := w.client()
 	w.waitState(c, "demo", "opening", 30*time.Second)
 	w.eventually("the open decrypted layer 1 and waits in the second attach", 20*time.Second, func() bool {
-		return len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
+		// mediator is started by the open: only a running qube can be asked
+		st, _ := w.qubes.CurrentState(bg, "mediator")
+		return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
 	})
 	d.Process.Signal(syscall.SIGKILL)
 	d.Wait()

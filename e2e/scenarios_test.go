@@ -76,9 +76,7 @@ func TestDetachInUseRefused(t *testing.T) {
 	if err := h.q.Detach(context.Background(), "work", atts[0].DeviceRef); err == nil {
 		t.Error("detaching the device work has mounted succeeded")
 	}
-	if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
-		t.Errorf("after the refused detach the marker reads %q", res.Stdout)
-	}
+	checkMarker(t, "after the refused detach")
 }
 
 // TestPlaintextOnlyInTarget checks the security property byte-wise, reading files and
@@ -161,9 +159,7 @@ func TestReadOnlyChain(t *testing.T) {
 	if res := sh(t, "work", "dd if=/dev/zero of=/dev/mapper/vault bs=512 count=1 conv=notrunc 2>&1"); res.ExitCode == 0 {
 		t.Error("a write to the read-only decrypted device succeeded")
 	}
-	if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
-		t.Errorf("reading the marker from the read-only chain: %q", res.Stdout)
-	}
+	checkMarker(t, "on the read-only chain")
 	mustCtl(t, "close", "vault")
 	requireClean(t, "after close")
 }
@@ -201,9 +197,7 @@ func TestAutoOpenOnStartAndCloseOnShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitState(t, "vault", 2*time.Minute, "open")
-	if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
-		t.Errorf("after the automatic open the marker reads %q", res.Stdout)
-	}
+	checkMarker(t, "after the automatic open")
 	if err := h.q.Shutdown(ctx, "work", false, true); err != nil {
 		t.Fatal(err)
 	}
@@ -243,9 +237,7 @@ func TestAutoOpenOnPlug(t *testing.T) {
 	}
 	port := strings.TrimSpace(out)
 	waitState(t, "vault", 2*time.Minute, "open")
-	if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
-		t.Errorf("the container from the USB disk: marker reads %q", res.Stdout)
-	}
+	checkMarker(t, "from the USB disk")
 	mustCtl(t, "close", "--eject", "vault")
 	if out, err := h.simctl("unplug", "sys-usb", port); err != nil {
 		t.Fatalf("unplug %s: %v: %s", port, err, out)
@@ -327,9 +319,7 @@ func TestDaemonKilledMidOpen(t *testing.T) {
 	}
 	t.Logf("reconcile decision %q; then the chain is %s", decision, state)
 	if state == "open" {
-		if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
-			t.Errorf("the reconciled chain: marker reads %q", res.Stdout)
-		}
+		checkMarker(t, "on the reconciled chain")
 		mustCtl(t, "close", "vault")
 	}
 	requireClean(t, "after reconcile and close")
@@ -371,4 +361,12 @@ func ensureClosed(t *testing.T) {
 		mustCtl(t, "close", "vault")
 	}
 	requireClean(t, "before the test")
+}
+
+// checkMarker fails the test unless work reads the marker from the open chain.
+func checkMarker(t *testing.T, when string) {
+	t.Helper()
+	if res := sh(t, "work", "cat /mnt/vault/marker"); string(res.Stdout) != string(marker) {
+		t.Errorf("%s: the marker reads %q (stderr %q)", when, res.Stdout, res.Stderr)
+	}
 }

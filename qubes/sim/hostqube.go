@@ -76,25 +76,13 @@ func bindRO(src, dst string) error {
 
 // bindSystem gives the qube the host's programs read-only, as a template does.
 func bindSystem(root string) error {
-	for _, d := range []string{"usr", "etc", "bin", "sbin", "lib", "lib64", "lib32", "libx32"} {
-		host := "/" + d
-		st, err := os.Lstat(host)
-		switch {
-		case err != nil:
-		case st.Mode()&os.ModeSymlink != 0:
-			target, _ := os.Readlink(host)
-			link := filepath.Join(root, d)
-			os.RemoveAll(link)
-			if err := os.Symlink(target, link); err != nil {
-				return err
-			}
-		default:
-			if err := bindRO(host, filepath.Join(root, d)); err != nil {
-				return err
-			}
+	dirs, links := hostSystem()
+	for _, d := range append([]string{"usr", "etc"}, dirs...) {
+		if err := bindRO("/"+d, filepath.Join(root, d)); err != nil {
+			return err
 		}
 	}
-	return nil
+	return linkSystem(root, links)
 }
 
 // makeDev mounts a private /dev with the nodes the block tools need. Loop nodes exist

@@ -14,6 +14,39 @@ const (
 	sandboxKernel = "/run/qubes-sim/k/kernel.sock"
 )
 
+// hostSystem lists the host's top-level program directories a qube shares besides /usr
+// and /etc: real directories to bind read-only, and merged-/usr symlinks (name ->
+// target) to make in the qube's root.
+func hostSystem() (dirs []string, links map[string]string) {
+	links = map[string]string{}
+	for _, d := range []string{"bin", "sbin", "lib", "lib64", "lib32", "libx32"} {
+		st, err := os.Lstat("/" + d)
+		switch {
+		case err != nil:
+		case st.Mode()&os.ModeSymlink != 0:
+			links[d], _ = os.Readlink("/" + d)
+		default:
+			dirs = append(dirs, d)
+		}
+	}
+	return dirs, links
+}
+
+// linkSystem makes the merged-/usr symlinks in a qube's root.
+func linkSystem(root string, links map[string]string) error {
+	for d, target := range links {
+		link := filepath.Join(root, d)
+		if cur, err := os.Readlink(link); err == nil && cur == target {
+			continue
+		}
+		os.RemoveAll(link)
+		if err := os.Symlink(target, link); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // ToolNames are the commands the fake tools binary answers to inside a qube.
 var ToolNames = []string{"losetup", "cryptsetup", "mount", "umount", "findmnt", "blockdev", "mkfs", "mkfs.ext4", "mkfs.btrfs", "btrfs"}
 
@@ -45,24 +78,13 @@ func (s *Sim) sandboxCommand(vm *VM, home string, roMounts []string, argv []stri
 		"--ro-bind", "/usr", "/usr",
 		"--ro-bind", "/etc", "/etc",
 	}
-	for _, d := range []string{"bin", "sbin", "lib", "lib64", "lib32", "libx32"} {
-		host := "/" + d
-		st, err := os.Lstat(host)
-		switch {
-		case err != nil:
-		case st.Mode()&os.ModeSymlink != 0:
-			// Merged /usr: the same symlink in the qube's root (bwrap's --symlink fails
-			// once it exists, and the root persists between commands).
-			target, _ := os.Readlink(host)
-			link := filepath.Join(vm.root, d)
-			if cur, err := os.Readlink(link); err != nil || cur != target {
-				os.RemoveAll(link)
-				os.Symlink(target, link)
-			}
-		default:
-			args = append(args, "--ro-bind", host, host)
-		}
+	dirs, links := hostSystem()
+	for _, d := range dirs {
+		args = append(args, "--ro-bind", "/"+d, "/"+d)
 	}
+	// bwrap's --symlink fails once the link exists, and the root persists between
+	// commands: the links are made in the tree itself.
+	linkSystem(vm.root, links)
 	for _, mp := range roMounts {
 		args = append(args, "--ro-bind", filepath.Join(vm.root, mp), mp)
 	}
