@@ -32,7 +32,7 @@ depmod -b "$cache/root" "$kver"
 
 # The initramfs: busybox and the modules, in dependency order, for 9p, overlay, loop,
 # dm-crypt and the file systems the scenarios use.
-initrd="$cache/initrd-$kver.cpio.gz"
+initrd="$cache/initrd-$kver-$(sha256sum "$0" | cut -c1-12).cpio.gz"  # rebuilt when this script changes
 if [ ! -e "$initrd" ]; then
   ir=$(mktemp -d)
   mkdir -p "$ir"/{bin,dev,proc,sys,lower,upper,newroot,results,mods}
@@ -59,7 +59,8 @@ mkdir -p /newroot/e2e-results
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot/e2e-results || { echo E2E-NO-RESULTS; poweroff -f; }
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
 echo E2E-BOOTED
-exec switch_root /newroot /bin/sh -c 'mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /dev/pts /dev/shm; mount -t devpts pts /dev/pts;
+# The host's /tmp stays visible (a checkout may live there); scratch space is a tmpfs.
+exec switch_root /newroot /bin/sh -c 'mount -t tmpfs run /run; mkdir -p /run/tmp /dev/pts /dev/shm; mount -t devpts pts /dev/pts; export TMPDIR=/run/tmp;
   cd /e2e-results && sh /e2e-results/script.sh > /e2e-results/output 2>&1; echo $? > /e2e-results/status; sync; echo o > /proc/sysrq-trigger; poweroff -f'
 INIT
   chmod +x "$ir/init"

@@ -16,7 +16,7 @@ run=""
 cat > "$out/tests.sh" <<SCRIPT
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export QCRYPT_E2E=1 QCRYPT_E2E_BIN=$out DM_DISABLE_UDEV=1 E2E_LOGS=${E2E_LOGS:-0}
-cd /tmp
+cd "\${TMPDIR:-/tmp}"
 start=\$(date +%s)
 "$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-9m} $run
 status=\$?
