@@ -10,8 +10,8 @@ FUZZTIME  ?= 5s
 # Debian packages the tests need: bubblewrap (the simulator's qube sandboxes), gcc (-race),
 # dbus (a private dbus-daemon for the D-Bus tests), systemd (busctl, systemd-analyze), and
 # for the real-kernel tests: qemu and busybox (the guest), cpio and kmod (its initramfs),
-# bc, and the real block tools (cryptsetup-bin, dmsetup, e2fsprogs).
-E2E_PACKAGES := qemu-system-x86 busybox-static cpio kmod bc cryptsetup-bin dmsetup e2fsprogs
+# bc, and the real block tools (cryptsetup-bin, dmsetup, e2fsprogs, btrfs-progs).
+E2E_PACKAGES := qemu-system-x86 busybox-static cpio kmod bc cryptsetup-bin dmsetup e2fsprogs btrfs-progs
 DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES)
 COMMANDS  := qubes-sim qcryptd qcryptctl
 

@@ -37,8 +37,8 @@ if [ ! -e "$initrd" ]; then
   ir=$(mktemp -d)
   mkdir -p "$ir"/{bin,dev,proc,sys,lower,upper,newroot,results,mods}
   cp /bin/busybox "$ir/bin/busybox"
-  for m in virtio_pci 9pnet_virtio 9p overlay loop dm_crypt dm_mod ext4 crc32c_generic crc32c_intel \
-           xts aes_generic aesni_intel sha256_generic cbc ecb essiv algif_skcipher af_alg dm_linear; do
+  for m in virtio_pci 9pnet_virtio 9p overlay loop dm_crypt dm_mod ext4 btrfs crc32c_generic crc32c_intel \
+           xts aes_generic aesni_intel sha256_generic cbc ecb essiv algif_skcipher af_alg; do
     modprobe --show-depends -d "$cache/root" -S "$kver" "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}'  || true
   done | awk '!seen[$0]++' > "$ir/mods.list.host"
   : > "$ir/mods/order"
