@@ -231,6 +231,11 @@ func TestAutoOpenOnPlug(t *testing.T) {
 	writeChain(t, "vault", strings.Replace(vaultChain, "source file=/home/user/vault.luks\n",
 		"source device=/dev/disk/by-label/QCRYPTUSB\nsource mount point=/mnt/usb\nsource file=vault.luks\n", 1))
 	defer writeChain(t, "vault", vaultChain)
+	// Before the plug the reloaded chain waits for the disk.
+	waitState(t, "vault", time.Minute, "waiting")
+	if info := chainInfo(t, "vault"); !strings.Contains(info.Waiting, "QCRYPTUSB") {
+		t.Fatalf("the chain waits for %q, not for the disk", info.Waiting)
+	}
 	out, err := h.simctl("plug", "sys-usb", image)
 	if err != nil {
 		t.Fatalf("plug: %v: %s", err, out)

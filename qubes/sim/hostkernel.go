@@ -58,9 +58,8 @@ type holder struct {
 
 // hostDisk is a plugged image: a host loop device the qube sees as sdX.
 type hostDisk struct {
-	loop  string // loopN
+	loop  string // loopN; read-only comes from its sysfs flag
 	desc  string
-	ro    bool
 	links []string // /dev paths inside the qube
 }
 
@@ -405,7 +404,7 @@ func (hk *hostKernel) plug(vm *VM, image, desc string, ro bool) (string, error) 
 		exec.Command("losetup", "-d", "/dev/"+loop).Run()
 		return "", fmt.Errorf("cannot plug %s into %s", image, vm.Name)
 	}
-	d := &hostDisk{loop: loop, ro: ro}
+	d := &hostDisk{loop: loop}
 	// blkid reads the image: what it reports is as untrusted as the disk; only plain
 	// tokens become links.
 	props := map[string]string{}
