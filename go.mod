@@ -9,4 +9,4 @@ require (
 	gopkg.in/ini.v1 v1.68.0
 )
 
-require golang.org/x/sys v0.27.0 // indirect
+require golang.org/x/sys v0.27.0
