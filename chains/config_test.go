@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/chains/golden"
 )
 
 const base = "source vm=sys-usb\nsource file=/c.luks\nkey=k\ndestination vm 1=mediator\ndestination vm 2=work\n"
@@ -146,7 +148,7 @@ func TestCheckGolden(t *testing.T) {
 			var out bytes.Buffer
 			code := Check(&out, "testdata/check/"+target, "/nonexistent")
 			got := out.String() + "exit " + string(rune('0'+code)) + "\n"
-			golden(t, filepath.Join("testdata/golden", "check-"+target+".txt"), got)
+			golden.Check(t, filepath.Join("testdata/golden", "check-"+target+".txt"), got)
 		})
 	}
 	t.Run("target name under root", func(t *testing.T) {
@@ -155,24 +157,6 @@ func TestCheckGolden(t *testing.T) {
 			t.Errorf("got %d %q", code, out.String())
 		}
 	})
-}
-
-// golden compares got with a golden file; TESTS_UPDATE_GOLDEN=1 rewrites it.
-func golden(t *testing.T, path, got string) {
-	t.Helper()
-	if os.Getenv("TESTS_UPDATE_GOLDEN") == "1" {
-		os.MkdirAll(filepath.Dir(path), 0o755)
-		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run with TESTS_UPDATE_GOLDEN=1 to create it)", err)
-	}
-	if got != string(want) {
-		t.Errorf("output differs from %s:\n--- got\n%s--- want\n%s", path, got, want)
-	}
 }
 
 func TestParseCryptOptions(t *testing.T) {

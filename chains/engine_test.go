@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubes/sim"
 	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
@@ -489,8 +490,8 @@ func TestPlans(t *testing.T) {
 	c := demoChain()
 	c.Hops[0].Inject = "/root/keys/mediator_demo"
 	c.ReadOnly = true
-	golden(t, "testdata/golden/plan-open.txt", PlanOpen(c, OpenOptions{}).String())
-	golden(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
+	golden.Check(t, "testdata/golden/plan-open.txt", PlanOpen(c, OpenOptions{}).String())
+	golden.Check(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
 }
 
 func TestDiscover(t *testing.T) {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,6 +13,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/dbusapi"
 )
 
@@ -221,7 +221,7 @@ func TestGoldenOutput(t *testing.T) {
 				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errs)
 			}
 			got := fmt.Sprintf("$ qcryptctl %s\n%s--- stderr\n%s--- exit %d\n--- daemon calls\n%s\n", strings.Join(tc.args, " "), out, errs, code, strings.Join(api.calls, "\n"))
-			golden(t, filepath.Join("testdata/golden", tc.name+".txt"), got)
+			golden.Check(t, filepath.Join("testdata/golden", tc.name+".txt"), got)
 		})
 	}
 }
@@ -254,20 +254,5 @@ func TestAccessDeniedExitStatus(t *testing.T) {
 }
 
 func TestDocsAreGenerated(t *testing.T) {
-	golden(t, "../docs/qcryptctl.md", Markdown())
-}
-
-func golden(t *testing.T, path, got string) {
-	t.Helper()
-	if os.Getenv("TESTS_UPDATE_GOLDEN") == "1" {
-		os.MkdirAll(filepath.Dir(path), 0o755)
-		os.WriteFile(path, []byte(got), 0o644)
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (TESTS_UPDATE_GOLDEN=1 creates it)", err)
-	}
-	if got != string(want) {
-		t.Errorf("%s differs:\n--- got\n%s\n--- want\n%s", path, got, want)
-	}
+	golden.Check(t, "../docs/qcryptctl.md", Markdown())
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes/sim"
 )
@@ -324,26 +325,11 @@ func TestIntrospectionGolden(t *testing.T) {
 				lines[i] = fmt.Sprintf("%s %s %s", f[0], f[1], f[2])
 			}
 		}
-		golden(t, "testdata/golden/introspect-"+name+".txt", strings.Join(lines, "\n"))
+		golden.Check(t, "testdata/golden/introspect-"+name+".txt", strings.Join(lines, "\n"))
 	}
 	tree, _ := exec.Command("busctl", "--address="+w.busAddr, "tree", dbusapi.BusName).CombinedOutput()
 	if !strings.Contains(string(tree), "/org/qcrypt/Qcryptd1/chain/demo") {
 		t.Errorf("busctl tree:\n%s", tree)
-	}
-}
-
-func golden(t *testing.T, path, got string) {
-	t.Helper()
-	if os.Getenv("TESTS_UPDATE_GOLDEN") == "1" {
-		os.MkdirAll(filepath.Dir(path), 0o755)
-		os.WriteFile(path, []byte(got), 0o644)
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (TESTS_UPDATE_GOLDEN=1 creates it)", err)
-	}
-	if got != string(want) {
-		t.Errorf("%s differs:\n--- got\n%s\n--- want\n%s", path, got, want)
 	}
 }
 
