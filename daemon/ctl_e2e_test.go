@@ -71,11 +71,7 @@ func TestQcryptctlEndToEnd(t *testing.T) {
 }
 
 func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
-	w := newWorld(t, "4.2", permissiveBus)
-	w.writeChain("demo", demoChain)
-	w.startDaemon()
-	c := w.client()
-	w.waitState(c, "demo", "waiting", 20*time.Second)
+	w, _, c := demoDaemon(t, "waiting")
 	// The chain would open on its own once work runs; close it and make the next open slow.
 	w.qubes.Start(bg, "work")
 	w.waitState(c, "demo", "open", 30*time.Second)

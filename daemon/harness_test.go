@@ -173,6 +173,21 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 	return cmd
 }
 
+// demoDaemon runs qcryptd on the demo chain and waits for the chain's state: "open"
+// starts work first, "waiting" leaves it halted.
+func demoDaemon(t testing.TB, state string) (*world, *exec.Cmd, *dbusapi.Client) {
+	t.Helper()
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	if state == "open" {
+		w.qubes.Start(bg, "work")
+	}
+	d := w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", state, 30*time.Second)
+	return w, d, c
+}
+
 func (w *world) client() *dbusapi.Client {
 	w.t.Helper()
 	c, err := dbusapi.Connect()

@@ -113,12 +113,7 @@ startup interval=0
 }
 
 func TestOpenCloseStormEndsConsistent(t *testing.T) {
-	w := newWorld(t, "4.2", permissiveBus)
-	w.writeChain("demo", demoChain)
-	w.qubes.Start(bg, "work")
-	w.startDaemon()
-	c := w.client()
-	w.waitState(c, "demo", "open", 30*time.Second)
+	_, _, c := demoDaemon(t, "open")
 	var wg sync.WaitGroup
 	results := make([]dbusapi.JobResult, 100)
 	errs := make([]error, 100)
@@ -307,11 +302,7 @@ func TestSdNotify(t *testing.T) {
 }
 
 func TestIntrospectionGolden(t *testing.T) {
-	w := newWorld(t, "4.2", permissiveBus)
-	w.writeChain("demo", demoChain)
-	w.startDaemon()
-	c := w.client()
-	w.waitState(c, "demo", "waiting", 20*time.Second)
+	w, _, _ := demoDaemon(t, "waiting")
 	for name, path := range map[string]string{"manager": string(dbusapi.ManagerPath), "chain": string(dbusapi.ChainPath("demo"))} {
 		out, err := exec.Command("busctl", "--address="+w.busAddr, "introspect", dbusapi.BusName, path).CombinedOutput()
 		if err != nil {
@@ -339,11 +330,7 @@ func TestEventToOpenLatency(t *testing.T) {
 	if testing.Short() {
 		t.Skip("measurement")
 	}
-	w := newWorld(t, "4.2", permissiveBus)
-	w.writeChain("demo", demoChain)
-	w.startDaemon()
-	c := w.client()
-	w.waitState(c, "demo", "waiting", 20*time.Second)
+	w, _, c := demoDaemon(t, "waiting")
 	var lat []time.Duration
 	for i := 0; i < 20; i++ {
 		opened := make(chan time.Time, 1)
@@ -381,12 +368,7 @@ func TestEventToOpenLatency(t *testing.T) {
 }
 
 func TestReloadAndSIGHUP(t *testing.T) {
-	w := newWorld(t, "4.2", permissiveBus)
-	w.writeChain("demo", demoChain)
-	w.qubes.Start(bg, "work")
-	d := w.startDaemon()
-	c := w.client()
-	w.waitState(c, "demo", "open", 30*time.Second)
+	w, d, c := demoDaemon(t, "open")
 	before, _ := c.Chain(bg, "demo")
 
 	// A new chain by SIGHUP; the unchanged open one is left alone.
@@ -458,12 +440,7 @@ func TestPreOpenHookVetoesAndPostHooksRun(t *testing.T) {
 }
 
 func TestCloseAllWithStop(t *testing.T) {
-	w := newWorld(t, "4.2", permissiveBus)
-	w.writeChain("demo", demoChain)
-	w.qubes.Start(bg, "work")
-	d := w.startDaemon()
-	c := w.client()
-	w.waitState(c, "demo", "open", 30*time.Second)
+	w, d, c := demoDaemon(t, "open")
 	results, err := c.RunJobs(bg, c.CloseAll(chains.CloseOptions{}, true), nil)
 	if err != nil || len(results) != 1 || !results[0].Success {
 		t.Fatalf("close-all: %+v %v", results, err)
