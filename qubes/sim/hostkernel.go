@@ -170,9 +170,9 @@ func (hk *hostKernel) command(vm *VM, home string, argv []string) *exec.Cmd {
 // backing file is in its file system and its device-mapper devices.
 func (hk *hostKernel) devices(vm string) []devInfo {
 	var out []devInfo
-	ownLoops := map[string]bool{}
+	diskLoops := map[string]bool{} // the simulator's own loop devices under plugged disks
 	for ref, d := range hk.disks {
-		ownLoops[d.loop] = true
+		diskLoops[d.loop] = true
 		if ref.Backend == vm {
 			if info, ok := sysBlock(d.loop); ok {
 				info.name, info.desc = ref.Port, d.desc
@@ -188,7 +188,7 @@ func (hk *hostKernel) devices(vm string) []devInfo {
 	for _, p := range loops {
 		name := filepath.Base(p)
 		backing, err := os.ReadFile(p + "/loop/backing_file")
-		if err != nil || ownLoops[name] {
+		if err != nil || diskLoops[name] {
 			continue
 		}
 		file := strings.TrimSuffix(string(backing), "\n")
