@@ -82,6 +82,10 @@ type Daemon struct {
 	// Everything below is owned by the loop goroutine.
 	chains     map[string]*chainState
 	vms        map[string]string   // power state per qube
+	// While a resync's listing is on its way, the qubes whose state an event set since:
+	// the listing may predate those events and must not overwrite them.
+	eventSince map[string]bool
+	resyncGen  int
 	devices    map[string][]string // R4.2: ports per backend, for diffing
 	debounce   map[string]*time.Timer
 	started    map[string]time.Time // last start per qube (domain-unpaused during starts)

@@ -26,15 +26,15 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 	case qubes.EventDomainPreStart:
 		d.started[vm] = time.Now()
 	case qubes.EventDomainStart:
-		d.vms[vm] = qubes.StateRunning
+		d.setVM(vm, qubes.StateRunning)
 		d.started[vm] = time.Now()
 		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" started") })
 	case qubes.EventDomainStartFailed:
-		d.vms[vm] = qubes.StateHalted
+		d.setVM(vm, qubes.StateHalted)
 		d.log.WithFields(logrus.Fields{"vm": vm, "reason": qubes.Printable(ev.Args["reason"], 200)}).Warn("qube failed to start")
 		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" failed to start") })
 	case qubes.EventDomainShutdown:
-		d.vms[vm] = qubes.StateHalted
+		d.setVM(vm, qubes.StateHalted)
 		delete(d.devices, vm)
 		d.forChains(vm, func(cs *chainState) {
 			if d.isOpenish(cs) {
@@ -44,7 +44,7 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 			}
 		})
 	case qubes.EventDomainPaused:
-		d.vms[vm] = qubes.StatePaused
+		d.setVM(vm, qubes.StatePaused)
 		d.forChains(vm, func(cs *chainState) {
 			if cs.state == StateOpen && vm != cs.c.Target() {
 				d.chainLog(cs).WithField("vm", vm).Warn("a qube of an open chain is paused; its layer is unreachable until it is unpaused")
@@ -55,7 +55,7 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 		if prev == qubes.StateHalted || time.Since(d.started[vm]) < d.qrexecWait {
 			return // part of a start
 		}
-		d.vms[vm] = qubes.StateRunning
+		d.setVM(vm, qubes.StateRunning)
 		d.forChains(vm, func(cs *chainState) {
 			if d.isOpenish(cs) && cs.running == nil {
 				d.enqueue(d.newJob("check", cs, 0, true, vm+" unpaused"))
@@ -75,6 +75,14 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 		if !d.newAPI {
 			d.debounceList(vm)
 		}
+	}
+}
+
+// setVM records a qube's power state from an event.
+func (d *Daemon) setVM(vm, state string) {
+	d.vms[vm] = state
+	if d.eventSince != nil {
+		d.eventSince[vm] = true
 	}
 }
 
@@ -103,6 +111,9 @@ func (d *Daemon) autoClose(cs *chainState, reason string) {
 // resync rebuilds the picture after (re)connecting: qubes, then every chain's state
 // from the journal and live facts, then opens what is eligible.
 func (d *Daemon) resync() {
+	d.resyncGen++
+	gen := d.resyncGen
+	d.eventSince = map[string]bool{}
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
@@ -112,6 +123,9 @@ func (d *Daemon) resync() {
 		api, aerr := d.o.Qubes.DeviceAPI(ctx)
 		wait, werr := d.o.Qubes.DefaultQrexecTimeout(ctx)
 		d.post(func() {
+			if gen != d.resyncGen {
+				return // a newer connection's resync does the work
+			}
 			if err != nil || aerr != nil {
 				d.log.WithError(err).WithField("device_api_error", aerr).Error("cannot read the qubes after connecting; waiting for the next connection")
 				return
@@ -121,10 +135,14 @@ func (d *Daemon) resync() {
 			if werr == nil && wait > 0 {
 				d.qrexecWait = time.Duration(wait) * time.Second
 			}
-			d.vms = map[string]string{}
+			listed := map[string]string{}
 			for _, vm := range vms {
-				d.vms[vm.Name] = vm.State
+				listed[vm.Name] = vm.State
 			}
+			for vm := range d.eventSince {
+				listed[vm] = d.vms[vm] // an event after the listing began is newer
+			}
+			d.vms, d.eventSince = listed, nil
 			d.log.WithFields(logrus.Fields{"qubes": len(vms), "device_api": api.String()}).Info("qubes listed")
 			d.updateSummary()
 			for _, name := range d.sortedNames() {

@@ -55,9 +55,13 @@ func (r *recorder) last(name string) string {
 	return l[len(l)-1]
 }
 
-func startLoop(t *testing.T) (*simtest.Fixture, *Daemon, *recorder) {
+// startLoop runs the loop on the demo world; before runs first (faults, delays).
+func startLoop(t *testing.T, before ...func(*simtest.Fixture)) (*simtest.Fixture, *Daemon, *recorder) {
 	t.Helper()
 	f := simtest.StartDemo(t, sim.R43)
+	for _, b := range before {
+		b(f)
+	}
 	conf := t.TempDir()
 	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
 	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte("source vm=sys-usb\nsource file=/home/user/demo.luks\nkey=demo\n"+
@@ -108,6 +112,22 @@ func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 	if len(ids) != 1 || ids[0].Name != "demo" {
 		t.Errorf("chains %+v", ids)
 	}
+}
+
+// A qube that finishes starting while the loop's resync lists the qubes: the listing,
+// taken while work was still starting, must not undo the domain-start event that came
+// after it (the chain then waited for a running qube: found as a flaky
+// TestLoopConcurrentRequests, which starts work while the loop connects).
+func TestLoopQubeStartsDuringResync(t *testing.T) {
+	f, _, rec := startLoop(t, func(f *simtest.Fixture) {
+		// The resync lists the qubes at once, then waits for the device API probe.
+		f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attached", Dest: "dom0", Delay: 1500 * time.Millisecond, Count: 1})
+	})
+	time.Sleep(300 * time.Millisecond) // the listing (work halted) is taken
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 }
 
 func TestLoopConcurrentRequests(t *testing.T) {
