@@ -80,8 +80,8 @@ type Daemon struct {
 	wg   sync.WaitGroup
 
 	// Everything below is owned by the loop goroutine.
-	chains     map[string]*chainState
-	vms        map[string]string   // power state per qube
+	chains map[string]*chainState
+	vms    map[string]string // power state per qube
 	// While a resync's listing is on its way, the qubes whose state an event set since:
 	// the listing may predate those events and must not overwrite them.
 	eventSince map[string]bool
