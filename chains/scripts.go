@@ -15,6 +15,17 @@ import (
 // q quotes s for a POSIX shell.
 func q(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
+var plainWordRE = regexp.MustCompile(`^[A-Za-z0-9_@%+=:,./-]+$`)
+
+// ShellWord quotes s for a command line a user may copy: as it is when it holds only
+// characters no shell treats specially, else in single quotes.
+func ShellWord(s string) string {
+	if plainWordRE.MatchString(s) {
+		return s
+	}
+	return q(s)
+}
+
 func qargs(args []string) string {
 	out := make([]string, len(args))
 	for i, a := range args {

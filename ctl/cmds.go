@@ -205,7 +205,16 @@ func discoveredToJSON(d dbusapi.Discovered) discoveredJSON {
 		file = "UNKNOWN-FILE"
 	}
 	return discoveredJSON{Line: d.String(), SourceVM: d.SourceVM, File: d.File, Key: d.Key, Qubes: vms, ReadOnly: d.ReadOnly,
-		Managed: d.Managed, Command: fmt.Sprintf("qcryptctl status -- %s %s %s %s", d.SourceVM, file, key, strings.Join(vms, " "))}
+		Managed: d.Managed, Command: "qcryptctl status -- " + shellWords(append([]string{d.SourceVM, file, key}, vms...))}
+}
+
+// shellWords quotes a command line that came partly from qubes, for copying.
+func shellWords(words []string) string {
+	out := make([]string, len(words))
+	for i, w := range words {
+		out[i] = chains.ShellWord(w)
+	}
+	return strings.Join(out, " ")
 }
 
 func (a *app) overview(api API, asJSON bool) int {
@@ -533,20 +542,37 @@ func cmdWatch(a *app, p *parsed) int {
 	if api == nil {
 		return code
 	}
-	err := api.Watch(a.ctx, func(ev dbusapi.ChainEvent) {
+	// Chain changes are for root and group qubes: others get a clear refusal, not silence.
+	if _, err := api.ListChains(a.ctx); err != nil {
+		return a.fail(err)
+	}
+	line := func(chain, state, previous, reason string) {
 		now := a.now()
 		if p.flags["--json"] {
-			line, _ := json.Marshal(struct {
+			out, _ := json.Marshal(struct {
 				Time     string `json:"time"`
 				Chain    string `json:"chain"`
 				State    string `json:"state"`
 				Previous string `json:"previous"`
 				Reason   string `json:"reason"`
-			}{now.UTC().Format(time.RFC3339), ev.Chain, ev.State, ev.Previous, ev.Reason})
-			fmt.Fprintf(a.out, "%s\n", line)
+			}{now.UTC().Format(time.RFC3339), chain, state, previous, reason})
+			fmt.Fprintf(a.out, "%s\n", out)
 			return
 		}
-		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", now.Format("15:04:05"), ev.Chain, ev.Previous, ev.State, ev.Reason)
+		if chain == "" {
+			fmt.Fprintf(a.out, "%s %s\n", now.Format("15:04:05"), reason)
+			return
+		}
+		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", now.Format("15:04:05"), chain, previous, state, reason)
+	}
+	err := api.Watch(a.ctx, func(ev dbusapi.ChainEvent) {
+		line(ev.Chain, ev.State, ev.Previous, ev.Reason)
+	}, func(running bool) {
+		if running {
+			line("", "", "", "qcryptd started")
+		} else {
+			line("", "", "", "qcryptd stopped")
+		}
 	})
 	if err != nil {
 		return a.fail(err)

@@ -150,7 +150,7 @@ func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress fu
 	return dbusapi.JobResult{Success: true, Message: "open"}, nil
 }
 
-func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent)) error {
+func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presence func(bool)) error {
 	fn(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"})
 	fn(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
 	return f.rec("Watch")

@@ -36,22 +36,30 @@ func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error))
 }
 
 // describe turns a state change into a notification, or nil for changes not worth one.
+// Bodies are fixed text plus names from root's configuration, markup-escaped; what a
+// qube said (an error's details) stays in qcryptctl status and the journal.
 func (n *notifier) describe(ev dbusapi.ChainEvent) *note {
+	chain := ev.Chain
 	switch {
 	case ev.State == "open":
 		body := "The chain is open."
 		if ci, err := n.chain(ev.Chain); err == nil && ci.MountPoint != "" {
-			body = fmt.Sprintf("Mounted on %s in %s.", ci.MountPoint, ci.Target)
+			body = fmt.Sprintf("Mounted on %s in %s.", markup(ci.MountPoint), markup(ci.Target))
 		}
-		return &note{summary: "qcrypt: " + ev.Chain + " opened", body: body}
+		return &note{summary: "qcrypt: " + chain + " opened", body: body}
 	case ev.State == "failed" || ev.State == "degraded":
-		return &note{summary: "qcrypt: " + ev.Chain + " " + ev.State, body: ev.Reason, critical: true}
+		return &note{summary: "qcrypt: " + chain + " " + ev.State, body: "Details: qcryptctl status " + markup(chain), critical: true}
 	case ev.Previous == "closing" && (ev.State == "closed" || ev.State == "waiting"):
-		return &note{summary: "qcrypt: " + ev.Chain + " closed", body: ev.Reason}
+		return &note{summary: "qcrypt: " + chain + " closed", body: "The chain is closed."}
 	case ev.State == "opening" && strings.Contains(ev.Reason, "a device appeared"):
-		return &note{summary: "qcrypt: device for " + ev.Chain + " appeared", body: "Opening the chain."}
+		return &note{summary: "qcrypt: device for " + chain + " appeared", body: "Opening the chain."}
 	}
 	return nil
+}
+
+// markup escapes text for a notification body, which servers may read as markup.
+func markup(s string) string {
+	return strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", "'", "&#39;", `"`, "&quot;").Replace(s)
 }
 
 func (n *notifier) handle(ev dbusapi.ChainEvent) {
@@ -110,7 +118,7 @@ func cmdNotifyAgent(a *app, p *parsed) int {
 		defer cancel()
 		return api.Chain(ctx, name)
 	})
-	if err := api.Watch(a.ctx, n.handle); err != nil {
+	if err := api.Watch(a.ctx, n.handle, nil); err != nil {
 		return a.fail(err)
 	}
 	return ExitOK

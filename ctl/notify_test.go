@@ -92,7 +92,7 @@ func TestNotifyAgent(t *testing.T) {
 	}
 	defer agentConn.Close()
 	n := newNotifier(agentConn, func(name string) (dbusapi.ChainInfo, error) {
-		return dbusapi.ChainInfo{Name: name, Target: "work", MountPoint: "/mnt/" + name}, nil
+		return dbusapi.ChainInfo{Name: name, Target: "work", MountPoint: "/mnt/" + name + "<b>&"}, nil
 	})
 	n.MinGap = 300 * time.Millisecond
 
@@ -101,7 +101,8 @@ func TestNotifyAgent(t *testing.T) {
 	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
 	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "closing", Previous: "open", Reason: "work shut down"})
 	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "waiting", Previous: "closing", Reason: "work shut down"}) // rate-limited: sent later
-	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "failed", Previous: "opening", Reason: "wrong key"})        // critical: at once
+	// A failure's reason may hold a qube's words: never in a notification.
+	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "failed", Previous: "opening", Reason: "<a href='x'>click</a> \x1b]8;;"}) // critical: at once
 	deadline := time.Now().Add(5 * time.Second)
 	for len(fake.get()) < 4 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
@@ -109,9 +110,9 @@ func TestNotifyAgent(t *testing.T) {
 	got := fake.get()
 	want := []notifyCall{
 		{0, "qcrypt: device for usb appeared", "Opening the chain.", 1, -1},
-		{0, "qcrypt: demo opened", "Mounted on /mnt/demo in work.", 1, -1},
-		{1, "qcrypt: usb failed", "wrong key", 2, 0},
-		{2, "qcrypt: demo closed", "work shut down", 1, -1},
+		{0, "qcrypt: demo opened", "Mounted on /mnt/demo&lt;b&gt;&amp; in work.", 1, -1},
+		{1, "qcrypt: usb failed", "Details: qcryptctl status usb", 2, 0},
+		{2, "qcrypt: demo closed", "The chain is closed.", 1, -1},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("got %d notifications: %+v", len(got), got)

@@ -345,7 +345,7 @@ func TestEventToOpenLatency(t *testing.T) {
 					default:
 					}
 				}
-			})
+			}, nil)
 		}()
 		<-ready
 		time.Sleep(50 * time.Millisecond)

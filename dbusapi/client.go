@@ -14,7 +14,10 @@ import (
 // ErrNotRunning means no qcryptd owns the bus name.
 var ErrNotRunning = errors.New("qcryptd is not running (start it with: sudo systemctl start qcryptd)")
 
-// Client is the typed client of qcryptd on the system bus.
+// Client is the typed client of qcryptd on the system bus. It believes a signal only
+// when it comes from the unique name that owns org.qcrypt.Qcryptd1 (anyone on the bus
+// can send a signal, even straight to this connection), and a NameOwnerChanged only
+// from the bus itself.
 type Client struct {
 	conn *dbus.Conn
 	obj  dbus.BusObject
@@ -28,12 +31,38 @@ func Connect() (*Client, error) {
 		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
 	}
 	c := &Client{conn: conn, obj: conn.Object(BusName, ManagerPath)}
-	var has bool
-	if err := conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, BusName).Store(&has); err != nil || !has {
+	if owner, err := c.owner(); err != nil || owner == "" {
 		conn.Close()
 		return nil, ErrNotRunning
 	}
 	return c, nil
+}
+
+// busDriver is the bus itself, the only sender of NameOwnerChanged.
+const busDriver = "org.freedesktop.DBus"
+
+// owner is the unique name that owns qcryptd's bus name now, or "".
+func (c *Client) owner() (string, error) {
+	var owner string
+	err := c.conn.BusObject().Call(busDriver+".GetNameOwner", 0, BusName).Store(&owner)
+	var de dbus.Error
+	if errors.As(err, &de) && de.Name == "org.freedesktop.DBus.Error.NameHasNoOwner" {
+		return "", nil
+	}
+	return owner, err
+}
+
+// ownerChange decodes a NameOwnerChanged of qcryptd's name sent by the bus; ok is
+// false for anything else, forged ones included.
+func ownerChange(s *dbus.Signal) (newOwner string, ok bool) {
+	if s.Sender != busDriver || s.Name != busDriver+".NameOwnerChanged" {
+		return "", false
+	}
+	var name, old string
+	if dbus.Store(s.Body, &name, &old, &newOwner) != nil || name != BusName {
+		return "", false
+	}
+	return newOwner, true
 }
 
 // Disconnect closes the connection.
@@ -73,7 +102,7 @@ func remote(err error) error {
 		if de.Name == "org.freedesktop.DBus.Error.ServiceUnknown" || de.Name == "org.freedesktop.DBus.Error.NameHasNoOwner" {
 			return ErrNotRunning
 		}
-		return &RemoteError{Name: de.Name, Msg: msg}
+		return &RemoteError{Name: de.Name, Msg: Clean(msg)}
 	}
 	return err
 }
@@ -99,7 +128,11 @@ type ChainEntry struct {
 // ListChains lists the chains the daemon knows.
 func (c *Client) ListChains(ctx context.Context) ([]ChainEntry, error) {
 	var out []ChainEntry
-	return out, c.call(ctx, "ListChains", []any{&out})
+	err := c.call(ctx, "ListChains", []any{&out})
+	for i := range out {
+		cleanAll(&out[i].Name, &out[i].State)
+	}
+	return out, err
 }
 
 // Chain reads a chain object's properties.
@@ -128,6 +161,8 @@ func ChainInfoFromProps(all map[string]dbus.Variant) (ChainInfo, error) {
 	if retryAt != 0 {
 		ci.RetryAt = time.UnixMicro(int64(retryAt))
 	}
+	cleanAll(&ci.Name, &ci.State, &ci.Waiting, &ci.LastError, &ci.Target, &ci.MountPoint)
+	cleanSlice(ci.Layers)
 	return ci, err
 }
 
@@ -179,7 +214,11 @@ func (c *Client) Plan(ctx context.Context, op, name string, spec *Spec, options 
 		options = map[string]dbus.Variant{}
 	}
 	var out []PlanStep
-	return out, c.call(ctx, "Plan", []any{&out}, op, name, m, options)
+	err := c.call(ctx, "Plan", []any{&out}, op, name, m, options)
+	for i := range out {
+		cleanAll(&out[i].VM, &out[i].Desc)
+	}
+	return out, err
 }
 
 // Reload re-reads the daemon's config target.
@@ -194,6 +233,7 @@ func (c *Client) Check(ctx context.Context, target string) (bool, []string, erro
 	var ok bool
 	var errs []string
 	err := c.call(ctx, "Check", []any{&ok, &errs}, target)
+	cleanSlice(errs)
 	return ok, errs, err
 }
 
@@ -263,6 +303,7 @@ func (c *Client) Job(ctx context.Context, job dbus.ObjectPath) (JobInfo, error) 
 	err := fields(all, map[string]any{"Operation": &j.Operation, "Chain": &j.Chain, "State": &j.State, "Step": &j.Step,
 		"Steps": &j.Steps, "StepDescription": &j.StepDescription, "Bytes": &j.Bytes, "TotalBytes": &j.TotalBytes,
 		"Message": &j.Message, "StartedByUID": &j.UID})
+	cleanAll(&j.Operation, &j.Chain, &j.State, &j.StepDescription, &j.Message)
 	return j, err
 }
 
@@ -289,7 +330,7 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 	}
 	defer c.conn.RemoveMatchSignal(rules...)
 	// qcryptd going away (stopped, crashed) ends the wait too.
-	gone := []dbus.MatchOption{dbus.WithMatchSender("org.freedesktop.DBus"), dbus.WithMatchMember("NameOwnerChanged"), dbus.WithMatchArg(0, BusName)}
+	gone := ownerRule()
 	if err := c.conn.AddMatchSignal(gone...); err != nil {
 		return nil, fmt.Errorf("cannot subscribe to name changes: %w", err)
 	}
@@ -297,6 +338,12 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 	sigs := make(chan *dbus.Signal, 256)
 	c.conn.Signal(sigs)
 	defer c.conn.RemoveSignal(sigs)
+	// The jobs belong to the qcryptd that owns the name now; after the subscription, so
+	// a change of owner from here on is seen.
+	owner, err := c.owner()
+	if err != nil || owner == "" {
+		return nil, ErrNotRunning
+	}
 
 	paths, err := start(context.Background())
 	if err != nil {
@@ -341,15 +388,20 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 			if !ok {
 				return results, errors.New("the connection to the system bus closed")
 			}
-			switch s.Name {
-			case "org.freedesktop.DBus.NameOwnerChanged":
-				var name, old, owner string
-				if dbus.Store(s.Body, &name, &old, &owner) == nil && name == BusName && owner == "" {
+			if newOwner, ok := ownerChange(s); ok {
+				if newOwner != owner {
 					return results, errors.New("qcryptd stopped before the end of its jobs was seen")
 				}
+				continue
+			}
+			if s.Sender != owner {
+				continue // forged: not from qcryptd
+			}
+			switch s.Name {
 			case JobInterface + ".Completed":
 				var r JobResult
 				if dbus.Store(s.Body, &r.Success, &r.Message) == nil {
+					r.Message = Clean(r.Message)
 					finish(s.Path, r)
 				}
 			case propertiesInterface + ".PropertiesChanged":
@@ -371,16 +423,31 @@ type ChainEvent struct {
 	Chain, State, Previous, Reason string
 }
 
-// Watch calls fn for every chain state change until ctx ends.
-func (c *Client) Watch(ctx context.Context, fn func(ChainEvent)) error {
+// ownerRule subscribes to changes of qcryptd's name owner, from the bus only.
+func ownerRule() []dbus.MatchOption {
+	return []dbus.MatchOption{dbus.WithMatchSender(busDriver), dbus.WithMatchInterface(busDriver),
+		dbus.WithMatchMember("NameOwnerChanged"), dbus.WithMatchArg(0, BusName)}
+}
+
+// Watch calls fn for every chain state change until ctx ends, following qcryptd across
+// restarts; presence (may be nil) hears when qcryptd leaves or comes back.
+func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(running bool)) error {
 	rules := []dbus.MatchOption{dbus.WithMatchSender(BusName), dbus.WithMatchInterface(ChainInterface), dbus.WithMatchMember("StateChanged")}
 	if err := c.conn.AddMatchSignal(rules...); err != nil {
-		return err
+		return fmt.Errorf("cannot subscribe to chain changes: %w", err)
 	}
 	defer c.conn.RemoveMatchSignal(rules...)
+	if err := c.conn.AddMatchSignal(ownerRule()...); err != nil {
+		return fmt.Errorf("cannot subscribe to name changes: %w", err)
+	}
+	defer c.conn.RemoveMatchSignal(ownerRule()...)
 	sigs := make(chan *dbus.Signal, 64)
 	c.conn.Signal(sigs)
 	defer c.conn.RemoveSignal(sigs)
+	owner, err := c.owner()
+	if err != nil {
+		return fmt.Errorf("cannot find qcryptd on the bus: %w", err)
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -389,17 +456,28 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent)) error {
 			if !ok {
 				return errors.New("the connection to the system bus closed")
 			}
-			if s.Name != ChainInterface+".StateChanged" {
+			if newOwner, ok := ownerChange(s); ok {
+				if (newOwner != "") != (owner != "") && presence != nil {
+					presence(newOwner != "")
+				}
+				owner = newOwner
 				continue
+			}
+			if owner == "" || s.Sender != owner || s.Name != ChainInterface+".StateChanged" {
+				continue // forged, or not a chain change
 			}
 			var ev ChainEvent
 			if dbus.Store(s.Body, &ev.State, &ev.Previous, &ev.Reason) != nil {
 				continue
 			}
 			ev.Chain = chainNameOf(s.Path)
-			fn(ev)
+			fn(ev.clean())
 		}
 	}
+}
+
+func (ev ChainEvent) clean() ChainEvent {
+	return ChainEvent{Chain: Clean(ev.Chain), State: Clean(ev.State), Previous: Clean(ev.Previous), Reason: Clean(ev.Reason)}
 }
 
 // chainNameOf reverses ChainPath.

@@ -3,7 +3,6 @@ package dbusapi
 import (
 	"context"
 	"fmt"
-	"os/user"
 	"sort"
 	"strings"
 	"sync"
@@ -22,8 +21,9 @@ import (
 type Server struct {
 	conn    *dbus.Conn
 	backend Backend
-	// Authorize decides whether a uid may call methods (default: root or group qubes).
-	Authorize func(uid uint32) bool
+	// Authorize decides whether a caller may call methods and read state (default: root
+	// or group qubes); introspection and Peer stay open to everyone.
+	Authorize func(Caller) bool
 	// CallTimeout bounds Status and Discover, which run scripts in qubes.
 	CallTimeout time.Duration
 
@@ -47,36 +47,11 @@ func NewServer(conn *dbus.Conn, b Backend) *Server {
 		chains: map[string]*exported{}, jobs: map[uint64]*exported{}}
 }
 
-// RootOrQubes allows root and members of group qubes.
-func RootOrQubes(uid uint32) bool {
-	if uid == 0 {
-		return true
-	}
-	u, err := user.LookupId(fmt.Sprint(uid))
-	if err != nil {
-		return false
-	}
-	g, err := user.LookupGroup("qubes")
-	if err != nil {
-		return false
-	}
-	gids, err := u.GroupIds()
-	if err != nil {
-		return false
-	}
-	for _, id := range gids {
-		if id == g.Gid {
-			return true
-		}
-	}
-	return false
-}
-
 // Export exports the manager, its properties, the ObjectManager and introspection. The
 // caller then requests the bus name (the name is the readiness signal).
 func (s *Server) Export() error {
 	version, target, summary := s.backend.Info()
-	props, err := prop.Export(s.conn, ManagerPath, prop.Map{ManagerInterface: {
+	props, err := s.exportProps(ManagerPath, prop.Map{ManagerInterface: {
 		"Version": {Value: version, Emit: prop.EmitConst},
 		"Target":  {Value: target, Emit: prop.EmitConst},
 		"Summary": {Value: summary, Emit: prop.EmitTrue},
@@ -128,16 +103,16 @@ func (s *Server) refreshManagerIntrospection() {
 	s.conn.Export(introspect.Introspectable(nodeXML([]string{ManagerXML, objectManagerXML}, children)), ManagerPath, "org.freedesktop.DBus.Introspectable")
 }
 
-// caller checks that the sender may act.
+// caller checks that the sender may act or read, and returns its uid.
 func (s *Server) caller(sender dbus.Sender) (uint32, *dbus.Error) {
-	var uid uint32
-	if err := s.conn.BusObject().Call("org.freedesktop.DBus.GetConnectionUnixUser", 0, string(sender)).Store(&uid); err != nil {
-		return 0, toDBus(fmt.Errorf("cannot identify the caller: %w", err))
+	c, err := credentials(s.conn, sender)
+	if err != nil {
+		return 0, toDBus(err)
 	}
-	if !s.Authorize(uid) {
-		return uid, toDBus(ErrAccessDenied)
+	if !s.Authorize(c) {
+		return c.UID, toDBus(ErrAccessDenied)
 	}
-	return uid, nil
+	return c.UID, nil
 }
 
 func (s *Server) ctx() (context.Context, context.CancelFunc) {
@@ -229,7 +204,7 @@ func (s *Server) ChainAdded(c ChainInfo) {
 
 // exportObject exports methods, properties and introspection at path.
 func (s *Server) exportObject(path dbus.ObjectPath, iface, xml string, methods any, values map[string]any, constant ...string) *exported {
-	props, err := prop.Export(s.conn, path, propMap(iface, values, constant...))
+	props, err := s.exportProps(path, propMap(iface, values, constant...))
 	if err != nil {
 		return nil
 	}
@@ -575,7 +550,10 @@ func (j *jobObject) Cancel(sender dbus.Sender) *dbus.Error {
 // objectManager implements org.freedesktop.DBus.ObjectManager for chains and jobs.
 type objectManager struct{ s *Server }
 
-func (o *objectManager) GetManagedObjects() (map[dbus.ObjectPath]map[string]map[string]dbus.Variant, *dbus.Error) {
+func (o *objectManager) GetManagedObjects(sender dbus.Sender) (map[dbus.ObjectPath]map[string]map[string]dbus.Variant, *dbus.Error) {
+	if _, err := o.s.caller(sender); err != nil {
+		return nil, err
+	}
 	out := map[dbus.ObjectPath]map[string]map[string]dbus.Variant{}
 	o.s.mu.Lock()
 	objs := make([]*exported, 0, len(o.s.chains)+len(o.s.jobs))

@@ -84,12 +84,14 @@ func StatusFromMap(m map[string]dbus.Variant) (*chains.Status, error) {
 		return nil, err
 	}
 	st.Missing = int(missing)
+	cleanAll(&st.Chain, &st.SourceVM, &st.Source, &st.Problem)
 	for _, h := range hops {
 		var hs chains.HopStatus
 		if err := fields(h, map[string]any{"vm": &hs.VM, "running": &hs.Running, "attached": &hs.Attached,
 			"frontend_dev": &hs.FrontendDev, "key_present": &hs.KeyPresent, "decrypted": &hs.Decrypted, "mounted": &hs.Mounted}); err != nil {
 			return nil, err
 		}
+		cleanAll(&hs.VM, &hs.FrontendDev)
 		st.Hops = append(st.Hops, hs)
 	}
 	return st, nil
@@ -120,8 +122,9 @@ func DiscoveredFromMap(m map[string]dbus.Variant) (Discovered, error) {
 	if len(devs) != len(vms) || len(ports) != len(vms) {
 		return d, fmt.Errorf("inconsistent discovered chain")
 	}
+	cleanAll(&d.SourceVM, &d.SourcePort, &d.File, &d.Key, &d.Managed)
 	for i := range vms {
-		d.Hops = append(d.Hops, chains.DiscoveredHop{VM: vms[i], FrontendDev: devs[i], Port: ports[i]})
+		d.Hops = append(d.Hops, chains.DiscoveredHop{VM: Clean(vms[i]), FrontendDev: Clean(devs[i]), Port: Clean(ports[i])})
 	}
 	return d, nil
 }
