@@ -130,7 +130,9 @@ func cmdStatus(a *app, p *parsed) int {
 		st, err = api.StatusAdhoc(a.ctx, spec)
 	}
 	if err != nil {
-		a.fail(err)
+		if code := a.fail(err); code != ExitFailed {
+			return code // not running, access denied
+		}
 		return ExitStatusError
 	}
 	if p.flags["--json"] {

@@ -48,7 +48,8 @@ func bin(t testing.TB, name string) string {
 		}
 		simtest.AtExit(func() { os.RemoveAll(binDir) })
 		os.Chmod(binDir, 0o755)
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim", "github.com/qcrypt/qcrypt/cmd/qcryptctl")
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim", "github.com/qcrypt/qcrypt/cmd/qcryptctl",
+			"github.com/qcrypt/qcrypt/daemon/testdata/sigprobe")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			binErr = fmt.Errorf("%v: %s", err, out)

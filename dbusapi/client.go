@@ -99,8 +99,12 @@ func remote(err error) error {
 				msg = s
 			}
 		}
-		if de.Name == "org.freedesktop.DBus.Error.ServiceUnknown" || de.Name == "org.freedesktop.DBus.Error.NameHasNoOwner" {
+		switch de.Name {
+		case "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner":
 			return ErrNotRunning
+		case accessDenied:
+			// The bus policy's refusal names the rules matched; say what it means.
+			return &RemoteError{Name: de.Name, Msg: ErrAccessDenied.Error()}
 		}
 		return &RemoteError{Name: de.Name, Msg: Clean(msg)}
 	}

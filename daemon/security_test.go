@@ -1,0 +1,190 @@
+package daemon_test
+
+import (
+	"bufio"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
+)
+
+// The three attackers of docs/security.md: a user in group qubes (may use qcryptd), a
+// user in no group (may only introspect), and a hostile qube (its tests are where its
+// output is parsed). The users are real, so both the bus policy and qcryptd decide on
+// what the bus says about them.
+
+func credential(t *testing.T, name string) *syscall.Credential {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create users and run clients as them")
+	}
+	cred, err := dbustest.User(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cred
+}
+
+// as runs a command as a user on the world's bus; it returns combined output and the
+// exit status.
+func (w *world) as(cred *syscall.Credential, name string, args ...string) (string, int) {
+	w.t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "DBUS_SYSTEM_BUS_ADDRESS=" + w.busAddr}
+	cmd.Dir = "/"
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		w.t.Fatalf("%s: %v", name, err)
+	}
+	return string(out), cmd.ProcessState.ExitCode()
+}
+
+func (w *world) busctl(cred *syscall.Credential, args ...string) (string, int) {
+	return w.as(cred, "busctl", append([]string{"--address=" + w.busAddr}, args...)...)
+}
+
+func TestCallerAccess(t *testing.T) {
+	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+	tests := map[string]struct {
+		bus string
+	}{
+		// The bus lets everyone call: every refusal is qcryptd's own check.
+		"by qcryptd": {bus: permissiveBus},
+		// The stock system bus policy plus ours: refused before qcryptd sees the call.
+		"by the bus policy": {bus: realPolicyBus(policy)},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
+			w := newWorld(t, "4.2", tc.bus)
+			w.writeChain("demo", demoChain)
+			w.startDaemon()
+			ctl := bin(t, "qcryptctl")
+			chainPath := string(dbusapi.ChainPath("demo"))
+
+			// The user in no group: no state, no reads, no watching; introspection only.
+			for _, args := range [][]string{{"list"}, {"status", "demo"}, {"watch"}, {"open", "demo"}, {"check", "demo"}} {
+				if out, code := w.as(qsec, ctl, args...); code != 77 || !strings.Contains(strings.ToLower(out), "access denied") {
+					t.Errorf("qsec: qcryptctl %v: exit %d %s", args, code, out)
+				}
+			}
+			for _, args := range [][]string{
+				{"get-property", dbusapi.BusName, chainPath, dbusapi.ChainInterface, "State"},
+				{"get-property", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Summary"},
+				{"call", dbusapi.BusName, string(dbusapi.ManagerPath), "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"},
+				{"call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Open", "sa{sv}", "demo", "0"},
+			} {
+				if out, code := w.busctl(qsec, args...); code == 0 || !strings.Contains(strings.ToLower(out), "access denied") {
+					t.Errorf("qsec: busctl %v: exit %d %s", args, code, out)
+				}
+			}
+			if out, code := w.busctl(qsec, "introspect", "--xml-interface", dbusapi.BusName, chainPath); code != 0 || !strings.Contains(out, "StateChanged") {
+				t.Errorf("qsec cannot introspect: exit %d %s", code, out)
+			}
+
+			// The user in group qubes: reads and acts, by the groups the bus reports.
+			if out, code := w.as(quser, ctl, "list"); code != 0 || !strings.Contains(out, "demo") {
+				t.Errorf("quser: qcryptctl list: exit %d %s", code, out)
+			}
+			if out, code := w.busctl(quser, "get-property", dbusapi.BusName, chainPath, dbusapi.ChainInterface, "State"); code != 0 || !strings.Contains(out, "waiting") {
+				t.Errorf("quser: get-property: exit %d %s", code, out)
+			}
+			if out, code := w.busctl(quser, "call", dbusapi.BusName, string(dbusapi.ManagerPath), "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"); code != 0 || !strings.Contains(out, chainPath) {
+				t.Errorf("quser: GetManagedObjects: exit %d %s", code, out)
+			}
+
+			// Group membership is what the bus reports of the connection, as the policy
+			// sees it, not what /etc/group says of the uid: a process of quser without
+			// the group is refused, one of qsec holding the group is let in.
+			qubesGID := quser.Groups[len(quser.Groups)-1]
+			for _, g := range quser.Groups {
+				if g != quser.Gid {
+					qubesGID = g
+				}
+			}
+			dropped := &syscall.Credential{Uid: quser.Uid, Gid: quser.Gid, Groups: []uint32{quser.Gid}}
+			if out, code := w.as(dropped, ctl, "list"); code != 77 {
+				t.Errorf("quser without group qubes: exit %d %s", code, out)
+			}
+			holding := &syscall.Credential{Uid: qsec.Uid, Gid: qsec.Gid, Groups: []uint32{qsec.Gid, qubesGID}}
+			if out, code := w.as(holding, ctl, "list"); code != 0 {
+				t.Errorf("qsec holding group qubes: exit %d %s", code, out)
+			}
+		})
+	}
+}
+
+// TestSignalsOnlyForQubes runs a probe that subscribes to every signal as each user;
+// the bus policy must keep qcryptd's signals (chain states, reasons, job messages) from
+// the user in no group, and deliver them to the user in group qubes (the control).
+func TestSignalsOnlyForQubes(t *testing.T) {
+	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
+	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+	w := newWorld(t, "4.2", realPolicyBus(policy))
+	w.writeChain("demo", demoChain)
+	d := w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 30*time.Second)
+
+	type probe struct {
+		lines chan string
+		cmd   *exec.Cmd
+	}
+	start := func(cred *syscall.Credential) probe {
+		cmd := exec.Command(bin(t, "sigprobe"))
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		cmd.Env = []string{"DBUS_SYSTEM_BUS_ADDRESS=" + w.busAddr}
+		out, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		p := probe{lines: make(chan string, 4096), cmd: cmd}
+		go func() {
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				p.lines <- sc.Text()
+			}
+			close(p.lines)
+		}()
+		if l := <-p.lines; l != "READY" {
+			t.Fatalf("probe: %q", l)
+		}
+		return p
+	}
+	group, other := start(quser), start(qsec)
+
+	// Chain and job signals, then qcryptd leaves: on each connection the bus delivers in
+	// order, so a probe that saw the departure saw everything sent before it.
+	w.qubes.Start(bg, "work")
+	w.waitState(c, "demo", "open", 60*time.Second)
+	d.Process.Signal(syscall.SIGTERM)
+	d.Wait()
+	collect := func(p probe) (fromQcryptd int, all []string) {
+		for l := range p.lines {
+			all = append(all, l)
+			if !strings.HasPrefix(l, "org.freedesktop.DBus ") && l != "LEFT" {
+				fromQcryptd++
+			}
+		}
+		if len(all) == 0 || all[len(all)-1] != "LEFT" {
+			t.Errorf("probe did not see qcryptd leave: %q", all)
+		}
+		return fromQcryptd, all
+	}
+	if n, all := collect(group); n == 0 {
+		t.Errorf("the user in group qubes received no signal of qcryptd (control): %q", all)
+	}
+	if n, all := collect(other); n != 0 {
+		t.Errorf("the user in no group received %d signals of qcryptd: %q", n, all)
+	}
+}
