@@ -220,7 +220,7 @@ func ParseCryptOptions(s string) ([]string, error) {
 // Validate checks a chain that did not come from a config file (an ad-hoc chain or a
 // luks-init spec) with the rules of the config loader.
 func (c *Chain) Validate() error {
-	if err := qubes.ValidateVMName(c.SourceVM); err != nil {
+	if err := qubes.ValidateMemberName(c.SourceVM); err != nil {
 		return fmt.Errorf("source qube: %w", err)
 	}
 	if err := validatePath(c.SourceFile, true); err != nil {
@@ -242,7 +242,7 @@ func (c *Chain) Validate() error {
 	}
 	seen := map[string]bool{c.SourceVM: true}
 	for _, h := range c.Hops {
-		if err := qubes.ValidateVMName(h.VM); err != nil {
+		if err := qubes.ValidateMemberName(h.VM); err != nil {
 			return fmt.Errorf("destination: %w", err)
 		}
 		if seen[h.VM] {

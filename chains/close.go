@@ -32,7 +32,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 	var states map[string]string
 	current := func(ctx context.Context, fresh bool) (map[string]string, error) {
 		if states == nil || fresh {
-			st, err := e.states(ctx)
+			st, err := e.memberStates(ctx, c)
 			if err != nil {
 				return nil, err
 			}

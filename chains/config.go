@@ -185,7 +185,7 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 
 	c.SourceVM = required(keySourceVM)
 	if c.SourceVM != "" {
-		if err := qubes.ValidateVMName(c.SourceVM); err != nil {
+		if err := qubes.ValidateMemberName(c.SourceVM); err != nil {
 			add(lines[keySourceVM], keySourceVM, "%v", err)
 		}
 	}
@@ -261,7 +261,7 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		h := Hop{VM: vm}
 		if vm == "" {
 			add(lines[vmKey], vmKey, "empty")
-		} else if err := qubes.ValidateVMName(vm); err != nil {
+		} else if err := qubes.ValidateMemberName(vm); err != nil {
 			add(lines[vmKey], vmKey, "%v", err)
 		} else if seen[vm] {
 			add(lines[vmKey], vmKey, "qube %s decrypts more than one layer (the key id is its mapper name)", vm)

@@ -69,6 +69,8 @@ func TestConfigRules(t *testing.T) {
 		"no sections":                 {"[s]\n" + base, base, "", "sections are not used"},
 		"key=value lines only":        {conf("", "just words"), conf("", "# just words"), "", "not a key=value line"},
 		"type":                        {conf("", "type=zfs"), conf("", "type=plain"), "type", "not one of"},
+		"dom0 never decrypts":         {conf("destination vm 2=work", "destination vm 2=dom0"), base, "destination vm 2", "dom0 is never part of a chain"},
+		"dom0 never serves":           {conf("source vm=sys-usb", "source vm=dom0"), base, "source vm", "dom0 is never part of a chain"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

@@ -65,14 +65,17 @@ func (d Discovered) Matches(c *Chain) bool {
 // the qubes and only select candidates; where several fit, the qube is asked which
 // mapper sits on the attached device, and only its exit code comes back.
 func (e *Engine) Discover(ctx context.Context) ([]Discovered, error) {
-	states, err := e.states(ctx)
+	vms, err := e.Qubes.ListVMs(ctx)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("cannot list qubes: %w", err)
 	}
+	states, admin := map[string]string{}, map[string]bool{}
 	var running []string
-	for vm, st := range states {
-		if st == qubes.StateRunning {
-			running = append(running, vm)
+	for _, vm := range vms {
+		states[vm.Name], admin[vm.Name] = vm.State, vm.Class == qubes.ClassAdminVM
+		// Nothing attached to dom0 is a chain, and dom0 is not asked anything.
+		if vm.State == qubes.StateRunning && vm.Class != qubes.ClassAdminVM {
+			running = append(running, vm.Name)
 		}
 	}
 	sort.Strings(running)
@@ -98,7 +101,7 @@ func (e *Engine) Discover(ctx context.Context) ([]Discovered, error) {
 	}
 	var out []Discovered
 	for _, start := range all {
-		if dmPortRE.MatchString(start.Port) || states[start.Backend] != qubes.StateRunning {
+		if dmPortRE.MatchString(start.Port) || states[start.Backend] != qubes.StateRunning || admin[start.Backend] {
 			continue
 		}
 		d := Discovered{SourceVM: start.Backend, SourcePort: start.Port, ReadOnly: start.ReadOnly,

@@ -21,6 +21,7 @@ var (
 	ErrNotRunning    = errors.New("qube not running")
 	ErrSpoofed       = errors.New("a qube reported a device that qubesd does not show")
 	ErrCanceled      = errors.New("operation canceled")
+	ErrAdminVM       = errors.New("dom0 is never part of a chain")
 )
 
 // Step is one step of a plan: what is done, in which qube.
@@ -111,12 +112,21 @@ func (e *Engine) user(ctx context.Context, vm string) (string, error) {
 }
 
 func (e *Engine) states(ctx context.Context) (map[string]string, error) {
+	return e.memberStates(ctx, nil)
+}
+
+// memberStates is states, refusing a chain that has an AdminVM (dom0) as a member:
+// dom0 never decrypts, never serves a device and never receives one.
+func (e *Engine) memberStates(ctx context.Context, c *Chain) (map[string]string, error) {
 	vms, err := e.Qubes.ListVMs(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("cannot list qubes: %w", err)
 	}
 	st := map[string]string{}
 	for _, vm := range vms {
+		if c != nil && vm.Class == qubes.ClassAdminVM && c.Involves(vm.Name) {
+			return nil, fmt.Errorf("cannot use chain %s: %w: %s", c.Name, ErrAdminVM, vm.Name)
+		}
 		st[vm.Name] = vm.State
 	}
 	return st, nil
@@ -280,7 +290,7 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 // Open opens a chain: idempotent when it is open, refused when partially open unless
 // forced, rolled back on failure. It never shuts a qube down.
 func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress ProgressFunc) error {
-	states, err := e.states(ctx)
+	states, err := e.memberStates(ctx, c)
 	if err != nil {
 		return err
 	}

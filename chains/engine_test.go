@@ -162,6 +162,11 @@ func TestOpenRefusals(t *testing.T) {
 			r.start(t, "work")
 			c.Hops[0].Inject = "keystore://"
 		}, "key store is not supported"},
+		// The engine refuses the AdminVM by the class qubesd reports, whatever let the
+		// chain through (validation refuses the name earlier).
+		"dom0 as target":       {func(t *testing.T, r *rig, c *Chain) { c.Hops[1].VM = "dom0" }, "dom0 is never part of a chain: dom0"},
+		"dom0 as intermediate": {func(t *testing.T, r *rig, c *Chain) { r.start(t, "work"); c.Hops[0].VM = "dom0" }, "dom0 is never part of a chain"},
+		"dom0 as source":       {func(t *testing.T, r *rig, c *Chain) { r.start(t, "work"); c.SourceVM = "dom0" }, "dom0 is never part of a chain"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

@@ -98,7 +98,7 @@ func (s *InitSpec) defaults() error {
 		return err
 	}
 	for _, vm := range c.VMs() {
-		if err := qubes.ValidateVMName(vm); err != nil {
+		if err := qubes.ValidateMemberName(vm); err != nil {
 			return err
 		}
 	}
@@ -158,7 +158,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	next := func(desc string) { step++; report(desc, 0, 0) }
 
 	next("check the qubes")
-	states, err := e.states(ctx)
+	states, err := e.memberStates(ctx, c)
 	if err != nil {
 		return err
 	}

@@ -112,6 +112,8 @@ func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
 			os.WriteFile(filepath.Join(dom0.Root(), "root/bak/work_newkey"), []byte("old"), 0o600)
 		}, "key backup exists already"},
 		"bad file system":                 {func(t *testing.T, r *rig, s *InitSpec) { s.FS = "zfs" }, "not btrfs or ext4"},
+		"dom0 as a destination":           {func(t *testing.T, r *rig, s *InitSpec) { s.Chain.Hops[1].VM = "dom0" }, "dom0 is never part of a chain"},
+		"dom0 as the source":              {func(t *testing.T, r *rig, s *InitSpec) { s.Chain.SourceVM = "dom0" }, "dom0 is never part of a chain"},
 		"too small for two LUKS2 headers": {func(t *testing.T, r *rig, s *InitSpec) { s.Size = 32 << 20 }, "at least 34 MiB for 2 layers"},
 		"source copy fails": {func(t *testing.T, r *rig, s *InitSpec) {
 			r.start(t, "mediator", "work")

@@ -82,7 +82,7 @@ func hopAttachments(atts []qubes.Attachment, prev string, first bool) []qubes.At
 // Status inspects a chain with one Admin API list, one Attached per running
 // destination and one script per running qube; only exit codes come back from qubes.
 func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
-	states, err := e.states(ctx)
+	states, err := e.memberStates(ctx, c)
 	if err != nil {
 		return nil, err
 	}

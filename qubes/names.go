@@ -37,3 +37,18 @@ func ValidatePort(port string) error {
 	}
 	return nil
 }
+
+// ClassAdminVM is dom0's class; dom0 is never a member of a chain.
+const ClassAdminVM = "AdminVM"
+
+// ValidateMemberName accepts a qube name that may be part of a chain: a valid name
+// other than dom0 (the AdminVM, which the engine also refuses by class).
+func ValidateMemberName(name string) error {
+	if err := ValidateVMName(name); err != nil {
+		return err
+	}
+	if name == "dom0" {
+		return fmt.Errorf("dom0 is never part of a chain: it must not serve, decrypt or receive a device")
+	}
+	return nil
+}
