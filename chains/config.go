@@ -3,7 +3,9 @@ package chains
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -74,8 +76,9 @@ var (
 )
 
 // LoadTarget reads every *.ini of a target directory. It returns the chains sorted by
-// name, or every problem of every file at once. asRoot enables the ownership checks of
-// files that carry commands run as root.
+// name, or every problem of every file at once. asRoot (qcryptd, root's check) enforces
+// that the directory, its parent (the config root) and every file are root's alone: a
+// chain file chooses dom0 files to inject, hooks run as root and autostart.
 func LoadTarget(dir string, asRoot bool) ([]*Chain, error) {
 	files, err := filepath.Glob(filepath.Join(dir, "*.ini"))
 	if err != nil {
@@ -83,6 +86,17 @@ func LoadTarget(dir string, asRoot bool) ([]*Chain, error) {
 	}
 	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
 		return nil, fmt.Errorf("cannot read configuration: %s is not a directory", dir)
+	}
+	if asRoot {
+		for i, d := range []string{filepath.Dir(filepath.Clean(dir)), dir} {
+			st, err := os.Lstat(d)
+			if err != nil {
+				return nil, fmt.Errorf("cannot check %s: %w", d, err)
+			}
+			if msg := unsafeForRoot(st, i == 0); msg != "" {
+				return nil, fmt.Errorf("cannot trust configuration directory %s: %s", d, msg)
+			}
+		}
 	}
 	sort.Strings(files)
 	var errs ConfigErrors
@@ -113,9 +127,13 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 	add := func(line int, key, format string, a ...any) {
 		errs = append(errs, ConfigError{File: file, Line: line, Key: key, Msg: fmt.Sprintf(format, a...)})
 	}
-	data, err := os.ReadFile(file)
+	data, msg, err := readConfigFile(file, asRoot)
 	if err != nil {
 		add(0, "", "cannot read: %v", err)
+		return nil, errs
+	}
+	if msg != "" {
+		add(0, "", "cannot be trusted: %s (chain files choose dom0 files, hooks run as root)", msg)
 		return nil, errs
 	}
 	lines, clean, scanErrs := scanKeys(file, data)
@@ -289,11 +307,6 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		c.Hops = append(c.Hops, h)
 	}
 
-	if asRoot && len(c.Hooks()) > 0 {
-		if msg := unsafeForRoot(file); msg != "" {
-			add(0, "", "carries commands run as root but %s", msg)
-		}
-	}
 	if len(errs) > 0 {
 		return nil, errs
 	}
@@ -376,28 +389,58 @@ func editDistance(a, b string) int {
 	return prev[len(b)]
 }
 
-// unsafeForRoot says why a file (or its directory) could be changed by someone other
-// than root, or "" when it cannot.
-func unsafeForRoot(file string) string {
-	for _, p := range []string{file, filepath.Dir(file)} {
-		st, err := os.Stat(p)
-		if err != nil {
-			return fmt.Sprintf("cannot be checked: %v", err)
-		}
-		sys, ok := st.Sys().(*syscall.Stat_t)
-		if !ok {
-			return "its owner cannot be checked"
-		}
-		what := "the file"
-		if p != file {
-			what = "its directory"
-		}
-		if sys.Uid != 0 {
-			return fmt.Sprintf("%s is owned by uid %d, not root", what, sys.Uid)
-		}
-		if st.Mode().Perm()&0o022 != 0 {
-			return fmt.Sprintf("%s is group or world writable (mode %04o)", what, st.Mode().Perm())
-		}
+// readConfigFile reads a chain file; with asRoot it reads the file it checked (opened
+// without following a link, checked on the open descriptor) and says why it is not
+// root's alone, if it is not.
+func readConfigFile(file string, asRoot bool) (data []byte, untrusted string, err error) {
+	if !asRoot {
+		data, err = os.ReadFile(file)
+		return data, "", err
+	}
+	f, err := os.OpenFile(file, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, "it is a symbolic link", nil
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, "", err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, "it is not a regular file", nil
+	}
+	if msg := unsafeForRoot(st, false); msg != "" {
+		return nil, msg, nil
+	}
+	data, err = io.ReadAll(io.LimitReader(f, maxConfigFile+1))
+	if err == nil && len(data) > maxConfigFile {
+		err = fmt.Errorf("larger than %d bytes", maxConfigFile)
+	}
+	return data, "", err
+}
+
+// maxConfigFile bounds a chain file; real ones are a few hundred bytes.
+const maxConfigFile = 1 << 20
+
+// unsafeForRoot says why a file or directory could be changed by someone other than
+// root, or "" when it cannot. A parent may be world-writable with the sticky bit (/tmp):
+// others cannot replace root's entries in it.
+func unsafeForRoot(st os.FileInfo, parent bool) string {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return "its owner cannot be checked"
+	}
+	if sys.Uid != 0 {
+		return fmt.Sprintf("owned by uid %d, not root", sys.Uid)
+	}
+	if st.Mode()&os.ModeSymlink != 0 {
+		return "a symbolic link"
+	}
+	if st.Mode().Perm()&0o022 != 0 && !(parent && st.IsDir() && st.Mode()&os.ModeSticky != 0) {
+		return fmt.Sprintf("group or world writable (mode %04o)", st.Mode().Perm())
 	}
 	return ""
 }

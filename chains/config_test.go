@@ -89,26 +89,54 @@ func TestConfigRules(t *testing.T) {
 	}
 }
 
-func TestConfigRootRunCommands(t *testing.T) {
+// TestConfigOwnership: as root, every file and directory of a target must be root's
+// alone, with or without hooks (a chain file also chooses dom0 files and autostart).
+func TestConfigOwnership(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("ownership rules need root to set up")
 	}
 	hook := conf("", "pre open command=logger x")
-	if _, errs := loadOne(t, hook, 0o666, true); len(errs) == 0 || !strings.Contains(errs[0].Msg, "world writable") {
-		t.Errorf("world-writable hook file accepted: %v", errs)
+	tests := map[string]struct {
+		content string
+		change  func(root, target, file string)
+		want    string // "" = accepted
+	}{
+		"root 0644 with hooks":      {hook, func(r, d, f string) {}, ""},
+		"root 0600 without hooks":   {base, func(r, d, f string) { os.Chmod(f, 0o600) }, ""},
+		"world-writable, no hooks":  {base, func(r, d, f string) { os.Chmod(f, 0o666) }, "group or world writable (mode 0666)"},
+		"group-writable with hooks": {hook, func(r, d, f string) { os.Chmod(f, 0o664) }, "group or world writable"},
+		"file owned by nobody":      {base, func(r, d, f string) { os.Chown(f, 65534, 65534) }, "owned by uid 65534"},
+		"file is a link":            {base, func(r, d, f string) { os.Rename(f, f+".real"); os.Symlink(f+".real", f) }, "symbolic link"},
+		"target dir group-writable": {base, func(r, d, f string) { os.Chmod(d, 0o775) }, "cannot trust configuration directory"},
+		"target dir sticky 1777":    {base, func(r, d, f string) { os.Chmod(d, os.ModeSticky|0o777) }, "group or world writable"},
+		"target dir owned by other": {base, func(r, d, f string) { os.Chown(d, 65534, 65534) }, "owned by uid 65534"},
+		"config root writable":      {base, func(r, d, f string) { os.Chmod(r, 0o777) }, "cannot trust configuration directory"},
+		"config root sticky 1777":   {base, func(r, d, f string) { os.Chmod(r, os.ModeSticky|0o777) }, ""},
 	}
-	if c, errs := loadOne(t, hook, 0o644, true); c == nil {
-		t.Errorf("root-owned 0644 refused: %v", errs)
-	}
-	if c, errs := loadOne(t, base, 0o666, true); c == nil {
-		t.Errorf("a file without commands needs no ownership check: %v", errs)
-	}
-	dir := t.TempDir()
-	p := filepath.Join(dir, "c.ini")
-	os.WriteFile(p, []byte(hook), 0o644)
-	os.Chown(p, 65534, 65534)
-	if _, errs := LoadFile(p, true); len(errs) == 0 || !strings.Contains(errs[0].Msg, "not root") {
-		t.Errorf("file owned by nobody accepted: %v", errs)
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			root := t.TempDir()
+			os.Chmod(root, 0o755)
+			target := filepath.Join(root, "default")
+			os.Mkdir(target, 0o755)
+			file := filepath.Join(target, "c.ini")
+			os.WriteFile(file, []byte(tc.content), 0o644)
+			os.Chmod(file, 0o644)
+			tc.change(root, target, file)
+			got, err := LoadTarget(target, true)
+			if tc.want == "" {
+				if err != nil || len(got) != 1 {
+					t.Errorf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want %q", err, tc.want)
+			}
+			if _, err := LoadTarget(target, false); err != nil && tc.want != "symbolic link" {
+				t.Errorf("without root's checks: %v", err)
+			}
+		})
 	}
 }
 
