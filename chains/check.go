@@ -26,28 +26,42 @@ func TargetDir(arg, root string) (string, error) {
 	return filepath.Join(root, arg), nil
 }
 
-// Check validates a target offline, as `qcryptd check`: "All good." and 0, or every
-// error and 1.
-func Check(out io.Writer, arg, root string) int {
+// CheckTarget validates a target (asRoot: with root's ownership rules) and returns
+// every problem; none means it is good. qcryptd check, the daemon's Check and
+// qcryptctl's local check all use it.
+func CheckTarget(arg, root string, asRoot bool) []string {
 	dir, err := TargetDir(arg, root)
 	if err != nil {
-		fmt.Fprintln(out, "ERROR:", err)
-		return 1
+		return []string{err.Error()}
 	}
-	chains, err := LoadTarget(dir, os.Geteuid() == 0)
+	chains, err := LoadTarget(dir, asRoot)
 	var cerrs ConfigErrors
 	switch {
 	case errors.As(err, &cerrs):
-		for _, e := range cerrs {
-			fmt.Fprintln(out, "ERROR:", e.Error())
+		out := make([]string, len(cerrs))
+		for i, e := range cerrs {
+			out[i] = e.Error()
 		}
-		fmt.Fprintf(out, "%d error(s) in %s.\n", len(cerrs), dir)
-		return 1
+		return out
 	case err != nil:
-		fmt.Fprintln(out, "ERROR:", err)
-		return 1
+		return []string{err.Error()}
 	case len(chains) == 0:
-		fmt.Fprintf(out, "ERROR: %s has no chain files (*.ini).\n", dir)
+		return []string{fmt.Sprintf("%s has no chain files (*.ini)", dir)}
+	}
+	return nil
+}
+
+// Check validates a target offline, as `qcryptd check`: "All good." and 0, or every
+// error and 1.
+func Check(out io.Writer, arg, root string) int {
+	errs := CheckTarget(arg, root, os.Geteuid() == 0)
+	for _, e := range errs {
+		fmt.Fprintln(out, "ERROR:", e)
+	}
+	if len(errs) > 0 {
+		if dir, err := TargetDir(arg, root); err == nil {
+			fmt.Fprintf(out, "%d error(s) in %s.\n", len(errs), dir)
+		}
 		return 1
 	}
 	fmt.Fprintln(out, "All good.")

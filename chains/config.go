@@ -80,12 +80,18 @@ var (
 // that the directory, its parent (the config root) and every file are root's alone: a
 // chain file chooses dom0 files to inject, hooks run as root and autostart.
 func LoadTarget(dir string, asRoot bool) ([]*Chain, error) {
-	files, err := filepath.Glob(filepath.Join(dir, "*.ini"))
-	if err != nil {
-		return nil, fmt.Errorf("cannot list %s: %w", dir, err)
-	}
 	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
 		return nil, fmt.Errorf("cannot read configuration: %s is not a directory", dir)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read configuration: %w", err)
+	}
+	var files []string
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".ini") {
+			files = append(files, filepath.Join(dir, e.Name()))
+		}
 	}
 	if asRoot {
 		for i, d := range []string{filepath.Dir(filepath.Clean(dir)), dir} {

@@ -2,8 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
-	"fmt"
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
@@ -281,25 +279,8 @@ func (d *Daemon) Check(target string) (bool, []string) {
 	if target == "" {
 		target = d.o.Target
 	}
-	dir, err := chains.TargetDir(target, d.o.ConfigRoot)
-	if err != nil {
-		return false, []string{err.Error()}
-	}
-	loaded, err := chains.LoadTarget(dir, d.o.AsRoot)
-	var cerrs chains.ConfigErrors
-	switch {
-	case errors.As(err, &cerrs):
-		var out []string
-		for _, e := range cerrs {
-			out = append(out, e.Error())
-		}
-		return false, out
-	case err != nil:
-		return false, []string{err.Error()}
-	case len(loaded) == 0:
-		return false, []string{fmt.Sprintf("%s has no chain files (*.ini)", dir)}
-	}
-	return true, nil
+	errs := chains.CheckTarget(target, d.o.ConfigRoot, d.o.AsRoot)
+	return len(errs) == 0, errs
 }
 
 // CloseAll closes every chain that is not closed; with stop, qcryptd exits when done.

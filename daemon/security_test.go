@@ -188,3 +188,31 @@ func TestSignalsOnlyForQubes(t *testing.T) {
 		t.Errorf("the user in no group received %d signals of qcryptd: %q", n, all)
 	}
 }
+
+// TestCheckOfADirectory: qcryptd reads only its own config root for others than root;
+// qcryptctl checks any other directory with the caller's own rights.
+func TestCheckOfADirectory(t *testing.T) {
+	quser := credential(t, dbustest.QUser)
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	secret := filepath.Join(w.dir, "secret")
+	os.Mkdir(secret, 0o700)
+	os.WriteFile(filepath.Join(secret, "x.ini"), []byte("root-only-words=42\n"), 0o600)
+
+	if out, code := w.busctl(quser, "call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Check", "s", secret); code == 0 || !strings.Contains(out, "Access denied") {
+		t.Errorf("quser's Check of a path: exit %d %s", code, out)
+	}
+	out, code := w.as(quser, bin(t, "qcryptctl"), "check", secret)
+	if code == 0 || !strings.Contains(out, "permission denied") || strings.Contains(out, "root-only-words") {
+		t.Errorf("quser's qcryptctl check: exit %d %s", code, out)
+	}
+	if out, code := w.as(quser, bin(t, "qcryptctl"), "check", "demo"); code != 0 {
+		t.Errorf("quser's check of the daemon's target: exit %d %s", code, out)
+	}
+	// root may have qcryptd read it, and sees what is wrong in it.
+	ok, errs, err := w.client().Check(bg, secret)
+	if err != nil || ok || len(errs) == 0 || !strings.Contains(strings.Join(errs, "\n"), "root-only-words") {
+		t.Errorf("root's check: %v %q %v", ok, errs, err)
+	}
+}

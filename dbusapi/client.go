@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/godbus/dbus/v5"
@@ -103,8 +104,10 @@ func remote(err error) error {
 		case "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner":
 			return ErrNotRunning
 		case accessDenied:
-			// The bus policy's refusal names the rules matched; say what it means.
-			return &RemoteError{Name: de.Name, Msg: ErrAccessDenied.Error()}
+			if strings.HasPrefix(msg, "Rejected") {
+				// The bus policy's refusal lists the rules matched; say what it means.
+				msg = ErrAccessDenied.Error()
+			}
 		}
 		return &RemoteError{Name: de.Name, Msg: Clean(msg)}
 	}

@@ -488,8 +488,13 @@ func (m *manager) Reload(sender dbus.Sender) (uint32, *dbus.Error) {
 }
 
 func (m *manager) Check(sender dbus.Sender, target string) (bool, []string, *dbus.Error) {
-	if _, err := m.s.caller(sender); err != nil {
+	uid, err := m.s.caller(sender)
+	if err != nil {
 		return false, nil, err
+	}
+	if strings.Contains(target, "/") && uid != 0 {
+		// qcryptd would read any directory as root and show its contents in errors.
+		return false, nil, toDBus(fmt.Errorf("%w: only root may have qcryptd check a directory; qcryptctl checks it with your own rights", ErrAccessDenied))
 	}
 	ok, errs := m.s.backend.Check(target)
 	if errs == nil {
