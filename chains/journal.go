@@ -77,6 +77,17 @@ func (j *Journal) Write(r *Record) error {
 	return nil
 }
 
+// Remove forgets a chain's record (an ad-hoc chain that is gone); none is no error.
+func (j *Journal) Remove(chain string) error {
+	if j == nil {
+		return nil
+	}
+	if err := os.Remove(j.path(chain)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("cannot remove the journal of %s: %w", chain, err)
+	}
+	return nil
+}
+
 // Read returns the record of a chain, or nil when there is none.
 func (j *Journal) Read(chain string) (*Record, error) {
 	if j == nil {

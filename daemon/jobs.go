@@ -239,8 +239,10 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		d.removeChain(cs)
 		return
 	}
-	if !cs.managed && cs.state == StateClosed {
-		d.removeChain(cs) // an ad-hoc chain exists while it is open
+	if !cs.managed && cs.state != StateOpen && cs.state != StateDegraded {
+		// An ad-hoc chain exists while something of it is open: a closed or failed
+		// (rolled back) one goes, so repeated requests cannot grow objects or files.
+		d.removeChain(cs)
 		return
 	}
 	// Only a reconcile (start-up, reconnect) or a failed automatic open leads to another
@@ -303,6 +305,11 @@ func (d *Daemon) removeChain(cs *chainState) {
 		cs.retry.Stop()
 	}
 	delete(d.chains, cs.c.Name)
+	if !cs.managed {
+		if err := d.engine.Journal.Remove(cs.c.Name); err != nil {
+			d.chainLog(cs).WithError(err).Warn("cannot remove the journal of an ad-hoc chain")
+		}
+	}
 	if d.pub != nil {
 		d.pub.ChainRemoved(cs.c.Name)
 	}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -215,5 +216,39 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	}
 	if err := d.CancelJob(0, 9999); err == nil {
 		t.Error("canceling an unknown job succeeded")
+	}
+}
+
+// Failed ad-hoc opens leave nothing behind: no chain object, no journal file, however
+// many are asked for (each here fails after it started: the container is missing).
+func TestLoopFailedAdhocChainsAreRemoved(t *testing.T) {
+	f, d, rec := startLoop(t)
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	const n = 30
+	for i := 0; i < n; i++ {
+		c := &chains.Chain{SourceVM: "sys-usb", SourceFile: "/home/user/nothing.luks", Key: fmt.Sprintf("k%d", i%10),
+			Hops: []chains.Hop{{VM: "mediator"}, {VM: "work"}}, Type: "luks"}
+		c.Name = chains.AdhocName(c)
+		id, err := d.OpenAdhoc(0, c, chains.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the open ends", func() bool {
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			_, ok := rec.jobs[id]
+			return ok
+		})
+		if rec.jobs[id] {
+			t.Fatalf("open %d of a missing container succeeded", i)
+		}
+	}
+	waitFor(t, "only the configured chain is left", func() bool { return len(d.ListChains()) == 1 })
+	files, _ := filepath.Glob(filepath.Join(d.o.StateDir, "chains", "*"))
+	for _, f := range files {
+		if filepath.Base(f) != "demo.json" {
+			t.Errorf("journal file left: %s", f)
+		}
 	}
 }
