@@ -6,9 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
-	"sort"
+		"sort"
 	"strings"
 	"sync"
 	"time"
@@ -62,6 +60,7 @@ type Options struct {
 	Watchdog                     time.Duration      // ping interval; 0: none
 	AsRoot                       bool               // enforce ownership rules of hook files
 	Hook                         func(ctx context.Context, command string, env []string) error
+	HookTimeout                  time.Duration // bounds one hook run; 0: DefaultHookTimeout
 	Debounce                     time.Duration // per-qube debounce of R4.2 device-list-change
 	JobLinger                    time.Duration // finished jobs stay on the bus this long
 	Backoff                      qubes.Backoff
@@ -150,8 +149,11 @@ func New(o Options) (*Daemon, error) {
 	if o.Backoff == (qubes.Backoff{}) {
 		o.Backoff = qubes.DefaultBackoff
 	}
+	if o.HookTimeout == 0 {
+		o.HookTimeout = DefaultHookTimeout
+	}
 	if o.Hook == nil {
-		o.Hook = runHook
+		o.Hook = hookRunner(o.HookTimeout)
 	}
 	d := &Daemon{o: o, log: o.Log, reqs: make(chan func(), 256), stop: make(chan struct{}),
 		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},
@@ -341,17 +343,6 @@ func uniq(s []string) []string {
 		}
 	}
 	return out
-}
-
-// runHook runs a dom0 hook command with /bin/sh as root.
-func runHook(ctx context.Context, command string, env []string) error {
-	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", command)
-	cmd.Env = append(os.Environ(), env...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("%w: %s", err, qubes.Printable(string(out), 300))
-	}
-	return nil
 }
 
 func hookEnv(c *chains.Chain, op string) []string {

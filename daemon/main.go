@@ -41,6 +41,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	state := fs.String("state-dir", chains.DefaultStateDir, "directory for the journal")
 	dom0Root := fs.String("dom0-root", "", "simulator only: run dom0 work through qrexec-client -d dom0 and read dom0 files under `DIR`")
 	level := fs.String("log-level", "info", "debug, info, warning or error")
+	hookTimeout := fs.Duration("hook-timeout", DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
@@ -80,7 +81,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	}
 	d, err := New(Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
 		Dom0: dom0, Log: log, Notify: systemd.Notify, Watchdog: systemd.WatchdogInterval(),
-		AsRoot: os.Geteuid() == 0, Version: Version})
+		AsRoot: os.Geteuid() == 0, Version: Version, HookTimeout: *hookTimeout})
 	if err != nil {
 		log.WithError(err).Error("cannot start")
 		return 1

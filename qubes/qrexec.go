@@ -132,8 +132,8 @@ func (r *Runner) exec(ctx context.Context, name string, args []string, script st
 		stdin = io.MultiReader(stdin, input)
 	}
 	cmd.Stdin = stdin
-	stdout := &capWriter{max: r.MaxOutput}
-	stderr := &capWriter{max: r.MaxOutput}
+	stdout := &CapWriter{Max: r.MaxOutput}
+	stderr := &CapWriter{Max: r.MaxOutput}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 
 	r.spawns.Add(1)
@@ -178,16 +178,20 @@ func WrapScript(script string) string {
 	return "(\n" + script + "\n); qcrypt_rc=$?; case $qcrypt_rc in 125|126|127) qcrypt_rc=124;; esac; exit $qcrypt_rc\n"
 }
 
-// capWriter keeps the first max bytes and drops the rest, so a flooding qube costs
-// only CPU, not memory.
-type capWriter struct {
-	max     int
+// CapWriter keeps the first Max bytes and drops the rest, so a flooding qube (or hook)
+// costs only CPU, not memory.
+type CapWriter struct {
+	Max     int
 	buf     bytes.Buffer
 	dropped bool
 }
 
-func (w *capWriter) Write(p []byte) (int, error) {
-	room := w.max - w.buf.Len()
+// Bytes is what was kept; Dropped says whether anything was not.
+func (w *CapWriter) Bytes() []byte { return w.buf.Bytes() }
+func (w *CapWriter) Dropped() bool { return w.dropped }
+
+func (w *CapWriter) Write(p []byte) (int, error) {
+	room := w.Max - w.buf.Len()
 	if room >= len(p) {
 		w.buf.Write(p)
 	} else {
