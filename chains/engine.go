@@ -54,11 +54,13 @@ type ProgressFunc func(Progress)
 
 // Engine opens, closes, inspects and creates chains.
 type Engine struct {
-	Qubes   Qubes
-	Runner  Runner
-	Dom0    Dom0     // luks-init only
-	Journal *Journal // nil: no journal
-	Log     *logrus.Entry
+	Qubes  Qubes
+	Runner Runner
+	Dom0   Dom0 // luks-init only
+	// PrivateDir is luks-init's directory in dom0 (default DefaultPrivateDir).
+	PrivateDir string
+	Journal    *Journal // nil: no journal
+	Log        *logrus.Entry
 
 	mu    sync.Mutex
 	users map[string]string // default_user per qube
@@ -68,6 +70,9 @@ type Engine struct {
 type OpenOptions struct {
 	Autostart bool // also start the source and the target (intermediates always are)
 	Force     bool // close a partially open chain first
+	// InjectKeys are keys the caller passed (read from descriptors it opened with its
+	// own rights), per destination, injected when the qube has none.
+	InjectKeys map[string][]byte
 }
 
 // CloseOptions modify a close.
@@ -158,6 +163,8 @@ func PlanOpen(c *Chain, o OpenOptions) Plan {
 		d := "decrypt layer " + fmt.Sprint(i+1) + " as " + c.Key
 		if h.Inject != "" {
 			d = "inject key " + h.Inject + " if missing, " + d
+		} else if len(o.InjectKeys[h.VM]) > 0 {
+			d = "inject the given key if missing, " + d
 		}
 		if i == len(c.Hops)-1 && c.MountPoint != "" {
 			d += ", mount the plaintext on " + c.MountPoint + roWord(c.ReadOnly)
@@ -319,6 +326,8 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 			if keys[i], err = readInjectedKey(h.Inject); err != nil {
 				return fmt.Errorf("cannot open %s: %w", c.Name, err)
 			}
+		} else {
+			keys[i] = o.InjectKeys[h.VM]
 		}
 	}
 

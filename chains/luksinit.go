@@ -1,32 +1,41 @@
 package chains
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path"
 	"regexp"
 	"strconv"
 	"strings"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/qcrypt/qcrypt/qubes"
 )
 
-// InitSpec describes a new container: the original's luksInit.
+// InitSpec describes a new container: the original's luksInit. The dom0 files are ones
+// the caller opened with its own rights; the engine never opens a path a caller named.
 type InitSpec struct {
-	Chain            *Chain // source qube, container path (SourceFile), key id, destinations and their options
-	Size             int64  // container bytes (default 1 GiB)
-	WorkDir          string // dom0 directory to build in (default /tmp); needs Size free
-	KeySize          int    // key bytes (default 100)
-	BackupDir        string // dom0 directory for key backups <vm>_<key> (mode 0600, never overwritten)
-	FS               string // btrfs (default, zstd compression) or ext4
-	KeyEntropy       string // default /dev/random
-	ContainerEntropy string // default /dev/urandom
-	Autostart        bool   // start halted qubes instead of refusing
+	Chain     *Chain // source qube, container path (SourceFile), key id, destinations and their options
+	Size      int64  // container bytes (default 1 GiB)
+	KeySize   int    // key bytes (default 100)
+	FS        string // btrfs (default, zstd compression) or ext4
+	Autostart bool   // start halted qubes instead of refusing
+
+	KeyEntropy       io.Reader            // nil: /dev/random
+	ContainerEntropy io.Reader            // nil: /dev/urandom
+	Container        *os.File             // an empty file to build in (needs Size free); nil: a file in the engine's private directory
+	Backups          map[string]io.Writer // qube -> where a backup of its key goes
 }
+
+// DefaultPrivateDir is where luks-init keeps its keys and, unless the caller gives a
+// work file, the container: root's alone, on a tmpfs, emptied at start-up.
+const DefaultPrivateDir = "/run/qcryptd/luks-init"
 
 var sizeRE = regexp.MustCompile(`^([0-9]+)([KMGT]?)$`)
 
@@ -51,20 +60,11 @@ func (s *InitSpec) defaults() error {
 	if s.Size == 0 {
 		s.Size = 1 << 30
 	}
-	if s.WorkDir == "" {
-		s.WorkDir = "/tmp"
-	}
 	if s.KeySize == 0 {
 		s.KeySize = 100
 	}
 	if s.FS == "" {
 		s.FS = "btrfs"
-	}
-	if s.KeyEntropy == "" {
-		s.KeyEntropy = "/dev/random"
-	}
-	if s.ContainerEntropy == "" {
-		s.ContainerEntropy = "/dev/urandom"
 	}
 	c := s.Chain
 	switch {
@@ -81,14 +81,9 @@ func (s *InitSpec) defaults() error {
 		// Otherwise cryptsetup fails deep inside: "Requested offset is beyond real size".
 		return fmt.Errorf("the container must be at least %d MiB for %d layers: a LUKS2 header takes 16 MiB", need>>20, len(c.Hops))
 	}
-	for _, p := range []string{s.WorkDir, s.KeyEntropy, s.ContainerEntropy} {
-		if err := validatePath(p, true); err != nil {
-			return err
-		}
-	}
-	if s.BackupDir != "" {
-		if err := validatePath(s.BackupDir, true); err != nil {
-			return err
+	for vm := range s.Backups {
+		if !c.Involves(vm) || vm == c.SourceVM {
+			return fmt.Errorf("a key backup for %s, which is not a destination", qubes.Printable(vm, 40))
 		}
 	}
 	if err := validatePath(c.Container(), true); err != nil {
@@ -131,7 +126,6 @@ func minContainerSize(c *Chain) int64 {
 const (
 	exitNoSpace     = 51
 	exitBuildFailed = 52
-	exitBackupExist = 53
 )
 
 // LuksInit creates a container with one LUKS layer per destination (the outermost for
@@ -192,14 +186,34 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	}
 
 	next("build the container in dom0")
-	res, err := e.Dom0.Run(ctx, buildScript(s), nil)
+	keys, err := makeKeys(s)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, k := range keys {
+			clear(k)
+		}
+	}()
+	var files []*os.File
+	if s.Container != nil {
+		if err := checkSpace(s.Container, s.Size); err != nil {
+			return fmt.Errorf("cannot build the container: %w", err)
+		}
+		files = append(files, s.Container)
+	}
+	input := []io.Reader{bytes.NewReader(bytes.Join(keys, nil))}
+	if s.ContainerEntropy != nil {
+		input = append(input, io.LimitReader(s.ContainerEntropy, s.Size))
+	}
+	res, err := e.Dom0.Run(ctx, buildScript(s, e.privateDir()), io.MultiReader(input...), files...)
 	if err != nil {
 		return fmt.Errorf("cannot build the container: %w", err)
 	}
 	dir := strings.TrimSpace(strings.SplitN(string(res.Stdout), "\n", 2)[0])
-	if strings.HasPrefix(dir, s.WorkDir+"/qcrypt-luks-init.") && validatePath(dir, true) == nil {
+	if strings.HasPrefix(dir, e.privateDir()+"/luks-init.") && validatePath(dir, true) == nil {
 		defer func() {
-			if _, rerr := e.Dom0.Run(context.WithoutCancel(ctx), "rm -rf "+q(dir), nil); rerr != nil {
+			if _, rerr := e.Dom0.Run(context.WithoutCancel(ctx), wipeScript(dir), nil); rerr != nil {
 				log.WithError(rerr).Error("cannot remove the dom0 working directory")
 			}
 		}()
@@ -208,13 +222,18 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		msg := scriptError(res.ExitCode)
 		switch res.ExitCode {
 		case exitNoSpace:
-			msg = fmt.Sprintf("not enough free space in %s for %d bytes", s.WorkDir, s.Size)
+			msg = fmt.Sprintf("not enough free space in %s for %d bytes (give a work directory on a disk: qcryptctl luks-init --wd DIR)", e.privateDir(), s.Size)
 		case exitBuildFailed:
 			msg = "cryptsetup, losetup or mkfs failed in dom0: " + qubes.Printable(string(res.Stderr), 300)
-		case exitBackupExist:
-			msg = "a key backup exists already in " + s.BackupDir + " (never overwritten)"
 		}
 		return fmt.Errorf("cannot build the container: %s", msg)
+	}
+	for i, h := range c.Hops {
+		if w := s.Backups[h.VM]; w != nil {
+			if _, err := w.Write(keys[i]); err != nil {
+				return fmt.Errorf("cannot write the key backup for %s: %w", h.VM, err)
+			}
+		}
 	}
 
 	// From here on, what is copied into qubes is removed again on failure.
@@ -231,13 +250,24 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	}()
 	for i, h := range c.Hops {
 		next("copy the key of layer " + fmt.Sprint(i+1) + " into " + h.VM)
-		if err := e.copyIn(ctx, h.VM, path.Join(dir, fmt.Sprintf("key%d", i)), keyPaths[i], int64(s.KeySize), nil); err != nil {
+		if err := e.copyIn(ctx, h.VM, bytes.NewReader(keys[i]), keyPaths[i], int64(s.KeySize), nil); err != nil {
 			return err
 		}
 		written = append(written, struct{ vm, path string }{h.VM, keyPaths[i]})
 	}
 	next("copy the container into " + c.SourceVM)
-	if err := e.copyIn(ctx, c.SourceVM, path.Join(dir, "container"), c.Container(), s.Size, func(n int64) {
+	var container io.Reader
+	if s.Container != nil {
+		container = io.NewSectionReader(s.Container, 0, s.Size)
+	} else {
+		f, err := e.Dom0.Open(path.Join(dir, "container"))
+		if err != nil {
+			return fmt.Errorf("cannot read the container in dom0: %w", err)
+		}
+		defer f.Close()
+		container = f
+	}
+	if err := e.copyIn(ctx, c.SourceVM, container, c.Container(), s.Size, func(n int64) {
 		report("copy the container into "+c.SourceVM, n, s.Size)
 	}); err != nil {
 		return err
@@ -260,15 +290,10 @@ func (e *Engine) expectAbsent(ctx context.Context, vm, p string, code int) error
 	return nil
 }
 
-// copyIn streams a dom0 file of exactly size bytes to dst in vm (mode 0600, refusing to
+// copyIn streams exactly size bytes of src to dst in vm (mode 0600, refusing to
 // overwrite), reporting bytes as they go.
-func (e *Engine) copyIn(ctx context.Context, vm, src, dst string, size int64, bytes func(int64)) error {
-	f, err := e.Dom0.Open(src)
-	if err != nil {
-		return fmt.Errorf("cannot read %s in dom0: %w", src, err)
-	}
-	defer f.Close()
-	var in io.Reader = io.LimitReader(f, size)
+func (e *Engine) copyIn(ctx context.Context, vm string, src io.Reader, dst string, size int64, bytes func(int64)) error {
+	var in io.Reader = io.LimitReader(src, size)
 	if bytes != nil {
 		in = &countingReader{r: in, report: bytes}
 	}
@@ -298,38 +323,82 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// buildScript makes the container in a fresh directory under the work dir (printed
-// first), one LUKS layer per destination, and the file system; mappers and the loop
-// device are always torn down; files stay for copying.
-func buildScript(s InitSpec) string {
-	c := s.Chain
-	var b strings.Builder
-	fmt.Fprintf(&b, "umask 077\nwd=%s\n", q(s.WorkDir))
-	fmt.Fprintf(&b, "avail=$(df --output=avail -B1 \"$wd\" | tail -n 1)\n[ \"$avail\" -gt %d ] 2>/dev/null || exit %d\n", s.Size, exitNoSpace)
-	if s.BackupDir != "" {
-		for _, h := range c.Hops {
-			fmt.Fprintf(&b, "[ -e %s ] && exit %d\n", q(path.Join(s.BackupDir, h.VM+"_"+c.Key)), exitBackupExist)
+// makeKeys reads one key per destination from the caller's entropy or /dev/random.
+func makeKeys(s InitSpec) ([][]byte, error) {
+	src := s.KeyEntropy
+	if src == nil {
+		f, err := os.Open("/dev/random")
+		if err != nil {
+			return nil, fmt.Errorf("cannot make keys: %w", err)
+		}
+		defer f.Close()
+		src = f
+	}
+	keys := make([][]byte, len(s.Chain.Hops))
+	for i := range keys {
+		keys[i] = make([]byte, s.KeySize)
+		if _, err := io.ReadFull(src, keys[i]); err != nil {
+			return nil, fmt.Errorf("cannot make keys: the entropy source gave less than %d bytes: %w", s.KeySize, err)
 		}
 	}
-	fmt.Fprintf(&b, "d=$(mktemp -d \"$wd/qcrypt-luks-init.XXXXXXXX\") || exit %d\necho \"$d\"\n", exitBuildFailed)
+	return keys, nil
+}
+
+// checkSpace fails unless the file system of f has size bytes free.
+func checkSpace(f *os.File, size int64) error {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
+		return fmt.Errorf("cannot check the free space of the work file: %w", err)
+	}
+	if free := int64(st.Bavail) * st.Bsize; free < size {
+		return fmt.Errorf("not enough free space in the work directory for %d bytes (%d free)", size, free)
+	}
+	return nil
+}
+
+func (e *Engine) privateDir() string {
+	if e.PrivateDir != "" {
+		return e.PrivateDir
+	}
+	return DefaultPrivateDir
+}
+
+// buildScript makes the container in a fresh directory under the private directory
+// (printed first): the keys come first on stdin, then, if the caller gave entropy, the
+// container's bytes. The container is the caller's work file (descriptor 3) or a file
+// there. One LUKS layer per destination, then the file system; mappers and the loop
+// device are always torn down; the files stay for copying.
+func buildScript(s InitSpec, private string) string {
+	c := s.Chain
+	var b strings.Builder
+	fmt.Fprintf(&b, "umask 077\nmkdir -p %s && chmod 0700 %s || exit %d\n", q(private), q(private), exitBuildFailed)
+	fmt.Fprintf(&b, "d=$(mktemp -d %s) || exit %d\necho \"$d\"\n", q(private+"/luks-init.XXXXXXXX"), exitBuildFailed)
 	fmt.Fprintf(&b, "maps=''\nloop=''\ncleanup() { for m in $maps; do cryptsetup close \"$m\"; done; [ -n \"$loop\" ] && losetup -d \"$loop\"; }\ntrap cleanup EXIT\n")
 	fmt.Fprintf(&b, "fail() { exit %d; }\n", exitBuildFailed)
-	fmt.Fprintf(&b, "head -c %d < %s > \"$d/container\" || fail\n", s.Size, q(s.ContainerEntropy))
-	fmt.Fprintf(&b, "loop=$(losetup -f --show \"$d/container\") || fail\ndev=$loop\n")
-	for i, h := range c.Hops {
+	for i := range c.Hops {
+		fmt.Fprintf(&b, "head -c %d > \"$d/key%d\" && [ \"$(wc -c < \"$d/key%d\")\" -eq %d ] || fail\n", s.KeySize, i, i, s.KeySize)
+	}
+	if s.Container != nil {
+		b.WriteString("c=/dev/fd/3\n")
+	} else {
+		b.WriteString("c=\"$d/container\"\n")
+		fmt.Fprintf(&b, "avail=$(df --output=avail -B1 \"$d\" | tail -n 1)\n[ \"$avail\" -gt %d ] 2>/dev/null || exit %d\n", s.Size, exitNoSpace)
+	}
+	if s.ContainerEntropy != nil {
+		fmt.Fprintf(&b, "head -c %d > \"$c\" && [ \"$(wc -c < \"$c\")\" -eq %d ] || fail\n", s.Size, s.Size)
+	} else {
+		fmt.Fprintf(&b, "head -c %d < /dev/urandom > \"$c\" || fail\n", s.Size)
+	}
+	fmt.Fprintf(&b, "loop=$(losetup -f --show \"$c\") || fail\ndev=$loop\n")
+	for i := range c.Hops {
 		fmtOpts := c.CryptArgs(i, "luksFormat")
 		if !hasOption(fmtOpts, "--type") && !hasOption(fmtOpts, "--pbkdf-memory") && !hasOption(fmtOpts, "--pbkdf") {
 			// LUKS2's default argon2 memory kills small qubes (cryptsetup issue 372).
 			fmtOpts = append(fmtOpts, "--pbkdf-memory", "10240")
 		}
 		name := fmt.Sprintf("qcrypt-init-$$-%d", i)
-		fmt.Fprintf(&b, "head -c %d < %s > \"$d/key%d\" || fail\n", s.KeySize, q(s.KeyEntropy), i)
 		fmt.Fprintf(&b, "cryptsetup -q --key-file \"$d/key%d\" %s luksFormat \"$dev\" || fail\n", i, qargs(fmtOpts))
 		fmt.Fprintf(&b, "cryptsetup open --key-file \"$d/key%d\" %s \"$dev\" \"%s\" || fail\nmaps=\"%s $maps\"\ndev=\"/dev/mapper/%s\"\n", i, qargs(c.CryptArgs(i, "open")), name, name, name)
-		if s.BackupDir != "" {
-			bak := path.Join(s.BackupDir, h.VM+"_"+c.Key)
-			fmt.Fprintf(&b, "mkdir -p %s && cat \"$d/key%d\" > %s.part && mv %s.part %s || fail\n", q(s.BackupDir), i, q(bak), q(bak), q(bak))
-		}
 	}
 	if s.FS == "btrfs" {
 		fmt.Fprintf(&b, "mkfs.btrfs -q -f \"$dev\" || fail\nmkdir \"$d/mnt\" && mount \"$dev\" \"$d/mnt\" || fail\n")
@@ -339,4 +408,29 @@ func buildScript(s InitSpec) string {
 	}
 	b.WriteString("exit 0")
 	return b.String()
+}
+
+// wipeFunc overwrites the keys of a luks-init directory in place (truncating would
+// hand their pages back unwritten) and removes it. The container holds ciphertext only:
+// it is what the source qube now stores.
+const wipeFunc = `wipe() { for k in "$1"/key*; do [ -f "$k" ] && dd if=/dev/zero of="$k" bs="$(wc -c < "$k")" count=1 conv=notrunc status=none; done; rm -rf "$1"; }`
+
+func wipeScript(dir string) string { return wipeFunc + "\nwipe " + q(dir) }
+
+// CleanPrivateDir removes what an interrupted luks-init left (qcryptd killed mid-build):
+// mappers it had open, then its directories with their keys wiped.
+func (e *Engine) CleanPrivateDir(ctx context.Context) error {
+	if e.Dom0 == nil {
+		return nil
+	}
+	script := fmt.Sprintf("for m in $(ls /dev/mapper 2>/dev/null | grep '^qcrypt-init-' | sort -r); do cryptsetup close \"$m\"; done\n"+
+		"%s\nfor d in %s/luks-init.*; do [ -d \"$d\" ] && wipe \"$d\"; done\nexit 0", wipeFunc, q(e.privateDir()))
+	res, err := e.Dom0.Run(ctx, script, nil)
+	if err != nil {
+		return fmt.Errorf("cannot clean %s: %w", e.privateDir(), err)
+	}
+	if res.ExitCode != 0 {
+		return fmt.Errorf("cannot clean %s: exit %d", e.privateDir(), res.ExitCode)
+	}
+	return nil
 }

@@ -2,7 +2,10 @@ package chains
 
 import (
 	"bytes"
+	"errors"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,14 +22,38 @@ func initSpec(fs string) InitSpec {
 	}
 }
 
+// simPrivateDir is luks-init's directory in the simulated dom0, whose /run lasts one
+// command (qcryptd uses the same with --dom0-root).
+const simPrivateDir = "/tmp/qcryptd-luks-init"
+
+func luksRig(t *testing.T) *rig {
+	r := newRig(t, sim.R42)
+	r.e.Dom0 = r.Dom0(r.Runner)
+	r.e.PrivateDir = simPrivateDir
+	return r
+}
+
+// privateLeft lists what luks-init left in its private directory.
+func (r *rig) privateLeft(t *testing.T) []string {
+	dom0, _ := r.VM("dom0")
+	left, _ := filepath.Glob(filepath.Join(dom0.Root(), simPrivateDir, "*"))
+	return left
+}
+
 func TestLuksInitThenOpen(t *testing.T) {
 	for _, fs := range []string{"btrfs", "ext4"} {
 		t.Run(fs, func(t *testing.T) {
-			r := newRig(t, sim.R42)
-			r.e.Dom0 = r.Dom0(r.Runner)
+			r := luksRig(t)
 			spec := initSpec(fs)
-			bak := "/root/qcrypt-backup"
-			spec.BackupDir = bak
+			// The caller's files: backups it created, and for ext4 its own entropy.
+			backups := map[string]*bytes.Buffer{"mediator": {}, "work": {}}
+			spec.Backups = map[string]io.Writer{"mediator": backups["mediator"], "work": backups["work"]}
+			var keyEntropy []byte
+			if fs == "ext4" {
+				keyEntropy = bytes.Repeat([]byte("0123456789abcdef"), 8)
+				spec.KeyEntropy = bytes.NewReader(keyEntropy)
+				spec.ContainerEntropy = bytes.NewReader(bytes.Repeat([]byte{0x5a}, int(spec.Size)))
+			}
 			var last Progress
 			var bytesSeen []int64
 			err := r.e.LuksInit(bg, spec, func(p Progress) {
@@ -46,15 +73,17 @@ func TestLuksInitThenOpen(t *testing.T) {
 					t.Errorf("bytes went backwards: %v", bytesSeen)
 				}
 			}
-			// Backups in dom0: 0600, one per destination; the work dir is gone.
-			dom0, _ := r.VM("dom0")
-			for _, vm := range []string{"mediator", "work"} {
-				st, err := os.Stat(filepath.Join(dom0.Root(), bak, vm+"_newkey"))
-				if err != nil || st.Mode().Perm() != 0o600 || st.Size() != 64 {
-					t.Errorf("backup of %s: %v %v", vm, st, err)
+			// Each backup holds the key its qube got; the caller's entropy made them.
+			for i, vm := range []string{"mediator", "work"} {
+				inQube := r.Sh(t, vm, "cat /home/user/.qcrypt/keys/newkey").Stdout
+				if got := backups[vm].Bytes(); len(got) != 64 || !bytes.Equal(got, inQube) {
+					t.Errorf("backup of %s: %d bytes, same as the qube's key: %v", vm, len(got), bytes.Equal(got, inQube))
+				}
+				if keyEntropy != nil && !bytes.Equal(inQube, keyEntropy[i*64:(i+1)*64]) {
+					t.Errorf("key of %s is not from the caller's entropy", vm)
 				}
 			}
-			if left, _ := filepath.Glob(filepath.Join(dom0.Root(), "tmp", "qcrypt-luks-init.*")); len(left) != 0 {
+			if left := r.privateLeft(t); len(left) != 0 {
 				t.Errorf("dom0 work files left: %v", left)
 			}
 			if got := string(r.Sh(t, "work", "stat -c %a /home/user/.qcrypt/keys/newkey").Stdout); got != "600\n" {
@@ -105,12 +134,12 @@ func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
 		"no space in the work dir": {func(t *testing.T, r *rig, s *InitSpec) {
 			s.Size = 1 << 60
 		}, "not enough free space"},
-		"existing backup": {func(t *testing.T, r *rig, s *InitSpec) {
-			s.BackupDir = "/root/bak"
-			dom0, _ := r.VM("dom0")
-			os.MkdirAll(filepath.Join(dom0.Root(), "root/bak"), 0o700)
-			os.WriteFile(filepath.Join(dom0.Root(), "root/bak/work_newkey"), []byte("old"), 0o600)
-		}, "key backup exists already"},
+		"backup cannot be written": {func(t *testing.T, r *rig, s *InitSpec) {
+			s.Backups = map[string]io.Writer{"work": failingWriter{}}
+		}, "cannot write the key backup for work"},
+		"short key entropy": {func(t *testing.T, r *rig, s *InitSpec) {
+			s.KeyEntropy = bytes.NewReader(make([]byte, 100))
+		}, "the entropy source gave less than 64 bytes"},
 		"bad file system":                 {func(t *testing.T, r *rig, s *InitSpec) { s.FS = "zfs" }, "not btrfs or ext4"},
 		"dom0 as a destination":           {func(t *testing.T, r *rig, s *InitSpec) { s.Chain.Hops[1].VM = "dom0" }, "dom0 is never part of a chain"},
 		"dom0 as the source":              {func(t *testing.T, r *rig, s *InitSpec) { s.Chain.SourceVM = "dom0" }, "dom0 is never part of a chain"},
@@ -123,8 +152,7 @@ func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			r := newRig(t, sim.R42)
-			r.e.Dom0 = r.Dom0(r.Runner)
+			r := luksRig(t)
 			s := initSpec("ext4")
 			tc.setup(t, r, &s)
 			err := r.e.LuksInit(bg, s, nil)
@@ -143,11 +171,54 @@ func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
 			if left := r.leftovers(t); len(left) != 0 {
 				t.Errorf("left: %v", left)
 			}
-			dom0, _ := r.VM("dom0")
-			if left, _ := filepath.Glob(filepath.Join(dom0.Root(), "tmp", "qcrypt-luks-init.*")); len(left) != 0 {
+			if left := r.privateLeft(t); len(left) != 0 {
 				t.Errorf("dom0 work files left: %v", left)
 			}
 		})
+	}
+}
+
+type failingWriter struct{}
+
+func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("disk full") }
+
+// A luks-init cut short (qcryptd killed) leaves keys in the private directory: the next
+// start wipes and removes them.
+func TestCleanPrivateDir(t *testing.T) {
+	r := luksRig(t)
+	dom0, _ := r.VM("dom0")
+	left := filepath.Join(dom0.Root(), simPrivateDir, "luks-init.abcdefgh")
+	os.MkdirAll(left, 0o700)
+	os.WriteFile(filepath.Join(left, "key0"), []byte("secret key bytes"), 0o600)
+	os.WriteFile(filepath.Join(left, "container"), []byte("ciphertext"), 0o600)
+	if err := r.e.CleanPrivateDir(bg); err != nil {
+		t.Fatal(err)
+	}
+	if l := r.privateLeft(t); len(l) != 0 {
+		t.Errorf("left after the clean-up: %v", l)
+	}
+}
+
+// The wipe overwrites a key in place before removing it (truncating would free its
+// pages unwritten); the script runs here with the host's bash and coreutils.
+func TestWipeOverwritesKeysInPlace(t *testing.T) {
+	dir := t.TempDir()
+	key := filepath.Join(dir, "key0")
+	os.WriteFile(key, []byte("secret key bytes"), 0o600)
+	f, err := os.Open(key) // still sees the inode after the removal
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if out, err := exec.Command("/bin/bash", "-c", wipeScript(dir)).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("directory still there: %v", err)
+	}
+	data, _ := io.ReadAll(f)
+	if !bytes.Equal(data, make([]byte, len("secret key bytes"))) {
+		t.Errorf("key not overwritten in place: %q", data)
 	}
 }
 

@@ -61,6 +61,7 @@ type app struct {
 	configDir string // for check without a daemon
 	session   func() (*dbus.Conn, error)
 	now       func() time.Time
+	files     []*os.File // opened for qcryptd, closed at the end
 }
 
 // Main runs qcryptctl.
@@ -109,6 +110,9 @@ func (a *app) main(args []string) int {
 	defer func() {
 		if a.api != nil {
 			a.api.Disconnect()
+		}
+		for _, f := range a.files {
+			f.Close()
 		}
 	}()
 	return c.run(a, p)
@@ -208,7 +212,8 @@ func parse(c *command, args []string) (*parsed, error) {
 	return p, nil
 }
 
-// spec builds an ad-hoc chain from SOURCE_VM FILE KEY DST... and the options.
+// spec builds an ad-hoc chain from SOURCE_VM FILE KEY DST... and the options; errors
+// are usage errors.
 func (p *parsed) spec(rw bool) (dbusapi.Spec, error) {
 	if len(p.args) < 4 {
 		return dbusapi.Spec{}, errors.New("needs SOURCE_VM FILE KEY DST (one or more destinations)")
@@ -226,13 +231,40 @@ func (p *parsed) spec(rw bool) (dbusapi.Spec, error) {
 		}
 		return m
 	}
-	s.Inject, s.CryptOptions = pairs("--inj"), pairs("--cy")
-	for vm, f := range s.Inject {
-		if !strings.HasPrefix(f, "/") && !strings.HasPrefix(f, "keystore://") {
-			return s, fmt.Errorf("--inj %s: the key file must be an absolute dom0 path", vm)
+	s.CryptOptions = pairs("--cy")
+	for vm, f := range pairs("--inj") {
+		if strings.HasPrefix(f, "keystore://") {
+			return s, fmt.Errorf("--inj %s: the blib key store is not supported yet; give a key file", vm)
 		}
 	}
 	return s, nil
+}
+
+// injectFiles opens the --inj key files with the caller's own rights, for qcryptd to
+// read from the descriptors: it never opens a dom0 path a caller names.
+func (a *app) injectFiles(p *parsed, s *dbusapi.Spec) error {
+	v := p.values["--inj"]
+	for i := 0; i+1 < len(v); i += 2 {
+		f, err := a.open(v[i+1], os.O_RDONLY, 0)
+		if err != nil {
+			return fmt.Errorf("--inj %s: %w", v[i], err)
+		}
+		if s.Inject == nil {
+			s.Inject = map[string]*os.File{}
+		}
+		s.Inject[v[i]] = f
+	}
+	return nil
+}
+
+// open opens a dom0 file with the caller's own rights; it is closed when qcryptctl ends.
+func (a *app) open(name string, flag int, perm os.FileMode) (*os.File, error) {
+	f, err := os.OpenFile(name, flag|syscall.O_CLOEXEC, perm)
+	if err != nil {
+		return nil, err
+	}
+	a.files = append(a.files, f)
+	return f, nil
 }
 
 // printJSON writes v as indented JSON.

@@ -3,9 +3,12 @@ package ctl
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -13,6 +16,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
 )
 
 // chainJSON is the JSON form of a chain (list, status).
@@ -331,6 +335,9 @@ func cmdOpen(a *app, p *parsed) int {
 	if err != nil {
 		return a.usageError(err.Error())
 	}
+	if err := a.injectFiles(p, &spec); err != nil {
+		return a.fail(err)
+	}
 	return a.job(api, api.OpenAdhoc(spec, o), p.flags["--json"])
 }
 
@@ -361,6 +368,9 @@ func cmdLuksInit(a *app, p *parsed) int {
 	if err != nil {
 		return a.usageError(err.Error())
 	}
+	if len(p.values["--inj"]) > 0 {
+		return a.usageError("--inj is for open: luks-init makes the keys")
+	}
 	if p.value("--keystore") != "" {
 		return a.usageError("--keystore: the blib key store is not supported; use --bak for key backups")
 	}
@@ -378,13 +388,84 @@ func cmdLuksInit(a *app, p *parsed) int {
 		}
 		spec.KeySize = n
 	}
-	spec.WorkDir, spec.BackupDir, spec.FS = p.value("--wd"), p.value("--bak"), p.value("--fs")
-	spec.KeyEntropy, spec.ContainerEntropy = p.value("--enkey"), p.value("--encon")
+	spec.FS = p.value("--fs")
 	api, code := a.client()
 	if api == nil {
 		return code
 	}
-	return a.job(api, api.LuksInit(spec), p.flags["--json"])
+	backups, err := a.luksInitFiles(p, &spec)
+	if err != nil {
+		return a.fail(err)
+	}
+	code = a.job(api, api.LuksInit(spec), p.flags["--json"])
+	if code != ExitOK {
+		// The keys these would hold open nothing: no half-made backup stays.
+		for _, b := range backups {
+			os.Remove(b)
+		}
+	}
+	return code
+}
+
+// luksInitFiles opens luks-init's dom0 files with the caller's own rights: entropy
+// sources, a work file in --wd (unlinked at once, so nothing is left behind) and new
+// backup files in --bak, never overwriting one. It returns the backup paths it made.
+func (a *app) luksInitFiles(p *parsed, spec *dbusapi.Spec) ([]string, error) {
+	var err error
+	if v := p.value("--enkey"); v != "" {
+		if spec.KeyEntropy, err = a.open(v, os.O_RDONLY, 0); err != nil {
+			return nil, fmt.Errorf("--enkey: %w", err)
+		}
+	}
+	if v := p.value("--encon"); v != "" {
+		if spec.ContainerEntropy, err = a.open(v, os.O_RDONLY, 0); err != nil {
+			return nil, fmt.Errorf("--encon: %w", err)
+		}
+	}
+	if wd := p.value("--wd"); wd != "" {
+		if err := os.MkdirAll(wd, 0o700); err != nil {
+			return nil, fmt.Errorf("--wd: %w", err)
+		}
+		f, err := os.CreateTemp(wd, ".qcrypt-luks-init-*")
+		if err != nil {
+			return nil, fmt.Errorf("--wd: %w", err)
+		}
+		a.files = append(a.files, f)
+		os.Remove(f.Name())
+		spec.Container = f
+	}
+	var made []string
+	if bak := p.value("--bak"); bak != "" {
+		// The names become file names here, before qcryptd has seen them.
+		if err := chains.ValidateKeyID(spec.Key); err != nil {
+			return nil, err
+		}
+		for _, vm := range spec.Destinations {
+			if err := qubes.ValidateMemberName(vm); err != nil {
+				return nil, err
+			}
+		}
+		if err := os.MkdirAll(bak, 0o700); err != nil {
+			return nil, fmt.Errorf("--bak: %w", err)
+		}
+		spec.Backups = map[string]*os.File{}
+		for _, vm := range spec.Destinations {
+			path := filepath.Join(bak, vm+"_"+spec.Key)
+			f, err := a.open(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+			if err != nil {
+				for _, m := range made {
+					os.Remove(m)
+				}
+				if errors.Is(err, os.ErrExist) {
+					return nil, fmt.Errorf("--bak: a key backup exists already (never overwritten): %s", path)
+				}
+				return nil, fmt.Errorf("--bak: %w", err)
+			}
+			made = append(made, path)
+			spec.Backups[vm] = f
+		}
+	}
+	return made, nil
 }
 
 func cmdPlan(a *app, p *parsed) int {

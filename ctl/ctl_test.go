@@ -5,7 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
+	"maps"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -129,13 +133,40 @@ func (f *fakeAPI) Close(name string, o chains.CloseOptions) dbusapi.Starter {
 	return f.starter(fmt.Sprintf("Close %s %+v", name, o))
 }
 func (f *fakeAPI) OpenAdhoc(s dbusapi.Spec, o chains.OpenOptions) dbusapi.Starter {
-	return f.starter(fmt.Sprintf("OpenAdhoc %+v %+v", s, o))
+	return f.starter(fmt.Sprintf("OpenAdhoc %s %+v", describe(s), o))
 }
 func (f *fakeAPI) CloseAdhoc(s dbusapi.Spec, o chains.CloseOptions) dbusapi.Starter {
-	return f.starter(fmt.Sprintf("CloseAdhoc %+v %+v", s, o))
+	return f.starter(fmt.Sprintf("CloseAdhoc %s %+v", describe(s), o))
 }
 func (f *fakeAPI) LuksInit(s dbusapi.Spec) dbusapi.Starter {
-	return f.starter(fmt.Sprintf("LuksInit %+v", s))
+	return f.starter(fmt.Sprintf("LuksInit %s", describe(s)))
+}
+
+// describe prints a spec with each passed file as what it is: the caller's file by
+// name and open mode, the work file (a random name, unlinked) as such.
+func describe(s dbusapi.Spec) string {
+	file := func(f *os.File) string {
+		if f == nil {
+			return "-"
+		}
+		fl, _ := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+		mode := map[int]string{unix.O_RDONLY: "r", unix.O_WRONLY: "w", unix.O_RDWR: "rw"}[fl&unix.O_ACCMODE]
+		if strings.Contains(f.Name(), ".qcrypt-luks-init-") {
+			return "fd(work file, " + mode + ")"
+		}
+		return "fd(" + f.Name() + ", " + mode + ")"
+	}
+	files := func(m map[string]*os.File) string {
+		var parts []string
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			parts = append(parts, k+"="+file(m[k]))
+		}
+		return "{" + strings.Join(parts, " ") + "}"
+	}
+	return fmt.Sprintf("{SourceVM:%s File:%s Key:%s Destinations:%v CryptOptions:%v MountPoint:%s ReadOnly:%v Autostart:%v "+
+		"Inject:%s Size:%d KeySize:%d FS:%s KeyEntropy:%s ContainerEntropy:%s Container:%s Backups:%s}",
+		s.SourceVM, s.File, s.Key, s.Destinations, s.CryptOptions, s.MountPoint, s.ReadOnly, s.Autostart,
+		files(s.Inject), s.Size, s.KeySize, s.FS, file(s.KeyEntropy), file(s.ContainerEntropy), file(s.Container), files(s.Backups))
 }
 
 func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error) {
@@ -192,10 +223,12 @@ func TestGoldenOutput(t *testing.T) {
 		{"open", []string{"open", "demo"}, 0, false},
 		{"open-tty", []string{"open", "demo"}, 0, true},
 		{"open-json", []string{"open", "demo", "--json"}, 0, false},
-		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "/root/k", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "testdata/inject.key", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		{"close", []string{"close", "--force", "--eject", "demo"}, 0, false},
 		{"close-adhoc-json", []string{"close", "--json", "sys-usb", "/c.luks", "k", "work"}, 0, false},
-		{"luks-init", []string{"luks-init", "--size", "64M", "--fs", "ext4", "--bak", "/root/bak", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		{"luks-init", []string{"luks-init", "--size", "64M", "--fs", "ext4", "--bak", "@TMP@/bak", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		{"luks-init-files", []string{"luks-init", "--wd", "@TMP@/wd", "--enkey", "testdata/inject.key", "--encon", "/dev/zero", "sys-usb", "/c.luks", "k", "work"}, 0, false},
+		{"luks-init-backup-exists", []string{"luks-init", "--bak", "@TMP@/old", "sys-usb", "/c.luks", "k", "work"}, 1, false},
 		{"plan", []string{"plan", "open", "demo"}, 0, false},
 		{"plan-json", []string{"plan", "close", "--force", "--json", "demo"}, 0, false},
 		{"check", []string{"check"}, 0, false},
@@ -216,7 +249,19 @@ func TestGoldenOutput(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			api := &fakeAPI{}
-			out, errs, code := run(api, tc.tty, tc.args...)
+			// @TMP@ is a fresh directory (files the client makes go there), shown as @TMP@.
+			tmp := t.TempDir()
+			os.MkdirAll(filepath.Join(tmp, "old"), 0o700)
+			os.WriteFile(filepath.Join(tmp, "old", "work_k"), []byte("old key"), 0o600)
+			args := make([]string, len(tc.args))
+			for i, a := range tc.args {
+				args[i] = strings.ReplaceAll(a, "@TMP@", tmp)
+			}
+			out, errs, code := run(api, tc.tty, args...)
+			out, errs = strings.ReplaceAll(out, tmp, "@TMP@"), strings.ReplaceAll(errs, tmp, "@TMP@")
+			for i := range api.calls {
+				api.calls[i] = strings.ReplaceAll(api.calls[i], tmp, "@TMP@")
+			}
 			if code != tc.code {
 				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errs)
 			}

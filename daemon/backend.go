@@ -172,12 +172,13 @@ func (d *Daemon) Plan(op, name string, c *chains.Chain, oo chains.OpenOptions, c
 	return chains.PlanClose(c, co), nil
 }
 
-// LuksInit queues the creation of a container.
-func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec) (uint64, error) {
+// LuksInit queues the creation of a container; release closes the caller's files once
+// the job has ended.
+func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uint64, error) {
 	if d.o.Dom0 == nil {
 		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
 	}
-	return d.request("luks-init", uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec = spec })
+	return d.request("luks-init", uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec, j.release = spec, release })
 }
 
 // Reload re-reads the config target: unchanged chains are left alone, removed or

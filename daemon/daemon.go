@@ -6,7 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-		"sort"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -61,6 +61,7 @@ type Options struct {
 	AsRoot                       bool               // enforce ownership rules of hook files
 	Hook                         func(ctx context.Context, command string, env []string) error
 	HookTimeout                  time.Duration // bounds one hook run; 0: DefaultHookTimeout
+	PrivateDir                   string        // luks-init's dom0 directory; "": chains.DefaultPrivateDir
 	Debounce                     time.Duration // per-qube debounce of R4.2 device-list-change
 	JobLinger                    time.Duration // finished jobs stay on the bus this long
 	Backoff                      qubes.Backoff
@@ -122,6 +123,7 @@ type job struct {
 	openOpts  chains.OpenOptions
 	closeOpts chains.CloseOptions
 	spec      chains.InitSpec
+	release   func() // closes the caller's files (luks-init)
 	reason    string
 	state     string
 	step      int
@@ -159,7 +161,8 @@ func New(o Options) (*Daemon, error) {
 		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},
 		debounce: map[string]*time.Timer{}, started: map[string]time.Time{}, jobs: map[uint64]*job{},
 		qrexecWait: 60 * time.Second}
-	d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: &chains.Journal{Dir: o.StateDir}}
+	d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: &chains.Journal{Dir: o.StateDir},
+		PrivateDir: o.PrivateDir}
 	dir, err := chains.TargetDir(o.Target, o.ConfigRoot)
 	if err != nil {
 		return nil, err
@@ -195,6 +198,12 @@ func (d *Daemon) sortedNames() []string {
 // Run is the event loop. It returns when ctx ends (chains stay open; running jobs are
 // canceled between steps and rolled back) or after CloseAll with stop.
 func (d *Daemon) Run(ctx context.Context) error {
+	// Keys of a luks-init cut short by a crash must not outlive it.
+	cleanCtx, cancelClean := context.WithTimeout(ctx, time.Minute)
+	if err := d.engine.CleanPrivateDir(cleanCtx); err != nil {
+		d.log.WithError(err).Error("cannot clean luks-init's private directory")
+	}
+	cancelClean()
 	ctx, cancelEvents := context.WithCancel(ctx)
 	defer cancelEvents()
 	events := d.o.Qubes.Events(ctx, d.o.Backoff)

@@ -31,7 +31,7 @@ func TestHookRunner(t *testing.T) {
 			}
 		}},
 		"a failure says why": {command: "echo no space; exit 3", wantErr: "exit status 3: no space"},
-		"output is bounded": {command: "head -c 10000000 /dev/zero | tr '\\0' x; exit 1", wantErr: "exit status 1: xxx", check: nil},
+		"output is bounded":  {command: "head -c 10000000 /dev/zero | tr '\\0' x; exit 1", wantErr: "exit status 1: xxx", check: nil},
 		// The whole process group goes, not only the shell.
 		"timeout kills it all": {command: "sleep 600 & sleep 600; wait", wantErr: "timed out after 300ms"},
 	}

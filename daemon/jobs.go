@@ -278,6 +278,14 @@ func (d *Daemon) finish(j *job, err error, success bool) {
 	if j.chain != nil && j.chain.pending == j {
 		j.chain.pending = nil
 	}
+	// What the caller passed is not kept past its job.
+	for _, k := range j.openOpts.InjectKeys {
+		clear(k)
+	}
+	if j.release != nil {
+		j.release()
+		j.release = nil
+	}
 	if d.pub != nil {
 		d.pub.JobCompleted(j.info(), success)
 	}

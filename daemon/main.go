@@ -41,6 +41,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	state := fs.String("state-dir", chains.DefaultStateDir, "directory for the journal")
 	dom0Root := fs.String("dom0-root", "", "simulator only: run dom0 work through qrexec-client -d dom0 and read dom0 files under `DIR`")
 	level := fs.String("log-level", "info", "debug, info, warning or error")
+	privateDir := fs.String("luks-init-dir", "", "dom0 directory, root's alone and on a tmpfs, for luks-init's keys and container (default "+chains.DefaultPrivateDir+"; with --dom0-root /tmp/qcryptd-luks-init)")
 	hookTimeout := fs.Duration("hook-timeout", DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -78,10 +79,13 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	var dom0 chains.Dom0 = qubes.LocalDom0{Runner: runner}
 	if *dom0Root != "" {
 		dom0 = qubes.RemoteDom0{Runner: runner, Root: filepath.Clean(*dom0Root)}
+		if *privateDir == "" {
+			*privateDir = "/tmp/qcryptd-luks-init" // the simulated dom0's /run lasts one command
+		}
 	}
 	d, err := New(Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
 		Dom0: dom0, Log: log, Notify: systemd.Notify, Watchdog: systemd.WatchdogInterval(),
-		AsRoot: os.Geteuid() == 0, Version: Version, HookTimeout: *hookTimeout})
+		AsRoot: os.Geteuid() == 0, Version: Version, HookTimeout: *hookTimeout, PrivateDir: *privateDir})
 	if err != nil {
 		log.WithError(err).Error("cannot start")
 		return 1

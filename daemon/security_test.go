@@ -32,12 +32,14 @@ func credential(t *testing.T, name string) *syscall.Credential {
 	return cred
 }
 
-// as runs a command as a user on the world's bus; it returns combined output and the
-// exit status.
+// as runs a command as a user (nil: as the test, root) on the world's bus; it returns
+// combined output and the exit status.
 func (w *world) as(cred *syscall.Credential, name string, args ...string) (string, int) {
 	w.t.Helper()
 	cmd := exec.Command(name, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
 	cmd.Env = []string{"PATH=/usr/bin:/bin", "DBUS_SYSTEM_BUS_ADDRESS=" + w.busAddr}
 	cmd.Dir = "/"
 	out, err := cmd.CombinedOutput()
@@ -214,5 +216,79 @@ func TestCheckOfADirectory(t *testing.T) {
 	ok, errs, err := w.client().Check(bg, secret)
 	if err != nil || ok || len(errs) == 0 || !strings.Contains(strings.Join(errs, "\n"), "root-only-words") {
 		t.Errorf("root's check: %v %q %v", ok, errs, err)
+	}
+}
+
+// TestCallerFilesAreOpenedByTheClient: qcryptd never opens a dom0 path a caller names.
+// qcryptctl opens key files, entropy, the work file and backups with the caller's own
+// rights and passes descriptors; the bus API has no path fields left to abuse.
+func TestCallerFilesAreOpenedByTheClient(t *testing.T) {
+	quser := credential(t, dbustest.QUser)
+	w := newWorld(t, "4.3", permissiveBus)
+	// A configured chain that stays out of the way of the ad-hoc one on the demo container.
+	w.writeChain("other", strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks").Replace(demoChain))
+	w.startDaemon()
+	ctl := bin(t, "qcryptctl")
+	adhoc := []string{"sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}
+	w.qubes.Start(bg, "work")
+
+	// A root-only key file: quser cannot have it injected into work.
+	secret := filepath.Join(w.dir, "root-only.key")
+	os.WriteFile(secret, []byte("root's secret\n"), 0o600)
+	if out, code := w.as(quser, ctl, append([]string{"open", "--inj", "work", secret}, adhoc...)...); code != 1 || !strings.Contains(out, "permission denied") {
+		t.Errorf("quser --inj of a root-only file: exit %d %s", code, out)
+	}
+	// A directory quser may not write: no backup, no work file is made there.
+	rootDir := filepath.Join(w.dir, "root-dir")
+	os.Mkdir(rootDir, 0o755)
+	for _, opt := range []string{"--bak", "--wd"} {
+		args := append([]string{"luks-init", "-a", "--size", "48M", opt, filepath.Join(rootDir, "x")}, "sys-usb", "/home/user/q.luks", "q", "mediator", "work")
+		if out, code := w.as(quser, ctl, args...); code != 1 || !strings.Contains(out, "permission denied") {
+			t.Errorf("quser luks-init %s in root's directory: exit %d %s", opt, code, out)
+		}
+	}
+	if entries, _ := os.ReadDir(rootDir); len(entries) != 0 {
+		t.Errorf("files made in root's directory: %v", entries)
+	}
+	// Not even root can hand qcryptd a path: those fields are gone from the API.
+	for _, field := range []string{"backup_dir", "work_dir", "key_entropy"} {
+		out, code := w.busctl(nil, "call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "LuksInit", "a{sv}", "5",
+			"source_vm", "s", "sys-usb", "file", "s", "/home/user/p.luks", "key", "s", "p", "destinations", "as", "1", "work", field, "s", "/etc/cron.d")
+		if code == 0 || !strings.Contains(out, "unknown spec field") && !strings.Contains(out, "want a file descriptor") {
+			t.Errorf("LuksInit with %s as a path: exit %d %s", field, code, out)
+		}
+	}
+
+	// The real thing, as root: the key removed from work comes back from the injected
+	// descriptor, and luks-init's backups are the keys the qubes got.
+	key := w.sh("work", "cat /home/user/.qcrypt/keys/demo; rm /home/user/.qcrypt/keys/demo").Stdout
+	keyFile := filepath.Join(w.dir, "demo.key")
+	os.WriteFile(keyFile, key, 0o600)
+	if out, code := w.qcryptctl(append([]string{"open", "--inj", "work", keyFile}, adhoc...)...); code != 0 {
+		t.Fatalf("open with --inj: exit %d %s", code, out)
+	}
+	if got := w.sh("work", "cat /home/user/.qcrypt/keys/demo").Stdout; string(got) != string(key) {
+		t.Errorf("injected key differs")
+	}
+	if out, code := w.qcryptctl(append([]string{"close"}, adhoc...)...); code != 0 {
+		t.Fatalf("close: exit %d %s", code, out)
+	}
+	bak := filepath.Join(w.dir, "bak")
+	if out, code := w.qcryptctl("luks-init", "-a", "--size", "48M", "--fs", "ext4", "--bak", bak, "--enkey", "/dev/urandom",
+		"sys-usb", "/home/user/b.luks", "b", "mediator", "work"); code != 0 {
+		t.Fatalf("luks-init: exit %d %s", code, out)
+	}
+	for _, vm := range []string{"mediator", "work"} {
+		got, err := os.ReadFile(filepath.Join(bak, vm+"_b"))
+		st, _ := os.Stat(filepath.Join(bak, vm+"_b"))
+		inQube := w.sh(vm, "cat /home/user/.qcrypt/keys/b").Stdout
+		if err != nil || len(got) != 100 || string(got) != string(inQube) || st.Mode().Perm() != 0o600 {
+			t.Errorf("backup of %s: %d bytes, mode %v, equal to the qube's key: %v (%v)", vm, len(got), st.Mode(), string(got) == string(inQube), err)
+		}
+	}
+	// A second luks-init refuses before anything happens: the backups exist.
+	out, code := w.qcryptctl("luks-init", "-a", "--size", "48M", "--bak", bak, "sys-usb", "/home/user/c.luks", "b", "mediator", "work")
+	if code != 1 || !strings.Contains(out, "exists already (never overwritten)") {
+		t.Errorf("luks-init over backups: exit %d %s", code, out)
 	}
 }

@@ -3,6 +3,7 @@ package dbusapi
 import (
 	"context"
 	"fmt"
+	"io"
 	"sort"
 	"strings"
 	"sync"
@@ -338,6 +339,7 @@ func (m *manager) job(sender dbus.Sender, start func(uid uint32) (uint64, error)
 }
 
 func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
+	defer CloseFDs(nil, options)
 	return m.job(sender, func(uid uint32) (uint64, error) {
 		o, err := OpenOptionsFromMap(options)
 		if err != nil {
@@ -348,6 +350,7 @@ func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus
 }
 
 func (m *manager) Close(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
+	defer CloseFDs(nil, options)
 	return m.job(sender, func(uid uint32) (uint64, error) {
 		o, _, err := CloseOptionsFromMap(options, false)
 		if err != nil {
@@ -387,26 +390,41 @@ func (m *manager) Discover(sender dbus.Sender) ([]map[string]dbus.Variant, *dbus
 	return out, nil
 }
 
+// OpenAdhoc opens a chain given as a spec; keys to inject come as descriptors and are
+// the daemon's to wipe once the job ends.
 func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
+	defer CloseFDs(nil, options)
 	return m.job(sender, func(uid uint32) (uint64, error) {
-		c, _, err := SpecFromMap(spec)
+		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
+		}
+		if sp.KeyEntropy != nil || sp.ContainerEntropy != nil || sp.Container != nil || len(sp.Backups) > 0 {
+			sp.Close()
+			return 0, Errorf(ReasonInvalidArgs, "entropy, work and backup files are for LuksInit")
 		}
 		o, err := OpenOptionsFromMap(options)
 		if err != nil {
+			sp.Close()
 			return 0, err
 		}
-		return m.s.backend.OpenAdhoc(uid, c, o)
+		o.InjectKeys = sp.InjectKeys
+		id, err := m.s.backend.OpenAdhoc(uid, c, o)
+		if err != nil {
+			sp.Close()
+		}
+		return id, err
 	})
 }
 
 func (m *manager) CloseAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
+	defer CloseFDs(nil, options)
 	return m.job(sender, func(uid uint32) (uint64, error) {
-		c, _, err := SpecFromMap(spec)
+		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
 		}
+		sp.Close()
 		o, _, err := CloseOptionsFromMap(options, false)
 		if err != nil {
 			return 0, err
@@ -417,12 +435,14 @@ func (m *manager) CloseAdhoc(sender dbus.Sender, spec, options map[string]dbus.V
 
 func (m *manager) StatusAdhoc(sender dbus.Sender, spec map[string]dbus.Variant) (map[string]dbus.Variant, *dbus.Error) {
 	if _, err := m.s.caller(sender); err != nil {
+		CloseFDs(nil, spec)
 		return nil, err
 	}
-	c, _, err := SpecFromMap(spec)
+	c, sp, err := SpecFromMap(spec)
 	if err != nil {
 		return nil, toDBus(err)
 	}
+	sp.Close()
 	ctx, cancel := m.s.ctx()
 	defer cancel()
 	st, err := m.s.backend.StatusAdhoc(ctx, c)
@@ -433,15 +453,23 @@ func (m *manager) StatusAdhoc(sender dbus.Sender, spec map[string]dbus.Variant) 
 }
 
 func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, options map[string]dbus.Variant) ([]struct{ VM, Desc string }, *dbus.Error) {
+	defer CloseFDs(nil, options)
 	if _, err := m.s.caller(sender); err != nil {
+		CloseFDs(nil, spec)
 		return nil, err
 	}
 	var c *chains.Chain
+	var injected map[string][]byte
 	if chain == "" {
+		var sp Spec
 		var err error
-		if c, _, err = SpecFromMap(spec); err != nil {
+		if c, sp, err = SpecFromMap(spec); err != nil {
 			return nil, toDBus(err)
 		}
+		defer sp.Close()
+		injected = sp.InjectKeys
+	} else {
+		CloseFDs(nil, spec)
 	}
 	var oo chains.OpenOptions
 	var co chains.CloseOptions
@@ -449,6 +477,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	switch operation {
 	case "open":
 		oo, err = OpenOptionsFromMap(options)
+		oo.InjectKeys = injected
 	case "close":
 		co, _, err = CloseOptionsFromMap(options, false)
 	default:
@@ -468,14 +497,34 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	return out, nil
 }
 
+// LuksInit creates a container; the caller's files (entropy, work file, backups) are
+// the daemon's to close once the job ends.
 func (m *manager) LuksInit(sender dbus.Sender, spec map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
 	return m.job(sender, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
 		}
-		return m.s.backend.LuksInit(uid, chains.InitSpec{Chain: c, Size: int64(sp.Size), WorkDir: sp.WorkDir, KeySize: int(sp.KeySize),
-			BackupDir: sp.BackupDir, FS: sp.FS, KeyEntropy: sp.KeyEntropy, ContainerEntropy: sp.ContainerEntropy, Autostart: sp.Autostart})
+		if len(sp.InjectKeys) > 0 {
+			sp.Close()
+			return 0, Errorf(ReasonInvalidArgs, "inject is for OpenAdhoc: luks-init makes the keys")
+		}
+		is := chains.InitSpec{Chain: c, Size: int64(sp.Size), KeySize: int(sp.KeySize), FS: sp.FS, Autostart: sp.Autostart,
+			Container: sp.Container, Backups: map[string]io.Writer{}}
+		if sp.KeyEntropy != nil {
+			is.KeyEntropy = sp.KeyEntropy
+		}
+		if sp.ContainerEntropy != nil {
+			is.ContainerEntropy = sp.ContainerEntropy
+		}
+		for vm, f := range sp.Backups {
+			is.Backups[vm] = f
+		}
+		id, err := m.s.backend.LuksInit(uid, is, sp.Close)
+		if err != nil {
+			sp.Close()
+		}
+		return id, err
 	})
 }
 
@@ -504,6 +553,7 @@ func (m *manager) Check(sender dbus.Sender, target string) (bool, []string, *dbu
 }
 
 func (m *manager) CloseAll(sender dbus.Sender, options map[string]dbus.Variant) ([]dbus.ObjectPath, *dbus.Error) {
+	defer CloseFDs(nil, options)
 	uid, derr := m.s.caller(sender)
 	if derr != nil {
 		return nil, derr

@@ -3,6 +3,7 @@ package dbusapi
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/godbus/dbus/v5"
@@ -44,11 +45,13 @@ type Backend interface {
 	Close(uid uint32, name string, o chains.CloseOptions) (uint64, error)
 	Status(ctx context.Context, name string) (*chains.Status, error)
 	Discover(ctx context.Context) ([]Discovered, error)
+	// OpenAdhoc wipes o.InjectKeys when the job ends.
 	OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error)
 	CloseAdhoc(uid uint32, c *chains.Chain, o chains.CloseOptions) (uint64, error)
 	StatusAdhoc(ctx context.Context, c *chains.Chain) (*chains.Status, error)
 	Plan(op, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error)
-	LuksInit(uid uint32, spec chains.InitSpec) (uint64, error)
+	// LuksInit owns the caller's files from here: release closes them when done.
+	LuksInit(uid uint32, spec chains.InitSpec, release func()) (uint64, error)
 	Reload() (int, error)
 	Check(target string) (bool, []string)
 	CloseAll(uid uint32, o chains.CloseOptions, stop bool) ([]uint64, error)
@@ -208,22 +211,39 @@ func CloseOptionsToMap(o chains.CloseOptions) map[string]dbus.Variant {
 	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "shutdown_target": dbus.MakeVariant(o.ShutdownTarget), "eject": dbus.MakeVariant(o.Eject)}
 }
 
-// Spec is an ad-hoc chain (and, for luks-init, the container to create).
+// Spec is an ad-hoc chain (and, for luks-init, the container to create). dom0 files
+// travel as descriptors the client opened with the caller's rights, never as paths.
 type Spec struct {
 	SourceVM, File, Key string
 	Destinations        []string
-	Inject              map[string]string // qube -> dom0 key file
-	CryptOptions        map[string]string // qube -> cryptsetup options
+	Inject              map[string]*os.File // qube -> dom0 key file to inject if it has none
+	CryptOptions        map[string]string   // qube -> cryptsetup options
 	MountPoint          string
 	ReadOnly, Autostart bool
 	// luks-init
-	Size                                                 uint64
-	KeySize                                              uint32
-	WorkDir, BackupDir, FS, KeyEntropy, ContainerEntropy string
+	Size                         uint64
+	KeySize                      uint32
+	FS                           string
+	KeyEntropy, ContainerEntropy *os.File            // nil: qcryptd's /dev/random, /dev/urandom
+	Container                    *os.File            // a new empty file to build in; nil: qcryptd's private tmpfs
+	Backups                      map[string]*os.File // qube -> new empty file for its key's backup
+
+	// InjectKeys is what qcryptd read from Inject (server side).
+	InjectKeys map[string][]byte
 }
 
 var specKeys = []string{"source_vm", "file", "key", "destinations", "inject", "crypt_options", "mount_point", "read_only", "autostart",
-	"size", "key_size", "work_dir", "backup_dir", "fs", "key_entropy", "container_entropy"}
+	"size", "key_size", "fs", "key_entropy", "container_entropy", "container_file", "backups"}
+
+func fdVariant(f *os.File) dbus.Variant { return dbus.MakeVariant(dbus.UnixFD(f.Fd())) }
+
+func fdMap(files map[string]*os.File) map[string]dbus.Variant {
+	m := map[string]dbus.Variant{}
+	for k, f := range files {
+		m[k] = fdVariant(f)
+	}
+	return m
+}
 
 // ToMap renders a spec for the bus (empty fields left out).
 func (s Spec) ToMap() map[string]dbus.Variant {
@@ -231,13 +251,20 @@ func (s Spec) ToMap() map[string]dbus.Variant {
 		"key": dbus.MakeVariant(s.Key), "destinations": dbus.MakeVariant(s.Destinations),
 		"read_only": dbus.MakeVariant(s.ReadOnly), "autostart": dbus.MakeVariant(s.Autostart)}
 	if len(s.Inject) > 0 {
-		m["inject"] = dbus.MakeVariant(s.Inject)
+		m["inject"] = dbus.MakeVariant(fdMap(s.Inject))
+	}
+	if len(s.Backups) > 0 {
+		m["backups"] = dbus.MakeVariant(fdMap(s.Backups))
+	}
+	for k, f := range map[string]*os.File{"key_entropy": s.KeyEntropy, "container_entropy": s.ContainerEntropy, "container_file": s.Container} {
+		if f != nil {
+			m[k] = fdVariant(f)
+		}
 	}
 	if len(s.CryptOptions) > 0 {
 		m["crypt_options"] = dbus.MakeVariant(s.CryptOptions)
 	}
-	for k, v := range map[string]string{"mount_point": s.MountPoint, "work_dir": s.WorkDir, "backup_dir": s.BackupDir, "fs": s.FS,
-		"key_entropy": s.KeyEntropy, "container_entropy": s.ContainerEntropy} {
+	for k, v := range map[string]string{"mount_point": s.MountPoint, "fs": s.FS} {
 		if v != "" {
 			m[k] = dbus.MakeVariant(v)
 		}
@@ -251,46 +278,165 @@ func (s Spec) ToMap() map[string]dbus.Variant {
 	return m
 }
 
+// Close closes the files of a received spec and forgets its keys.
+func (s *Spec) Close() {
+	for _, f := range []*os.File{s.KeyEntropy, s.ContainerEntropy, s.Container} {
+		if f != nil {
+			f.Close()
+		}
+	}
+	for _, f := range s.Backups {
+		f.Close()
+	}
+	for _, k := range s.InjectKeys {
+		clear(k)
+	}
+}
+
+// receiveFDs takes the descriptors of a spec: keys to inject are read at once, the
+// luks-init files are checked and kept.
+func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool) error {
+	fd := func(v dbus.Variant, what string) (dbus.UnixFD, error) {
+		x, ok := v.Value().(dbus.UnixFD)
+		if !ok {
+			return 0, Errorf(ReasonInvalidArgs, "%s: wrong type %s, want a file descriptor (h)", what, v.Signature())
+		}
+		if taken[x] {
+			return 0, Errorf(ReasonInvalidArgs, "%s: the same descriptor is passed twice", what)
+		}
+		return x, nil
+	}
+	fdsOf := func(key string) (map[string]dbus.UnixFD, error) {
+		v, ok := m[key]
+		if !ok {
+			return nil, nil
+		}
+		inner, ok := v.Value().(map[string]dbus.Variant)
+		if !ok {
+			return nil, Errorf(ReasonInvalidArgs, "%s: wrong type %s, want a{sv} of file descriptors", key, v.Signature())
+		}
+		out := map[string]dbus.UnixFD{}
+		for vm, iv := range inner {
+			x, err := fd(iv, key+" "+qubes.Printable(vm, 40))
+			if err != nil {
+				return nil, err
+			}
+			out[vm] = x
+		}
+		return out, nil
+	}
+	inject, err := fdsOf("inject")
+	if err != nil {
+		return err
+	}
+	for vm, x := range inject {
+		taken[x] = true // readKey closes it, read or refused
+		key, err := readKey(x, qubes.Printable(vm, 40))
+		if err != nil {
+			return err
+		}
+		if s.InjectKeys == nil {
+			s.InjectKeys = map[string][]byte{}
+		}
+		s.InjectKeys[vm] = key
+	}
+	backups, err := fdsOf("backups")
+	if err != nil {
+		return err
+	}
+	for vm, x := range backups {
+		taken[x] = true // checkFD wraps it, or closes it when refused
+		f, err := checkFD(x, fdNewFile, "backup for "+qubes.Printable(vm, 40))
+		if err != nil {
+			return err
+		}
+		if s.Backups == nil {
+			s.Backups = map[string]*os.File{}
+		}
+		s.Backups[vm] = f
+	}
+	for key, into := range map[string]struct {
+		f    **os.File
+		kind fdKind
+	}{"key_entropy": {&s.KeyEntropy, fdRead}, "container_entropy": {&s.ContainerEntropy, fdRead}, "container_file": {&s.Container, fdContainer}} {
+		v, ok := m[key]
+		if !ok {
+			continue
+		}
+		x, err := fd(v, key)
+		if err != nil {
+			return err
+		}
+		taken[x] = true
+		if *into.f, err = checkFD(x, into.kind, key); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // SpecFromMap decodes and validates a spec into a chain (and the luks-init fields).
 func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
 	var s Spec
 	if err := knownKeys(m, "spec field", specKeys...); err != nil {
+		CloseFDs(nil, m)
 		return nil, s, err
 	}
+	// Every descriptor is taken (or closed) first, so none leaks on a refusal below.
+	taken := map[dbus.UnixFD]bool{}
+	if err := s.receiveFDs(m, taken); err != nil {
+		CloseFDs(taken, m)
+		s.Close()
+		return nil, Spec{}, err
+	}
+	c, err := s.chain(m)
+	if err != nil {
+		s.Close()
+		return nil, Spec{}, err
+	}
+	return c, s, nil
+}
+
+// chain decodes the plain fields and validates the chain they describe.
+func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 	for k, p := range map[string]any{"source_vm": &s.SourceVM, "file": &s.File, "key": &s.Key, "destinations": &s.Destinations,
-		"inject": &s.Inject, "crypt_options": &s.CryptOptions, "mount_point": &s.MountPoint, "read_only": &s.ReadOnly,
-		"autostart": &s.Autostart, "size": &s.Size, "key_size": &s.KeySize, "work_dir": &s.WorkDir, "backup_dir": &s.BackupDir,
-		"fs": &s.FS, "key_entropy": &s.KeyEntropy, "container_entropy": &s.ContainerEntropy} {
+		"crypt_options": &s.CryptOptions, "mount_point": &s.MountPoint, "read_only": &s.ReadOnly,
+		"autostart": &s.Autostart, "size": &s.Size, "key_size": &s.KeySize, "fs": &s.FS} {
 		if err := optional(m, k, p); err != nil {
-			return nil, s, err
+			return nil, err
 		}
 	}
 	c := &chains.Chain{SourceVM: s.SourceVM, SourceFile: s.File, Key: s.Key, MountPoint: s.MountPoint,
 		ReadOnly: s.ReadOnly, Autostart: s.Autostart, Type: "luks"}
 	for _, vm := range s.Destinations {
-		h := chains.Hop{VM: vm, Inject: s.Inject[vm]}
+		h := chains.Hop{VM: vm}
 		if o := s.CryptOptions[vm]; o != "" {
 			opts, err := chains.ParseCryptOptions(o)
 			if err != nil {
-				return nil, s, Errorf(ReasonInvalidArgs, "crypt_options of %s: %v", vm, err)
+				return nil, Errorf(ReasonInvalidArgs, "crypt_options of %s: %v", vm, err)
 			}
 			h.Options = opts
 		}
 		c.Hops = append(c.Hops, h)
 	}
-	for vm := range s.Inject {
-		if !c.Involves(vm) || vm == c.SourceVM {
-			return nil, s, Errorf(ReasonInvalidArgs, "inject: %s is not a destination", vm)
-		}
-	}
-	for vm := range s.CryptOptions {
-		if !c.Involves(vm) || vm == c.SourceVM {
-			return nil, s, Errorf(ReasonInvalidArgs, "crypt_options: %s is not a destination", vm)
+	for what, vms := range map[string][]string{"inject": keysOf(s.InjectKeys), "backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions)} {
+		for _, vm := range vms {
+			if !c.Involves(vm) || vm == c.SourceVM {
+				return nil, Errorf(ReasonInvalidArgs, "%s: %s is not a destination", what, qubes.Printable(vm, 40))
+			}
 		}
 	}
 	if err := c.Validate(); err != nil {
-		return nil, s, Errorf(ReasonInvalidArgs, "%v", err)
+		return nil, Errorf(ReasonInvalidArgs, "%v", err)
 	}
 	c.Name = chains.AdhocName(c)
-	return c, s, nil
+	return c, nil
+}
+
+func keysOf[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
 }

@@ -100,7 +100,7 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 		args = append(args, "-w", fmt.Sprint(r.ConnectTimeout))
 	}
 	args = append(args, "root:QUBESRPC qubes.VMShell+ dom0")
-	res, err := r.exec(ctx, r.Command[0], args, script, input)
+	res, err := r.exec(ctx, r.Command[0], args, script, input, nil)
 	if err != nil {
 		return res, fmt.Errorf("cannot run a command in %s: %w", vm, err)
 	}
@@ -117,7 +117,7 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 
 // exec runs name with args, the wrapped script and input on stdin, and collects capped
 // output. Only a failure to run at all or the context ending is an error.
-func (r *Runner) exec(ctx context.Context, name string, args []string, script string, input io.Reader) (Result, error) {
+func (r *Runner) exec(ctx context.Context, name string, args []string, script string, input io.Reader, files []*os.File) (Result, error) {
 	if _, ok := ctx.Deadline(); !ok && r.Timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, r.Timeout)
@@ -132,6 +132,7 @@ func (r *Runner) exec(ctx context.Context, name string, args []string, script st
 		stdin = io.MultiReader(stdin, input)
 	}
 	cmd.Stdin = stdin
+	cmd.ExtraFiles = files
 	stdout := &CapWriter{Max: r.MaxOutput}
 	stderr := &CapWriter{Max: r.MaxOutput}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
@@ -158,9 +159,10 @@ type LocalDom0 struct {
 	Runner *Runner
 }
 
-// Run runs script as the daemon's user (root) with bash.
-func (d LocalDom0) Run(ctx context.Context, script string, input io.Reader) (Result, error) {
-	res, err := d.Runner.exec(ctx, "/bin/bash", nil, script, input)
+// Run runs script as the daemon's user (root) with bash; files are its descriptors 3,
+// 4, ... (/dev/fd/3 for the first).
+func (d LocalDom0) Run(ctx context.Context, script string, input io.Reader, files ...*os.File) (Result, error) {
+	res, err := d.Runner.exec(ctx, "/bin/bash", nil, script, input, files)
 	if err != nil {
 		return res, fmt.Errorf("cannot run a command in dom0: %w", err)
 	}
@@ -210,8 +212,11 @@ type RemoteDom0 struct {
 	Root   string
 }
 
-// Run runs a script in that dom0.
-func (d RemoteDom0) Run(ctx context.Context, script string, input io.Reader) (Result, error) {
+// Run runs a script in that dom0. qrexec carries no descriptors: files are refused.
+func (d RemoteDom0) Run(ctx context.Context, script string, input io.Reader, files ...*os.File) (Result, error) {
+	if len(files) > 0 {
+		return Result{}, errors.New("cannot pass a file to the simulated dom0 (qrexec carries no descriptors)")
+	}
 	return d.Runner.Run(ctx, "dom0", script, input)
 }
 
