@@ -28,7 +28,7 @@ var (
 	fAuto     = flagSpec{long: "--autostart", short: "-a", help: "start every qube of the chain (default: intermediates only)"}
 	fMP       = flagSpec{long: "--mp", arity: 1, help: "mount the plaintext at this path in the target"}
 	fRO       = flagSpec{long: "--ro", help: "read-only everywhere (ad-hoc chains are read-write by default, as the original)"}
-	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none"}
+	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none (read with your rights)"}
 	fCy       = flagSpec{long: "--cy", arity: 2, repeat: true, help: "VM OPTIONS: extra cryptsetup options for VM"}
 	fStop     = flagSpec{long: "--stop", help: "close-all: stop qcryptd afterwards"}
 )
@@ -55,19 +55,21 @@ func init() {
 		{name: "luks-init", args: "[OPTIONS] SOURCE_VM FILE KEY DST...", summary: "create a new container and its keys", run: cmdLuksInit,
 			flags: []flagSpec{fJSON, fAuto, fCy,
 				{long: "--size", arity: 1, help: "container size, e.g. 1G (default 1G)"},
-				{long: "--wd", arity: 1, help: "dom0 working directory (default /tmp)"},
+				{long: "--wd", arity: 1, help: "build the container in this dom0 directory, made if missing (default: qcryptd's /run)"},
 				{long: "--ks", arity: 1, help: "key size in bytes (default 100)"},
-				{long: "--bak", arity: 1, help: "keep key backups <VM>_<KEY> in this dom0 directory (mode 0600)"},
+				{long: "--bak", arity: 1, help: "keep key backups <VM>_<KEY> in this dom0 directory (made if missing; files 0600, never overwritten)"},
 				{long: "--keystore", arity: 1, help: "not supported: the blib key store"},
 				{long: "--fs", arity: 1, help: "btrfs (default, zstd compression) or ext4"},
 				{long: "--enkey", arity: 1, help: "entropy for keys (default /dev/random)"},
 				{long: "--encon", arity: 1, help: "entropy for the container (default /dev/urandom)"}},
 			help: "Builds the container in dom0 (one LUKS2 layer per destination, the outermost for the first), copies the keys\n" +
-				"into the destinations and the container into SOURCE_VM. Never overwrites a file or a key."},
+				"into the destinations and the container into SOURCE_VM. Never overwrites a file or a key. The files named by\n" +
+				"--wd, --bak, --enkey and --encon are opened by qcryptctl with your rights and passed to qcryptd as descriptors."},
 		{name: "plan", args: "open|close CHAIN | open|close [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "print the steps an open or close would run", run: cmdPlan,
 			flags: append([]flagSpec{fJSON, fForce, fShutdown, fEject}, adhocFlags...), help: "A dry run: nothing is changed."},
 		{name: "check", args: "[TARGET|DIR]", summary: "validate a configuration target", run: cmdCheck, flags: []flagSpec{fJSON},
-			help: "Asks qcryptd, or checks locally when it is not running. Prints \"All good.\" or every error."},
+			help: "Asks qcryptd, or checks locally when it is not running. A DIR is checked locally with your rights unless\n" +
+				"you are root. Prints \"All good.\" or every error."},
 		{name: "reload", summary: "make qcryptd re-read its configuration", run: cmdReload, flags: []flagSpec{fJSON},
 			help: "Unchanged open chains are left alone; removed ones are closed."},
 		{name: "close-all", summary: "close every open chain", run: cmdCloseAll, flags: []flagSpec{fJSON, fForce, fShutdown, fStop}},
