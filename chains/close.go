@@ -17,6 +17,12 @@ import (
 // #4784). With Force, an intermediate whose layer cannot be closed is shut down; the
 // target only with ShutdownTarget. It never shuts anything down otherwise.
 func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, progress ProgressFunc) error {
+	// What is open must be this chain: a spec with another source, file or key, or a
+	// part of a longer chain, would close or detach another chain's parts. When the
+	// facts cannot be had (a qube unreachable) the close goes on: it converges.
+	if st, err := e.Status(ctx, c); err == nil && st.Other != "" {
+		return fmt.Errorf("cannot close %s: %w: %s", c.Name, ErrOtherChain, st.Other)
+	}
 	return e.execute(ctx, c, "close", e.closeActions(c, o), progress)
 }
 

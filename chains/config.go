@@ -114,7 +114,6 @@ func LoadTarget(dir string, asRoot bool) ([]*Chain, error) {
 			chains = append(chains, c)
 		}
 	}
-	errs = append(errs, checkMapperClashes(chains)...)
 	if len(errs) > 0 {
 		sort.SliceStable(errs, func(i, j int) bool {
 			if errs[i].File != errs[j].File {
@@ -449,23 +448,4 @@ func unsafeForRoot(st os.FileInfo, parent bool) string {
 		return fmt.Sprintf("group or world writable (mode %04o)", st.Mode().Perm())
 	}
 	return ""
-}
-
-// checkMapperClashes finds chains of one target that would open the same mapper name
-// (key id) in the same qube.
-func checkMapperClashes(chains []*Chain) ConfigErrors {
-	var errs ConfigErrors
-	owner := map[string]*Chain{}
-	for _, c := range chains {
-		for _, h := range c.Hops {
-			id := h.VM + "/" + c.Key
-			if o, ok := owner[id]; ok && o != c {
-				errs = append(errs, ConfigError{File: c.File, Line: c.keyLine, Key: keyKey,
-					Msg: fmt.Sprintf("chain %s would open mapper %q in %s, as chain %s (%s) does", c.Name, c.Key, h.VM, o.Name, o.File)})
-				continue
-			}
-			owner[id] = c
-		}
-	}
-	return errs
 }

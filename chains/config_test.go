@@ -173,7 +173,7 @@ func TestLoadTargetReportsAllFiles(t *testing.T) {
 }
 
 func TestCheckGolden(t *testing.T) {
-	for _, target := range []string{"valid", "invalid", "clash", "missing-dir"} {
+	for _, target := range []string{"valid", "invalid", "shared-mapper", "missing-dir"} {
 		t.Run(target, func(t *testing.T) {
 			var out bytes.Buffer
 			code := Check(&out, "testdata/check/"+target, "/nonexistent")

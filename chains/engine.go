@@ -22,6 +22,7 @@ var (
 	ErrSpoofed       = errors.New("a qube reported a device that qubesd does not show")
 	ErrCanceled      = errors.New("operation canceled")
 	ErrAdminVM       = errors.New("dom0 is never part of a chain")
+	ErrOtherChain    = errors.New("what is open there is another chain (give the spec it was opened with)")
 )
 
 // Step is one step of a plan: what is done, in which qube.

@@ -583,3 +583,45 @@ func TestJournalRecordsSteps(t *testing.T) {
 		t.Errorf("record %+v: %v", rec, states)
 	}
 }
+
+// A chain is what it was opened as: a spec with another source, file or key, or only a
+// part of it, is not that chain. Its close is refused and touches nothing; its status
+// does not count another chain's layers as its own.
+func TestCloseRefusesAnotherChain(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	open := demoChain()
+	if err := r.e.Open(bg, open, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	tests := map[string]func(c *Chain){
+		"wrong source (starts in the middle)": func(c *Chain) { c.SourceVM, c.Hops = "mediator", c.Hops[1:] },
+		"skips the middle qube":               func(c *Chain) { c.Hops = c.Hops[1:] },
+		"wrong file":                          func(c *Chain) { c.SourceFile = "/home/user/other.luks" },
+		"wrong key":                           func(c *Chain) { c.Key = "badkey" },
+	}
+	for name, change := range tests {
+		t.Run(name, func(t *testing.T) {
+			c := demoChain()
+			c.MountPoint = ""
+			change(c)
+			st := r.status(t, c)
+			if st.Open() || st.Other == "" {
+				t.Errorf("status of the wrong spec: %+v", st)
+			}
+			err := r.e.Close(bg, c, CloseOptions{}, nil)
+			if !errors.Is(err, ErrOtherChain) {
+				t.Fatalf("close of the wrong spec: %v", err)
+			}
+			if st := r.status(t, open); !st.Open() {
+				t.Fatalf("the open chain was touched: %+v", st)
+			}
+		})
+	}
+	if err := r.e.Close(bg, open, CloseOptions{}, nil); err != nil {
+		t.Fatalf("close of the right spec: %v", err)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("left: %v", left)
+	}
+}

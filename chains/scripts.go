@@ -175,13 +175,22 @@ func sourceCloseScript(c *Chain, eject bool) string {
 	return b.String()
 }
 
-// Status bits of a destination qube.
+// Status bits of a destination qube. Where the mapper sits is a two-bit field, so that
+// every fact fits below qrexec's reserved statuses (statusBase + 63 < 125).
 const (
-	bitKey = 1 << iota
-	bitDecrypted
-	bitFromHop // the mapper sits on one of the attached devices
-	bitMounted
-	bitMountedAt
+	bitKey       = 1
+	posShift     = 1 // (bits >> posShift) & 3: where the mapper sits, pos* below
+	bitMounted   = 8
+	bitMountedAt = 16
+	bitHopBusy   = 32 // a device attached from the previous hop carries another mapper
+)
+
+// Where a destination's mapper sits.
+const (
+	posNone  = 0 // no mapper of that name
+	posHop   = 1 // on a device attached from the chain's previous hop
+	posOther = 2 // on a device attached from elsewhere: another chain
+	posLoose = 3 // on a device not attached now (its backend went away)
 )
 
 // Source status exit codes.
@@ -203,20 +212,34 @@ func sourceStatusScript(c *Chain) string {
 }
 
 // hopStatusScript reports a destination's facts as an exit code: statusBase + bits.
-// devs are the frontend devices attached from the previous hop.
-func hopStatusScript(key, name string, devs []string, mountPoint string) string {
+// devs are the frontend devices attached from the previous hop, others the rest of
+// the qube's attached devices.
+func hopStatusScript(key, name string, devs, others []string, mountPoint string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "k=%s\nname=%s\nb=0\n", q(key), q(name))
 	fmt.Fprintf(&b, "[ -e \"$k\" ] && b=$((b | %d))\n", bitKey)
-	fmt.Fprintf(&b, "if cryptsetup status \"$name\" >/dev/null 2>&1; then\n  b=$((b | %d))\n", bitDecrypted)
-	fmt.Fprintf(&b, "  d=$(cryptsetup status \"$name\" | awk '$1 == \"device:\" {print $2}')\n")
-	for _, d := range devs {
-		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && b=$((b | %d))\n", q(d), bitFromHop)
+	b.WriteString("dev() { cryptsetup status \"$1\" 2>/dev/null | awk '$1 == \"device:\" {print $2}'; }\n")
+	b.WriteString("if cryptsetup status \"$name\" >/dev/null 2>&1; then\n  d=$(dev \"$name\")\n")
+	fmt.Fprintf(&b, "  p=%d\n", posLoose)
+	for _, d := range others {
+		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posOther)
 	}
+	for _, d := range devs {
+		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posHop)
+	}
+	fmt.Fprintf(&b, "  b=$((b | p << %d))\n", posShift)
 	fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" >/dev/null 2>&1 && b=$((b | %d))\n", bitMounted)
 	if mountPoint != "" {
 		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && b=$((b | %d))\n", q(mountPoint), bitMountedAt)
 	}
-	fmt.Fprintf(&b, "fi\nexit $((%d + b))", statusBase)
+	b.WriteString("fi\n")
+	if len(devs) > 0 {
+		b.WriteString("for m in $(ls /dev/mapper 2>/dev/null); do\n  [ \"$m\" = \"$name\" ] || [ \"$m\" = control ] && continue\n  md=$(dev \"$m\")\n")
+		for _, d := range devs {
+			fmt.Fprintf(&b, "  [ \"$md\" = %s ] && b=$((b | %d))\n", q(d), bitHopBusy)
+		}
+		b.WriteString("done\n")
+	}
+	fmt.Fprintf(&b, "exit $((%d + b))", statusBase)
 	return b.String()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"slices"
 
 	"github.com/qcrypt/qcrypt/qubes"
 )
@@ -29,6 +30,10 @@ type Status struct {
 	// Problem is set when the facts do not fit a chain qcrypt made (decrypted without a
 	// key, ...); such a chain is never "open".
 	Problem string `json:"problem,omitempty"`
+	// Other is set when what is open is another chain than this one (its mapper sits on
+	// a device from elsewhere, or its device carries another mapper): closing this one
+	// would close or detach that one's parts.
+	Other string `json:"other,omitempty"`
 }
 
 // HopStatus is one destination qube.
@@ -38,12 +43,16 @@ type HopStatus struct {
 	Attached    bool   `json:"attached"`
 	FrontendDev string `json:"frontend_dev,omitempty"`
 	KeyPresent  bool   `json:"key_present"`
-	Decrypted   bool   `json:"decrypted"`
-	Mounted     bool   `json:"mounted"`
+	// Decrypted: a mapper named as the key id sits on the device from the previous hop;
+	// one elsewhere does not count (see Status.Other).
+	Decrypted bool `json:"decrypted"`
+	Mounted   bool `json:"mounted"`
+	// MapperElsewhere: a mapper of that name exists but sits on another device.
+	MapperElsewhere bool `json:"mapper_elsewhere,omitempty"`
 }
 
 // Open reports a complete, healthy chain.
-func (s *Status) Open() bool { return s.Missing == 0 && s.Problem == "" }
+func (s *Status) Open() bool { return s.Missing == 0 && s.Problem == "" && s.Other == "" }
 
 // Closed reports that nothing of the chain exists: no loop device, nothing attached,
 // decrypted or mounted.
@@ -52,7 +61,7 @@ func (s *Status) Closed() bool {
 		return false
 	}
 	for _, h := range s.Hops {
-		if h.Attached || h.Decrypted || h.Mounted {
+		if h.Attached || h.Decrypted || h.Mounted || h.MapperElsewhere {
 			return false
 		}
 	}
@@ -127,10 +136,22 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		if err != nil {
 			return nil, fmt.Errorf("cannot list devices of %s: %w", prev, err)
 		}
-		var devs []string
-		for _, a := range mine {
-			if a.FrontendDev != "" {
+		// devs: from the previous hop and the chain's own; others: provably another
+		// chain's (another backend, another kind, or a description that is not ours).
+		// A device from the previous hop while it is down cannot be told: neither.
+		var devs, others []string
+		cands := hopAttachments(atts, prev, i == 0)
+		same := func(list []qubes.Attachment, a qubes.Attachment) bool {
+			return slices.ContainsFunc(list, func(m qubes.Attachment) bool { return m.FrontendDev == a.FrontendDev })
+		}
+		for _, a := range atts {
+			switch {
+			case a.FrontendDev == "":
+			case same(mine, a):
 				devs = append(devs, "/dev/"+a.FrontendDev)
+			case same(cands, a) && states[prev] != qubes.StateRunning:
+			default:
+				others = append(others, "/dev/"+a.FrontendDev)
 			}
 		}
 		hs.Attached = len(mine) > 0
@@ -145,28 +166,39 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		if last {
 			mp = c.MountPoint
 		}
-		res, err := e.run(ctx, h.VM, hopStatusScript(keyPath(user, c.Key), c.Key, devs, mp), nil)
+		res, err := e.run(ctx, h.VM, hopStatusScript(keyPath(user, c.Key), c.Key, devs, others, mp), nil)
 		if err != nil {
 			return nil, err
 		}
 		bits := res.ExitCode - statusBase
-		if bits < 0 || bits >= 32 {
+		if bits < 0 || bits >= 64 {
 			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(res.ExitCode))
 		}
+		pos := bits >> posShift & 3
 		hs.KeyPresent = bits&bitKey != 0
-		hs.Decrypted = bits&bitDecrypted != 0
+		hs.Decrypted = pos == posHop
+		hs.MapperElsewhere = pos == posOther || pos == posLoose
 		hs.Mounted = bits&bitMounted != 0
 		if !hs.Attached {
 			st.Missing++
 		}
 		switch {
-		case hs.Decrypted && !hs.KeyPresent:
+		case pos == posOther:
+			st.Other = fmt.Sprintf("%s has %s open on a device from another qube than %s: another chain is open there", h.VM, c.Key, prev)
+		case bits&bitHopBusy != 0:
+			st.Other = fmt.Sprintf("the device %s has from %s carries another mapper than %s: another chain is open there", h.VM, prev, c.Key)
+		}
+		switch {
+		case pos != posNone && !hs.KeyPresent:
 			st.Problem = fmt.Sprintf("%s has %s open without its key: not managed by qcrypt?", h.VM, c.Key)
-		case hs.Decrypted && hs.Attached && bits&bitFromHop == 0:
+		case pos == posLoose && hs.Attached:
 			st.Problem = fmt.Sprintf("%s has %s open on a device that is not the chain's previous hop", h.VM, c.Key)
-		case !hs.Decrypted && hs.KeyPresent:
+		}
+		switch {
+		case hs.Decrypted:
+		case hs.KeyPresent:
 			st.Missing++
-		case !hs.Decrypted:
+		default:
 			st.Missing += 2
 		}
 		if last && c.MountPoint != "" && bits&bitMountedAt == 0 {

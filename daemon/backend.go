@@ -2,6 +2,9 @@ package daemon
 
 import (
 	"context"
+	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
@@ -64,7 +67,45 @@ func (d *Daemon) known(name string) func() (*chainState, error) {
 
 // Open queues an open of a known chain.
 func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, error) {
-	return d.request("open", uid, d.known(name), func(j *job) { j.openOpts = o })
+	find := func() (*chainState, error) {
+		cs, err := d.known(name)()
+		if err != nil {
+			return nil, err
+		}
+		return d.openable(cs.c, func() (*chainState, error) { return cs, nil })()
+	}
+	return d.request("open", uid, find, func(j *job) { j.openOpts = o })
+}
+
+// openable refuses an open while another chain has the same mapper open in one of the
+// chain's qubes (chains may share a mapper name, never at the same time); find runs
+// only when there is none.
+func (d *Daemon) openable(c *chains.Chain, find func() (*chainState, error)) func() (*chainState, error) {
+	return func() (*chainState, error) {
+		if other := d.mapperInUse(c); other != "" {
+			return nil, dbusapi.Errorf(dbusapi.ReasonFailed, "cannot open %s while %s is not closed", c.Name, other)
+		}
+		return find()
+	}
+}
+
+// mapperInUse names another chain that is not closed and uses c's mapper (key id) in a
+// qube where c decrypts, or "".
+func (d *Daemon) mapperInUse(c *chains.Chain) string {
+	for _, name := range d.sortedNames() {
+		other := d.chains[name]
+		holds := other.state == StateOpen || other.state == StateOpening || other.state == StateClosing || other.state == StateDegraded ||
+			other.running != nil && (other.running.op == "open" || other.running.op == "close")
+		if name == c.Name || other.c.Key != c.Key || !holds {
+			continue
+		}
+		for _, h := range other.c.Hops {
+			if slices.ContainsFunc(c.Hops, func(x chains.Hop) bool { return x.VM == h.VM }) {
+				return fmt.Sprintf("chain %s (it has mapper %s in %s)", name, c.Key, h.VM)
+			}
+		}
+	}
+	return ""
 }
 
 // Close queues a close of a known chain.
@@ -124,21 +165,22 @@ func (d *Daemon) Discover(ctx context.Context) ([]dbusapi.Discovered, error) {
 	return out, nil
 }
 
-// adhoc finds or adds the state of an ad-hoc chain.
+// adhoc finds or adds the state of an ad-hoc chain. Its identity is its whole spec
+// (source qube, container, key, every destination): a request whose spec differs from
+// a live entry of the same name is refused; a closed or failed entry is replaced.
 func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 	if cs, ok := d.chains[c.Name]; ok {
 		if cs.managed {
 			return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "a configured chain is named %q", c.Name)
 		}
-		return cs, nil
-	}
-	for _, name := range d.sortedNames() {
-		other := d.chains[name].c
-		for _, h := range other.Hops {
-			if other.Key == c.Key && c.Involves(h.VM) && h.VM != c.SourceVM {
-				return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "chain %s already uses mapper %s in %s", name, c.Key, h.VM)
+		if !sameSpec(cs.c, c) {
+			if cs.running != nil || cs.state == StateOpen || cs.state == StateDegraded {
+				return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "ad-hoc chain %s is %s as %s, not %s: give the spec it was opened with",
+					c.Name, cs.state, specString(cs.c), specString(c))
 			}
+			cs.c = c
 		}
+		return cs, nil
 	}
 	cs := &chainState{c: c, state: StateClosed}
 	d.chains[c.Name] = cs
@@ -148,9 +190,19 @@ func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 	return cs, nil
 }
 
+// sameSpec compares what identifies an ad-hoc chain.
+func sameSpec(a, b *chains.Chain) bool {
+	return a.SourceVM == b.SourceVM && a.Container() == b.Container() && a.Key == b.Key && slices.Equal(a.VMs(), b.VMs())
+}
+
+// specString is a spec as the user gives it.
+func specString(c *chains.Chain) string {
+	return strings.Join(append([]string{c.SourceVM, c.Container(), c.Key}, c.VMs()[1:]...), " ")
+}
+
 // OpenAdhoc opens a chain given as a spec; it exists on the bus while it is open.
 func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error) {
-	return d.request("open", uid, func() (*chainState, error) { return d.adhoc(c) }, func(j *job) { j.openOpts = o })
+	return d.request("open", uid, d.openable(c, func() (*chainState, error) { return d.adhoc(c) }), func(j *job) { j.openOpts = o })
 }
 
 // CloseAdhoc closes a chain given as a spec (known or not: it converges either way).

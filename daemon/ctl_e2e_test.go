@@ -98,3 +98,50 @@ func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
 		t.Errorf("after Ctrl-C the open was not rolled back: %+v %v", st, err)
 	}
 }
+
+// TestAdhocIdentity: an ad-hoc chain is its whole spec. Close and status of a spec that
+// is not the open chain are refused and touch nothing; a failed open does not stick.
+func TestAdhocIdentity(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("other", strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks").Replace(demoChain))
+	w.startDaemon()
+	w.qubes.Start(bg, "work")
+	spec := []string{"sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}
+	run := func(wantCode int, wantOut string, args ...string) {
+		t.Helper()
+		out, code := w.qcryptctl(args...)
+		if code != wantCode || !strings.Contains(out, wantOut) {
+			t.Errorf("qcryptctl %s: exit %d %s\nwant exit %d and %q", strings.Join(args, " "), code, out, wantCode, wantOut)
+		}
+	}
+	// A failed open (no such qube) leaves nothing that a later open would trip over.
+	run(1, "qube nope does not exist", "open", "nope", "/home/user/demo.luks", "demo", "mediator", "work")
+	run(0, "open", append([]string{"open"}, spec...)...)
+	wrongs := map[string][]string{
+		"wrong source":     {"mediator", "/home/user/demo.luks", "demo", "work"},
+		"wrong file":       {"sys-usb", "/home/user/x.luks", "demo", "mediator", "work"},
+		"skips the middle": {"sys-usb", "/home/user/demo.luks", "demo", "work"},
+		"wrong key":        {"sys-usb", "/home/user/demo.luks", "badkey", "mediator", "work"},
+	}
+	// First qcryptd knows the chain it opened; after a restart only the qubes do.
+	for _, restart := range []bool{false, true} {
+		if restart {
+			w.daemon.Process.Signal(syscall.SIGTERM)
+			w.daemon.Wait()
+			w.startDaemon()
+		}
+		for name, wrong := range wrongs {
+			out, code := w.qcryptctl(append([]string{"close"}, wrong...)...)
+			if code != 1 || !strings.Contains(out, "give the spec it was opened with") {
+				t.Errorf("%s (restart %v): close exit %d %s", name, restart, code, out)
+			}
+			if out, code := w.qcryptctl(append([]string{"status"}, spec...)...); code != 0 {
+				t.Fatalf("after the %s close (restart %v) the chain is not open: exit %d %s", name, restart, code, out)
+			}
+		}
+	}
+	run(0, "closed", append([]string{"close"}, spec...)...)
+	if out := string(w.sh("work", "ls /dev/mapper").Stdout); out != "" {
+		t.Errorf("left in work: %q", out)
+	}
+}

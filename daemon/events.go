@@ -200,6 +200,9 @@ func (d *Daemon) waitingFor(cs *chainState) string {
 			return "waiting for " + vm + " (shutting down)"
 		}
 	}
+	if other := d.mapperInUse(cs.c); other != "" {
+		return "waiting for " + other
+	}
 	if c.Autostart {
 		return ""
 	}

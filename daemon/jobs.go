@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -146,7 +147,9 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 				log.WithError(err).Warn("pre close command failed (ignored)")
 			}
 		}
-		if err := d.engine.Close(ctx, c, j.closeOpts, progress); err != nil {
+		if err := d.engine.Close(ctx, c, j.closeOpts, progress); errors.Is(err, chains.ErrOtherChain) {
+			return outcome{state: StateClosed}, err // nothing of this chain is open; nothing was touched
+		} else if err != nil {
 			return outcome{state: StateDegraded}, err
 		}
 		if c.PostClose != "" && j.chain.managed {
@@ -218,6 +221,9 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 			d.setState(cs, res.state, res.waiting, msg)
 		}
 		cs.running = nil
+		if cs.state == StateClosed || cs.state == StateWaiting || cs.state == StateFailed {
+			defer d.wakeSharers(cs)
+		}
 	}
 	if err == nil && j.canceled {
 		err = context.Canceled
@@ -322,4 +328,15 @@ func (d *Daemon) removeChain(cs *chainState) {
 		d.pub.ChainRemoved(cs.c.Name)
 	}
 	d.updateSummary()
+}
+
+// wakeSharers lets the chains that wait for cs's mapper (same key id in a shared qube)
+// open now that cs no longer holds it.
+func (d *Daemon) wakeSharers(cs *chainState) {
+	for _, name := range d.sortedNames() {
+		other := d.chains[name]
+		if other != cs && other.c.Key == cs.c.Key && other.state == StateWaiting && strings.HasPrefix(other.waiting, "waiting for chain "+cs.c.Name+" ") {
+			d.consider(other, "chain "+cs.c.Name+" let go of mapper "+cs.c.Key, true)
+		}
+	}
 }

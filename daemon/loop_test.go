@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -56,8 +57,17 @@ func (r *recorder) last(name string) string {
 	return l[len(l)-1]
 }
 
+const loopDemoChain = "source vm=sys-usb\nsource file=/home/user/demo.luks\nkey=demo\n" +
+	"destination vm 1=mediator\ndestination vm 2=work\ndestination mount point=/mnt/demo\nstartup interval=0\n"
+
 // startLoop runs the loop on the demo world; before runs first (faults, delays).
 func startLoop(t *testing.T, before ...func(*simtest.Fixture)) (*simtest.Fixture, *Daemon, *recorder) {
+	t.Helper()
+	return startLoopWith(t, map[string]string{"demo": loopDemoChain}, before...)
+}
+
+// startLoopWith runs the loop with the given chain files (name -> content).
+func startLoopWith(t *testing.T, files map[string]string, before ...func(*simtest.Fixture)) (*simtest.Fixture, *Daemon, *recorder) {
 	t.Helper()
 	f := simtest.StartDemo(t, sim.R43)
 	for _, b := range before {
@@ -65,8 +75,9 @@ func startLoop(t *testing.T, before ...func(*simtest.Fixture)) (*simtest.Fixture
 	}
 	conf := t.TempDir()
 	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
-	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte("source vm=sys-usb\nsource file=/home/user/demo.luks\nkey=demo\n"+
-		"destination vm 1=mediator\ndestination vm 2=work\ndestination mount point=/mnt/demo\nstartup interval=0\n"), 0o644)
+	for name, content := range files {
+		os.WriteFile(filepath.Join(conf, "demo", name+".ini"), []byte(content), 0o644)
+	}
 	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: t.TempDir(), Qubes: f.Client, Runner: f.Runner,
 		Backoff: qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}, JobLinger: time.Millisecond})
 	if err != nil {
@@ -250,5 +261,56 @@ func TestLoopFailedAdhocChainsAreRemoved(t *testing.T) {
 		if filepath.Base(f) != "demo.json" {
 			t.Errorf("journal file left: %s", f)
 		}
+	}
+}
+
+// Two chains may share a mapper name in a qube (one container reached through two
+// files or sources), never be open at once: the second waits, naming the first, and
+// opens when the first has closed; asking for it meanwhile is refused.
+func TestLoopSharedMapperOneAtATime(t *testing.T) {
+	copyChain := strings.Replace(loopDemoChain, "/home/user/demo.luks", "/home/user/copy.luks", 1)
+	f, d, rec := startLoopWith(t, map[string]string{"demo": loopDemoChain, "copy": copyChain})
+	f.Sh(t, "sys-usb", "cp /home/user/demo.luks /home/user/copy.luks")
+	f.Client.Start(context.Background(), "work")
+	// One of them opens, the other waits for it.
+	state := func(name string) (string, string) {
+		for _, ci := range d.ListChains() {
+			if ci.Name == name {
+				return ci.State, ci.Waiting
+			}
+		}
+		return "", ""
+	}
+	first, second := "", ""
+	waitFor(t, "one open, the other waiting", func() bool {
+		a, _ := state("copy")
+		b, _ := state("demo")
+		switch {
+		case a == StateOpen && b == StateWaiting:
+			first, second = "copy", "demo"
+		case b == StateOpen && a == StateWaiting:
+			first, second = "demo", "copy"
+		}
+		return first != ""
+	})
+	if _, waiting := state(second); waiting != "waiting for chain "+first+" (it has mapper demo in mediator)" {
+		t.Errorf("%s waits with %q", second, waiting)
+	}
+	if _, err := d.Open(0, second, chains.OpenOptions{}); err == nil || !strings.Contains(err.Error(), "while chain "+first+" (it has mapper demo in mediator) is not closed") {
+		t.Errorf("open of %s while %s is open: %v", second, first, err)
+	}
+	id, err := d.Close(0, first, chains.CloseOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, first+" closed", func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		_, ok := rec.jobs[id]
+		return ok
+	})
+	waitFor(t, second+" opens", func() bool { return rec.last(second) == StateOpen })
+	if got := string(f.Sh(t, "work", "cat /proc/mounts | grep -c /mnt/demo").Stdout); got != "1\n" {
+		t.Errorf("mounts of /mnt/demo in work: %q", got)
 	}
 }
