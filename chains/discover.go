@@ -62,8 +62,8 @@ func (d Discovered) Matches(c *Chain) bool {
 // Discover finds every chain open on the system from qubesd's attachment data: a
 // non-dm device attached somewhere starts a chain; a dm device of that qube, described
 // with the same mapper name, attached further continues it. Descriptions come from
-// the qubes and only select candidates; where several fit, the qube is asked which
-// mapper sits on the attached device, and only its exit code comes back.
+// the qubes and only select candidates: the qube is asked, in one call, which of them
+// sits on the device it got, and only its exit code comes back.
 func (e *Engine) Discover(ctx context.Context) ([]Discovered, error) {
 	vms, err := e.Qubes.ListVMs(ctx)
 	if err != nil {
@@ -121,7 +121,9 @@ func (e *Engine) Discover(ctx context.Context) ([]Discovered, error) {
 				}
 				next = append(next, a)
 			}
-			if len(next) > 1 {
+			// Descriptions only select candidates: the qube must say that the mapper
+			// sits on the device this chain gave it, even when there is one candidate.
+			if len(next) > 0 {
 				next = e.onDevice(ctx, cur, curDev, next, describe)
 			}
 			if len(next) != 1 {

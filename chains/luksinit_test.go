@@ -3,6 +3,7 @@ package chains
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -248,5 +249,38 @@ func TestMinContainerSize(t *testing.T) {
 		if got := minContainerSize(&tc.c); got != tc.want {
 			t.Errorf("%+v: %d MiB, want %d MiB", tc.c, got>>20, tc.want>>20)
 		}
+	}
+}
+
+// Discover links a hop to the next only when the qube says its mapper sits on the
+// device the chain gave it: with a one-layer chain into mediator beside the two-layer
+// demo chain through it, the one-layer chain is not taken for a part of the other.
+func TestDiscoverLinksByProof(t *testing.T) {
+	r := luksRig(t)
+	one := &Chain{Name: "one", SourceVM: "sys-usb", SourceFile: "/home/user/one.luks", Key: "one",
+		Hops: []Hop{{VM: "mediator", Options: []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}}}, Type: "luks"}
+	if err := r.e.LuksInit(bg, InitSpec{Chain: one, Size: 20 << 20, KeySize: 64, FS: "ext4", Autostart: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	r.start(t, "work")
+	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.e.Open(bg, one, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	found, err := r.e.Discover(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, d := range found {
+		lines = append(lines, fmt.Sprintf("%s key=%q managed=%v/%v", d, d.Key, d.Matches(demoChain()), d.Matches(one)))
+	}
+	got := strings.Join(lines, "\n")
+	want := `sys-usb:loop0 --> mediator:dm-0 --> work:xvdi (r/w) key="demo" managed=true/false` + "\n" +
+		`sys-usb:loop1 --> mediator:xvdj (r/w) key="" managed=false/true`
+	if got != want {
+		t.Errorf("got\n%s\nwant\n%s", got, want)
 	}
 }
