@@ -88,10 +88,19 @@ func cmdList(a *app, p *parsed) int {
 			out = append(out, toJSON(c))
 		}
 		a.printJSON(out)
+	} else {
+		a.chainTable(cs)
+	}
+	if !p.flags["--exit-status"] {
 		return ExitOK
 	}
-	a.chainTable(cs)
-	return ExitOK
+	bad := 0
+	for _, c := range cs {
+		if c.State != "open" {
+			bad++
+		}
+	}
+	return min(bad, ExitStatusError-1)
 }
 
 func (a *app) chainTable(cs []dbusapi.ChainInfo) {

@@ -23,6 +23,7 @@ type flagSpec struct {
 var (
 	fJSON     = flagSpec{long: "--json", help: "print JSON (schema in docs/qcryptctl.md) instead of text"}
 	fForce    = flagSpec{long: "--force", help: "open: close a partially open chain first; close: shut down intermediate qubes whose layer cannot be closed"}
+	fSD       = flagSpec{long: "--force", short: "--sd", help: "shut down intermediate qubes whose layer cannot be closed (--sd: the original's name)"}
 	fShutdown = flagSpec{long: "--shutdown-target", help: "close: also shut down the target if its layer cannot be closed"}
 	fEject    = flagSpec{long: "--eject", help: "close: also unmount the source device in the source qube"}
 	fAuto     = flagSpec{long: "--autostart", short: "-a", help: "start every qube of the chain (default: intermediates only)"}
@@ -39,7 +40,8 @@ var commands []*command
 
 func init() {
 	commands = []*command{
-		{name: "list", summary: "list the chains qcryptd manages", flags: []flagSpec{fJSON}, run: cmdList,
+		{name: "list", summary: "list the chains qcryptd manages", run: cmdList,
+			flags: []flagSpec{fJSON, {long: "--exit-status", short: "-e", help: "exit with the number of chains that are not open (the original's qcryptd chains -e)"}},
 			help: "Lists configured and ad-hoc chains with their state, target and layers."},
 		{name: "status", args: "[CHAIN | SOURCE_VM FILE KEY DST...]", summary: "show chains, or one chain hop by hop", run: cmdStatus,
 			flags: append([]flagSpec{fJSON}, fMP),
@@ -50,7 +52,7 @@ func init() {
 			help: "Opens a configured chain, or an ad-hoc one given as the original qcrypt's arguments: the container FILE in\n" +
 				"SOURCE_VM, key id KEY, destination qubes in decryption order. Shows progress; Ctrl-C cancels (the open is rolled back)."},
 		{name: "close", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "close a chain", run: cmdClose,
-			flags: []flagSpec{fJSON, fForce, fShutdown, fEject},
+			flags: []flagSpec{fJSON, fSD, fShutdown, fEject},
 			help:  "Closes a chain in reverse order. Never detaches from a qube that is down, never shuts the target down\nunless --shutdown-target."},
 		{name: "luks-init", args: "[OPTIONS] SOURCE_VM FILE KEY DST...", summary: "create a new container and its keys", run: cmdLuksInit,
 			flags: []flagSpec{fJSON, fAuto, fCy,
@@ -72,7 +74,7 @@ func init() {
 				"you are root. Prints \"All good.\" or every error."},
 		{name: "reload", summary: "make qcryptd re-read its configuration", run: cmdReload, flags: []flagSpec{fJSON},
 			help: "Unchanged open chains are left alone; removed ones are closed."},
-		{name: "close-all", summary: "close every open chain", run: cmdCloseAll, flags: []flagSpec{fJSON, fForce, fShutdown, fStop}},
+		{name: "close-all", summary: "close every open chain", run: cmdCloseAll, flags: []flagSpec{fJSON, fSD, fShutdown, fStop}},
 		{name: "watch", summary: "follow chain state changes", run: cmdWatch, flags: []flagSpec{fJSON}, help: "Prints one line per change until interrupted."},
 		{name: "notify-agent", summary: "post desktop notifications for chain events (run in the desktop session)", run: cmdNotifyAgent,
 			help: "Listens to qcryptd on the system bus and notifies through org.freedesktop.Notifications on the session bus:\n" +

@@ -213,6 +213,7 @@ func TestGoldenOutput(t *testing.T) {
 	}{
 		{"list", []string{"list"}, 0, false},
 		{"list-json", []string{"list", "--json"}, 0, false},
+		{"list-exit-status", []string{"list", "-e"}, 2, false},
 		{"status", []string{"status"}, 0, false},
 		{"status-json", []string{"status", "--json"}, 0, false},
 		{"status-chain", []string{"status", "demo"}, 0, false},
@@ -225,6 +226,7 @@ func TestGoldenOutput(t *testing.T) {
 		{"open-json", []string{"open", "demo", "--json"}, 0, false},
 		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "testdata/inject.key", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		{"close", []string{"close", "--force", "--eject", "demo"}, 0, false},
+		{"close-sd", []string{"close", "--sd", "demo"}, 0, false},
 		{"close-adhoc-json", []string{"close", "--json", "sys-usb", "/c.luks", "k", "work"}, 0, false},
 		{"luks-init", []string{"luks-init", "--size", "64M", "--fs", "ext4", "--bak", "@TMP@/bak", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		{"luks-init-files", []string{"luks-init", "--wd", "@TMP@/wd", "--enkey", "testdata/inject.key", "--encon", "/dev/zero", "sys-usb", "/c.luks", "k", "work"}, 0, false},
