@@ -77,6 +77,37 @@ func (j *Journal) Write(r *Record) error {
 	return nil
 }
 
+// SetUserClosed remembers (or forgets) that the user closed a chain, so that a restart
+// of qcryptd does not open it again before the next trigger (a qube or device event).
+func (j *Journal) SetUserClosed(chain string, closed bool) error {
+	if j == nil {
+		return nil
+	}
+	p := filepath.Join(j.Dir, "chains", chain+".user-closed")
+	if !closed {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("cannot write journal: %w", err)
+		}
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		return fmt.Errorf("cannot write journal: %w", err)
+	}
+	return nil
+}
+
+// UserClosed reports whether the user closed the chain last.
+func (j *Journal) UserClosed(chain string) bool {
+	if j == nil {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(j.Dir, "chains", chain+".user-closed"))
+	return err == nil
+}
+
 // Remove forgets a chain's record (an ad-hoc chain that is gone); none is no error.
 func (j *Journal) Remove(chain string) error {
 	if j == nil {
@@ -85,7 +116,7 @@ func (j *Journal) Remove(chain string) error {
 	if err := os.Remove(j.path(chain)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("cannot remove the journal of %s: %w", chain, err)
 	}
-	return nil
+	return j.SetUserClosed(chain, false)
 }
 
 // Read returns the record of a chain, or nil when there is none.

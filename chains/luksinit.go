@@ -251,6 +251,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	for i, h := range c.Hops {
 		next("copy the key of layer " + fmt.Sprint(i+1) + " into " + h.VM)
 		if err := e.copyIn(ctx, h.VM, bytes.NewReader(keys[i]), keyPaths[i], int64(s.KeySize), nil); err != nil {
+			written = append(written, struct{ vm, path string }{h.VM, keyPaths[i] + ".part"})
 			return err
 		}
 		written = append(written, struct{ vm, path string }{h.VM, keyPaths[i]})
@@ -270,6 +271,8 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	if err := e.copyIn(ctx, c.SourceVM, container, c.Container(), s.Size, func(n int64) {
 		report("copy the container into "+c.SourceVM, n, s.Size)
 	}); err != nil {
+		// A copy cut short (canceled: qrexec-client killed) leaves its .part behind.
+		written = append(written, struct{ vm, path string }{c.SourceVM, c.Container() + ".part"})
 		return err
 	}
 	written = append(written, struct{ vm, path string }{c.SourceVM, c.Container()})

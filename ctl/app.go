@@ -24,9 +24,10 @@ const (
 	ExitOK          = 0
 	ExitFailed      = 1
 	ExitUsage       = 2
-	ExitStatusError = 64 // status CHAIN could not tell (or the chain is in a strange state)
-	ExitNotRunning  = 69 // qcryptd is not running
-	ExitDenied      = 77 // caller not allowed
+	ExitStatusError = 64  // status CHAIN could not tell (or the chain is in a strange state)
+	ExitNotRunning  = 69  // qcryptd is not running
+	ExitInterrupted = 130 // Ctrl-C: the job was canceled (and rolled back)
+	ExitDenied      = 77  // caller not allowed
 )
 
 // API is what qcryptctl needs of qcryptd (*dbusapi.Client has it).

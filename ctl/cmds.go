@@ -33,11 +33,13 @@ type chainJSON struct {
 	Managed    bool     `json:"managed"`
 	ReadOnly   bool     `json:"read_only"`
 	Autostart  bool     `json:"autostart"`
+	RetryAt    string   `json:"retry_at,omitempty"` // RFC 3339: the next automatic attempt
 }
 
 func toJSON(c dbusapi.ChainInfo) chainJSON {
 	return chainJSON{Name: c.Name, State: c.State, Waiting: c.Waiting, Step: c.Step, Steps: c.Steps, LastError: c.LastError,
-		Target: c.Target, Layers: c.Layers, MountPoint: c.MountPoint, Managed: c.Managed, ReadOnly: c.ReadOnly, Autostart: c.Autostart}
+		Target: c.Target, Layers: c.Layers, MountPoint: c.MountPoint, Managed: c.Managed, ReadOnly: c.ReadOnly, Autostart: c.Autostart,
+		RetryAt: retryAt(c)}
 }
 
 func (a *app) chains(api API) ([]dbusapi.ChainInfo, error) {
@@ -56,10 +58,21 @@ func (a *app) chains(api API) ([]dbusapi.ChainInfo, error) {
 	return out, nil
 }
 
+func retryAt(c dbusapi.ChainInfo) string {
+	if c.RetryAt.IsZero() {
+		return ""
+	}
+	return c.RetryAt.UTC().Format(time.RFC3339)
+}
+
 func info(c dbusapi.ChainInfo) string {
 	switch {
 	case c.State == "opening" || c.State == "closing":
 		return fmt.Sprintf("step %d of %d", c.Step, c.Steps)
+	case !c.RetryAt.IsZero() && c.LastError != "":
+		return c.LastError + "; next attempt " + c.RetryAt.Local().Format("15:04")
+	case !c.RetryAt.IsZero():
+		return "next attempt " + c.RetryAt.Local().Format("15:04")
 	case c.Waiting != "":
 		return c.Waiting
 	case c.LastError != "":
@@ -305,6 +318,9 @@ func (a *app) job(api API, start dbusapi.Starter, asJSON bool) int {
 		fmt.Fprintln(a.err, "qcryptctl:", res.Message)
 	}
 	if !res.Success {
+		if a.ctx.Err() != nil {
+			return ExitInterrupted // Ctrl-C: the job was canceled and rolled back
+		}
 		return ExitFailed
 	}
 	return ExitOK

@@ -42,7 +42,7 @@ func init() {
 	commands = []*command{
 		{name: "list", summary: "list the chains qcryptd manages", run: cmdList,
 			flags: []flagSpec{fJSON, {long: "--exit-status", short: "-e", help: "exit with the number of chains that are not open (the original's qcryptd chains -e)"}},
-			help: "Lists configured and ad-hoc chains with their state, target and layers."},
+			help:  "Lists configured and ad-hoc chains with their state, target and layers."},
 		{name: "status", args: "[CHAIN | SOURCE_VM FILE KEY DST...]", summary: "show chains, or one chain hop by hop", run: cmdStatus,
 			flags: append([]flagSpec{fJSON}, fMP),
 			help: "Without arguments: every configured chain and every chain open on the system that qcryptd does not manage.\n" +

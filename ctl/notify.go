@@ -41,6 +41,8 @@ func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error))
 func (n *notifier) describe(ev dbusapi.ChainEvent) *note {
 	chain := ev.Chain
 	switch {
+	case ev.State == "open" && ev.Reason == dbusapi.ReasonFoundOpen:
+		return nil // qcryptd (re)started and found it open: nothing happened
 	case ev.State == "open":
 		body := "The chain is open."
 		if ci, err := n.chain(ev.Chain); err == nil && ci.MountPoint != "" {

@@ -67,10 +67,13 @@ func (d *Daemon) start(j *job) {
 	j.state = "running"
 	d.jobChanged(j)
 	if cs != nil {
-		switch j.op {
-		case "open":
+		switch {
+		case j.op == "open" && cs.state != StateOpen: // an open of an open chain changes nothing
 			d.setState(cs, StateOpening, "", j.reason)
-		case "close":
+			if cs.managed {
+				d.journalUserClosed(cs, false)
+			}
+		case j.op == "close":
 			d.setState(cs, StateClosing, "", j.reason)
 		}
 	}
@@ -86,7 +89,8 @@ func (d *Daemon) start(j *job) {
 // outcome says what a finished job means for its chain.
 type outcome struct {
 	state, waiting, message string
-	attempt                 bool // counts for the startup interval
+	attempt                 bool // a failed automatic open: counts for the startup interval
+	userClosed              bool // reconcile: the user closed the chain last; no automatic open before a trigger
 }
 
 // execute runs in the job's goroutine; it must not touch daemon state.
@@ -125,22 +129,26 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 		}
 		if c.PreOpen != "" && j.chain.managed {
 			if err := d.o.Hook(ctx, c.PreOpen, hookEnv(c, "open")); err != nil {
-				return outcome{state: StateFailed, attempt: true}, fmt.Errorf("pre open command vetoed the open: %w", err)
+				return outcome{state: StateFailed, attempt: j.auto}, fmt.Errorf("pre open command vetoed the open: %w", err)
 			}
 		}
 		err := d.engine.Open(ctx, c, j.openOpts, progress)
-		if errors.Is(err, chains.ErrAlreadyOpen) {
+		switch {
+		case errors.Is(err, chains.ErrAlreadyOpen):
 			return outcome{state: StateOpen, message: "already open"}, nil
-		}
-		if err != nil {
-			return outcome{state: StateFailed, attempt: true}, err
+		case errors.Is(err, chains.ErrCanceled) || errors.Is(err, context.Canceled):
+			return outcome{state: StateClosed}, err // rolled back: nothing of it is left
+		case errors.Is(err, chains.ErrNotRunning) && !j.auto:
+			return outcome{state: StateWaiting}, err // it opens when its qubes run
+		case err != nil:
+			return outcome{state: StateFailed, attempt: j.auto}, err
 		}
 		if c.PostOpen != "" && j.chain.managed {
 			if err := d.o.Hook(ctx, c.PostOpen, hookEnv(c, "open")); err != nil {
 				log.WithError(err).Warn("post open command failed")
 			}
 		}
-		return outcome{state: StateOpen, message: "open", attempt: true}, nil
+		return outcome{state: StateOpen, message: "open"}, nil
 	case "close":
 		if c.PreClose != "" && j.chain.managed {
 			if err := d.o.Hook(ctx, c.PreClose, hookEnv(c, "close")); err != nil {
@@ -170,6 +178,7 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 			}
 		}
 		decision := chains.Reconcile(rec, st)
+		userClosed := j.op == "reconcile" && d.engine.Journal.UserClosed(c.Name)
 		if j.op == "check" && decision == chains.DecideDegraded {
 			// A chain that was open and broke (a qube or device went away): close what is left.
 			decision = chains.DecideFinishClose
@@ -177,9 +186,9 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 		log.WithFields(logrus.Fields{"decision": decision.String(), "missing": st.Missing}).Info("reconciled")
 		switch decision {
 		case chains.DecideAdopt:
-			return outcome{state: StateOpen, message: "open"}, nil
+			return outcome{state: StateOpen, message: dbusapi.ReasonFoundOpen}, nil
 		case chains.DecideClosed:
-			return outcome{state: StateClosed, message: "closed"}, nil
+			return outcome{state: StateClosed, message: "closed", userClosed: userClosed}, nil
 		case chains.DecideRollback, chains.DecideFinishClose:
 			// Clients must not see "closed" while devices are still being taken down.
 			d.post(func() {
@@ -254,8 +263,16 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	// Only a reconcile (start-up, reconnect) or a failed automatic open leads to another
 	// automatic attempt here; a chain the user closed stays closed until a trigger.
 	switch {
+	case j.op == "close" && !j.auto && err == nil && cs.managed:
+		d.journalUserClosed(cs, true)
+	case j.op == "reconcile" && res.userClosed:
+		d.consider(cs, "closed by the user before qcryptd restarted", false)
 	case j.op == "reconcile":
 		d.evaluate(cs, "")
+	case j.op == "open" && cs.state == StateWaiting:
+		d.consider(cs, j.reason, false) // say what it waits for
+	case j.op == "open" && !j.auto && cs.state == StateClosed:
+		d.consider(cs, j.reason, false)
 	case j.op == "open" && j.auto && cs.state == StateFailed:
 		// Retry after the startup interval; with none, at the next trigger (never in a loop).
 		if cs.c.StartupInterval > 0 {
@@ -338,5 +355,12 @@ func (d *Daemon) wakeSharers(cs *chainState) {
 		if other != cs && other.c.Key == cs.c.Key && other.state == StateWaiting && strings.HasPrefix(other.waiting, "waiting for chain "+cs.c.Name+" ") {
 			d.consider(other, "chain "+cs.c.Name+" let go of mapper "+cs.c.Key, true)
 		}
+	}
+}
+
+// journalUserClosed records whether the user closed cs last (see Journal.SetUserClosed).
+func (d *Daemon) journalUserClosed(cs *chainState, closed bool) {
+	if err := d.engine.Journal.SetUserClosed(cs.c.Name, closed); err != nil {
+		d.chainLog(cs).WithError(err).Warn("cannot record the user's close")
 	}
 }

@@ -15,10 +15,10 @@ run=""
 [ -n "${E2E_RUN:-}" ] && run="-test.run $(printf %q "$E2E_RUN")"
 cat > "$out/tests.sh" <<SCRIPT
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export QCRYPT_E2E=1 QCRYPT_E2E_BIN=$out DM_DISABLE_UDEV=1 E2E_LOGS=${E2E_LOGS:-0}
+export QCRYPT_E2E=1 QCRYPT_E2E_BIN=$out DM_DISABLE_UDEV=1 E2E_LOGS=${E2E_LOGS:-0} E2E_CYCLES=${E2E_CYCLES:-8}
 cd "\${TMPDIR:-/tmp}"
 start=\$(date +%s)
-"$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-9m} $run
+"$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-20m} $run
 status=\$?
 echo "e2e: tests took \$((\$(date +%s) - start)) s on kernel \$(uname -r)"
 exit \$status
