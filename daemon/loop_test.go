@@ -23,9 +23,10 @@ import (
 func TestMain(m *testing.M) { simtest.Main(m) }
 
 type recorder struct {
-	mu     sync.Mutex
-	states map[string][]string
-	jobs   map[uint64]bool
+	mu      sync.Mutex
+	states  map[string][]string
+	reasons map[string][]string // the reason of each state in states
+	jobs    map[uint64]bool
 }
 
 func (r *recorder) ChainAdded(c dbusapi.ChainInfo) { r.ChainChanged(c, "", "added") }
@@ -34,6 +35,7 @@ func (r *recorder) ChainChanged(c dbusapi.ChainInfo, prev, reason string) {
 	defer r.mu.Unlock()
 	if l := r.states[c.Name]; len(l) == 0 || l[len(l)-1] != c.State {
 		r.states[c.Name] = append(r.states[c.Name], c.State)
+		r.reasons[c.Name] = append(r.reasons[c.Name], reason)
 	}
 }
 func (r *recorder) ChainRemoved(string)        {}
@@ -78,18 +80,28 @@ func startLoopWith(t *testing.T, files map[string]string, before ...func(*simtes
 	for name, content := range files {
 		os.WriteFile(filepath.Join(conf, "demo", name+".ini"), []byte(content), 0o644)
 	}
-	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: t.TempDir(), Qubes: f.Client, Runner: f.Runner,
+	d, rec, _ := runLoop(t, f, conf, t.TempDir())
+	return f, d, rec
+}
+
+// runLoop runs a daemon on a world, a config root and a state dir; stop ends it (also
+// done at the test's end).
+func runLoop(t *testing.T, f *simtest.Fixture, conf, state string) (*Daemon, *recorder, func()) {
+	t.Helper()
+	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: state, Qubes: f.Client, Runner: f.Runner,
 		Backoff: qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}, JobLinger: time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec := &recorder{states: map[string][]string{}, jobs: map[uint64]bool{}}
+	rec := &recorder{states: map[string][]string{}, reasons: map[string][]string{}, jobs: map[uint64]bool{}}
 	d.SetPublisher(rec)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { d.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return f, d, rec
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return d, rec, stop
 }
 
 func waitFor(t *testing.T, what string, ok func() bool) {
@@ -225,6 +237,9 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	if err != nil || !st.Closed() {
 		t.Errorf("after cancel: %+v %v", st, err)
 	}
+	if got := rec.last("demo"); got != StateClosed {
+		t.Errorf("a canceled open ends %s, want closed (rolled back)", got)
+	}
 	if err := d.CancelJob(0, 9999); err == nil {
 		t.Error("canceling an unknown job succeeded")
 	}
@@ -313,4 +328,90 @@ func TestLoopSharedMapperOneAtATime(t *testing.T) {
 	if got := string(f.Sh(t, "work", "cat /proc/mounts | grep -c /mnt/demo").Stdout); got != "1\n" {
 		t.Errorf("mounts of /mnt/demo in work: %q", got)
 	}
+}
+
+// jobDone waits for a job's end and returns whether it succeeded.
+func jobDone(t *testing.T, rec *recorder, id uint64) bool {
+	t.Helper()
+	var ok, seen bool
+	waitFor(t, fmt.Sprintf("job %d ends", id), func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		ok, seen = rec.jobs[id]
+		return seen
+	})
+	return ok
+}
+
+// The states the daemon shows are what happened: a restart does not reopen a chain the
+// user closed, nor announce a chain it finds open as newly opened; an open of an open
+// chain does not flap; a manual open of a chain whose target is down leaves it waiting.
+func TestLoopHonestStates(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	conf, state := t.TempDir(), t.TempDir()
+	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	// The default startup interval (300 s): a success must not count toward it.
+	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(strings.Replace(loopDemoChain, "startup interval=0\n", "", 1)), 0o644)
+
+	d, rec, stop := runLoop(t, f, conf, state)
+	// A manual open while the target is halted: a clear error, the chain waits.
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	id, err := d.Open(0, "demo", chains.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if jobDone(t, rec, id) {
+		t.Fatal("open with work halted succeeded")
+	}
+	if got := d.ListChains()[0]; got.State != StateWaiting || got.Waiting != "waiting for work" || !strings.Contains(got.LastError, "qube not running") {
+		t.Errorf("after a manual open with work halted: %+v", got)
+	}
+	// Started: opens; shut down: closes; started again at once: opens again (the first
+	// success did not start the 300 s interval).
+	for i := 0; i < 2; i++ {
+		f.Client.Start(context.Background(), "work")
+		waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+		if i == 0 {
+			f.Client.Shutdown(context.Background(), "work", false, true)
+			waitFor(t, "waiting again", func() bool { return rec.last("demo") == StateWaiting })
+		}
+	}
+	// An open of the open chain changes nothing.
+	before := len(rec.states["demo"])
+	if id, err = d.Open(0, "demo", chains.OpenOptions{}); err != nil || !jobDone(t, rec, id) {
+		t.Fatalf("open of an open chain: %v", err)
+	}
+	rec.mu.Lock()
+	if after := rec.states["demo"][before:]; len(after) != 0 {
+		t.Errorf("an open of an open chain went through %v", after)
+	}
+	rec.mu.Unlock()
+
+	// Restarted with the chain open: it is found open, not opened.
+	stop()
+	d, rec, stop = runLoop(t, f, conf, state)
+	waitFor(t, "found open", func() bool { return rec.last("demo") == StateOpen })
+	rec.mu.Lock()
+	if r := rec.reasons["demo"]; r[len(r)-1] != dbusapi.ReasonFoundOpen {
+		t.Errorf("adopted with reason %q", r[len(r)-1])
+	}
+	rec.mu.Unlock()
+
+	// The user closes it; a restart does not open it again, the next trigger does.
+	if id, err = d.Close(0, "demo", chains.CloseOptions{}); err != nil || !jobDone(t, rec, id) {
+		t.Fatalf("close: %v", err)
+	}
+	stop()
+	d, rec, stop = runLoop(t, f, conf, state)
+	var reconcile uint64 = 1 // the first job of a daemon is its chain's reconcile
+	jobDone(t, rec, reconcile)
+	if got := d.ListChains()[0].State; got != StateClosed {
+		t.Fatalf("after a restart the chain the user closed is %s", got)
+	}
+	// A trigger: the target stops and starts again.
+	f.Client.Shutdown(context.Background(), "work", false, true)
+	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == StateWaiting })
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open after a trigger", func() bool { return rec.last("demo") == StateOpen })
+	stop()
 }
