@@ -80,13 +80,15 @@ const exitAndJSONDocs = "## Exit status\n\n" +
 	"| 0 | success (`status CHAIN`: the chain is open) |\n" +
 	"| 1 | the operation failed |\n" +
 	"| 2 | usage error |\n" +
+	"| 1–63 | `list -e`: the number of chains that are not open |\n" +
 	"| 1–63 | `status CHAIN` only: the number of steps missing to open the chain (the original's semantics: source qube down +3, no loop +1, no file +2; per destination: down +4, not attached +1, not decrypted +1 or +2 without key; with a mount point, not mounted +1) |\n" +
 	"| 64 | `status CHAIN` could not tell, or the chain is in a state qcrypt did not make |\n" +
 	"| 69 | qcryptd is not running (`sudo systemctl start qcryptd`) |\n" +
-	"| 77 | access denied: root and members of group `qubes` only |\n\n" +
+	"| 77 | access denied: root and members of group `qubes` only (reading too: others may only introspect) |\n" +
+	"| 130 | interrupted (Ctrl-C): the job was canceled and what it did rolled back |\n\n" +
 	"## JSON output (`--json`)\n\n" +
 	"Stable: fields are only ever added.\n\n" +
-	"- `list`: array of chain objects `{name, state, waiting?, step?, steps?, last_error?, target, layers[], mount_point?, managed, read_only, autostart}`; `state` is one of closed, waiting, opening, open, closing, degraded, failed.\n" +
+	"- `list`: array of chain objects `{name, state, waiting?, step?, steps?, last_error?, target, layers[], mount_point?, managed, read_only, autostart, retry_at?}` (`retry_at`: RFC 3339 time of the next automatic attempt); `state` is one of closed, waiting, opening, open, closing, degraded, failed.\n" +
 	"- `status`: `{chains: [chain object...], unmanaged: [{line, source_vm, file?, key?, qubes[], read_only, managed_by?, status_command}]}`.\n" +
 	"- `status CHAIN`: `{chain, source_vm, source_running, source (loop|file|missing|unknown), hops: [{vm, running, attached, frontend_dev?, key_present, decrypted, mounted}], missing, problem?}`.\n" +
 	"- `open`, `close`, `luks-init`: `{success, message}` when the job ends.\n" +

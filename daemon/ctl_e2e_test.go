@@ -90,12 +90,16 @@ func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	cmd.Process.Signal(syscall.SIGINT)
 	cmd.Wait()
-	if code := cmd.ProcessState.ExitCode(); code != 1 || !strings.Contains(out.String(), "canceled") {
+	if code := cmd.ProcessState.ExitCode(); code != 130 || !strings.Contains(out.String(), "canceled") {
 		t.Errorf("Ctrl-C: exit %d, output:\n%s", code, out.String())
 	}
 	st, err := c.Status(bg, "demo")
 	if err != nil || !st.Closed() {
 		t.Errorf("after Ctrl-C the open was not rolled back: %+v %v", st, err)
+	}
+	// Rolled back is closed, not failed; status and list agree.
+	if ci, err := c.Chain(bg, "demo"); err != nil || ci.State != "closed" {
+		t.Errorf("after Ctrl-C the chain is %+v %v, want closed", ci, err)
 	}
 }
 
