@@ -599,6 +599,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 		"skips the middle qube":               func(c *Chain) { c.Hops = c.Hops[1:] },
 		"wrong file":                          func(c *Chain) { c.SourceFile = "/home/user/other.luks" },
 		"wrong key":                           func(c *Chain) { c.Key = "badkey" },
+		"first part of the chain":             func(c *Chain) { c.Hops = c.Hops[:1] },
 	}
 	for name, change := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -606,7 +607,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 			c.MountPoint = ""
 			change(c)
 			st := r.status(t, c)
-			if st.Open() || st.Other == "" {
+			if st.Open() || st.Other == "" || st.Missing == 0 {
 				t.Errorf("status of the wrong spec: %+v", st)
 			}
 			err := r.e.Close(bg, c, CloseOptions{}, nil)

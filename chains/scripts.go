@@ -178,11 +178,18 @@ func sourceCloseScript(c *Chain, eject bool) string {
 // Status bits of a destination qube. Where the mapper sits is a two-bit field, so that
 // every fact fits below qrexec's reserved statuses (statusBase + 63 < 125).
 const (
-	bitKey       = 1
-	posShift     = 1 // (bits >> posShift) & 3: where the mapper sits, pos* below
-	bitMounted   = 8
-	bitMountedAt = 16
-	bitHopBusy   = 32 // a device attached from the previous hop carries another mapper
+	bitKey     = 1
+	posShift   = 1  // (bits >> posShift) & 3: where the mapper sits, pos* below
+	useShift   = 3  // (bits >> useShift) & 3: what uses the mapper, use* below
+	bitHopBusy = 32 // a device attached from the previous hop carries another mapper
+)
+
+// What uses a destination's mapper.
+const (
+	useNone      = 0 // nothing
+	usePassedOn  = 1 // in use, not mounted: passed on to the next qube
+	useMounted   = 2 // mounted, not at the chain's mount point
+	useMountedAt = 3 // mounted at the chain's mount point
 )
 
 // Where a destination's mapper sits.
@@ -228,11 +235,12 @@ func hopStatusScript(key, name string, devs, others []string, mountPoint string)
 		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posHop)
 	}
 	fmt.Fprintf(&b, "  b=$((b | p << %d))\n", posShift)
-	fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" >/dev/null 2>&1 && b=$((b | %d))\n", bitMounted)
+	fmt.Fprintf(&b, "  u=%d\n  cryptsetup status \"$name\" 2>/dev/null | head -n 1 | grep -q 'in use' && u=%d\n", useNone, usePassedOn)
+	fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" >/dev/null 2>&1 && u=%d\n", useMounted)
 	if mountPoint != "" {
-		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && b=$((b | %d))\n", q(mountPoint), bitMountedAt)
+		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && u=%d\n", q(mountPoint), useMountedAt)
 	}
-	b.WriteString("fi\n")
+	fmt.Fprintf(&b, "  b=$((b | u << %d))\nfi\n", useShift)
 	if len(devs) > 0 {
 		b.WriteString("for m in $(ls /dev/mapper 2>/dev/null); do\n  [ \"$m\" = \"$name\" ] || [ \"$m\" = control ] && continue\n  md=$(dev \"$m\")\n")
 		for _, d := range devs {

@@ -174,11 +174,11 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		if bits < 0 || bits >= 64 {
 			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(res.ExitCode))
 		}
-		pos := bits >> posShift & 3
+		pos, use := bits>>posShift&3, bits>>useShift&3
 		hs.KeyPresent = bits&bitKey != 0
 		hs.Decrypted = pos == posHop
 		hs.MapperElsewhere = pos == posOther || pos == posLoose
-		hs.Mounted = bits&bitMounted != 0
+		hs.Mounted = use == useMounted || use == useMountedAt
 		if !hs.Attached {
 			st.Missing++
 		}
@@ -187,6 +187,9 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 			st.Other = fmt.Sprintf("%s has %s open on a device from another qube than %s: another chain is open there", h.VM, c.Key, prev)
 		case bits&bitHopBusy != 0:
 			st.Other = fmt.Sprintf("the device %s has from %s carries another mapper than %s: another chain is open there", h.VM, prev, c.Key)
+		case last && hs.Decrypted && use == usePassedOn:
+			st.Other = fmt.Sprintf("%s passes %s on: this is the first part of a longer chain", h.VM, c.Key)
+			st.Missing++ // as the original: the plaintext is not here
 		}
 		switch {
 		case pos != posNone && !hs.KeyPresent:
@@ -201,7 +204,7 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		default:
 			st.Missing += 2
 		}
-		if last && c.MountPoint != "" && bits&bitMountedAt == 0 {
+		if last && c.MountPoint != "" && use != useMountedAt {
 			st.Missing++
 		}
 		st.Hops = append(st.Hops, hs)

@@ -97,7 +97,7 @@ func TestNotifyAgent(t *testing.T) {
 	n.MinGap = 300 * time.Millisecond
 
 	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "opening", Previous: "waiting", Reason: "a device appeared in sys-usb"})
-	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"}) // not worth a note
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"})     // not worth a note
 	n.handle(dbusapi.ChainEvent{Chain: "old", State: "open", Previous: "closed", Reason: dbusapi.ReasonFoundOpen}) // qcryptd restarted
 	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
 	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "closing", Previous: "open", Reason: "work shut down"})
