@@ -83,14 +83,19 @@ func readKey(fd dbus.UnixFD, vm string) ([]byte, error) {
 	return key, nil
 }
 
-// CloseFDs closes the descriptors in a message's arguments, except those taken (a
-// caller may send them anywhere; left open they would fill qcryptd's table).
+// CloseFDs closes the descriptors in a message's arguments, except those taken, each
+// once (a caller may send them anywhere, and one twice; left open they would fill
+// qcryptd's table).
 func CloseFDs(taken map[dbus.UnixFD]bool, vs ...any) {
+	if taken == nil {
+		taken = map[dbus.UnixFD]bool{}
+	}
 	for _, v := range vs {
 		switch x := v.(type) {
 		case dbus.UnixFD:
 			if !taken[x] {
 				unix.Close(int(x))
+				taken[x] = true
 			}
 		case dbus.Variant:
 			CloseFDs(taken, x.Value())

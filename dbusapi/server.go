@@ -325,10 +325,12 @@ func (m *manager) ListChains(sender dbus.Sender) ([]struct {
 	return out, nil
 }
 
-// job checks the caller, starts a job and answers with its path.
-func (m *manager) job(sender dbus.Sender, start func(uid uint32) (uint64, error)) (dbus.ObjectPath, *dbus.Error) {
+// job checks the caller, starts a job and answers with its path. A refused caller's
+// descriptors (in fds, a spec) are closed here; start owns them otherwise.
+func (m *manager) job(sender dbus.Sender, fds map[string]dbus.Variant, start func(uid uint32) (uint64, error)) (dbus.ObjectPath, *dbus.Error) {
 	uid, derr := m.s.caller(sender)
 	if derr != nil {
+		CloseFDs(nil, fds)
 		return "", derr
 	}
 	id, err := start(uid)
@@ -340,7 +342,7 @@ func (m *manager) job(sender dbus.Sender, start func(uid uint32) (uint64, error)
 
 func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
 	defer CloseFDs(nil, options)
-	return m.job(sender, func(uid uint32) (uint64, error) {
+	return m.job(sender, nil, func(uid uint32) (uint64, error) {
 		o, err := OpenOptionsFromMap(options)
 		if err != nil {
 			return 0, err
@@ -351,7 +353,7 @@ func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus
 
 func (m *manager) Close(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
 	defer CloseFDs(nil, options)
-	return m.job(sender, func(uid uint32) (uint64, error) {
+	return m.job(sender, nil, func(uid uint32) (uint64, error) {
 		o, _, err := CloseOptionsFromMap(options, false)
 		if err != nil {
 			return 0, err
@@ -394,7 +396,7 @@ func (m *manager) Discover(sender dbus.Sender) ([]map[string]dbus.Variant, *dbus
 // the daemon's to wipe once the job ends.
 func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
 	defer CloseFDs(nil, options)
-	return m.job(sender, func(uid uint32) (uint64, error) {
+	return m.job(sender, spec, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
@@ -419,7 +421,7 @@ func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Va
 
 func (m *manager) CloseAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
 	defer CloseFDs(nil, options)
-	return m.job(sender, func(uid uint32) (uint64, error) {
+	return m.job(sender, spec, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
@@ -500,7 +502,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 // LuksInit creates a container; the caller's files (entropy, work file, backups) are
 // the daemon's to close once the job ends.
 func (m *manager) LuksInit(sender dbus.Sender, spec map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	return m.job(sender, func(uid uint32) (uint64, error) {
+	return m.job(sender, spec, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err

@@ -296,14 +296,16 @@ func (s *Spec) Close() {
 // receiveFDs takes the descriptors of a spec: keys to inject are read at once, the
 // luks-init files are checked and kept.
 func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool) error {
+	seen := map[dbus.UnixFD]bool{}
 	fd := func(v dbus.Variant, what string) (dbus.UnixFD, error) {
 		x, ok := v.Value().(dbus.UnixFD)
 		if !ok {
 			return 0, Errorf(ReasonInvalidArgs, "%s: wrong type %s, want a file descriptor (h)", what, v.Signature())
 		}
-		if taken[x] {
+		if seen[x] {
 			return 0, Errorf(ReasonInvalidArgs, "%s: the same descriptor is passed twice", what)
 		}
+		seen[x] = true
 		return x, nil
 	}
 	fdsOf := func(key string) (map[string]dbus.UnixFD, error) {
@@ -391,6 +393,7 @@ func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
 	}
 	c, err := s.chain(m)
 	if err != nil {
+		CloseFDs(taken, m) // any in a field of the wrong type
 		s.Close()
 		return nil, Spec{}, err
 	}

@@ -1,8 +1,13 @@
 package dbusapi
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/godbus/dbus/v5"
+	"golang.org/x/sys/unix"
 )
 
 func TestSpecFromMapRefuses(t *testing.T) {
@@ -28,6 +33,104 @@ func TestSpecFromMapRefuses(t *testing.T) {
 			_, _, err := SpecFromMap(s.ToMap())
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v, want %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// isOpen reports whether fd is an open descriptor of this process.
+func isOpen(fd int) bool {
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == nil
+}
+
+// Descriptors a caller passes are checked for their kind and mode; on any refusal every
+// one of them is closed, each once, and the spec is refused.
+func TestSpecDescriptors(t *testing.T) {
+	dir := t.TempDir()
+	open := func(name string, flag int, content string) int {
+		p := filepath.Join(dir, name)
+		if content != "" {
+			os.WriteFile(p, []byte(content), 0o600)
+		}
+		fd, err := unix.Open(p, flag|unix.O_CREAT, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fd
+	}
+	pipe := func() int {
+		var p [2]int
+		unix.Pipe(p[:])
+		unix.Close(p[1])
+		return p[0]
+	}
+	base := Spec{SourceVM: "sys-usb", File: "/c.luks", Key: "k", Destinations: []string{"mediator", "work"}}.ToMap()
+	with := func(extra map[string]dbus.Variant) map[string]dbus.Variant {
+		m := map[string]dbus.Variant{}
+		for k, v := range base {
+			m[k] = v
+		}
+		for k, v := range extra {
+			m[k] = v
+		}
+		return m
+	}
+	fdv := func(fd int) dbus.Variant { return dbus.MakeVariant(dbus.UnixFD(fd)) }
+	tests := map[string]struct {
+		fds   func() ([]int, map[string]dbus.Variant)
+		want  string // "" = accepted
+		check func(t *testing.T, s Spec)
+	}{
+		"key file read and closed": {func() ([]int, map[string]dbus.Variant) {
+			k := open("key", unix.O_RDONLY, "secret")
+			return []int{k}, map[string]dbus.Variant{"inject": dbus.MakeVariant(map[string]dbus.Variant{"work": fdv(k)})}
+		}, "", func(t *testing.T, s Spec) {
+			if string(s.InjectKeys["work"]) != "secret" {
+				t.Errorf("key %q", s.InjectKeys["work"])
+			}
+		}},
+		"a pipe is no entropy source": {func() ([]int, map[string]dbus.Variant) {
+			p := pipe()
+			return []int{p}, map[string]dbus.Variant{"key_entropy": fdv(p)}
+		}, "must be a readable file or character device", nil},
+		"a backup must be new and writable": {func() ([]int, map[string]dbus.Variant) {
+			b := open("old", unix.O_RDONLY, "old key")
+			return []int{b}, map[string]dbus.Variant{"backups": dbus.MakeVariant(map[string]dbus.Variant{"work": fdv(b)})}
+		}, "must be a new, empty regular file opened for writing", nil},
+		"the same descriptor twice": {func() ([]int, map[string]dbus.Variant) {
+			b := open("new", unix.O_WRONLY, "")
+			return []int{b}, map[string]dbus.Variant{"backups": dbus.MakeVariant(map[string]dbus.Variant{"work": fdv(b), "mediator": fdv(b)})}
+		}, "passed twice", nil},
+		"a refusal elsewhere closes them all": {func() ([]int, map[string]dbus.Variant) {
+			b := open("new2", unix.O_WRONLY, "")
+			e := open("entropy", unix.O_RDONLY, "x")
+			return []int{b, e}, map[string]dbus.Variant{"backups": dbus.MakeVariant(map[string]dbus.Variant{"mediator": fdv(b)}),
+				"key_entropy": fdv(e), "destinations": dbus.MakeVariant([]string{"mediator", "dom0"})}
+		}, "dom0 is never part of a chain", nil},
+		"a backup for a qube that is no destination": {func() ([]int, map[string]dbus.Variant) {
+			b := open("new3", unix.O_WRONLY, "")
+			return []int{b}, map[string]dbus.Variant{"backups": dbus.MakeVariant(map[string]dbus.Variant{"sys-usb": fdv(b)})}
+		}, "backups: sys-usb is not a destination", nil},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			fds, extra := tc.fds()
+			_, s, err := SpecFromMap(with(extra))
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				tc.check(t, s)
+				s.Close()
+			} else if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want %q", err, tc.want)
+			}
+			for _, fd := range fds {
+				if isOpen(fd) {
+					t.Errorf("descriptor %d left open", fd)
+					unix.Close(fd)
+				}
 			}
 		})
 	}
