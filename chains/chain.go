@@ -27,7 +27,10 @@ type Chain struct {
 	Key              string // key id = file name under ~/.qcrypt/keys = mapper name
 	Hops             []Hop
 	MountPoint       string // in the target; empty: not mounted
-	Type             string // cryptsetup --type for every layer: luks (default), plain, loopaes, tcrypt
+	// MountAnywhere (status of an ad-hoc spec only): the plaintext counts as there when
+	// it is mounted, wherever; the original's status --mp "".
+	MountAnywhere bool
+	Type          string // cryptsetup --type for every layer: luks (default), plain, loopaes, tcrypt
 
 	Autostart       bool
 	ReadOnly        bool

@@ -626,3 +626,26 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 		t.Errorf("left: %v", left)
 	}
 }
+
+// The original's status --mp "": the plaintext counts as there when it is mounted,
+// wherever; without a mount check its mount does not count at all.
+func TestStatusMountedAnywhere(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	anywhere, unchecked := demoChain(), demoChain()
+	anywhere.MountPoint, anywhere.MountAnywhere = "", true
+	unchecked.MountPoint = ""
+	if st := r.status(t, anywhere); !st.Open() {
+		t.Errorf("mounted on /mnt/secure, checked anywhere: %+v", st)
+	}
+	r.Sh(t, "work", "umount /mnt/secure")
+	if st := r.status(t, anywhere); st.Missing != 1 {
+		t.Errorf("not mounted, checked anywhere: %d missing, want 1", st.Missing)
+	}
+	if st := r.status(t, unchecked); !st.Open() {
+		t.Errorf("not mounted, not checked: %+v", st)
+	}
+}

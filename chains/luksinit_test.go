@@ -2,6 +2,7 @@ package chains
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -282,5 +283,33 @@ func TestDiscoverLinksByProof(t *testing.T) {
 		`sys-usb:loop1 --> mediator:xvdj (r/w) key="" managed=false/true`
 	if got != want {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
+
+// A luks-init canceled while it copies the container (Ctrl-C of qcryptctl) leaves
+// nothing in the qubes: no keys, no container, no half-written .part.
+func TestLuksInitCanceledMidCopy(t *testing.T) {
+	r := luksRig(t)
+	s := initSpec("ext4")
+	ctx, cancel := context.WithCancel(bg)
+	defer cancel()
+	err := r.e.LuksInit(ctx, s, func(p Progress) {
+		if p.Total > 0 && p.Bytes > 0 {
+			cancel() // the copy into sys-usb has begun
+		}
+	})
+	if err == nil {
+		t.Fatal("a canceled luks-init succeeded")
+	}
+	if got := string(r.Sh(t, "sys-usb", "ls -a /home/user/vault 2>/dev/null").Stdout); strings.Contains(got, "new.luks") {
+		t.Errorf("left in sys-usb: %q", got)
+	}
+	for _, vm := range []string{"mediator", "work"} {
+		if got := string(r.Sh(t, vm, "ls -a /home/user/.qcrypt/keys").Stdout); strings.Contains(got, "newkey") {
+			t.Errorf("left in %s: %q", vm, got)
+		}
+	}
+	if left := r.privateLeft(t); len(left) != 0 {
+		t.Errorf("dom0 work files left: %v", left)
 	}
 }

@@ -204,7 +204,7 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		default:
 			st.Missing += 2
 		}
-		if last && c.MountPoint != "" && use != useMountedAt {
+		if last && (c.MountPoint != "" && use != useMountedAt || c.MountAnywhere && !hs.Mounted) {
 			st.Missing++
 		}
 		st.Hops = append(st.Hops, hs)

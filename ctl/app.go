@@ -221,6 +221,8 @@ func (p *parsed) spec(rw bool) (dbusapi.Spec, error) {
 	}
 	s := dbusapi.Spec{SourceVM: p.args[0], File: p.args[1], Key: p.args[2], Destinations: p.args[3:],
 		MountPoint: p.value("--mp"), ReadOnly: !rw || p.flags["--ro"], Autostart: p.flags["--autostart"]}
+	// --mp "" is the original's "mounted anywhere" (status); it mounts nothing.
+	s.MountAnywhere = len(p.values["--mp"]) > 0 && s.MountPoint == ""
 	pairs := func(name string) map[string]string {
 		v := p.values[name]
 		if len(v) == 0 {

@@ -44,7 +44,7 @@ func init() {
 			flags: []flagSpec{fJSON, {long: "--exit-status", short: "-e", help: "exit with the number of chains that are not open (the original's qcryptd chains -e)"}},
 			help:  "Lists configured and ad-hoc chains with their state, target and layers."},
 		{name: "status", args: "[CHAIN | SOURCE_VM FILE KEY DST...]", summary: "show chains, or one chain hop by hop", run: cmdStatus,
-			flags: append([]flagSpec{fJSON}, fMP),
+			flags: []flagSpec{fJSON, {long: "--mp", arity: 1, help: "also check that the plaintext is mounted at this path (\"\": anywhere)"}},
 			help: "Without arguments: every configured chain and every chain open on the system that qcryptd does not manage.\n" +
 				"With a chain: its facts hop by hop; the exit status is the number of steps missing to open it (0 = open)."},
 		{name: "open", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "open a chain", run: cmdOpen,

@@ -220,6 +220,7 @@ func TestGoldenOutput(t *testing.T) {
 		{"status-chain-json", []string{"status", "--json", "demo"}, 0, false},
 		{"status-missing-steps", []string{"status", "usb"}, 6, false},
 		{"status-adhoc", []string{"status", "--", "sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}, 0, false},
+		{"status-adhoc-mounted-anywhere", []string{"status", "--mp", "", "sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}, 0, false},
 		{"status-unknown-chain", []string{"status", "nope"}, ExitStatusError, false},
 		{"open", []string{"open", "demo"}, 0, false},
 		{"open-tty", []string{"open", "demo"}, 0, true},

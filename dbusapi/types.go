@@ -219,6 +219,7 @@ type Spec struct {
 	Inject              map[string]*os.File // qube -> dom0 key file to inject if it has none
 	CryptOptions        map[string]string   // qube -> cryptsetup options
 	MountPoint          string
+	MountAnywhere       bool // status: mounted anywhere counts (the original's --mp "")
 	ReadOnly, Autostart bool
 	// luks-init
 	Size                         uint64
@@ -232,7 +233,7 @@ type Spec struct {
 	InjectKeys map[string][]byte
 }
 
-var specKeys = []string{"source_vm", "file", "key", "destinations", "inject", "crypt_options", "mount_point", "read_only", "autostart",
+var specKeys = []string{"source_vm", "file", "key", "destinations", "inject", "crypt_options", "mount_point", "mount_anywhere", "read_only", "autostart",
 	"size", "key_size", "fs", "key_entropy", "container_entropy", "container_file", "backups"}
 
 func fdVariant(f *os.File) dbus.Variant { return dbus.MakeVariant(dbus.UnixFD(f.Fd())) }
@@ -263,6 +264,9 @@ func (s Spec) ToMap() map[string]dbus.Variant {
 	}
 	if len(s.CryptOptions) > 0 {
 		m["crypt_options"] = dbus.MakeVariant(s.CryptOptions)
+	}
+	if s.MountAnywhere {
+		m["mount_anywhere"] = dbus.MakeVariant(true)
 	}
 	for k, v := range map[string]string{"mount_point": s.MountPoint, "fs": s.FS} {
 		if v != "" {
@@ -403,14 +407,14 @@ func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
 // chain decodes the plain fields and validates the chain they describe.
 func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 	for k, p := range map[string]any{"source_vm": &s.SourceVM, "file": &s.File, "key": &s.Key, "destinations": &s.Destinations,
-		"crypt_options": &s.CryptOptions, "mount_point": &s.MountPoint, "read_only": &s.ReadOnly,
+		"crypt_options": &s.CryptOptions, "mount_point": &s.MountPoint, "mount_anywhere": &s.MountAnywhere, "read_only": &s.ReadOnly,
 		"autostart": &s.Autostart, "size": &s.Size, "key_size": &s.KeySize, "fs": &s.FS} {
 		if err := optional(m, k, p); err != nil {
 			return nil, err
 		}
 	}
 	c := &chains.Chain{SourceVM: s.SourceVM, SourceFile: s.File, Key: s.Key, MountPoint: s.MountPoint,
-		ReadOnly: s.ReadOnly, Autostart: s.Autostart, Type: "luks"}
+		MountAnywhere: s.MountAnywhere && s.MountPoint == "", ReadOnly: s.ReadOnly, Autostart: s.Autostart, Type: "luks"}
 	for _, vm := range s.Destinations {
 		h := chains.Hop{VM: vm}
 		if o := s.CryptOptions[vm]; o != "" {
