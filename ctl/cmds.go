@@ -185,6 +185,8 @@ func (a *app) printStatus(st *chains.Status) {
 	switch {
 	case st.Problem != "":
 		state = "strange: " + st.Problem
+	case st.Other != "":
+		state = "not this chain: " + st.Other
 	case st.Closed():
 		state = "closed"
 	case !st.Open():

@@ -73,7 +73,7 @@ func StatusToMap(st *chains.Status) map[string]dbus.Variant {
 		"chain": dbus.MakeVariant(st.Chain), "source_vm": dbus.MakeVariant(st.SourceVM),
 		"source_running": dbus.MakeVariant(st.SourceRunning), "source": dbus.MakeVariant(st.Source),
 		"missing": dbus.MakeVariant(int32(st.Missing)), "problem": dbus.MakeVariant(st.Problem),
-		"hops": dbus.MakeVariant(hops),
+		"other": dbus.MakeVariant(st.Other), "hops": dbus.MakeVariant(hops),
 	}
 }
 
@@ -87,7 +87,10 @@ func StatusFromMap(m map[string]dbus.Variant) (*chains.Status, error) {
 		return nil, err
 	}
 	st.Missing = int(missing)
-	cleanAll(&st.Chain, &st.SourceVM, &st.Source, &st.Problem)
+	if err := optional(m, "other", &st.Other); err != nil {
+		return nil, err
+	}
+	cleanAll(&st.Chain, &st.SourceVM, &st.Source, &st.Problem, &st.Other)
 	for _, h := range hops {
 		var hs chains.HopStatus
 		if err := fields(h, map[string]any{"vm": &hs.VM, "running": &hs.Running, "attached": &hs.Attached,
