@@ -318,6 +318,8 @@ func (d *Daemon) afterRemoval(cs *chainState, f func()) {
 func (d *Daemon) addChain(c *chains.Chain) {
 	cs := &chainState{c: c, managed: true, state: StateClosed}
 	d.chains[c.Name] = cs
+	// A new or changed chain file is a new chain: a close of the old one does not hold it.
+	d.journalUserClosed(cs, false)
 	if d.pub != nil {
 		d.pub.ChainAdded(d.info(cs))
 	}

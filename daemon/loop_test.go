@@ -415,3 +415,27 @@ func TestLoopHonestStates(t *testing.T) {
 	waitFor(t, "open after a trigger", func() bool { return rec.last("demo") == StateOpen })
 	stop()
 }
+
+// A chain file changed after the user closed its chain is a new chain: the reload opens
+// it when its qubes run, as for any new chain (the e2e plug scenario found this).
+func TestLoopReloadClearsUserClose(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	conf, state := t.TempDir(), t.TempDir()
+	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	file := filepath.Join(conf, "demo", "demo.ini")
+	os.WriteFile(file, []byte(loopDemoChain), 0o644)
+	d, rec, _ := runLoop(t, f, conf, state)
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	if id, err := d.Close(0, "demo", chains.CloseOptions{}); err != nil || !jobDone(t, rec, id) {
+		t.Fatalf("close: %v", err)
+	}
+	os.WriteFile(file, []byte(strings.Replace(loopDemoChain, "/mnt/demo", "/mnt/other", 1)), 0o644)
+	if _, err := d.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the changed chain opens", func() bool {
+		cs := d.ListChains()
+		return len(cs) == 1 && cs[0].State == StateOpen && cs[0].MountPoint == "/mnt/other"
+	})
+}
