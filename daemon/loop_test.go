@@ -221,16 +221,7 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	if err := d.CancelJob(0, id); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the job ends", func() bool {
-		rec.mu.Lock()
-		defer rec.mu.Unlock()
-		_, ok := rec.jobs[id]
-		return ok
-	})
-	rec.mu.Lock()
-	ok := rec.jobs[id]
-	rec.mu.Unlock()
-	if ok {
+	if jobDone(t, rec, id) {
 		t.Error("a canceled job reported success")
 	}
 	st, err := d.Status(context.Background(), "demo")
@@ -260,13 +251,7 @@ func TestLoopFailedAdhocChainsAreRemoved(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "the open ends", func() bool {
-			rec.mu.Lock()
-			defer rec.mu.Unlock()
-			_, ok := rec.jobs[id]
-			return ok
-		})
-		if rec.jobs[id] {
+		if jobDone(t, rec, id) {
 			t.Fatalf("open %d of a missing container succeeded", i)
 		}
 	}
@@ -314,16 +299,9 @@ func TestLoopSharedMapperOneAtATime(t *testing.T) {
 	if _, err := d.Open(0, second, chains.OpenOptions{}); err == nil || !strings.Contains(err.Error(), "while chain "+first+" (it has mapper demo in mediator) is not closed") {
 		t.Errorf("open of %s while %s is open: %v", second, first, err)
 	}
-	id, err := d.Close(0, first, chains.CloseOptions{})
-	if err != nil {
-		t.Fatal(err)
+	if id, err := d.Close(0, first, chains.CloseOptions{}); err != nil || !jobDone(t, rec, id) {
+		t.Fatalf("close of %s: %v", first, err)
 	}
-	waitFor(t, first+" closed", func() bool {
-		rec.mu.Lock()
-		defer rec.mu.Unlock()
-		_, ok := rec.jobs[id]
-		return ok
-	})
 	waitFor(t, second+" opens", func() bool { return rec.last(second) == StateOpen })
 	if got := string(f.Sh(t, "work", "cat /proc/mounts | grep -c /mnt/demo").Stdout); got != "1\n" {
 		t.Errorf("mounts of /mnt/demo in work: %q", got)
