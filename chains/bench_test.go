@@ -29,8 +29,8 @@ func benchChain(b *testing.B, r *rig, layers int) *Chain {
 		c.Hops = append(c.Hops, Hop{VM: vm})
 	}
 	c.Hops = append(c.Hops, Hop{VM: "work"})
-	r.e.Dom0 = r.Dom0(r.Runner)
-	if err := r.e.LuksInit(bg, InitSpec{Chain: c, Size: 4 << 20, FS: "ext4", Autostart: true}, nil); err != nil {
+	r.e.Dom0, r.e.PrivateDir = r.Dom0(r.Runner), simPrivateDir
+	if err := r.e.LuksInit(bg, InitSpec{Chain: c, Size: minContainerSize(c), FS: "ext4", Autostart: true}, nil); err != nil {
 		b.Fatal(err)
 	}
 	return c
