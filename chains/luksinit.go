@@ -202,14 +202,15 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		}
 		files = append(files, s.Container)
 	}
-	input := []io.Reader{bytes.NewReader(bytes.Join(keys, nil))}
+	joined := bytes.Join(keys, nil)
+	defer clear(joined)
+	input := []io.Reader{bytes.NewReader(joined)}
 	if s.ContainerEntropy != nil {
 		input = append(input, io.LimitReader(s.ContainerEntropy, s.Size))
 	}
 	res, err := e.Dom0.Run(ctx, buildScript(s, e.privateDir()), io.MultiReader(input...), files...)
-	if err != nil {
-		return fmt.Errorf("cannot build the container: %w", err)
-	}
+	// The directory is wiped whatever happened, a canceled build included (it printed
+	// the directory first).
 	dir := strings.TrimSpace(strings.SplitN(string(res.Stdout), "\n", 2)[0])
 	if strings.HasPrefix(dir, e.privateDir()+"/luks-init.") && validatePath(dir, true) == nil {
 		defer func() {
@@ -217,6 +218,9 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 				log.WithError(rerr).Error("cannot remove the dom0 working directory")
 			}
 		}()
+	}
+	if err != nil {
+		return fmt.Errorf("cannot build the container: %w", err)
 	}
 	if res.ExitCode != 0 {
 		msg := scriptError(res.ExitCode)
