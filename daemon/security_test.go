@@ -82,6 +82,7 @@ func TestCallerAccess(t *testing.T) {
 			for _, args := range [][]string{
 				{"get-property", dbusapi.BusName, chainPath, dbusapi.ChainInterface, "State"},
 				{"get-property", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Summary"},
+				{"call", dbusapi.BusName, chainPath, "org.freedesktop.DBus.Properties", "GetAll", "s", dbusapi.ChainInterface},
 				{"call", dbusapi.BusName, string(dbusapi.ManagerPath), "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"},
 				{"call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Open", "sa{sv}", "demo", "0"},
 			} {
