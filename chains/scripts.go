@@ -223,10 +223,12 @@ func sourceStatusScript(c *Chain) string {
 // the qube's attached devices.
 func hopStatusScript(key, name string, devs, others []string, mountPoint string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "k=%s\nname=%s\nb=0\n", q(key), q(name))
+	fmt.Fprintf(&b, "k=%s\nname=%s\nb=0\nnl='\n'\n", q(key), q(name))
 	fmt.Fprintf(&b, "[ -e \"$k\" ] && b=$((b | %d))\n", bitKey)
-	b.WriteString("dev() { cryptsetup status \"$1\" 2>/dev/null | awk '$1 == \"device:\" {print $2}'; }\n")
-	b.WriteString("if cryptsetup status \"$name\" >/dev/null 2>&1; then\n  d=$(dev \"$name\")\n")
+	// One cryptsetup status per mapper: its first line says "in use", its device line
+	// where it sits.
+	b.WriteString("dev() { printf '%s\\n' \"$1\" | awk '$1 == \"device:\" {print $2}'; }\n")
+	b.WriteString("if s=$(cryptsetup status \"$name\" 2>/dev/null); then\n  d=$(dev \"$s\")\n")
 	fmt.Fprintf(&b, "  p=%d\n", posLoose)
 	for _, d := range others {
 		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posOther)
@@ -235,14 +237,14 @@ func hopStatusScript(key, name string, devs, others []string, mountPoint string)
 		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posHop)
 	}
 	fmt.Fprintf(&b, "  b=$((b | p << %d))\n", posShift)
-	fmt.Fprintf(&b, "  u=%d\n  cryptsetup status \"$name\" 2>/dev/null | head -n 1 | grep -q 'in use' && u=%d\n", useNone, usePassedOn)
+	fmt.Fprintf(&b, "  u=%d\n  case ${s%%%%\"$nl\"*} in *'in use'*) u=%d;; esac\n", useNone, usePassedOn)
 	fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" >/dev/null 2>&1 && u=%d\n", useMounted)
 	if mountPoint != "" {
 		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && u=%d\n", q(mountPoint), useMountedAt)
 	}
 	fmt.Fprintf(&b, "  b=$((b | u << %d))\nfi\n", useShift)
 	if len(devs) > 0 {
-		b.WriteString("for m in $(ls /dev/mapper 2>/dev/null); do\n  [ \"$m\" = \"$name\" ] || [ \"$m\" = control ] && continue\n  md=$(dev \"$m\")\n")
+		b.WriteString("for m in $(ls /dev/mapper 2>/dev/null); do\n  [ \"$m\" = \"$name\" ] || [ \"$m\" = control ] && continue\n  md=$(dev \"$(cryptsetup status \"$m\" 2>/dev/null)\")\n")
 		for _, d := range devs {
 			fmt.Fprintf(&b, "  [ \"$md\" = %s ] && b=$((b | %d))\n", q(d), bitHopBusy)
 		}
