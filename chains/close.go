@@ -20,13 +20,16 @@ func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, progress P
 	// What is open must be this chain: a spec with another source, file or key, or a
 	// part of a longer chain, would close or detach another chain's parts. When the
 	// facts cannot be had (a qube unreachable) the close goes on: it converges.
-	if st, err := e.Status(ctx, c); err == nil && st.Other != "" {
+	st, states, err := e.status(ctx, c)
+	if err == nil && st.Other != "" {
 		return fmt.Errorf("cannot close %s: %w: %s", c.Name, ErrOtherChain, st.Other)
 	}
-	return e.execute(ctx, c, "close", e.closeActions(c, o), progress)
+	return e.execute(ctx, c, "close", e.closeActions(c, o, states), progress)
 }
 
-func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
+// closeActions are the steps of a close; states is a listing of the qubes just taken
+// (nil: none), used until a step needs a fresh one.
+func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string) []action {
 	var acts []action
 	plan := PlanClose(c, o)
 	k := 0
@@ -35,7 +38,6 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions) []action {
 	backing := make([]string, len(c.Hops))
 	// states is the latest list of qubes: taken fresh before every detach (never detach
 	// from a qube that just went down, Qubes #4784), reused by the other steps.
-	var states map[string]string
 	current := func(ctx context.Context, fresh bool) (map[string]string, error) {
 		if states == nil || fresh {
 			st, err := e.memberStates(ctx, c)

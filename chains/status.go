@@ -91,16 +91,22 @@ func hopAttachments(atts []qubes.Attachment, prev string, first bool) []qubes.At
 // Status inspects a chain with one Admin API list, one Attached per running
 // destination and one script per running qube; only exit codes come back from qubes.
 func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
+	st, _, err := e.status(ctx, c)
+	return st, err
+}
+
+// status is Status that also returns the qubes' power states it listed.
+func (e *Engine) status(ctx context.Context, c *Chain) (*Status, map[string]string, error) {
 	states, err := e.memberStates(ctx, c)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	st := &Status{Chain: c.Name, SourceVM: c.SourceVM, Source: SourceUnknown}
 	st.SourceRunning = states[c.SourceVM] == qubes.StateRunning
 	if st.SourceRunning {
 		res, err := e.run(ctx, c.SourceVM, sourceStatusScript(c), nil)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		switch res.ExitCode {
 		case srcLoop:
@@ -110,7 +116,7 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		case srcMissing:
 			st.Source, st.Missing = SourceMissing, st.Missing+2
 		default:
-			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(res.ExitCode))
+			return nil, nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(res.ExitCode))
 		}
 	} else {
 		st.Missing += 3
@@ -130,11 +136,11 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		}
 		atts, err := e.Qubes.Attached(ctx, h.VM)
 		if err != nil {
-			return nil, fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+			return nil, nil, fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
 		}
 		mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), "")
 		if err != nil {
-			return nil, fmt.Errorf("cannot list devices of %s: %w", prev, err)
+			return nil, nil, fmt.Errorf("cannot list devices of %s: %w", prev, err)
 		}
 		// devs: from the previous hop and the chain's own; others: provably another
 		// chain's (another backend, another kind, or a description that is not ours).
@@ -160,7 +166,7 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		}
 		user, err := e.user(ctx, h.VM)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		mp := ""
 		if last {
@@ -168,11 +174,11 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		}
 		res, err := e.run(ctx, h.VM, hopStatusScript(keyPath(user, c.Key), c.Key, devs, others, mp), nil)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		bits := res.ExitCode - statusBase
 		if bits < 0 || bits >= 64 {
-			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(res.ExitCode))
+			return nil, nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(res.ExitCode))
 		}
 		pos, use := bits>>posShift&3, bits>>useShift&3
 		hs.KeyPresent = bits&bitKey != 0
@@ -210,5 +216,5 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 		st.Hops = append(st.Hops, hs)
 		prev = h.VM
 	}
-	return st, nil
+	return st, states, nil
 }
