@@ -67,42 +67,49 @@ func (d *Daemon) known(name string) func() (*chainState, error) {
 
 // Open queues an open of a known chain.
 func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, error) {
-	find := func() (*chainState, error) {
+	return d.request("open", uid, func() (*chainState, error) {
 		cs, err := d.known(name)()
 		if err != nil {
 			return nil, err
 		}
-		return d.openable(cs.c, func() (*chainState, error) { return cs, nil })()
-	}
-	return d.request("open", uid, find, func(j *job) { j.openOpts = o })
-}
-
-// openable refuses an open while another chain has the same mapper open in one of the
-// chain's qubes (chains may share a mapper name, never at the same time); find runs
-// only when there is none.
-func (d *Daemon) openable(c *chains.Chain, find func() (*chainState, error)) func() (*chainState, error) {
-	return func() (*chainState, error) {
-		if other := d.mapperInUse(c); other != "" {
-			return nil, dbusapi.Errorf(dbusapi.ReasonFailed, "cannot open %s while %s is not closed", c.Name, other)
+		if err := d.refuseHeldMapper(cs.c); err != nil {
+			return nil, err
 		}
-		return find()
-	}
+		return cs, nil
+	}, func(j *job) { j.openOpts = o })
 }
 
-// mapperInUse names another chain that is not closed and uses c's mapper (key id) in a
-// qube where c decrypts, or "".
-func (d *Daemon) mapperInUse(c *chains.Chain) string {
+// refuseHeldMapper refuses an open while another chain holds the same mapper in one of
+// the chain's qubes: chains may share a mapper name, never at the same time.
+func (d *Daemon) refuseHeldMapper(c *chains.Chain) error {
+	if other := d.mapperHeldBy(c); other != "" {
+		return dbusapi.Errorf(dbusapi.ReasonFailed, "cannot open %s while %s is not closed", c.Name, other)
+	}
+	return nil
+}
+
+// mapperHeldBy names another chain that holds c's mapper (open, or being opened or
+// closed) in a qube where c decrypts, or "".
+func (d *Daemon) mapperHeldBy(c *chains.Chain) string {
 	for _, name := range d.sortedNames() {
 		other := d.chains[name]
 		holds := other.state == StateOpen || other.state == StateOpening || other.state == StateClosing || other.state == StateDegraded ||
 			other.running != nil && (other.running.op == "open" || other.running.op == "close")
-		if name == c.Name || other.c.Key != c.Key || !holds {
-			continue
+		if vm := sharedMapper(c, other.c); name != c.Name && holds && vm != "" {
+			return fmt.Sprintf("chain %s (it has mapper %s in %s)", name, c.Key, vm)
 		}
-		for _, h := range other.c.Hops {
-			if slices.ContainsFunc(c.Hops, func(x chains.Hop) bool { return x.VM == h.VM }) {
-				return fmt.Sprintf("chain %s (it has mapper %s in %s)", name, c.Key, h.VM)
-			}
+	}
+	return ""
+}
+
+// sharedMapper is a qube where both chains decrypt into the same mapper name, or "".
+func sharedMapper(a, b *chains.Chain) string {
+	if a.Key != b.Key {
+		return ""
+	}
+	for _, h := range b.Hops {
+		if slices.ContainsFunc(a.Hops, func(x chains.Hop) bool { return x.VM == h.VM }) {
+			return h.VM
 		}
 	}
 	return ""
@@ -202,7 +209,13 @@ func specString(c *chains.Chain) string {
 
 // OpenAdhoc opens a chain given as a spec; it exists on the bus while it is open.
 func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error) {
-	return d.request("open", uid, d.openable(c, func() (*chainState, error) { return d.adhoc(c) }), func(j *job) { j.openOpts = o })
+	return d.request("open", uid, func() (*chainState, error) {
+		// Refused before adhoc: a refused open must not leave an entry behind.
+		if err := d.refuseHeldMapper(c); err != nil {
+			return nil, err
+		}
+		return d.adhoc(c)
+	}, func(j *job) { j.openOpts = o })
 }
 
 // CloseAdhoc closes a chain given as a spec (known or not: it converges either way).

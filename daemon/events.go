@@ -200,7 +200,7 @@ func (d *Daemon) waitingFor(cs *chainState) string {
 			return "waiting for " + vm + " (shutting down)"
 		}
 	}
-	if other := d.mapperInUse(cs.c); other != "" {
+	if other := d.mapperHeldBy(cs.c); other != "" {
 		return "waiting for " + other
 	}
 	if c.Autostart {

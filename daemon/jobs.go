@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -347,12 +346,11 @@ func (d *Daemon) removeChain(cs *chainState) {
 	d.updateSummary()
 }
 
-// wakeSharers lets the chains that wait for cs's mapper (same key id in a shared qube)
-// open now that cs no longer holds it.
+// wakeSharers lets the waiting chains that share cs's mapper in a qube open now that cs
+// no longer holds it (consider says again what each still waits for).
 func (d *Daemon) wakeSharers(cs *chainState) {
 	for _, name := range d.sortedNames() {
-		other := d.chains[name]
-		if other != cs && other.c.Key == cs.c.Key && other.state == StateWaiting && strings.HasPrefix(other.waiting, "waiting for chain "+cs.c.Name+" ") {
+		if other := d.chains[name]; other != cs && other.state == StateWaiting && sharedMapper(other.c, cs.c) != "" {
 			d.consider(other, "chain "+cs.c.Name+" let go of mapper "+cs.c.Key, true)
 		}
 	}
