@@ -554,9 +554,15 @@ func cmdCheck(a *app, p *parsed) int {
 	var errs []string
 	// A directory is read with the caller's own rights, here; qcryptd reads only its
 	// config root for others than root. Without qcryptd, the same checks run here.
-	local := strings.Contains(target, "/") && os.Geteuid() != 0
-	if api, err := a.connect(); err == nil && !local {
+	var api API
+	if local := strings.Contains(target, "/") && os.Geteuid() != 0; !local {
+		if c, err := a.connect(); err == nil {
+			api = c
+		}
+	}
+	if api != nil {
 		a.api = api
+		var err error
 		if _, errs, err = api.Check(a.ctx, target); err != nil {
 			return a.fail(err)
 		}
