@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -186,6 +187,13 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	}
 
 	next("build the container in dom0")
+	// A caller's entropy source may block for good (a terminal): a cancel ends its reads.
+	for _, r := range []io.Reader{s.KeyEntropy, s.ContainerEntropy} {
+		if d, ok := r.(interface{ SetReadDeadline(time.Time) error }); ok {
+			stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
+			defer stop()
+		}
+	}
 	keys, err := makeKeys(s)
 	if err != nil {
 		return err
@@ -202,9 +210,10 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		}
 		files = append(files, s.Container)
 	}
-	joined := bytes.Join(keys, nil)
-	defer clear(joined)
-	input := []io.Reader{bytes.NewReader(joined)}
+	var input []io.Reader
+	for _, k := range keys {
+		input = append(input, bytes.NewReader(k))
+	}
 	if s.ContainerEntropy != nil {
 		input = append(input, io.LimitReader(s.ContainerEntropy, s.Size))
 	}

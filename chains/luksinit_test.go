@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/qcrypt/qcrypt/qubes/sim"
 )
@@ -308,6 +309,40 @@ func TestLuksInitCanceledMidCopy(t *testing.T) {
 		if got := string(r.Sh(t, vm, "ls -a /home/user/.qcrypt/keys").Stdout); strings.Contains(got, "newkey") {
 			t.Errorf("left in %s: %q", vm, got)
 		}
+	}
+	if left := r.privateLeft(t); len(left) != 0 {
+		t.Errorf("dom0 work files left: %v", left)
+	}
+}
+
+// A caller's entropy source that never delivers (a terminal nobody types into) does
+// not hold a canceled luks-init: the cancel ends the read.
+func TestLuksInitCanceledWhileEntropyBlocks(t *testing.T) {
+	r := luksRig(t)
+	rd, wr, err := os.Pipe() // pollable, like the non-blocking descriptors qcryptd gets
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	defer wr.Close()
+	s := initSpec("ext4")
+	s.KeyEntropy = rd
+	ctx, cancel := context.WithCancel(bg)
+	done := make(chan error, 1)
+	go func() {
+		done <- r.e.LuksInit(ctx, s, func(p Progress) {
+			if p.Desc == "build the container in dom0" {
+				cancel() // keys are read next, from an entropy source that never delivers
+			}
+		})
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "cannot make keys") {
+			t.Errorf("got %v, want the key read to end", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("a canceled luks-init still waits for its entropy")
 	}
 	if left := r.privateLeft(t); len(left) != 0 {
 		t.Errorf("dom0 work files left: %v", left)

@@ -29,6 +29,11 @@ const (
 // checkFD wraps a received descriptor after checking it is of the kind wanted; the
 // descriptor is closed when it is not.
 func checkFD(fd dbus.UnixFD, kind fdKind, what string) (*os.File, error) {
+	if kind == fdRead {
+		// Non-blocking, the runtime polls it where it can (a terminal, a device), so a
+		// canceled job's read deadline ends a read that would block for good.
+		unix.SetNonblock(int(fd), true)
+	}
 	f := os.NewFile(uintptr(fd), what)
 	if f == nil {
 		return nil, Errorf(ReasonInvalidArgs, "%s: not a file descriptor", what)
