@@ -499,6 +499,20 @@ func TestPlans(t *testing.T) {
 	golden.Check(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
 }
 
+// discover runs Discover and renders each chain found as a line.
+func (r *rig) discover(t *testing.T, line func(Discovered) string) string {
+	t.Helper()
+	found, err := r.e.Discover(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, d := range found {
+		lines = append(lines, line(d))
+	}
+	return strings.Join(lines, "\n")
+}
+
 func TestDiscover(t *testing.T) {
 	r := newRig(t, sim.R43)
 	r.start(t, "work")
@@ -515,15 +529,9 @@ func TestDiscover(t *testing.T) {
 	if err := r.Client.Attach(bg, "vault", qubes.DeviceRef{Backend: "sys-usb", Port: "loop1"}, false); err != nil {
 		t.Fatal(err)
 	}
-	found, err := r.e.Discover(bg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var lines []string
-	for _, d := range found {
-		lines = append(lines, fmt.Sprintf("%s key=%q file=%q managed=%v", d, d.Key, d.File, d.Matches(c)))
-	}
-	got := strings.Join(lines, "\n")
+	got := r.discover(t, func(d Discovered) string {
+		return fmt.Sprintf("%s key=%q file=%q managed=%v", d, d.Key, d.File, d.Matches(c))
+	})
 	want := `sys-usb:loop0 --> mediator:dm-0 --> work:xvdi (r/w) key="demo" file="/home/user/demo.luks" managed=true` + "\n" +
 		`sys-usb:loop1 --> vault:xvdi (r/w) key="" file="/tmp/other" managed=false`
 	if got != want {

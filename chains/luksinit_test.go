@@ -271,15 +271,9 @@ func TestDiscoverLinksByProof(t *testing.T) {
 	if err := r.e.Open(bg, one, OpenOptions{}, nil); err != nil {
 		t.Fatal(err)
 	}
-	found, err := r.e.Discover(bg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var lines []string
-	for _, d := range found {
-		lines = append(lines, fmt.Sprintf("%s key=%q managed=%v/%v", d, d.Key, d.Matches(demoChain()), d.Matches(one)))
-	}
-	got := strings.Join(lines, "\n")
+	got := r.discover(t, func(d Discovered) string {
+		return fmt.Sprintf("%s key=%q managed=%v/%v", d, d.Key, d.Matches(demoChain()), d.Matches(one))
+	})
 	want := `sys-usb:loop0 --> mediator:dm-0 --> work:xvdi (r/w) key="demo" managed=true/false` + "\n" +
 		`sys-usb:loop1 --> mediator:xvdj (r/w) key="" managed=false/true`
 	if got != want {

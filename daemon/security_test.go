@@ -173,10 +173,20 @@ func TestSignalsOnlyForQubes(t *testing.T) {
 	d.Process.Signal(syscall.SIGTERM)
 	d.Wait()
 	collect := func(p probe) (fromQcryptd int, all []string) {
-		for l := range p.lines {
-			all = append(all, l)
-			if !strings.HasPrefix(l, "org.freedesktop.DBus ") && l != "LEFT" {
-				fromQcryptd++
+		deadline := time.After(2 * time.Minute)
+		for done := false; !done; {
+			select {
+			case l, ok := <-p.lines:
+				if !ok {
+					done = true
+					break
+				}
+				all = append(all, l)
+				if !strings.HasPrefix(l, "org.freedesktop.DBus ") && l != "LEFT" {
+					fromQcryptd++
+				}
+			case <-deadline:
+				done = true
 			}
 		}
 		if len(all) == 0 || all[len(all)-1] != "LEFT" {
