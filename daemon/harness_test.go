@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim"
 	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
 )
 
@@ -72,7 +74,12 @@ type world struct {
 	qubes   *qubes.Client
 	daemon  *exec.Cmd
 	logPath string
+	real    bool // the Admin API is the real qubesd
 }
+
+// worlds are the Admin API servers the integration scenarios run against: the
+// simulator's own (R4.2 and R4.3) and the real qubesd 4.2 and 4.3.
+var worlds = []string{"4.2", "4.3", "real-4.2", "real-4.3"}
 
 const permissiveBus = dbustest.Permissive
 
@@ -105,19 +112,32 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	t.Cleanup(stop)
 	w.busAddr = addr
 	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", w.busAddr)
-	// The simulator.
-	sim := exec.Command(bin(t, "qubes-sim"), "serve", "--socket", w.socket, "--state", w.simDir, "--qubes-version", dialect, "--demo")
+	// The simulator, maybe behind the real qubesd.
+	args := []string{"serve", "--socket", w.socket, "--state", w.simDir, "--demo"}
+	if v, ok := strings.CutPrefix(dialect, "real-"); ok {
+		args = append(args, "--qubes-version", v, "--real-qubesd", simtest.RealQubesd(t))
+		w.real = true
+	} else {
+		args = append(args, "--qubes-version", dialect)
+	}
+	simCmd := exec.Command(bin(t, "qubes-sim"), args...)
 	simLog, _ := os.Create(filepath.Join(dir, "sim.log"))
-	sim.Stdout, sim.Stderr = simLog, simLog
-	if err := sim.Start(); err != nil {
+	simCmd.Stdout, simCmd.Stderr = simLog, simLog
+	if err := simCmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { sim.Process.Signal(syscall.SIGTERM); sim.Wait() })
+	t.Cleanup(func() {
+		simCmd.Process.Signal(syscall.SIGTERM)
+		simCmd.Wait()
+		if t.Failed() {
+			data, _ := os.ReadFile(filepath.Join(dir, "sim.log"))
+			t.Logf("qubes-sim log:\n%s", tail(data, 20000))
+		}
+	})
 	w.qubes = qubes.NewClient(w.socket)
 	w.qubes.SetTimeout(time.Minute)
-	w.eventually("the simulator listens", 10*time.Second, func() bool {
-		_, err := w.qubes.ListVMs(context.Background())
-		return err == nil
+	w.eventually("the simulator is ready", 3*time.Minute, func() bool {
+		return sim.Ping(w.socket) == nil
 	})
 	return w
 }
@@ -244,4 +264,12 @@ func (w *world) ctl(args ...string) string {
 func (w *world) log() string {
 	data, _ := os.ReadFile(w.logPath)
 	return string(data)
+}
+
+// tail is the end of a log: where a failure shows.
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[len(b)-n:]
+	}
+	return b
 }

@@ -23,7 +23,7 @@ import (
 var bg = context.Background()
 
 func TestWorkStartOpensAndShutdownCloses(t *testing.T) {
-	for _, dialect := range []string{"4.2", "4.3"} {
+	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
 			w.writeChain("demo", demoChain)
@@ -67,7 +67,7 @@ func TestWorkStartOpensAndShutdownCloses(t *testing.T) {
 }
 
 func TestPluggedDiskOpensDeviceChain(t *testing.T) {
-	for _, dialect := range []string{"4.2", "4.3"} {
+	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
 			// A USB disk that holds a copy of the demo container (keys: mediator, work).

@@ -17,17 +17,19 @@ import (
 
 const usage = `usage:
   qubes-sim serve --socket PATH [--state DIR] [--qubes-version 4.2|4.3] [--demo] [--backend sandbox|kernel]
+                  [--real-qubesd DIR]
   qubes-sim qrexec-client --socket PATH -d VM [-w SECS] USER:CMDLINE
   qubes-sim ctl --socket PATH COMMAND [ARGS]
 
 ctl commands:
-  list | start VM | shutdown VM | kill VM | pause VM | unpause VM
+  ping (answers once the world is ready) | list | start VM | shutdown VM | kill VM | pause VM | unpause VM
   add-vm NAME [CLASS [USER]]
   plug VM IMAGE [DESCRIPTION] | plug-ro VM IMAGE [DESCRIPTION] | unplug VM PORT
   make-disk IMAGE SIZE LABEL [PATH=HOSTFILE ...]
   fault METHOD empty|exception TYPE MESSAGE|delay MS [DEST]
   qrexec-fault VM hang|exit CODE|start-fail REASON|none
   clear-faults | drop-events | flood VM N | describe VM PORT DESCRIPTION
+  restart-qubesd                   (with --real-qubesd; fault, drop-events and flood need the own server)
 `
 
 // Main is the qubes-sim command (and, invoked under a tool's name, that fake tool).
@@ -72,6 +74,7 @@ func serve(args []string, stderr io.Writer) int {
 	version := fs.String("qubes-version", "4.2", "Qubes release to simulate: 4.2 or 4.3")
 	demo := fs.Bool("demo", false, "start with the demo world")
 	backend := fs.String("backend", BackendSandbox, "how qubes run: sandbox (fake block tools) or kernel (real kernel; root)")
+	real := fs.String("real-qubesd", "", "folder with the real qubesd's start.sh: it serves the Admin API, the simulator runs the qubes")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -88,13 +91,17 @@ func serve(args []string, stderr io.Writer) int {
 		defer os.RemoveAll(dir)
 		*state = dir
 	}
-	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend})
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *real})
 	if err != nil {
 		fmt.Fprintln(stderr, "qubes-sim:", err)
 		return 1
 	}
 	defer s.Close()
-	fmt.Fprintf(stderr, "qubes-sim: Qubes %s simulator serving %s (state %s)\n", *version, *socket, *state)
+	if *real != "" {
+		fmt.Fprintf(stderr, "qubes-sim: the real qubesd %s serving %s, qubes simulated (state %s)\n", *version, *socket, *state)
+	} else {
+		fmt.Fprintf(stderr, "qubes-sim: Qubes %s simulator serving %s (state %s)\n", *version, *socket, *state)
+	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	<-sig
@@ -252,7 +259,7 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		req = &ctlRequest{Op: "qrexec-fault", VM: a[1], Qrexec: &q}
-	case "clear-faults", "drop-events":
+	case "clear-faults", "drop-events", "restart-qubesd", "ping":
 		req = &ctlRequest{Op: a[0]}
 	case "flood":
 		if !need(2) {

@@ -17,14 +17,21 @@ const (
 // SetupDemo builds the demo world: sys-usb (running), mediator and work (halted), all
 // with default user "user", and a ready 2-layer container: DemoContainer in sys-usb,
 // outer layer keyed by mediator's ~/.qcrypt/keys/demo, inner by work's, ext4 inside.
+// With a real qubesd the qubes are made and started through its Admin API.
 func (s *Sim) SetupDemo() error {
-	for _, q := range []struct{ name, class string }{{"sys-usb", "DispVM"}, {"mediator", "AppVM"}, {"work", "AppVM"}} {
-		if _, err := s.AddVM(q.name, q.class, "user"); err != nil {
+	if s.real != nil {
+		if err := s.real.demoQubes(); err != nil {
 			return err
 		}
-	}
-	if err := s.start("sys-usb"); err != nil {
-		return err
+	} else {
+		for _, q := range []struct{ name, class string }{{"sys-usb", "DispVM"}, {"mediator", "AppVM"}, {"work", "AppVM"}} {
+			if _, err := s.AddVM(q.name, q.class, "user"); err != nil {
+				return err
+			}
+		}
+		if err := s.start("sys-usb"); err != nil {
+			return err
+		}
 	}
 	usb, _ := s.VM("sys-usb")
 	keys := map[string][]byte{}

@@ -143,14 +143,11 @@ func (w *World) start(name string) error {
 		w.emit(name, "property-reset:"+p, "name", p)
 	}
 	vm.State = qubes.StateTransient
-	resetRoot(vm)
-	if w.hk != nil {
-		if err := w.hk.boot(vm); err != nil {
-			vm.State = qubes.StateHalted
-			w.emit(name, "domain-start-failed", "reason", err.Error())
-			w.mu.Unlock()
-			return &exception{"QubesException", "Start failed: " + err.Error()}
-		}
+	if err := w.boot(vm); err != nil {
+		vm.State = qubes.StateHalted
+		w.emit(name, "domain-start-failed", "reason", err.Error())
+		w.mu.Unlock()
+		return &exception{"QubesException", "Start failed: " + err.Error()}
 	}
 	w.emit(name, "domain-spawn", "start_guid", "True")
 	delay := w.StartDelay
@@ -169,6 +166,15 @@ func (w *World) start(name string) error {
 	w.emit(name, "domain-unpaused")
 	vm.State = qubes.StateRunning
 	w.emit(name, "domain-start", "start_guid", "True")
+	return nil
+}
+
+// boot gives a starting qube its fresh root and, on the kernel backend, its namespaces.
+func (w *World) boot(vm *VM) error {
+	resetRoot(vm)
+	if w.hk != nil {
+		return w.hk.boot(vm)
+	}
 	return nil
 }
 
@@ -392,15 +398,9 @@ func (w *World) attach(frontend string, dev qubes.DeviceRef, readOnly *bool) err
 	}
 	a := &Attachment{DeviceRef: dev, Frontend: frontend, ReadOnly: ro, FrontendDev: fdev}
 	w.attachEvents(a, true)
-	if w.hk != nil {
-		if err := w.hk.attach(a, b); err != nil {
-			return &exception{"QubesException", "Device attach failed: " + err.Error()}
-		}
-	} else {
-		under := be.kernel.devs[dev.Port]
-		fe.kernel.devs[fdev] = &bdev{name: fdev, kind: kindXVD, att: a, ro: ro, io: &attachedIO{att: a, under: under.io}}
+	if err := w.connect(a, b); err != nil {
+		return &exception{"QubesException", "Device attach failed: " + err.Error()}
 	}
-	w.attachments = append(w.attachments, a)
 	w.attachEvents(a, false)
 	w.deviceListChanged(be)
 	return nil
@@ -428,23 +428,45 @@ func (w *World) detach(frontend string, dev qubes.DeviceRef) error {
 		w.wedged = true
 		return errEmpty
 	}
-	fe := w.vms[frontend]
-	if w.hk != nil {
-		if err := w.hk.detach(att); err != nil {
-			// Xen refuses to detach a disk the frontend still uses.
-			return errEmpty
-		}
-	} else if b, ok := fe.kernel.devs[att.FrontendDev]; ok {
-		if who := fe.kernel.busy(b); who != "" {
-			// Xen refuses to detach a disk the frontend still uses.
-			return errEmpty
-		}
-		delete(fe.kernel.devs, att.FrontendDev)
+	if err := w.disconnect(att); err != nil {
+		// Xen refuses to detach a disk the frontend still uses.
+		return errEmpty
 	}
-	w.removeAttachment(att)
 	w.detachEvents(att)
 	if be, ok := w.vms[att.Backend]; ok && be.running() {
 		w.deviceListChanged(be)
 	}
+	return nil
+}
+
+// connect gives the frontend its disk over the backend's device b (Xen's part of an
+// attach) and records the attachment.
+func (w *World) connect(a *Attachment, b devInfo) error {
+	if w.hk != nil {
+		if err := w.hk.attach(a, b); err != nil {
+			return err
+		}
+	} else {
+		under := w.vms[a.Backend].kernel.devs[a.Port]
+		w.vms[a.Frontend].kernel.devs[a.FrontendDev] = &bdev{name: a.FrontendDev, kind: kindXVD, att: a, ro: a.ReadOnly, io: &attachedIO{att: a, under: under.io}}
+	}
+	w.attachments = append(w.attachments, a)
+	return nil
+}
+
+// disconnect takes the disk away from the frontend (Xen's part of a detach); it fails
+// while the frontend still uses the disk.
+func (w *World) disconnect(a *Attachment) error {
+	if w.hk != nil {
+		if err := w.hk.detach(a); err != nil {
+			return err
+		}
+	} else if b, ok := w.vms[a.Frontend].kernel.devs[a.FrontendDev]; ok {
+		if who := w.vms[a.Frontend].kernel.busy(b); who != "" {
+			return fmt.Errorf("%s is in use by %s", a.FrontendDev, who)
+		}
+		delete(w.vms[a.Frontend].kernel.devs, a.FrontendDev)
+	}
+	w.removeAttachment(a)
 	return nil
 }

@@ -37,7 +37,7 @@ type Fault struct {
 
 // QrexecFault changes how commands in one qube behave.
 type QrexecFault struct {
-	Hang      bool   // qrexec-client never returns (until killed)
+	Hang      bool   // qrexec-client never returns (until killed or the qube dies)
 	Exit      int    // qrexec-client exits with this status without running anything
 	StartFail string // admin.vm.Start fails with domain-start-failed and this reason
 }

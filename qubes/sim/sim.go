@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -28,6 +29,10 @@ type Config struct {
 	// Backend is how qubes run: BackendSandbox (default: bubblewrap sandboxes with fake
 	// block tools) or BackendKernel (namespaces on the real kernel, real tools; root).
 	Backend string
+	// RealQubesd is the folder holding the real qubesd's start.sh: when set, the Admin
+	// API on Socket is that server and the simulator plays Xen and the qubes' agents.
+	RealQubesd string
+	Log        io.Writer // the simulator's own messages; default stderr
 }
 
 // The simulator's backends.
@@ -48,6 +53,7 @@ type Sim struct {
 	control  net.Listener
 	toolsDir string
 	bwrap    string
+	real     *realQubesd // nil: the simulator serves the Admin API itself
 
 	mu      sync.Mutex
 	kernels map[string]net.Listener
@@ -74,6 +80,9 @@ func Start(cfg Config) (*Sim, error) {
 	}
 	if cfg.Backend == "" {
 		cfg.Backend = BackendSandbox
+	}
+	if cfg.Log == nil {
+		cfg.Log = os.Stderr
 	}
 	w, err := NewWorld(cfg.Dir, cfg.Dialect)
 	if err != nil {
@@ -106,25 +115,44 @@ func Start(cfg Config) (*Sim, error) {
 	if err := s.listenKernel("dom0"); err != nil {
 		return nil, err
 	}
+	if cfg.RealQubesd != "" {
+		if s.real, err = startRealQubesd(s, cfg.RealQubesd, cfg.Log); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	if cfg.Demo {
-		// Before the sockets exist, so a client never sees half a world.
+		// Before the Admin API socket exists, so a client never sees half a world (a
+		// real qubesd's is there already, but its demo qubes exist from its start).
 		if err := s.SetupDemo(); err != nil {
+			s.Close()
 			return nil, fmt.Errorf("cannot set up the demo world: %w", err)
 		}
 	}
-	for _, p := range []string{cfg.Socket, ControlSocket(cfg.Socket)} {
-		os.Remove(p)
+	if s.real == nil {
+		os.Remove(cfg.Socket)
+		if s.admin, err = net.Listen("unix", cfg.Socket); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("cannot listen on %s: %w", cfg.Socket, err)
+		}
+		go w.ServeAdmin(s.admin)
 	}
-	if s.admin, err = net.Listen("unix", cfg.Socket); err != nil {
-		return nil, fmt.Errorf("cannot listen on %s: %w", cfg.Socket, err)
-	}
+	// Last: a client that reaches the control socket finds the world complete.
+	os.Remove(ControlSocket(cfg.Socket))
 	if s.control, err = net.Listen("unix", ControlSocket(cfg.Socket)); err != nil {
-		s.admin.Close()
+		s.Close()
 		return nil, fmt.Errorf("cannot listen on the control socket: %w", err)
 	}
-	go w.ServeAdmin(s.admin)
 	go s.serveControl()
 	return s, nil
+}
+
+// RestartQubesd restarts the real qubesd as `systemctl restart qubesd` would.
+func (s *Sim) RestartQubesd() error {
+	if s.real == nil {
+		return errors.New("cannot restart qubesd: the simulator's own server is not restarted (use drop-events)")
+	}
+	return s.real.restart()
 }
 
 // Socket is the Admin API socket path.
@@ -142,8 +170,14 @@ func (s *Sim) Close() error {
 		ln.Close()
 	}
 	s.mu.Unlock()
-	s.admin.Close()
-	s.control.Close()
+	if s.real != nil {
+		s.real.close()
+	}
+	for _, ln := range []net.Listener{s.admin, s.control} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
 	s.World.mu.Lock()
 	for _, vm := range s.World.vms {
 		for cmd := range vm.procs {
@@ -268,7 +302,26 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 		return
 	}
 	var resp ctlResponse
+	if s.real != nil {
+		switch req.Op {
+		case "fault", "drop-events", "flood":
+			reply(c, ctlResponse{Error: fmt.Sprintf("cannot %s: %v", req.Op, ErrRealQubesd)})
+			return
+		case "add-vm":
+			if err := s.real.createVM(req.VM, req.Class, req.User); err != nil {
+				resp.Error = err.Error()
+			}
+			reply(c, resp)
+			return
+		case "plug", "unplug", "describe":
+			// The qube may have been started a moment ago.
+			s.real.barrier()
+		}
+	}
 	switch req.Op {
+	case "ping":
+	case "restart-qubesd":
+		err = s.RestartQubesd()
 	case "exec":
 		if len(files) != 3 {
 			resp.Error = "exec needs stdin, stdout and stderr"
@@ -304,6 +357,10 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 	default:
 		err = fmt.Errorf("unknown control operation %q", req.Op)
 	}
+	if err == nil && s.real != nil && (req.Op == "plug" || req.Op == "unplug" || req.Op == "describe") {
+		// The change is in qubesd when the caller hears of it, as after udev settled.
+		err = s.real.report()
+	}
 	if err != nil {
 		resp.Error = err.Error()
 	}
@@ -330,16 +387,31 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 		wait = 5 * time.Second
 	}
 	argv, ok := parseCmdline(req.Cmdline)
+	if s.real != nil {
+		// What qubesd did before this call (a start, an attach) has reached the qube.
+		s.real.barrier()
+		// What the command did to block devices reaches qubesd, as udev would report it.
+		defer func() { s.real.logErr(s.real.report()) }()
+	}
 	s.World.mu.Lock()
 	vm, exists := s.World.vms[req.VM]
 	fault := s.World.qrexec[req.VM]
+	var halted chan struct{}
+	if exists {
+		halted = vm.halted
+	}
 	s.World.mu.Unlock()
 	switch {
 	case !exists:
 		fmt.Fprintf(stdio[2], "Failed to connect to qrexec daemon of %s\n", req.VM)
 		return qubes.ExitQrexecProblem
 	case fault.Hang:
-		<-gone
+		// The agent never answers; the call ends when the caller gives up or the
+		// qube dies (the vchan closes).
+		select {
+		case <-gone:
+		case <-halted:
+		}
 		return qubes.ExitQrexecProblem
 	case fault.Exit != 0:
 		return fault.Exit
@@ -578,4 +650,10 @@ func QrexecClient(args []string) int {
 		return qubes.ExitQrexecProblem
 	}
 	return resp.Exit
+}
+
+// Ping answers once the simulator at adminSocket is ready: its world is complete.
+func Ping(adminSocket string) error {
+	_, err := Control(adminSocket, ctlRequest{Op: "ping"})
+	return err
 }

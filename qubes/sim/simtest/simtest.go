@@ -6,6 +6,7 @@ package simtest
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -145,4 +146,58 @@ func RequireSandbox(t testing.TB) {
 		t.Fatal("bubblewrap cannot create a sandbox here (apt-get install bubblewrap; needs user namespaces or root)")
 	}
 	t.Skip("bubblewrap cannot create a sandbox here")
+}
+
+// RealQubesdEnv names the folder of the real qubesd test equipment (start.sh); without
+// it the tests look for ../shared/real-qubesd beside the checkout.
+const RealQubesdEnv = "QCRYPT_REAL_QUBESD"
+
+// RequireRealQubesdEnv=1 (set by CI) turns a missing real qubesd into a failure.
+const RequireRealQubesdEnv = "QCRYPT_REQUIRE_REAL_QUBESD"
+
+var (
+	realOnce sync.Once
+	realDir  string
+	realWhy  string
+)
+
+// RealQubesd returns the folder holding the real qubesd's start.sh, or skips the test
+// with a one-line reason (fails it under QCRYPT_REQUIRE_REAL_QUBESD=1).
+func RealQubesd(t testing.TB) string {
+	t.Helper()
+	realOnce.Do(func() { realDir, realWhy = findRealQubesd() })
+	if realWhy == "" {
+		return realDir
+	}
+	if os.Getenv(RequireRealQubesdEnv) == "1" {
+		t.Fatalf("the real qubesd is required: %s", realWhy)
+	}
+	t.Skipf("no real qubesd: %s", realWhy)
+	return ""
+}
+
+func findRealQubesd() (dir, why string) {
+	dir = os.Getenv(RealQubesdEnv)
+	if dir == "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return "", err.Error()
+		}
+		for d := wd; ; d = filepath.Dir(d) {
+			if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+				dir = filepath.Join(filepath.Dir(d), "shared", "real-qubesd")
+				break
+			}
+			if filepath.Dir(d) == d {
+				return "", "cannot find the module root"
+			}
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "start.sh")); err != nil {
+		return "", fmt.Sprintf("%s/start.sh is missing (set %s)", dir, RealQubesdEnv)
+	}
+	if err := exec.Command("/usr/bin/python3", "-c", "import lxml, libvirt, libvirtaio, jinja2, docutils, yaml, pyinotify").Run(); err != nil {
+		return "", "its Python packages are missing (make deps)"
+	}
+	return dir, ""
 }
