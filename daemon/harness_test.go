@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/godbus/dbus/v5"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
@@ -177,7 +178,12 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 	w.t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			cmd.Process.Signal(syscall.SIGTERM)
+			stopped := time.AfterFunc(time.Minute, func() {
+				w.t.Errorf("qcryptd did not stop within a minute of SIGTERM")
+				cmd.Process.Signal(syscall.SIGQUIT) // its goroutines go to the log
+			})
 			cmd.Wait()
+			stopped.Stop()
 		}
 		if w.t.Failed() {
 			data, _ := os.ReadFile(w.logPath)
@@ -272,4 +278,43 @@ func tail(b []byte, n int) []byte {
 		return b[len(b)-n:]
 	}
 	return b
+}
+
+// expectReconnect subscribes to the manager's Summary now and returns a wait until
+// qcryptd has lost qubesd and found it again ("waiting for qubesd" comes and goes).
+func (w *world) expectReconnect(c *dbusapi.Client) (wait func(timeout time.Duration)) {
+	w.t.Helper()
+	rule := []dbus.MatchOption{dbus.WithMatchObjectPath(dbusapi.ManagerPath), dbus.WithMatchMember("PropertiesChanged")}
+	if err := c.Conn().AddMatchSignal(rule...); err != nil {
+		w.t.Fatal(err)
+	}
+	sigs := make(chan *dbus.Signal, 64)
+	c.Conn().Signal(sigs)
+	return func(timeout time.Duration) {
+		w.t.Helper()
+		defer c.Conn().RemoveSignal(sigs)
+		deadline := time.After(timeout)
+		lost := false
+		for {
+			select {
+			case s := <-sigs:
+				var iface string
+				var changed map[string]dbus.Variant
+				if len(s.Body) < 2 || dbus.Store(s.Body[:2], &iface, &changed) != nil {
+					continue
+				}
+				summary, ok := changed["Summary"].Value().(string)
+				if !ok {
+					continue
+				}
+				if strings.Contains(summary, "waiting for qubesd") {
+					lost = true
+				} else if lost {
+					return
+				}
+			case <-deadline:
+				w.t.Fatalf("qcryptd did not reconnect to qubesd within %v", timeout)
+			}
+		}
+	}
 }

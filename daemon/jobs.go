@@ -277,6 +277,10 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		if cs.c.StartupInterval > 0 {
 			d.scheduleRetry(cs, cs.lastAttempt.Add(cs.c.StartupInterval))
 		}
+	case j.op == "check" && cs.state == StateClosed:
+		// What was left of a broken chain is closed: it is a closed chain like any other,
+		// so open it if it can be, else say what it waits for (e.g. the disk that went).
+		d.evaluate(cs, j.reason)
 	case j.auto:
 		d.consider(cs, j.reason, false)
 	}

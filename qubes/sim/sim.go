@@ -399,6 +399,9 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 	var halted chan struct{}
 	if exists {
 		halted = vm.halted
+		if !vm.running() {
+			fault.Hang = false // no agent to hang: the call fails below
+		}
 	}
 	s.World.mu.Unlock()
 	switch {
