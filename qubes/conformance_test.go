@@ -87,7 +87,7 @@ func vectors() []vector {
 	for _, d := range both {
 		vs = append(vs,
 			vector{name: "CurrentState", dialect: d, req: "admin.vm.CurrentState+ dom0 name work\x00",
-				resp:  "0\x00mem=0 mem_static_max=4000 cputime=0 power_state=Halted",
+				resp:  "0\x00mem=0 mem_static_max=0 cputime=0 power_state=Halted",
 				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return c.CurrentState(ctx, "work") },
 				check: wantValue("Halted")},
 			vector{name: "default_user", dialect: d, req: "admin.vm.property.Get+default_user dom0 name work\x00",
@@ -124,7 +124,7 @@ func vectors() []vector {
 				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Unpause(ctx, "sys-usb") },
 				check: wantErr(qubes.ErrNotPaused)},
 			vector{name: "pause halted", dialect: d, req: "admin.vm.Pause+ dom0 name work\x00",
-				resp:  "2\x00QubesVMNotRunningError\x00\x00Domain is powered off: 'work'\x00",
+				resp:  "2\x00QubesVMNotRunningError\x00\x00Domain not running (either powered off or paused): 'work'\x00",
 				call:  func(ctx context.Context, c *qubes.Client) (any, error) { return nil, c.Pause(ctx, "work") },
 				check: wantErr(qubes.ErrNotRunning)},
 			vector{name: "kill halted", dialect: d, req: "admin.vm.Kill+ dom0 name work\x00",

@@ -66,6 +66,7 @@ type hostDisk struct {
 // devInfo is a block device a qube publishes (what its udev script would report).
 type devInfo struct {
 	name, desc string
+	parent     string // the disk of a partition (QubesDB's parent)
 	size       int64
 	ro         bool
 	major      uint32

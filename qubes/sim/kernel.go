@@ -50,6 +50,7 @@ type bdev struct {
 	att *Attachment // xvd: the attachment it comes from
 
 	diskDesc string // disk: "MODEL (LABEL)"
+	parent   string // disk: the disk a partition is on
 	diskPath string // disk: host image file
 }
 
@@ -431,6 +432,9 @@ func (k *kernel) teardown(clean bool) {
 	}
 	k.mounts = nil
 	for _, b := range k.sortedDevs() {
+		if b.kind == kindDisk {
+			continue // still plugged: found again when the qube boots
+		}
 		if b.file != nil && b.kind == kindLoop {
 			b.file.f.Close()
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -50,6 +51,19 @@ func (w *World) DropEventStreams() {
 	}
 }
 
+// deviceID is the R4.3 device_id of a backend's port: a partition's (QubesDB has its
+// parent) continues its parent's. w.mu held.
+func (w *World) deviceID(backend, port string) string {
+	if vm, ok := w.vms[backend]; ok && vm.running() {
+		for _, d := range w.published(vm) {
+			if d.name == port && d.parent != "" {
+				return devID(d.parent) + devID(port)
+			}
+		}
+	}
+	return devID(port)
+}
+
 // devID is the R4.3 device_id of a block port: its trailing number, or None.
 func devID(port string) string {
 	i := len(port)
@@ -63,30 +77,56 @@ func devID(port string) string {
 	return ":" + strconv.Itoa(n)
 }
 
-func (w *World) deviceListChanged(vm *VM) {
-	if w.dialect == R42 {
-		w.emit(vm.Name, "domain-qdb-change:/qubes-block-devices", "path", "/qubes-block-devices")
-	}
+// qdbChanged is what qubesd sends for one change under /qubes-block-devices of a
+// backend's QubesDB: device-list-change, on R4.3 device-added/-removed for each
+// difference from its device cache (empty when the backend starts, so the first change
+// announces every present device), then the QubesDB watch event itself.
+func (w *World) qdbChanged(vm *VM) {
 	w.emit(vm.Name, "device-list-change:block")
-}
-
-func (w *World) deviceAdded(vm *VM, port string) {
-	w.deviceListChanged(vm)
 	if w.dialect == R43 {
-		w.emit(vm.Name, "device-added:block", "device", vm.Name+":"+port+":"+devID(port))
+		now := map[string]bool{}
+		for _, d := range w.published(vm) {
+			now[d.name] = true
+		}
+		for _, port := range sortedSet(vm.announced) {
+			if !now[port] {
+				w.emit(vm.Name, "device-removed:block", "port", vm.Name+":"+port)
+			}
+		}
+		for _, port := range sortedSet(now) {
+			if !vm.announced[port] {
+				w.emit(vm.Name, "device-added:block", "device", vm.Name+":"+port+":"+w.deviceID(vm.Name, port))
+			}
+		}
+		vm.announced = now
 	}
+	w.emit(vm.Name, "domain-qdb-change:/qubes-block-devices", "path", "/qubes-block-devices")
 }
 
+func sortedSet(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// deviceListChanged is a udev trigger without a change (a hostile backend toggling).
+func (w *World) deviceListChanged(vm *VM) { w.qdbChanged(vm) }
+
+// deviceAdded: udev wrote the device's keys and the trigger.
+func (w *World) deviceAdded(vm *VM, port string) { w.qdbChanged(vm) }
+
+// deviceRemoved: udev removed the device's keys, then wrote the trigger: two changes.
 func (w *World) deviceRemoved(vm *VM, port string) {
 	ref := qubes.DeviceRef{Backend: vm.Name, Port: port}
 	if a := w.attachmentOf(ref); a != nil {
 		// The backend device vanished under an attachment: the frontend's disk is dead.
 		a.Stale = true
 	}
-	w.deviceListChanged(vm)
-	if w.dialect == R43 {
-		w.emit(vm.Name, "device-removed:block", "port", vm.Name+":"+port)
-	}
+	w.qdbChanged(vm)
+	w.qdbChanged(vm)
 }
 
 func (w *World) attachEvents(a *Attachment, pre bool) {
@@ -100,9 +140,14 @@ func (w *World) attachEvents(a *Attachment, pre bool) {
 	}
 	dev := a.Backend + ":" + a.Port
 	if w.dialect == R43 {
-		dev += ":" + devID(a.Port)
+		dev += ":" + w.deviceID(a.Backend, a.Port)
 	}
-	opts := fmt.Sprintf("{'read-only': '%s', 'frontend-dev': '%s'}", ro, a.FrontendDev)
+	// frontend-dev is chosen by the block extension's pre-attach handler: only the
+	// attach event carries it.
+	opts := fmt.Sprintf("{'read-only': '%s'}", ro)
+	if !pre {
+		opts = fmt.Sprintf("{'read-only': '%s', 'frontend-dev': '%s'}", ro, a.FrontendDev)
+	}
 	w.emit(a.Frontend, name, "device", dev, "options", opts)
 }
 
@@ -160,12 +205,15 @@ func (w *World) start(name string) error {
 	if vm.State != qubes.StateTransient {
 		return &exception{"QubesVMError", fmt.Sprintf("Cannot connect to qrexec agent for %d seconds, see /var/log/xen/console/guest-%s.log for details", vm.QrexecTimeout, name)}
 	}
+	vm.State = qubes.StateRunning
 	if w.dialect == R43 {
 		w.emit(name, "domain-pre-unpaused")
+		w.emit(name, "domain-unpaused")
+		w.emit(name, "domain-start", "start_guid", "True")
+	} else {
+		w.emit(name, "domain-start", "start_guid", "True")
+		w.emit(name, "domain-unpaused")
 	}
-	w.emit(name, "domain-unpaused")
-	vm.State = qubes.StateRunning
-	w.emit(name, "domain-start", "start_guid", "True")
 	return nil
 }
 
@@ -279,9 +327,6 @@ func (w *World) powerOff(vm *VM, clean bool) {
 			}
 		case a.Backend == vm.Name:
 			a.Stale = true
-			if w.dialect == R43 {
-				w.emit(vm.Name, "device-removed:block", "port", a.Backend+":"+a.Port)
-			}
 		}
 	}
 	vm.State = qubes.StateHalted
@@ -292,6 +337,13 @@ func (w *World) powerOff(vm *VM, clean bool) {
 		w.emit(vm.Name, "property-reset:"+p, "name", p)
 	}
 	w.emit(vm.Name, "domain-shutdown")
+	if w.dialect == R43 {
+		// Its device cache is emptied: every device it had is announced as removed.
+		for _, port := range sortedSet(vm.announced) {
+			w.emit(vm.Name, "device-removed:block", "port", vm.Name+":"+port)
+		}
+		vm.announced = nil
+	}
 }
 
 func (w *World) pause(name string) error {
@@ -302,7 +354,7 @@ func (w *World) pause(name string) error {
 		return excVMNotFound(name)
 	}
 	if vm.State != qubes.StateRunning || vm.Name == "dom0" {
-		return &exception{"QubesVMNotRunningError", "Domain is powered off: " + quoteName(name)}
+		return &exception{"QubesVMNotRunningError", "Domain not running (either powered off or paused): " + quoteName(name)}
 	}
 	if w.dialect == R43 {
 		w.emit(name, "domain-pre-paused")
@@ -368,9 +420,9 @@ func (w *World) attach(frontend string, dev qubes.DeviceRef, readOnly *bool) err
 	if a := w.attachmentOf(dev); a != nil {
 		if w.dialect == R43 {
 			if a.Frontend == frontend {
-				return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'device %s:%s:%s of class block already attached to %s'", dev.Backend, dev.Port, devID(dev.Port), frontend)}
+				return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'device %s:%s:%s of class block already attached to %s'", dev.Backend, dev.Port, w.deviceID(dev.Backend, dev.Port), frontend)}
 			}
-			return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'Device %s:%s:%s already attached to %s'", dev.Backend, dev.Port, devID(dev.Port), a.Frontend)}
+			return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'Device %s:%s:%s already attached to %s'", dev.Backend, dev.Port, w.deviceID(dev.Backend, dev.Port), a.Frontend)}
 		}
 		if a.Frontend == frontend {
 			return &exception{"DeviceAlreadyAttached", fmt.Sprintf("'device %s:%s of class block already attached to %s'", dev.Backend, dev.Port, frontend)}
@@ -381,28 +433,25 @@ func (w *World) attach(frontend string, dev qubes.DeviceRef, readOnly *bool) err
 	if frontend == dev.Backend {
 		return errEmpty
 	}
-	mode := "w"
-	if b.ro {
-		mode = "r"
-	}
-	ro := mode == "r"
+	ro := b.ro
 	if readOnly != nil {
-		if !*readOnly && mode == "r" {
-			return &exception{"QubesValueError", "This device can be attached only read-only"}
-		}
 		ro = *readOnly
+	}
+	a := &Attachment{DeviceRef: dev, Frontend: frontend, ReadOnly: ro}
+	// The block extension refuses in its pre-attach handler: the event is out first.
+	w.attachEvents(a, true)
+	if b.ro && !ro {
+		return &exception{"QubesValueError", "This device can be attached only read-only"}
 	}
 	fdev, err := w.frontendDev(frontend)
 	if err != nil {
 		return errEmpty
 	}
-	a := &Attachment{DeviceRef: dev, Frontend: frontend, ReadOnly: ro, FrontendDev: fdev}
-	w.attachEvents(a, true)
+	a.FrontendDev = fdev
 	if err := w.connect(a, b); err != nil {
 		return &exception{"QubesException", "Device attach failed: " + err.Error()}
 	}
 	w.attachEvents(a, false)
-	w.deviceListChanged(be)
 	return nil
 }
 
@@ -433,9 +482,6 @@ func (w *World) detach(frontend string, dev qubes.DeviceRef) error {
 		return errEmpty
 	}
 	w.detachEvents(att)
-	if be, ok := w.vms[att.Backend]; ok && be.running() {
-		w.deviceListChanged(be)
-	}
 	return nil
 }
 

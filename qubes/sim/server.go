@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sort"
 	"strings"
 	"time"
 
@@ -213,6 +214,16 @@ func (w *World) dispatch(req qubes.Request) (string, error) {
 			return "", errEmpty
 		}
 		return w.list(req.Dest), nil
+	case "admin.vm.feature.Set":
+		// Only for the event barrier of tools and tests: the change is announced, not kept.
+		if req.Arg == "" || req.Dest != "dom0" {
+			return "", errEmpty
+		}
+		w.mu.Lock()
+		w.emit("dom0", "domain-feature-pre-set:"+req.Arg, "feature", req.Arg, "value", string(req.Payload))
+		w.emit("dom0", "domain-feature-set:"+req.Arg, "feature", req.Arg, "value", string(req.Payload))
+		w.mu.Unlock()
+		return "", nil
 	case "admin.vm.CurrentState":
 		if !noArgs {
 			return "", errEmpty
@@ -220,11 +231,11 @@ func (w *World) dispatch(req qubes.Request) (string, error) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		vm := w.vms[req.Dest]
-		mem := 0
-		if vm.running() {
-			mem = 400
+		if !vm.running() {
+			// As libvirt reports a domain that does not exist (real qubesd, both releases).
+			return "mem=0 mem_static_max=0 cputime=0 power_state=" + vm.State, nil
 		}
-		return fmt.Sprintf("mem=%d mem_static_max=4000 cputime=0 power_state=%s", mem, vm.State), nil
+		return "mem=4096000 mem_static_max=4096000 cputime=1 power_state=" + vm.State, nil
 	case "admin.vm.Start":
 		if !noArgs {
 			return "", errEmpty
@@ -345,6 +356,7 @@ func (w *World) available(backend, filter string) string {
 		return ""
 	}
 	var b strings.Builder
+	var lines []string
 	for _, d := range w.published(vm) {
 		if filter != "" && d.name != filter {
 			continue
@@ -362,7 +374,7 @@ func (w *World) available(backend, filter string) string {
 		desc = sanitizeNew(desc)
 		model, label, _ := strings.Cut(desc, " ")
 		props := map[string]string{
-			"device_id": devID(d.name), "port_id": d.name, "devclass": "block", "backend_domain": backend,
+			"device_id": w.deviceID(backend, d.name), "port_id": d.name, "devclass": "block", "backend_domain": backend,
 			"manufacturer": "hosted by " + backend, "interfaces": "b******",
 			"serial": strings.TrimSpace(strings.ReplaceAll(model, "_", " ")),
 		}
@@ -372,12 +384,18 @@ func (w *World) available(backend, filter string) string {
 		if len(label) > 2 {
 			props["name"] = strings.TrimSpace(strings.ReplaceAll(label, "_", " ")[1 : len(label)-1])
 		}
+		if d.parent != "" {
+			props["manufacturer"] = "sub-device of " + backend + ":" + d.parent
+			props["parent_devclass"], props["parent_port_id"] = "block", d.parent
+		}
 		if a := w.attachmentOf(ref); a != nil {
 			props["attachment"] = a.Frontend
 		}
-		fmt.Fprintf(&b, "%s:%s %s\n", d.name, devID(d.name), qubes.FormatProperties(props))
+		lines = append(lines, fmt.Sprintf("%s:%s %s\n", d.name, w.deviceID(backend, d.name), qubes.FormatProperties(props)))
 	}
-	return b.String()
+	// R4.3 sorts by the whole "port:device_id" (sda1::None:1 before sda::None).
+	sort.Strings(lines)
+	return b.String() + strings.Join(lines, "")
 }
 
 // attached renders a frontend's attachments (R4.2 List / R4.3 Attached). Stale ones are
@@ -396,10 +414,10 @@ func (w *World) attached(frontend string) string {
 			continue
 		}
 		props := map[string]string{
-			"device_id": devID(a.Port), "port_id": a.Port, "devclass": "block", "backend_domain": a.Backend,
+			"device_id": w.deviceID(a.Backend, a.Port), "port_id": a.Port, "devclass": "block", "backend_domain": a.Backend,
 			"mode": "manual", "frontend_domain": frontend, "_read-only": ro, "_frontend-dev": a.FrontendDev,
 		}
-		fmt.Fprintf(&b, "%s+%s:%s %s\n", a.Backend, a.Port, devID(a.Port), qubes.FormatProperties(props))
+		fmt.Fprintf(&b, "%s+%s:%s %s\n", a.Backend, a.Port, w.deviceID(a.Backend, a.Port), qubes.FormatProperties(props))
 	}
 	return b.String()
 }

@@ -39,6 +39,8 @@ type VM struct {
 	kernel *kernel
 	procs  map[*exec.Cmd]struct{}
 	halted chan struct{} // closed and replaced when the qube halts
+	// announced is R4.3 qubesd's device cache of this backend: what it last reported.
+	announced map[string]bool
 }
 
 // UUID is derived from the name so that answers are reproducible.
@@ -242,7 +244,7 @@ func (w *World) published(vm *VM) []devInfo {
 	var out []devInfo
 	for _, d := range vm.kernel.sortedDevs() {
 		if d.exposed() {
-			out = append(out, devInfo{name: d.name, desc: d.desc(), size: d.io.Size(), ro: d.ro})
+			out = append(out, devInfo{name: d.name, desc: d.desc(), size: d.io.Size(), ro: d.ro, parent: d.parent})
 		}
 	}
 	return out
