@@ -14,14 +14,16 @@ FUZZTIME  ?= 100000x
 # for the real-kernel tests: qemu and busybox (the guest), cpio and kmod (its initramfs),
 # bc, and the real block tools (cryptsetup-bin, dmsetup, e2fsprogs, btrfs-progs).
 E2E_PACKAGES := qemu-system-x86 busybox-static cpio kmod bc cryptsetup-bin dmsetup e2fsprogs btrfs-progs
-DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES)
+# The real qubesd (../shared/real-qubesd, test equipment: the tests run qcrypt against it).
+REAL_QUBESD_PACKAGES := python3-lxml python3-libvirt python3-jinja2 python3-docutils python3-yaml python3-pyinotify
+DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES)
 COMMANDS  := qubes-sim qcryptd qcryptctl
 
 BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
 
-.PHONY: all build demo e2e check fmt-check vet staticcheck test fuzz bench deps install clean
+.PHONY: all build demo e2e check fmt-check vet staticcheck test fuzz bench deps install clean vectors
 
 all: build
 
@@ -68,6 +70,11 @@ fuzz:
 	    out=$$($(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) 2>&1) || { echo "$$out"; exit 1; }; \
 	  done; \
 	done
+
+# Re-record the real qubesd's transcripts the simulator is held against
+# (qubes/sim/testdata/real-qubesd/VERSION.txt).
+vectors:
+	QCRYPT_REQUIRE_REAL_QUBESD=1 QCRYPT_RECORD_VECTORS=1 $(GO) test -count=1 -run '^TestRealQubesdVectors$$' ./qubes/sim/
 
 bench:
 	QCRYPT_REQUIRE_SANDBOX=1 $(GO) test -run '^$$' -bench . -benchtime 2s ./...

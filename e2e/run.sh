@@ -13,6 +13,27 @@ CGO_ENABLED=0 go test -c -trimpath -o "$out/e2e.test" ./e2e
 
 run=""
 [ -n "${E2E_RUN:-}" ] && run="-test.run $(printf %q "$E2E_RUN")"
+
+# The core scenarios run a second time with the real qubesd 4.3 as the Admin API
+# (../shared/real-qubesd or QCRYPT_REAL_QUBESD; E2E_REAL=0 leaves them out). Missing, it is
+# skipped with its reason, or a failure under QCRYPT_REQUIRE_REAL_QUBESD=1 (CI).
+real=""
+real_dir=${QCRYPT_REAL_QUBESD:-$(cd .. && pwd)/shared/real-qubesd}
+why=""
+if [ "${E2E_REAL:-1}" = 0 ] || [ -n "${E2E_RUN:-}" ]; then
+  why="not asked for"
+elif [ ! -x "$real_dir/start.sh" ]; then
+  why="$real_dir/start.sh is missing"
+elif ! /usr/bin/python3 -c 'import lxml, libvirt, libvirtaio, jinja2, docutils, yaml, pyinotify' 2>/dev/null; then
+  why="its Python packages are missing (make deps)"
+else
+  real=$real_dir
+fi
+if [ -z "$real" ] && [ "$why" != "not asked for" ]; then
+  if [ "${QCRYPT_REQUIRE_REAL_QUBESD:-}" = 1 ]; then echo "e2e: the real qubesd is required: $why" >&2; exit 1; fi
+  echo "e2e: the core scenarios behind the real qubesd are skipped: $why"
+fi
+core='^(TestLuksInitOpenWriteReopen|TestReadOnlyChain|TestAutoOpenOnStartAndCloseOnShutdown|TestAutoOpenOnPlug|TestDaemonKilledMidOpen)$'
 cat > "$out/tests.sh" <<SCRIPT
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export QCRYPT_E2E=1 QCRYPT_E2E_BIN=$out DM_DISABLE_UDEV=1 E2E_LOGS=${E2E_LOGS:-0} E2E_CYCLES=${E2E_CYCLES:-8}
@@ -21,6 +42,11 @@ start=\$(date +%s)
 "$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-20m} $run
 status=\$?
 echo "e2e: tests took \$((\$(date +%s) - start)) s on kernel \$(uname -r)"
+if [ -n "$real" ]; then
+  start=\$(date +%s)
+  E2E_REAL_QUBESD="$real" "$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-20m} -test.run '$core' || status=1
+  echo "e2e: the core scenarios behind the real qubesd 4.3 took \$((\$(date +%s) - start)) s"
+fi
 exit \$status
 SCRIPT
 

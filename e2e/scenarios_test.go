@@ -251,11 +251,17 @@ func TestAutoOpenOnPlug(t *testing.T) {
 	requireClean(t, "after close and unplug")
 }
 
-// startOpenDelayed starts `qcryptctl open vault` with the attach to work held back by
-// qubesd for a while, and returns once mediator has decrypted its layer.
+// startOpenDelayed starts `qcryptctl open vault` held back after mediator has decrypted
+// its layer, and returns then: the simulator's own qubesd delays the attach to work; a
+// real qubesd cannot be told to, so there work's agent does not answer (until cleared).
 func startOpenDelayed(t *testing.T) *exec.Cmd {
 	t.Helper()
-	if out, err := h.simctl("fault", "admin.vm.device.block.Attach", "delay", "6000", "work"); err != nil {
+	fault := []string{"fault", "admin.vm.device.block.Attach", "delay", "6000", "work"}
+	if h.real {
+		fault = []string{"qrexec-fault", "work", "hang"}
+		t.Cleanup(func() { h.simctl("qrexec-fault", "work", "none") })
+	}
+	if out, err := h.simctl(fault...); err != nil {
 		t.Fatalf("fault: %v: %s", err, out)
 	}
 	t.Cleanup(func() { h.simctl("clear-faults") })
@@ -272,6 +278,9 @@ func startOpenDelayed(t *testing.T) *exec.Cmd {
 // TestMediatorKilledMidOpen: mediator is killed while the open waits for the attach
 // to work; the open fails and rolls back: no dm, loop device or attachment is left.
 func TestMediatorKilledMidOpen(t *testing.T) {
+	if h.real {
+		t.Skip("the open must be held in qubesd's attach, which only the simulator's own qubesd can delay")
+	}
 	ensureClosed(t)
 	cmd := startOpenDelayed(t)
 	if err := h.q.Kill(context.Background(), "mediator"); err != nil {
@@ -297,8 +306,12 @@ func TestDaemonKilledMidOpen(t *testing.T) {
 	h.daemon.Process.Signal(syscall.SIGKILL)
 	h.daemon.Wait()
 	cmd.Wait()
-	h.simctl("clear-faults")
-	time.Sleep(7 * time.Second) // the held-back attach completes in qubesd meanwhile
+	if h.real {
+		h.simctl("qrexec-fault", "work", "none")
+	} else {
+		h.simctl("clear-faults")
+		time.Sleep(7 * time.Second) // the held-back attach completes in qubesd meanwhile
+	}
 	if err := h.startDaemon(); err != nil {
 		t.Fatal(err)
 	}
