@@ -657,3 +657,40 @@ func TestStatusMountedAnywhere(t *testing.T) {
 		t.Errorf("not mounted, not checked: %+v", st)
 	}
 }
+
+// killsOnRun kills a qube just before the first command in it: the qube stops while
+// the engine reads it.
+type killsOnRun struct {
+	f    *simtest.Fixture
+	vm   string
+	done bool
+}
+
+func (k *killsOnRun) Run(ctx context.Context, vm, script string, in io.Reader) (qubes.Result, error) {
+	if vm == k.vm && !k.done {
+		k.done = true
+		if err := k.f.Client.Kill(ctx, vm); err != nil {
+			return qubes.Result{}, err
+		}
+	}
+	return k.f.Runner.Run(ctx, vm, script, in)
+}
+
+// TestStatusOfAQubeThatStopsMeanwhile: a qube that shuts down while the status reads it
+// is a qube that is not running, not an error (the real qubesd stops a qube at once).
+func TestStatusOfAQubeThatStopsMeanwhile(t *testing.T) {
+	r := newRig(t, sim.R43)
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{Autostart: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	k := &killsOnRun{f: r.Fixture, vm: "work"}
+	r.e.Runner = k
+	st, err := r.e.Status(bg, c)
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	if !k.done || st.Hops[1].Running || st.Open() {
+		t.Errorf("status after work stopped: %+v (killed %v)", st, k.done)
+	}
+}

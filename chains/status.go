@@ -2,6 +2,7 @@ package chains
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -95,8 +96,24 @@ func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 	return st, err
 }
 
-// status is Status that also returns the qubes' power states it listed.
+// status is Status that also returns the qubes' power states it listed. A qube that
+// stops while it is read (qrexec cannot reach it any more) is a change of the world, not
+// a failure: the status is read again with the new power states.
 func (e *Engine) status(ctx context.Context, c *Chain) (*Status, map[string]string, error) {
+	for attempt := 1; ; attempt++ {
+		st, states, err := e.statusOnce(ctx, c)
+		var te *qubes.TransportError
+		if err == nil || !errors.As(err, &te) || attempt == 3 {
+			return st, states, err
+		}
+		now, lerr := e.memberStates(ctx, c)
+		if lerr != nil || now[te.VM] == qubes.StateRunning {
+			return st, states, err
+		}
+	}
+}
+
+func (e *Engine) statusOnce(ctx context.Context, c *Chain) (*Status, map[string]string, error) {
 	states, err := e.memberStates(ctx, c)
 	if err != nil {
 		return nil, nil, err

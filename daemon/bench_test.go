@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/chains"
 )
 
 // BenchmarkIdleDaemon runs qcryptd with 50 configured chains (all waiting for their
@@ -51,4 +53,37 @@ func cpuTicks(b *testing.B, pid int) int {
 	ut, _ := strconv.Atoi(f[11])
 	st, _ := strconv.Atoi(f[12])
 	return ut + st
+}
+
+// BenchmarkOpenClose opens and closes the 2-layer demo chain through qcryptd, with the
+// simulator's own qubesd and with the real one (4.2 and 4.3), and reports each.
+func BenchmarkOpenClose(b *testing.B) {
+	for _, dialect := range worlds {
+		b.Run(dialect, func(b *testing.B) {
+			w := newWorld(b, dialect, permissiveBus)
+			w.writeChain("demo", demoChain)
+			w.qubes.Start(bg, "work")
+			w.startDaemon()
+			c := w.client()
+			w.waitState(c, "demo", "open", time.Minute)
+			if r, err := c.RunJob(bg, c.Close("demo", chains.CloseOptions{}), nil); err != nil || !r.Success {
+				b.Fatalf("close: %+v %v", r, err)
+			}
+			var open, closed time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				t0 := time.Now()
+				if r, err := c.RunJob(bg, c.Open("demo", chains.OpenOptions{}), nil); err != nil || !r.Success {
+					b.Fatalf("open: %+v %v", r, err)
+				}
+				t1 := time.Now()
+				if r, err := c.RunJob(bg, c.Close("demo", chains.CloseOptions{}), nil); err != nil || !r.Success {
+					b.Fatalf("close: %+v %v", r, err)
+				}
+				open, closed = open+t1.Sub(t0), closed+time.Since(t1)
+			}
+			b.ReportMetric(float64(open.Milliseconds())/float64(b.N), "open-ms")
+			b.ReportMetric(float64(closed.Milliseconds())/float64(b.N), "close-ms")
+		})
+	}
 }

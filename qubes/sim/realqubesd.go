@@ -61,10 +61,11 @@ type realQubesd struct {
 	proc   *exec.Cmd
 	exited chan struct{}
 
-	syncMu   sync.Mutex                   // one reconciliation at a time; guards the maps
-	reported map[string]map[string]string // qube -> port -> "SIZE MODE DESC" told to QubesDB
-	stopping map[string]bool              // a domain-pre-shutdown was seen: a clean halt
-	stale    map[string][]qubes.DeviceRef // frontend -> disks qubesd wrongly kept over a restart
+	syncMu   sync.Mutex                          // one reconciliation at a time; guards the maps
+	reported map[string]map[string]string        // qube -> port -> "SIZE MODE DESC" told to QubesDB
+	stopping map[string]bool                     // a domain-pre-shutdown was seen: a clean halt
+	stale    map[string][]qubes.DeviceRef        // frontend -> disks qubesd wrongly kept over a restart
+	stopped  map[string]map[qubes.DeviceRef]bool // frontend -> the disks it had when it stopped
 
 	bmu   sync.Mutex
 	bcond *sync.Cond
@@ -83,7 +84,8 @@ func startRealQubesd(s *Sim, dir string, log io.Writer) (*realQubesd, error) {
 		s: s, dir: dir, version: s.cfg.Dialect, socket: s.cfg.Socket, state: filepath.Join(s.cfg.Dir, "real-qubesd"), log: log,
 		client:   qubes.NewClient(s.cfg.Socket),
 		reported: map[string]map[string]string{}, stopping: map[string]bool{}, stale: map[string][]qubes.DeviceRef{},
-		done: make(chan struct{}),
+		stopped: map[string]map[qubes.DeviceRef]bool{},
+		done:    make(chan struct{}),
 	}
 	r.bcond = sync.NewCond(&r.bmu)
 	r.client.SetTimeout(realCallTimeout)
@@ -197,7 +199,18 @@ func (r *realQubesd) follow(ctx context.Context) {
 	defer close(r.done)
 	for ev := range r.client.Events(ctx, qubes.Backoff{Min: 50 * time.Millisecond, Max: time.Second}) {
 		switch {
-		case ev.Kind == qubes.EventResync, ev.Name == "domain-add":
+		case ev.Kind == qubes.EventResync:
+			// Events were lost while the stream was down, barriers' among them: a
+			// barrier begun before this full read is answered by it.
+			r.bmu.Lock()
+			begun := r.sent
+			r.bmu.Unlock()
+			err := r.syncAll(ctx)
+			r.logErr(err)
+			if err == nil {
+				r.passBarriers(begun)
+			}
+		case ev.Name == "domain-add":
 			r.logErr(r.syncAll(ctx))
 		case ev.Kind == qubes.EventDomainPreShutdown:
 			r.syncMu.Lock()
@@ -208,12 +221,17 @@ func (r *realQubesd) follow(ctx context.Context) {
 			r.logErr(r.syncVM(ctx, ev.Subject))
 		case ev.Subject == "dom0" && ev.Name == "domain-feature-set:"+barrierFeature:
 			n, _ := strconv.ParseInt(ev.Args["value"], 10, 64)
-			r.bmu.Lock()
-			r.seen = max(r.seen, n)
-			r.bcond.Broadcast()
-			r.bmu.Unlock()
+			r.passBarriers(n)
 		}
 	}
+}
+
+// passBarriers releases the barriers up to n.
+func (r *realQubesd) passBarriers(n int64) {
+	r.bmu.Lock()
+	r.seen = max(r.seen, n)
+	r.bcond.Broadcast()
+	r.bmu.Unlock()
 }
 
 func (r *realQubesd) logErr(err error) {
@@ -300,7 +318,7 @@ func (r *realQubesd) syncVM(ctx context.Context, name string) error {
 	w := r.s.World
 	w.mu.Lock()
 	vm, ok := w.vms[name]
-	if ok && up && vm.State == qubes.StateHalted && len(atts) > 0 {
+	if ok && up && vm.State == qubes.StateHalted && len(r.stopped[name]) > 0 {
 		// A qube Xen has just booted has no hot-plugged disks. The real-qubesd stand-in
 		// for Xen keeps the disks a qube had when it stopped and shows them again after
 		// its next start (serve.py forgets them only when asked while the qube is
@@ -308,15 +326,22 @@ func (r *realQubesd) syncVM(ctx context.Context, name string) error {
 		// R4.2 cannot detach a device its backend no longer has (UnknownDevice): such
 		// a disk is detached once the backend has a device of that name again,
 		// before anyone hears of that device (see reportLocked).
+		// Only the disks it had when it stopped: one attached since the start is real.
 		w.mu.Unlock()
 		r.stale[name] = nil
+		var fresh []qubes.Attachment
 		for _, a := range atts {
+			if !r.stopped[name][a.DeviceRef] {
+				fresh = append(fresh, a)
+				continue
+			}
 			fmt.Fprintf(r.log, "qubes-sim: qubesd kept %s attached to %s over its restart (an artifact of real-qubesd's Xen stand-in): detaching\n", a.DeviceRef, name)
 			if err := r.client.Detach(ctx, name, a.DeviceRef); err != nil {
 				r.stale[name] = append(r.stale[name], a.DeviceRef)
 			}
 		}
-		atts = nil
+		atts = fresh
+		delete(r.stopped, name)
 		w.mu.Lock()
 		vm, ok = w.vms[name]
 	}
@@ -338,6 +363,11 @@ func (r *realQubesd) syncVM(ctx context.Context, name string) error {
 		r.applyAttachments(vm, atts)
 	case state == qubes.StateHalted || state == qubes.StateCrashed || state == qubes.StateDying:
 		if vm.running() {
+			gone := map[qubes.DeviceRef]bool{}
+			for _, a := range w.attachmentsOf(name) {
+				gone[a.DeviceRef] = true
+			}
+			r.stopped[name] = gone
 			w.powerOff(vm, r.stopping[name])
 			halted = true
 		}

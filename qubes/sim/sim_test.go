@@ -347,3 +347,28 @@ func BenchmarkSimulatorQrexec(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
 }
+
+// BenchmarkRealQubesdCalls is BenchmarkSimulatorCalls against the real qubesd 4.3.
+func BenchmarkRealQubesdCalls(b *testing.B) {
+	f := simtest.StartReal(b, sim.R43)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := f.Client.CurrentState(ctx, "work"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "calls/s")
+}
+
+// BenchmarkRealQubesdQrexec is BenchmarkSimulatorQrexec behind the real qubesd 4.3 (each
+// call waits on an event barrier first).
+func BenchmarkRealQubesdQrexec(b *testing.B) {
+	f := simtest.StartReal(b, sim.R43)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if r, err := f.Runner.Run(ctx, "sys-usb", "true", nil); err != nil || r.ExitCode != 0 {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
+}

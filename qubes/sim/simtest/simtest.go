@@ -91,10 +91,23 @@ type Fixture struct {
 // check) turns that into a failure.
 func Start(t testing.TB, dialect sim.Dialect) *Fixture {
 	t.Helper()
+	return start(t, sim.Config{Dialect: dialect})
+}
+
+// StartReal runs the simulator behind the real qubesd of that release, with the demo
+// world (skipped where there is no real qubesd, see RealQubesd).
+func StartReal(t testing.TB, dialect sim.Dialect) *Fixture {
+	t.Helper()
+	return start(t, sim.Config{Dialect: dialect, RealQubesd: RealQubesd(t), Demo: true})
+}
+
+func start(t testing.TB, cfg sim.Config) *Fixture {
+	t.Helper()
 	RequireSandbox(t)
 	dir := t.TempDir()
 	exe := binary(t)
-	s, err := sim.Start(sim.Config{Dir: dir, Dialect: dialect, ToolsBinary: exe})
+	cfg.Dir, cfg.ToolsBinary = dir, exe
+	s, err := sim.Start(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
