@@ -1,20 +1,16 @@
 package sim
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/qcrypt/qcrypt/qubes"
@@ -49,17 +45,10 @@ const (
 )
 
 type realQubesd struct {
-	s       *Sim
-	dir     string // holds start.sh
-	version Dialect
-	socket  string
-	state   string // the server's store: kept over a restart
-	log     io.Writer
-	client  *qubes.Client
-
-	procMu sync.Mutex
-	proc   *exec.Cmd
-	exited chan struct{}
+	s      *Sim
+	srv    *RealServer
+	log    io.Writer
+	client *qubes.Client
 
 	syncMu   sync.Mutex                          // one reconciliation at a time; guards the maps
 	reported map[string]map[string]string        // qube -> port -> "SIZE MODE DESC" told to QubesDB
@@ -81,117 +70,42 @@ func startRealQubesd(s *Sim, dir string, log io.Writer) (*realQubesd, error) {
 		return nil, fmt.Errorf("cannot use the real qubesd in %s: %w", dir, err)
 	}
 	r := &realQubesd{
-		s: s, dir: dir, version: s.cfg.Dialect, socket: s.cfg.Socket, state: filepath.Join(s.cfg.Dir, "real-qubesd"), log: log,
-		client:   qubes.NewClient(s.cfg.Socket),
+		s: s, log: log, client: qubes.NewClient(s.cfg.Socket),
+		srv:      &RealServer{Dir: dir, Version: s.cfg.Dialect, Socket: s.cfg.Socket, State: filepath.Join(s.cfg.Dir, "real-qubesd"), Log: log},
 		reported: map[string]map[string]string{}, stopping: map[string]bool{}, stale: map[string][]qubes.DeviceRef{},
 		stopped: map[string]map[qubes.DeviceRef]bool{},
 		done:    make(chan struct{}),
 	}
 	r.bcond = sync.NewCond(&r.bmu)
 	r.client.SetTimeout(realCallTimeout)
-	if err := os.MkdirAll(r.state, 0o755); err != nil {
+	if err := os.MkdirAll(r.srv.State, 0o755); err != nil {
 		return nil, err
 	}
-	if err := r.startServer(); err != nil {
+	if err := r.srv.Start(); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	if err := r.syncAll(ctx); err != nil {
 		cancel()
-		r.stopServer()
+		r.srv.Stop()
 		return nil, err
 	}
 	go r.follow(ctx)
 	return r, nil
 }
 
-// startServer runs start.sh and waits for its READY line. Starts are serialised across
-// processes: start.sh unpacks the sources into a shared cache on first use.
-func (r *realQubesd) startServer() error {
-	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "qubes-sim-real-qubesd.lock"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return err
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return err
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
-
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(filepath.Join(r.dir, "start.sh"), r.socket, string(r.version))
-	cmd.Env = append(os.Environ(), "STATE="+r.state)
-	cmd.Stdout, cmd.Stderr = pw, r.log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	err = cmd.Start()
-	pw.Close()
-	if err != nil {
-		pr.Close()
-		return fmt.Errorf("cannot start the real qubesd: %w", err)
-	}
-	ready := make(chan struct{})
-	go func() {
-		defer pr.Close()
-		sc := bufio.NewScanner(pr)
-		once := sync.Once{}
-		for sc.Scan() {
-			fmt.Fprintln(r.log, "real qubesd:", sc.Text())
-			if strings.HasPrefix(sc.Text(), "READY ") {
-				once.Do(func() { close(ready) })
-			}
-		}
-	}()
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	select {
-	case <-ready:
-	case <-exited:
-		return fmt.Errorf("cannot start the real qubesd %s: start.sh ended (%s); its output is in the simulator's log", r.version, cmd.ProcessState)
-	case <-time.After(realReadyTimeout):
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-exited
-		return fmt.Errorf("cannot start the real qubesd %s: not ready after %s", r.version, realReadyTimeout)
-	}
-	r.procMu.Lock()
-	r.proc, r.exited = cmd, exited
-	r.procMu.Unlock()
-	return nil
-}
-
-// stopServer ends the server as systemd would stop qubesd: SIGTERM to start.sh, which
-// saves the store and what Xen would keep running.
-func (r *realQubesd) stopServer() {
-	r.procMu.Lock()
-	cmd, exited := r.proc, r.exited
-	r.proc = nil
-	r.procMu.Unlock()
-	if cmd == nil {
-		return
-	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-exited:
-	case <-time.After(time.Minute):
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-exited
-	}
-}
-
 // restart is `systemctl restart qubesd`: the qubes keep running, event subscribers are
 // cut off and reconnect.
 func (r *realQubesd) restart() error {
-	r.stopServer()
-	return r.startServer()
+	r.srv.Stop()
+	return r.srv.Start()
 }
 
 func (r *realQubesd) close() {
 	r.cancel()
 	<-r.done
-	r.stopServer()
+	r.srv.Stop()
 }
 
 // follow mirrors the server's events until close.
@@ -377,7 +291,7 @@ func (r *realQubesd) syncVM(ctx context.Context, name string) error {
 	if booted || halted {
 		// A qube's QubesDB starts empty; the server's stand-in keeps it over a restart.
 		delete(r.reported, name)
-		if err := r.ctl("qdb-rm " + name + " /qubes-block-devices/"); err != nil {
+		if err := r.srv.Ctl("qdb-rm " + name + " /qubes-block-devices/"); err != nil {
 			return err
 		}
 	}
@@ -472,7 +386,7 @@ func (r *realQubesd) reportLocked() error {
 	}
 	w.mu.Unlock()
 	for _, l := range lines {
-		if err := r.ctl(l); err != nil {
+		if err := r.srv.Ctl(l); err != nil {
 			return err
 		}
 	}
@@ -507,27 +421,6 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-// ctl sends one line to the server's control socket (what a qube writes to QubesDB).
-func (r *realQubesd) ctl(line string) error {
-	c, err := net.DialTimeout("unix", r.socket+".ctl", realCallTimeout)
-	if err != nil {
-		return fmt.Errorf("cannot reach the real qubesd's control socket: %w", err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(realCallTimeout))
-	if _, err := io.WriteString(c, line+"\n"); err != nil {
-		return err
-	}
-	resp, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return fmt.Errorf("real qubesd control %q: %w", line, err)
-	}
-	if resp = strings.TrimSpace(resp); resp != "ok" {
-		return fmt.Errorf("real qubesd control %q: %s", line, resp)
-	}
-	return nil
 }
 
 // createVM adds an AppVM through the Admin API, as qvm-create does.

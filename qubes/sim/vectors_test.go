@@ -1,19 +1,16 @@
 package sim_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -290,51 +287,14 @@ func normalizeEvent(ev qubes.Event) (string, bool) {
 
 // realVWorld starts the real qubesd (no simulator: nothing runs in its qubes).
 func realVWorld(t *testing.T, dir string, dialect sim.Dialect) *vworld {
-	sock := filepath.Join(t.TempDir(), "qubesd.sock")
-	cmd := exec.Command(filepath.Join(dir, "start.sh"), sock, string(dialect))
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
+	srv := &sim.RealServer{Dir: dir, Version: dialect, Socket: filepath.Join(t.TempDir(), "qubesd.sock"), Log: os.Stderr}
+	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if strings.HasPrefix(sc.Text(), "READY ") {
-				ready <- true
-			}
-		}
-		ready <- false
-	}()
-	select {
-	case ok := <-ready:
-		if !ok {
-			t.Fatal("the real qubesd did not start")
-		}
-	case <-time.After(3 * time.Minute):
-		t.Fatal("the real qubesd is not ready")
-	}
-	c := qubes.NewClient(sock)
+	t.Cleanup(srv.Stop)
+	c := qubes.NewClient(srv.Socket)
 	c.SetTimeout(2 * time.Minute)
-	return &vworld{c: c, udev: func(line string) error {
-		conn, err := net.Dial("unix", sock+".ctl")
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		fmt.Fprintln(conn, line)
-		resp, _ := bufio.NewReader(conn).ReadString('\n')
-		if strings.TrimSpace(resp) != "ok" {
-			return fmt.Errorf("%s", resp)
-		}
-		return nil
-	}}
+	return &vworld{c: c, udev: srv.Ctl}
 }
 
 // simVWorld starts the simulator's own server with real-qubesd's starting world.
