@@ -55,6 +55,7 @@ type realQubesd struct {
 	stopping map[string]bool                     // a domain-pre-shutdown was seen: a clean halt
 	stale    map[string][]qubes.DeviceRef        // frontend -> disks qubesd wrongly kept over a restart
 	stopped  map[string]map[qubes.DeviceRef]bool // frontend -> the disks it had when it stopped
+	shown    map[string]map[qubes.DeviceRef]bool // frontend -> disks attached since its start (events)
 
 	bmu   sync.Mutex
 	bcond *sync.Cond
@@ -73,8 +74,8 @@ func startRealQubesd(s *Sim, dir string, log io.Writer) (*realQubesd, error) {
 		s: s, log: log, client: qubes.NewClient(s.cfg.Socket),
 		srv:      &RealServer{Dir: dir, Version: s.cfg.Dialect, Socket: s.cfg.Socket, State: filepath.Join(s.cfg.Dir, "real-qubesd"), Log: log},
 		reported: map[string]map[string]string{}, stopping: map[string]bool{}, stale: map[string][]qubes.DeviceRef{},
-		stopped: map[string]map[qubes.DeviceRef]bool{},
-		done:    make(chan struct{}),
+		stopped: map[string]map[qubes.DeviceRef]bool{}, shown: map[string]map[qubes.DeviceRef]bool{},
+		done: make(chan struct{}),
 	}
 	r.bcond = sync.NewCond(&r.bmu)
 	r.client.SetTimeout(realCallTimeout)
@@ -130,8 +131,16 @@ func (r *realQubesd) follow(ctx context.Context) {
 			r.syncMu.Lock()
 			r.stopping[ev.Subject] = true
 			r.syncMu.Unlock()
+		case ev.Kind == qubes.EventDeviceAttach, ev.Kind == qubes.EventDeviceDetach:
+			r.syncMu.Lock()
+			if r.shown[ev.Subject] == nil {
+				r.shown[ev.Subject] = map[qubes.DeviceRef]bool{}
+			}
+			r.shown[ev.Subject][ev.Device] = ev.Kind == qubes.EventDeviceAttach
+			r.syncMu.Unlock()
+			r.logErr(r.syncVM(ctx, ev.Subject))
 		case ev.Kind == qubes.EventDomainStart, ev.Kind == qubes.EventDomainUnpaused, ev.Kind == qubes.EventDomainPaused,
-			ev.Kind == qubes.EventDomainShutdown, ev.Kind == qubes.EventDeviceAttach, ev.Kind == qubes.EventDeviceDetach:
+			ev.Kind == qubes.EventDomainShutdown:
 			r.logErr(r.syncVM(ctx, ev.Subject))
 		case ev.Subject == "dom0" && ev.Name == "domain-feature-set:"+barrierFeature:
 			n, _ := strconv.ParseInt(ev.Args["value"], 10, 64)
@@ -277,14 +286,13 @@ func (r *realQubesd) syncVM(ctx context.Context, name string) error {
 		r.applyAttachments(vm, atts)
 	case state == qubes.StateHalted || state == qubes.StateCrashed || state == qubes.StateDying:
 		if vm.running() {
-			gone := map[qubes.DeviceRef]bool{}
-			for _, a := range w.attachmentsOf(name) {
-				gone[a.DeviceRef] = true
-			}
-			r.stopped[name] = gone
+			// What qubesd attached (its events), whether or not the simulator could
+			// give each disk to the qube.
+			r.stopped[name] = r.shown[name]
 			w.powerOff(vm, r.stopping[name])
 			halted = true
 		}
+		delete(r.shown, name)
 		delete(r.stopping, name)
 	}
 	w.mu.Unlock()

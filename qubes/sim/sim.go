@@ -2,6 +2,7 @@ package sim
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -388,8 +389,10 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 	}
 	argv, ok := parseCmdline(req.Cmdline)
 	if s.real != nil {
-		// What qubesd did before this call (a start, an attach) has reached the qube.
+		// What qubesd did before this call (a start, an attach) has reached the qube,
+		// and the qube is read back once more in case an event did not show it all.
 		s.real.barrier()
+		s.real.logErr(s.real.syncVM(context.Background(), req.VM))
 		// What the command did to block devices reaches qubesd, as udev would report it.
 		defer func() { s.real.logErr(s.real.report()) }()
 	}
