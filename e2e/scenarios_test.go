@@ -251,28 +251,42 @@ func TestAutoOpenOnPlug(t *testing.T) {
 	requireClean(t, "after close and unplug")
 }
 
-// startOpenDelayed starts `qcryptctl open vault` held back after mediator has decrypted
-// its layer, and returns then: the simulator's own qubesd delays the attach to work; a
-// real qubesd cannot be told to, so there work's agent does not answer (until cleared).
-func startOpenDelayed(t *testing.T) *exec.Cmd {
+// startOpenDelayed starts an open of vault held back after mediator has decrypted its
+// layer, and returns then with a wait for the client that asked for it. The
+// simulator's own qubesd delays the attach to work of `qcryptctl open vault`. A real
+// qubesd cannot be told to: there work's agent does not answer (until cleared) and the
+// open is the automatic one when work starts (a manual open asks work first).
+func startOpenDelayed(t *testing.T) (wait func() error) {
 	t.Helper()
-	fault := []string{"fault", "admin.vm.device.block.Attach", "delay", "6000", "work"}
-	if h.real {
-		fault = []string{"qrexec-fault", "work", "hang"}
-		t.Cleanup(func() { h.simctl("qrexec-fault", "work", "none") })
-	}
-	if out, err := h.simctl(fault...); err != nil {
-		t.Fatalf("fault: %v: %s", err, out)
-	}
 	t.Cleanup(func() { h.simctl("clear-faults") })
-	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), "open", "vault")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	wait = func() error { return nil }
+	if h.real {
+		ctx := context.Background()
+		if err := h.q.Shutdown(ctx, "work", false, true); err != nil {
+			t.Fatal(err)
+		}
+		waitState(t, "vault", time.Minute, "waiting")
+		t.Cleanup(func() { h.simctl("qrexec-fault", "work", "none") })
+		if out, err := h.simctl("qrexec-fault", "work", "hang"); err != nil {
+			t.Fatalf("qrexec-fault: %v: %s", err, out)
+		}
+		if err := h.q.Start(ctx, "work"); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		if out, err := h.simctl("fault", "admin.vm.device.block.Attach", "delay", "6000", "work"); err != nil {
+			t.Fatalf("fault: %v: %s", err, out)
+		}
+		cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), "open", "vault")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		wait = cmd.Wait
 	}
 	if !eventually(time.Minute, func() bool { _, ok := dmDevices()["mediator:vault"]; return ok }) {
 		t.Fatal("mediator never decrypted its layer")
 	}
-	return cmd
+	return wait
 }
 
 // TestMediatorKilledMidOpen: mediator is killed while the open waits for the attach
@@ -282,11 +296,11 @@ func TestMediatorKilledMidOpen(t *testing.T) {
 		t.Skip("the open must be held in qubesd's attach, which only the simulator's own qubesd can delay")
 	}
 	ensureClosed(t)
-	cmd := startOpenDelayed(t)
+	wait := startOpenDelayed(t)
 	if err := h.q.Kill(context.Background(), "mediator"); err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Wait(); err == nil {
+	if err := wait(); err == nil {
 		t.Error("the open succeeded although mediator was killed in the middle")
 	}
 	waitState(t, "vault", time.Minute, "closed", "waiting", "failed")
@@ -302,10 +316,10 @@ func TestMediatorKilledMidOpen(t *testing.T) {
 // open chain back, opens it afresh, and after a close nothing is left.
 func TestDaemonKilledMidOpen(t *testing.T) {
 	ensureClosed(t)
-	cmd := startOpenDelayed(t)
+	wait := startOpenDelayed(t)
 	h.daemon.Process.Signal(syscall.SIGKILL)
 	h.daemon.Wait()
-	cmd.Wait()
+	wait()
 	if h.real {
 		h.simctl("qrexec-fault", "work", "none")
 	} else {
