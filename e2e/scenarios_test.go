@@ -251,42 +251,47 @@ func TestAutoOpenOnPlug(t *testing.T) {
 	requireClean(t, "after close and unplug")
 }
 
-// startOpenDelayed starts an open of vault held back after mediator has decrypted its
-// layer, and returns then with a wait for the client that asked for it. The
-// simulator's own qubesd delays the attach to work of `qcryptctl open vault`. A real
-// qubesd cannot be told to: there work's agent does not answer (until cleared) and the
-// open is the automatic one when work starts (a manual open asks work first).
-func startOpenDelayed(t *testing.T) (wait func() error) {
+// holdOpenInAttach starts `qcryptctl open vault` with the attach to work held back by
+// the simulator's own qubesd, and returns once mediator has decrypted its layer.
+func holdOpenInAttach(t *testing.T) *exec.Cmd {
 	t.Helper()
 	t.Cleanup(func() { h.simctl("clear-faults") })
-	wait = func() error { return nil }
-	if h.real {
-		ctx := context.Background()
-		if err := h.q.Shutdown(ctx, "work", false, true); err != nil {
-			t.Fatal(err)
-		}
-		waitState(t, "vault", time.Minute, "waiting")
-		t.Cleanup(func() { h.simctl("qrexec-fault", "work", "none") })
-		if out, err := h.simctl("qrexec-fault", "work", "hang"); err != nil {
-			t.Fatalf("qrexec-fault: %v: %s", err, out)
-		}
-		if err := h.q.Start(ctx, "work"); err != nil {
-			t.Fatal(err)
-		}
-	} else {
-		if out, err := h.simctl("fault", "admin.vm.device.block.Attach", "delay", "6000", "work"); err != nil {
-			t.Fatalf("fault: %v: %s", err, out)
-		}
-		cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), "open", "vault")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		wait = cmd.Wait
+	if out, err := h.simctl("fault", "admin.vm.device.block.Attach", "delay", "6000", "work"); err != nil {
+		t.Fatalf("fault: %v: %s", err, out)
 	}
+	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), "open", "vault")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitMediatorLayer(t)
+	return cmd
+}
+
+// holdAutoOpenInWork starts work with its agent not answering, so the automatic open
+// decrypts layer 1 and then waits in work (until the fault is cleared). Any qubesd,
+// the real one too: nothing is delayed in qubesd. (A manual open would ask work first.)
+func holdAutoOpenInWork(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	if err := h.q.Shutdown(ctx, "work", false, true); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, "vault", time.Minute, "waiting")
+	t.Cleanup(func() { h.simctl("qrexec-fault", "work", "none") })
+	if out, err := h.simctl("qrexec-fault", "work", "hang"); err != nil {
+		t.Fatalf("qrexec-fault: %v: %s", err, out)
+	}
+	if err := h.q.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
+	waitMediatorLayer(t)
+}
+
+func waitMediatorLayer(t *testing.T) {
+	t.Helper()
 	if !eventually(time.Minute, func() bool { _, ok := dmDevices()["mediator:vault"]; return ok }) {
 		t.Fatal("mediator never decrypted its layer")
 	}
-	return wait
 }
 
 // TestMediatorKilledMidOpen: mediator is killed while the open waits for the attach
@@ -296,11 +301,11 @@ func TestMediatorKilledMidOpen(t *testing.T) {
 		t.Skip("the open must be held in qubesd's attach, which only the simulator's own qubesd can delay")
 	}
 	ensureClosed(t)
-	wait := startOpenDelayed(t)
+	cmd := holdOpenInAttach(t)
 	if err := h.q.Kill(context.Background(), "mediator"); err != nil {
 		t.Fatal(err)
 	}
-	if err := wait(); err == nil {
+	if err := cmd.Wait(); err == nil {
 		t.Error("the open succeeded although mediator was killed in the middle")
 	}
 	waitState(t, "vault", time.Minute, "closed", "waiting", "failed")
@@ -316,16 +321,10 @@ func TestMediatorKilledMidOpen(t *testing.T) {
 // open chain back, opens it afresh, and after a close nothing is left.
 func TestDaemonKilledMidOpen(t *testing.T) {
 	ensureClosed(t)
-	wait := startOpenDelayed(t)
+	holdAutoOpenInWork(t)
 	h.daemon.Process.Signal(syscall.SIGKILL)
 	h.daemon.Wait()
-	wait()
-	if h.real {
-		h.simctl("qrexec-fault", "work", "none")
-	} else {
-		h.simctl("clear-faults")
-		time.Sleep(7 * time.Second) // the held-back attach completes in qubesd meanwhile
-	}
+	h.simctl("qrexec-fault", "work", "none")
 	if err := h.startDaemon(); err != nil {
 		t.Fatal(err)
 	}
