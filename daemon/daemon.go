@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -75,9 +76,10 @@ type Daemon struct {
 	engine *chains.Engine
 	pub    Publisher
 
-	reqs chan func()
-	stop chan struct{} // closed to stop Run (CloseAll with stop)
-	wg   sync.WaitGroup
+	reqs  chan func()
+	stop  chan struct{} // closed to stop Run (CloseAll with stop)
+	ended chan struct{} // closed when Run has returned: nothing runs requests any more
+	wg    sync.WaitGroup
 
 	// Everything below is owned by the loop goroutine.
 	chains map[string]*chainState
@@ -157,7 +159,7 @@ func New(o Options) (*Daemon, error) {
 	if o.Hook == nil {
 		o.Hook = hookRunner(o.HookTimeout)
 	}
-	d := &Daemon{o: o, log: o.Log, reqs: make(chan func(), 256), stop: make(chan struct{}),
+	d := &Daemon{o: o, log: o.Log, reqs: make(chan func(), 256), stop: make(chan struct{}), ended: make(chan struct{}),
 		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},
 		debounce: map[string]*time.Timer{}, started: map[string]time.Time{}, jobs: map[uint64]*job{},
 		qrexecWait: 60 * time.Second}
@@ -178,11 +180,37 @@ func New(o Options) (*Daemon, error) {
 }
 
 // SetPublisher connects the bus side and publishes every chain. Call before Run.
-func (d *Daemon) SetPublisher(p Publisher) {
+func (d *Daemon) SetPublisher(p Publisher) { d.publishAll(p) }
+
+// Republish moves the bus side to p while Run runs (a new bus connection after the bus
+// restarted): every chain and job is published there again. exportFirst runs in the
+// loop before, so the new side reads the state it exports consistently.
+func (d *Daemon) Republish(p Publisher, exportFirst func() error) error {
+	var err error
+	if !d.do(func() {
+		if err = exportFirst(); err == nil {
+			d.publishAll(p)
+		}
+	}) {
+		return errors.New("cannot publish: qcryptd is stopping")
+	}
+	return err
+}
+
+func (d *Daemon) publishAll(p Publisher) {
 	d.pub = p
 	for _, name := range d.sortedNames() {
 		p.ChainAdded(d.info(d.chains[name]))
 	}
+	ids := make([]uint64, 0, len(d.jobs))
+	for id := range d.jobs {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		p.JobAdded(d.jobs[id].info())
+	}
+	d.summary = "" // publish it again
 	d.updateSummary()
 }
 
@@ -198,6 +226,7 @@ func (d *Daemon) sortedNames() []string {
 // Run is the event loop. It returns when ctx ends (chains stay open; running jobs are
 // canceled between steps and rolled back) or after CloseAll with stop.
 func (d *Daemon) Run(ctx context.Context) error {
+	defer close(d.ended)
 	// Keys of a luks-init cut short by a crash must not outlive it.
 	cleanCtx, cancelClean := context.WithTimeout(ctx, time.Minute)
 	if err := d.engine.CleanPrivateDir(cleanCtx); err != nil {
@@ -257,11 +286,21 @@ func (d *Daemon) shutdown() {
 // post runs f in the loop; it is how goroutines report back.
 func (d *Daemon) post(f func()) { d.reqs <- f }
 
-// do runs f in the loop and waits for it: how the bus side reaches the state.
-func (d *Daemon) do(f func()) {
+// do runs f in the loop and waits for it: how the bus side reaches the state. It
+// reports false, without running f, once Run has returned.
+func (d *Daemon) do(f func()) bool {
 	done := make(chan struct{})
-	d.reqs <- func() { f(); close(done) }
-	<-done
+	select {
+	case d.reqs <- func() { f(); close(done) }:
+	case <-d.ended:
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-d.ended:
+		return false
+	}
 }
 
 func (d *Daemon) notify(state string) {

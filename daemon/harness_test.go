@@ -69,6 +69,8 @@ type world struct {
 	t       testing.TB
 	dir     string
 	busAddr string
+	busStop func()
+	policy  string
 	socket  string
 	simDir  string
 	conf    string // config root
@@ -110,8 +112,8 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(stop)
-	w.busAddr = addr
+	w.busAddr, w.busStop, w.policy = addr, stop, policy
+	t.Cleanup(func() { w.busStop() })
 	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", w.busAddr)
 	// The simulator, maybe behind the real qubesd.
 	args := []string{"serve", "--socket", w.socket, "--state", w.simDir, "--demo"}
@@ -141,6 +143,19 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 		return sim.Ping(w.socket) == nil
 	})
 	return w
+}
+
+// restartBus stops the system bus and starts a new one at the same address, as a
+// restart of dbus-broker does: every connection is lost.
+func (w *world) restartBus() {
+	w.t.Helper()
+	w.busStop()
+	os.Remove(filepath.Join(w.dir, "bus.sock"))
+	_, stop, err := dbustest.Start(w.dir, w.policy)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.busStop = stop
 }
 
 // writeChain adds a chain file to the demo target.

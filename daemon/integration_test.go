@@ -286,6 +286,37 @@ func TestQubesdRestartWhileOpen(t *testing.T) {
 	}
 }
 
+// TestSystemBusRestart restarts the system bus under an open chain and closes the chain
+// while the bus is down: qcryptd stays up, comes back on the new bus with the state it
+// has now, and follows events as before.
+func TestSystemBusRestart(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.qubes.Start(bg, "work")
+	w.startDaemon()
+	w.waitState(w.client(), "demo", "open", time.Minute)
+	w.busStop()
+	// The close publishes its steps while there is no bus.
+	if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
+		t.Fatal(err)
+	}
+	w.eventually("the chain is closed in the qubes", time.Minute, func() bool {
+		return len(w.sh("sys-usb", "losetup -a").Stdout) == 0
+	})
+	w.restartBus()
+	w.eventually("qcryptd owns its name on the new bus", time.Minute, func() bool {
+		c, err := dbusapi.Connect()
+		if err == nil {
+			c.Disconnect()
+		}
+		return err == nil
+	})
+	c := w.client()
+	w.waitState(c, "demo", "waiting", time.Minute)
+	w.qubes.Start(bg, "work")
+	w.waitState(c, "demo", "open", time.Minute)
+}
+
 func TestSdNotify(t *testing.T) {
 	w := newWorld(t, "4.2", permissiveBus)
 	w.writeChain("demo", demoChain)

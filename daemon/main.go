@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -9,7 +10,9 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/godbus/dbus/v5"
 	"github.com/sirupsen/logrus"
@@ -90,20 +93,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		log.WithError(err).Error("cannot start")
 		return 1
 	}
-	conn, err := dbus.ConnectSystemBus()
+	bus, err := connectBus(d)
 	if err != nil {
-		log.WithError(err).Error("cannot connect to the system bus")
-		return 1
-	}
-	defer conn.Close()
-	srv := dbusapi.NewServer(conn, d)
-	d.SetPublisher(srv)
-	if err := srv.Export(); err != nil {
-		log.WithError(err).Error("cannot export the D-Bus objects")
-		return 1
-	}
-	if err := srv.RequestName(); err != nil {
-		log.WithError(err).Error("cannot own the bus name")
+		log.WithError(err).Error("cannot serve on the system bus")
 		return 1
 	}
 	systemd.Notify("READY=1")
@@ -131,12 +123,120 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			return
 		}
 	}()
+	go bus.keep(ctx, d, log, cancel)
 	err = d.Run(ctx)
-	conn.ReleaseName(dbusapi.BusName)
+	if berr := bus.close(); err == nil {
+		err = berr
+	}
 	if err != nil {
 		log.WithError(err).Error("stopped with an error")
 		return 1
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// busLink is qcryptd's presence on the system bus, kept across restarts of the bus.
+type busLink struct {
+	mu   sync.Mutex
+	conn *dbus.Conn
+	err  error // set when qcryptd gave up the bus (its name taken): Main fails
+}
+
+// connectBus connects, exports d's objects and takes the name (the readiness signal).
+// Call before d runs.
+func connectBus(d *Daemon) (*busLink, error) {
+	conn, err := dbus.ConnectSystemBus()
+	if err != nil {
+		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
+	}
+	srv := dbusapi.NewServer(conn, d)
+	d.SetPublisher(srv)
+	if err := srv.Export(); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("cannot export the D-Bus objects: %w", err)
+	}
+	if err := srv.RequestName(); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return &busLink{conn: conn}, nil
+}
+
+// keep watches the connection while d runs: when the bus goes away (dbus-broker or
+// dbus-daemon restarted) it connects again, publishes the current state and takes the
+// name back. Jobs and chains are untouched meanwhile. If the name is taken by then,
+// stop ends the daemon.
+func (b *busLink) keep(ctx context.Context, d *Daemon, log *logrus.Entry, stop func()) {
+	for {
+		b.mu.Lock()
+		conn := b.conn
+		b.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-conn.Context().Done():
+		}
+		log.Warn("lost the system bus; connecting again")
+		delay := 100 * time.Millisecond
+		for {
+			err := b.reconnect(d)
+			if err == nil {
+				log.Info("back on the system bus")
+				break
+			}
+			if errors.Is(err, errNameTaken) {
+				log.WithError(err).Error("cannot serve on the system bus again; stopping")
+				b.mu.Lock()
+				b.err = err
+				b.mu.Unlock()
+				stop()
+				return
+			}
+			log.WithError(err).Debug("cannot reach the system bus yet")
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(delay):
+			}
+			delay = min(2*delay, 5*time.Second)
+		}
+	}
+}
+
+var errNameTaken = errors.New("the bus name is taken")
+
+func (b *busLink) reconnect(d *Daemon) error {
+	conn, err := dbus.ConnectSystemBus()
+	if err != nil {
+		return err
+	}
+	srv := dbusapi.NewServer(conn, d)
+	if err := d.Republish(srv, srv.Export); err != nil {
+		conn.Close()
+		return err
+	}
+	if err := srv.RequestName(); err != nil {
+		taken := conn.Connected()
+		conn.Close()
+		if taken {
+			return fmt.Errorf("%w: %w", errNameTaken, err)
+		}
+		return err
+	}
+	b.mu.Lock()
+	b.conn = conn
+	b.mu.Unlock()
+	return nil
+}
+
+// close gives the name up and disconnects; it reports why the bus was given up, if so.
+func (b *busLink) close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.conn.Connected() {
+		b.conn.ReleaseName(dbusapi.BusName)
+	}
+	b.conn.Close()
+	return b.err
 }

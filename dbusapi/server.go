@@ -164,7 +164,7 @@ func propMap(iface string, values map[string]any, constant ...string) prop.Map {
 
 // update sets only the properties whose value changed: prop emits on every SetMust.
 // State and Step go last, so a client that reacts to them reads the other values new.
-func update(p *prop.Properties, iface string, values map[string]any) {
+func (s *Server) update(p *prop.Properties, iface string, values map[string]any) {
 	keys := make([]string, 0, len(values))
 	for k := range values {
 		keys = append(keys, k)
@@ -181,8 +181,22 @@ func update(p *prop.Properties, iface string, values map[string]any) {
 		if cur, err := p.Get(iface, k); err == nil && fmt.Sprint(cur.Value()) == fmt.Sprint(v) {
 			continue
 		}
-		p.SetMust(iface, k, v)
+		s.setProp(p, iface, k, v)
 	}
+}
+
+// setProp stores a read-only property's new value and emits PropertiesChanged. prop has
+// no setter for read-only properties that returns an error: SetMust stores the value and
+// then panics if the signal cannot be sent. When the bus has gone away that is expected
+// (qcryptd connects again and publishes everything anew) and the panic is dropped; on a
+// live connection it is a bug and goes on.
+func (s *Server) setProp(p *prop.Properties, iface, name string, v any) {
+	defer func() {
+		if r := recover(); r != nil && s.conn.Connected() {
+			panic(r)
+		}
+	}()
+	p.SetMust(iface, name, v)
 }
 
 func (s *Server) interfacesAdded(path dbus.ObjectPath, iface string, values map[string]any) {
@@ -228,7 +242,7 @@ func (s *Server) ChainChanged(c ChainInfo, previous, reason string) {
 	if e == nil {
 		return
 	}
-	update(e.props, ChainInterface, chainProps(c))
+	s.update(e.props, ChainInterface, chainProps(c))
 	if previous != c.State {
 		s.conn.Emit(e.path, ChainInterface+".StateChanged", c.State, previous, reason)
 	}
@@ -270,7 +284,7 @@ func (s *Server) JobChanged(j JobInfo) {
 	e := s.jobs[j.ID]
 	s.mu.Unlock()
 	if e != nil {
-		update(e.props, JobInterface, jobProps(j))
+		s.update(e.props, JobInterface, jobProps(j))
 	}
 }
 
@@ -295,7 +309,7 @@ func (s *Server) JobRemoved(id uint64) {
 // SummaryChanged updates the manager's Summary.
 func (s *Server) SummaryChanged(summary string) {
 	if s.manager != nil {
-		update(s.manager, ManagerInterface, map[string]any{"Summary": summary})
+		s.update(s.manager, ManagerInterface, map[string]any{"Summary": summary})
 	}
 }
 
