@@ -563,7 +563,10 @@ func TestReconcile(t *testing.T) {
 	}{
 		{unfinishedOpen, DecideRollback},
 		{&Record{Chain: "demo", Op: "close"}, DecideFinishClose},
-		{&Record{Chain: "demo", Op: "open", Finished: true}, DecideDegraded},
+		{&Record{Chain: "demo", Op: "open", Finished: true, Error: "cannot attach; rollback failed too"}, DecideRollback},
+		{&Record{Chain: "demo", Op: "open", Finished: true}, DecideFinishClose}, // opened, broke since
+		{&Record{Chain: "demo", Op: "close", Finished: true, Error: "cannot detach"}, DecideFinishClose},
+		{&Record{Chain: "demo", Op: "close", Finished: true}, DecideDegraded}, // closed cleanly: not ours
 		{nil, DecideDegraded},
 	} {
 		if d := Reconcile(tc.rec, partial); d != tc.want {

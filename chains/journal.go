@@ -155,16 +155,22 @@ func (d Decision) String() string {
 
 // Reconcile decides from the journal and the live state together; the journal alone is
 // never trusted (a step may have happened after the last write, or been undone by a
-// qube shutdown).
+// qube shutdown). What is left of a chain the journal shows qcrypt opening or closing
+// is qcrypt's to take down: an open cut short or whose rollback failed (qubesd was
+// away) is rolled back; a finished open that broke since (the target shut down while
+// qcryptd was stopped) and a close cut short or failed are finished. Only a partial
+// chain with no record, or after a clean close, was made by someone else: degraded.
 func Reconcile(rec *Record, st *Status) Decision {
 	switch {
 	case st.Open():
 		return DecideAdopt
 	case st.Closed():
 		return DecideClosed
-	case rec != nil && !rec.Finished && rec.Op == "open":
+	case rec == nil:
+		return DecideDegraded
+	case rec.Op == "open" && (!rec.Finished || rec.Error != ""):
 		return DecideRollback
-	case rec != nil && !rec.Finished && rec.Op == "close":
+	case rec.Op == "open", rec.Op == "close" && (!rec.Finished || rec.Error != ""):
 		return DecideFinishClose
 	}
 	return DecideDegraded

@@ -216,6 +216,61 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 	}
 }
 
+// TestTargetShutDownWhileStopped shuts the target down while qcryptd is stopped: on its
+// start qcryptd finds mediator still decrypting and, since its journal shows it opened
+// the chain, closes what is left instead of calling the chain degraded.
+func TestTargetShutDownWhileStopped(t *testing.T) {
+	for _, dialect := range worlds {
+		t.Run(dialect, func(t *testing.T) {
+			w := newWorld(t, dialect, permissiveBus)
+			w.writeChain("demo", demoChain)
+			w.qubes.Start(bg, "work")
+			d := w.startDaemon()
+			w.waitState(w.client(), "demo", "open", time.Minute)
+			d.Process.Signal(syscall.SIGTERM)
+			d.Wait()
+			if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
+				t.Fatal(err)
+			}
+			w.startDaemon()
+			ci := w.waitState(w.client(), "demo", "waiting", time.Minute)
+			if ci.Waiting != "waiting for work" {
+				t.Errorf("waiting %q", ci.Waiting)
+			}
+			if out := w.sh("mediator", "ls /dev/mapper").Stdout; len(out) != 0 {
+				t.Errorf("mediator still decrypts: %q", out)
+			}
+			if out := w.sh("sys-usb", "losetup -a").Stdout; len(out) != 0 {
+				t.Errorf("sys-usb still has a loop device: %q", out)
+			}
+		})
+	}
+}
+
+// TestFailedRollbackUndoneOnReconnect: an open fails and its rollback cannot detach
+// (qubesd answers nothing, as when it goes away meanwhile), so parts stay. When qcryptd
+// next connects to qubesd it rolls them back by its journal and opens the chain.
+func TestFailedRollbackUndoneOnReconnect(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 30*time.Second)
+	w.ctl("fault", "admin.vm.device.block.Attach", "empty", "work")
+	w.ctl("fault", "admin.vm.device.block.Detach", "empty")
+	w.qubes.Start(bg, "work")
+	ci := w.waitState(c, "demo", "failed", time.Minute)
+	if !strings.Contains(ci.LastError, "rollback") {
+		t.Errorf("last error %q does not tell of the failed rollback", ci.LastError)
+	}
+	if atts, _ := w.qubes.Attached(bg, "mediator"); len(atts) == 0 {
+		t.Fatal("nothing was left attached to mediator: the test does not test anything")
+	}
+	w.ctl("clear-faults")
+	w.ctl("drop-events")
+	w.waitState(c, "demo", "open", time.Minute)
+}
+
 // TestQubeKilledMidOpen kills the target while the open waits in it: the open fails,
 // rolls back what it did in the other qubes and the chain waits for the target again.
 func TestQubeKilledMidOpen(t *testing.T) {
