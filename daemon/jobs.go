@@ -214,8 +214,15 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 func (d *Daemon) completed(j *job, res outcome, err error) {
 	cs := j.chain
 	if cs != nil {
-		if res.attempt {
+		switch {
+		case res.attempt:
 			cs.lastAttempt = time.Now()
+		case res.state == StateOpen:
+			// The interval spaces failed attempts; after a success the next trigger opens.
+			cs.lastAttempt, cs.retryAt = time.Time{}, time.Time{}
+			if cs.retry != nil {
+				cs.retry.Stop()
+			}
 		}
 		msg := res.message
 		if err != nil {

@@ -394,6 +394,36 @@ func TestLoopHonestStates(t *testing.T) {
 	stop()
 }
 
+// A failed automatic open starts the startup interval; a later success ends it, so the
+// next start of the target opens the chain at once (default interval, 300 s).
+func TestLoopSuccessEndsStartupInterval(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	conf := t.TempDir()
+	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(strings.Replace(loopDemoChain, "startup interval=0\n", "", 1)), 0o644)
+	d, rec, _ := runLoop(t, f, conf, t.TempDir())
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Empty: true, Count: 1})
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "the automatic open failed", func() bool { return rec.last("demo") == StateFailed })
+	if got := d.ListChains()[0]; got.RetryAt.IsZero() {
+		t.Errorf("a failed automatic open scheduled no retry: %+v", got)
+	}
+	if id, err := d.Open(0, "demo", chains.OpenOptions{}); err != nil || !jobDone(t, rec, id) {
+		t.Fatalf("manual open: %v", err)
+	}
+	if got := d.ListChains()[0]; !got.RetryAt.IsZero() {
+		t.Errorf("open chain still shows a retry at %v", got.RetryAt)
+	}
+	f.Client.Shutdown(context.Background(), "work", false, true)
+	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == StateWaiting })
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open at the next start", func() bool { return rec.last("demo") != StateWaiting })
+	if got := d.ListChains()[0]; got.State != StateOpen && got.State != StateOpening {
+		t.Errorf("after the target started again: %s (%s), retry at %v", got.State, got.LastError, got.RetryAt)
+	}
+}
+
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {
