@@ -44,6 +44,9 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 			}
 		})
 	case qubes.EventDomainPaused:
+		if d.vms[vm] == qubes.StateHalted {
+			return // created paused: part of a start
+		}
 		d.setVM(vm, qubes.StatePaused)
 		d.forChains(vm, func(cs *chainState) {
 			if cs.state == StateOpen && vm != cs.c.Target() {
@@ -51,8 +54,10 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 			}
 		})
 	case qubes.EventDomainUnpaused:
+		// R4.2 sends domain-unpaused after domain-start as part of a start; only an
+		// unpause of a qube seen paused is the user's, however soon after its start.
 		prev := d.vms[vm]
-		if prev == qubes.StateHalted || time.Since(d.started[vm]) < d.qrexecWait {
+		if prev == qubes.StateHalted || prev != qubes.StatePaused && time.Since(d.started[vm]) < d.qrexecWait {
 			return // part of a start
 		}
 		d.setVM(vm, qubes.StateRunning)

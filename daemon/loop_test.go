@@ -424,6 +424,28 @@ func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 	}
 }
 
+// A qube paused and unpaused soon after its start (within qrexec_timeout, when R4.2's
+// own domain-unpaused of a start comes) is unpaused: its chain opens.
+func TestLoopUnpauseSoonAfterStart(t *testing.T) {
+	f, d, rec := startLoop(t)
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	ctx := context.Background()
+	if err := f.Client.Start(ctx, "mediator"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Client.Pause(ctx, "mediator"); err != nil {
+		t.Fatal(err)
+	}
+	f.Client.Start(ctx, "work")
+	waitFor(t, "waiting for the paused mediator", func() bool {
+		return d.ListChains()[0].Waiting == "waiting for mediator (paused)"
+	})
+	if err := f.Client.Unpause(ctx, "mediator"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "open after the unpause", func() bool { return rec.last("demo") == StateOpen })
+}
+
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {
