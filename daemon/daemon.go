@@ -114,6 +114,9 @@ type chainState struct {
 	running     *job
 	pending     *job
 	removed     bool // dropped by a reload: remove once closed
+	// trigger is an event that could open the chain (a qube started) and came while a
+	// close ran or waited; it is evaluated when that close ends, not lost.
+	trigger string
 }
 
 type job struct {

@@ -165,6 +165,9 @@ func (d *Daemon) evaluate(cs *chainState, reason string) { d.consider(cs, reason
 
 // consider updates what a closed chain waits for and, if mayOpen, opens it when eligible.
 func (d *Daemon) consider(cs *chainState, reason string, mayOpen bool) {
+	if mayOpen && (cs.running != nil && cs.running.op == "close" || cs.pending != nil && cs.pending.op == "close") {
+		cs.trigger = reason
+	}
 	if !cs.managed || cs.removed || d.stopping || !d.connected || cs.running != nil || cs.pending != nil {
 		return
 	}

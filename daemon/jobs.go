@@ -266,11 +266,16 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		d.removeChain(cs)
 		return
 	}
-	// Only a reconcile (start-up, reconnect) or a failed automatic open leads to another
-	// automatic attempt here; a chain the user closed stays closed until a trigger.
+	// Only a reconcile (start-up, reconnect), a failed automatic open or a trigger that
+	// came during a close leads to another automatic attempt here; a chain the user
+	// closed stays closed until a trigger after the close.
+	trigger := cs.trigger
+	cs.trigger = ""
 	switch {
 	case j.op == "close" && !j.auto && err == nil && cs.managed:
 		d.journalUserClosed(cs, true)
+	case trigger != "":
+		d.evaluate(cs, trigger)
 	case j.op == "reconcile" && res.userClosed:
 		d.consider(cs, "closed by the user before qcryptd restarted", false)
 	case j.op == "reconcile":

@@ -446,6 +446,32 @@ func TestLoopUnpauseSoonAfterStart(t *testing.T) {
 	waitFor(t, "open after the unpause", func() bool { return rec.last("demo") == StateOpen })
 }
 
+// The target is started again while the automatic close after its shutdown runs: when
+// the close ends, the chain opens (the start is not lost).
+func TestLoopStartDuringAutoClose(t *testing.T) {
+	f, d, rec := startLoop(t)
+	ctx := context.Background()
+	f.Client.Start(ctx, "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	reached, hold := make(chan struct{}, 1), make(chan struct{})
+	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1,
+		Reached: func() { reached <- struct{}{} }, Hold: hold})
+	f.Client.Shutdown(ctx, "work", false, true)
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the automatic close did not reach mediator's detach")
+	}
+	f.Client.Start(ctx, "work")
+	waitFor(t, "the loop saw work start", func() bool {
+		var running bool
+		d.do(func() { running = qubes.IsRunning(d.vms["work"]) })
+		return running
+	})
+	close(hold)
+	waitFor(t, "open again", func() bool { return rec.last("demo") == StateOpen })
+}
+
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {

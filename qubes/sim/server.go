@@ -34,6 +34,10 @@ type Fault struct {
 	Msg    string        // ... and message
 	Delay  time.Duration // wait before answering (or before the fault's answer)
 	Count  int           // fire this many times; 0 = until removed
+	// In-process tests make a fault deterministic with these: Reached is called when the
+	// fault fires, and the call is answered only once Hold is closed.
+	Reached func()
+	Hold    <-chan struct{}
 }
 
 // QrexecFault changes how commands in one qube behave.
@@ -134,6 +138,12 @@ func (w *World) handleConn(c net.Conn) {
 		return
 	}
 	if f := w.takeFault(req.Method, req.Dest); f != nil {
+		if f.Reached != nil {
+			f.Reached()
+		}
+		if f.Hold != nil {
+			<-f.Hold
+		}
 		time.Sleep(f.Delay)
 		switch {
 		case f.Empty:
