@@ -225,7 +225,22 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 	for _, a := range acts {
 		rec.Steps = append(rec.Steps, RecordedStep{Step: a.step, State: "pending"})
 	}
-	if err := e.Journal.Write(rec); err != nil {
+	// An open without a journal is refused (a crash would leave parts nobody can name);
+	// a close never is: it takes things down, and a full or read-only state directory
+	// must not keep a chain open.
+	journalOK := true
+	write := func() error {
+		err := e.Journal.Write(rec)
+		if err == nil || op != "close" {
+			return err
+		}
+		if journalOK {
+			e.log().WithField("chain", c.Name).WithError(err).Warn("closing without a journal")
+			journalOK = false
+		}
+		return nil
+	}
+	if err := write(); err != nil {
 		return err
 	}
 	var failed error
@@ -241,7 +256,7 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 			progress(Progress{Step: i + 1, Steps: len(acts), Desc: a.step.Desc})
 		}
 		rec.Steps[i].State = "running"
-		if err := e.Journal.Write(rec); err != nil {
+		if err := write(); err != nil {
 			failed = err
 			break
 		}
@@ -262,7 +277,7 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 			rec.Steps[i].Facts = a.facts()
 		}
 		undoFrom = i + 1
-		if err := e.Journal.Write(rec); err != nil {
+		if err := write(); err != nil {
 			failed = err
 			break
 		}
@@ -282,14 +297,16 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 			} else {
 				rec.Steps[i].State = "undone"
 			}
-			e.Journal.Write(rec)
+			if err := write(); err != nil {
+				e.log().WithField("chain", c.Name).WithError(err).Warn("cannot journal the rollback")
+			}
 		}
 	}
 	rec.Finished = true
 	if failed != nil {
 		rec.Error = failed.Error()
 	}
-	if err := e.Journal.Write(rec); err != nil && failed == nil {
+	if err := write(); err != nil && failed == nil {
 		failed = err
 	}
 	return failed

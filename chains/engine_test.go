@@ -595,6 +595,33 @@ func TestJournalRecordsSteps(t *testing.T) {
 	}
 }
 
+// Without a journal (state directory full, read-only or not a directory) an open is
+// refused before it changes anything, and a close still closes.
+func TestCloseWithoutJournal(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	notADir := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(notADir, nil, 0o600)
+	r.e.Journal = &Journal{Dir: notADir}
+	if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+		t.Fatalf("close without a journal: %v", err)
+	}
+	if st := r.status(t, c); !st.Closed() {
+		t.Errorf("not closed: %+v", st)
+	}
+	err := r.e.Open(bg, c, OpenOptions{}, nil)
+	if err == nil || !strings.Contains(err.Error(), "cannot write journal") {
+		t.Errorf("open without a journal: %v", err)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("the refused open left %v", left)
+	}
+}
+
 // A chain is what it was opened as: a spec with another source, file or key, or only a
 // part of it, is not that chain. Its close is refused and touches nothing; its status
 // does not count another chain's layers as its own.
