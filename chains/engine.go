@@ -23,6 +23,7 @@ var (
 	ErrCanceled      = errors.New("operation canceled")
 	ErrAdminVM       = errors.New("dom0 is never part of a chain")
 	ErrOtherChain    = errors.New("what is open there is another chain (give the spec it was opened with)")
+	ErrStaleDevice   = errors.New("a qube holds a device of a qube that is down (Qubes #4784)")
 )
 
 // Step is one step of a plan: what is done, in which qube.
@@ -349,15 +350,27 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 		}
 	}
 
-	// Attachments that exist already mean an open or partially open chain.
+	// Attachments that exist already mean an open or partially open chain. One from a
+	// qube that is down is stale: nothing may be stacked on it and it cannot be detached
+	// (Qubes #4784), so not even a forced open goes on.
 	prev := c.SourceVM
 	existing := false
 	for i, h := range c.Hops {
-		if wasRunning[h.VM] && wasRunning[prev] {
-			atts, err := e.Qubes.Attached(ctx, h.VM)
-			if err != nil {
-				return fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+		if !wasRunning[h.VM] {
+			prev = h.VM
+			continue
+		}
+		atts, err := e.Qubes.Attached(ctx, h.VM)
+		if err != nil {
+			return fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+		}
+		if !wasRunning[prev] {
+			for _, a := range atts {
+				if a.Backend == prev {
+					return fmt.Errorf("cannot open %s: %w: %s holds %s; restart %s first", c.Name, ErrStaleDevice, h.VM, a.DeviceRef, h.VM)
+				}
 			}
+		} else {
 			mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), "")
 			if err != nil {
 				return fmt.Errorf("cannot list devices of %s: %w", prev, err)

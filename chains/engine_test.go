@@ -724,3 +724,31 @@ func TestStatusOfAQubeThatStopsMeanwhile(t *testing.T) {
 		t.Errorf("status after work stopped: %+v (killed %v)", st, k.done)
 	}
 }
+
+// After a middle qube dies, the next qube keeps a device whose backend is gone (Qubes
+// #4784: detaching it wedges qubesd). An open is refused, even forced, naming the qube
+// to restart; qubesd still answers.
+func TestOpenRefusedOverADeadBackend(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Client.Kill(bg, "mediator"); err != nil {
+		t.Fatal(err)
+	}
+	for _, force := range []bool{false, true} {
+		err := r.e.Open(bg, c, OpenOptions{Force: force}, nil)
+		if !errors.Is(err, ErrStaleDevice) || !strings.Contains(err.Error(), "restart work") {
+			t.Errorf("open (force %v) over a dead mediator: %v", force, err)
+		}
+	}
+	if st, _ := r.Client.CurrentState(bg, "mediator"); st != "Halted" {
+		t.Errorf("the refused open changed mediator: %s", st)
+	}
+	atts, err := r.Client.Attached(bg, "work")
+	if err != nil || len(atts) != 1 {
+		t.Errorf("qubesd after the refused open: %v %v", atts, err)
+	}
+}

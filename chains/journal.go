@@ -124,7 +124,8 @@ func (j *Journal) Read(chain string) (*Record, error) {
 	if j == nil {
 		return nil, nil
 	}
-	data, err := os.ReadFile(j.path(chain))
+	p := j.path(chain)
+	data, err := os.ReadFile(p)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -133,7 +134,7 @@ func (j *Journal) Read(chain string) (*Record, error) {
 	}
 	var r Record
 	if err := json.Unmarshal(data, &r); err != nil {
-		return nil, fmt.Errorf("cannot read journal of %s: %w", chain, err)
+		return nil, fmt.Errorf("cannot read journal %s: %w", p, err)
 	}
 	return &r, nil
 }
