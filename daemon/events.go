@@ -68,6 +68,17 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 				d.evaluate(cs, vm+" unpaused")
 			}
 		})
+	case qubes.EventDomainAdd:
+		if _, known := d.vms[vm]; !known {
+			d.setVM(vm, qubes.StateHalted) // a new qube is halted
+		}
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" created") })
+	case qubes.EventDomainDelete:
+		delete(d.vms, vm)
+		if d.eventSince != nil {
+			d.eventSince[vm] = true
+		}
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" deleted") })
 	case qubes.EventDeviceAdded:
 		if ev.Device.Backend != "" {
 			d.sourceDevicesChanged(ev.Device.Backend, true, false)
@@ -145,7 +156,12 @@ func (d *Daemon) resync() {
 				listed[vm.Name] = vm.State
 			}
 			for vm := range d.eventSince {
-				listed[vm] = d.vms[vm] // an event after the listing began is newer
+				// An event after the listing began is newer (a deleted qube: gone).
+				if st, ok := d.vms[vm]; ok {
+					listed[vm] = st
+				} else {
+					delete(listed, vm)
+				}
 			}
 			d.vms, d.eventSince = listed, nil
 			d.log.WithFields(logrus.Fields{"qubes": len(vms), "device_api": api.String()}).Info("qubes listed")

@@ -271,6 +271,28 @@ func TestFailedRollbackUndoneOnReconnect(t *testing.T) {
 	w.waitState(c, "demo", "open", time.Minute)
 }
 
+// TestQubeCreatedLater: a chain names a qube that does not exist yet; when it is
+// created, qcryptd learns it from qubesd's domain-add and says the chain waits for it.
+func TestQubeCreatedLater(t *testing.T) {
+	for _, dialect := range worlds {
+		t.Run(dialect, func(t *testing.T) {
+			w := newWorld(t, dialect, permissiveBus)
+			w.writeChain("demo", strings.Replace(demoChain, "destination vm 2=work", "destination vm 2=vault", 1))
+			w.startDaemon()
+			c := w.client()
+			ci := w.waitState(c, "demo", "waiting", 30*time.Second)
+			if ci.Waiting != "waiting for vault (no such qube)" {
+				t.Errorf("waiting %q", ci.Waiting)
+			}
+			w.ctl("add-vm", "vault")
+			w.eventually("the chain waits for the new qube", time.Minute, func() bool {
+				ci, err := c.Chain(bg, "demo")
+				return err == nil && ci.Waiting == "waiting for vault"
+			})
+		})
+	}
+}
+
 // TestQubeKilledMidOpen kills the target while the open waits in it: the open fails,
 // rolls back what it did in the other qubes and the chain waits for the target again.
 func TestQubeKilledMidOpen(t *testing.T) {

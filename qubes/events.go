@@ -33,6 +33,10 @@ const (
 	EventDeviceListChange
 	EventDeviceAdded
 	EventDeviceRemoved
+	// EventDomainAdd and EventDomainDelete are global events: their Subject is set to the
+	// qube created or deleted (the vm argument), which qubesd sends as the argument.
+	EventDomainAdd
+	EventDomainDelete
 )
 
 var eventNames = map[string]EventKind{
@@ -50,6 +54,8 @@ var eventNames = map[string]EventKind{
 	"device-list-change:block": EventDeviceListChange,
 	"device-added:block":       EventDeviceAdded,
 	"device-removed:block":     EventDeviceRemoved,
+	"domain-add":               EventDomainAdd,
+	"domain-delete":            EventDomainDelete,
 }
 
 func (k EventKind) String() string {
@@ -143,6 +149,13 @@ func (er *EventReader) Next() (Event, error) {
 		}
 	}
 	ev.Kind = eventNames[name]
+	if ev.Kind == EventDomainAdd || ev.Kind == EventDomainDelete {
+		if subject != "" || ValidateVMName(ev.Args["vm"]) != nil {
+			ev.Kind = EventOther // not the global event with a qube name: ignored
+		} else {
+			ev.Subject = ev.Args["vm"]
+		}
+	}
 	ev.Device = eventDevice(ev)
 	return ev, nil
 }

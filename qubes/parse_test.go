@@ -180,7 +180,10 @@ func TestEventReader(t *testing.T) {
 		"1\x00sys-usb\x00device-added:block\x00device\x00sys-usb:loop12::12\x00\x00" +
 		"1\x00sys-usb\x00device-removed:block\x00port\x00sys-usb:loop12\x00\x00" +
 		"1\x00work\x00device-attach:block\x00device\x00evil\x00\x00" +
-		"1\x00work\x00device-attach:pci\x00device\x00dom0:00_1f.0\x00\x00"
+		"1\x00work\x00device-attach:pci\x00device\x00dom0:00_1f.0\x00\x00" +
+		"1\x00\x00domain-add\x00vm\x00vault\x00\x00" +
+		"1\x00\x00domain-delete\x00vm\x00vault\x00\x00" +
+		"1\x00\x00domain-add\x00vm\x00../x\x00\x00"
 	er := NewEventReader(strings.NewReader(stream))
 	type ev struct {
 		kind    EventKind
@@ -202,6 +205,9 @@ func TestEventReader(t *testing.T) {
 		{kind: EventDeviceRemoved, subject: "sys-usb", dev: DeviceRef{"sys-usb", "loop12"}},
 		{kind: EventDeviceAttach, subject: "work"}, // unparsable device: no ref
 		{kind: EventOther, subject: "work"},
+		{kind: EventDomainAdd, subject: "vault"},
+		{kind: EventDomainDelete, subject: "vault"},
+		{kind: EventOther}, // no qube name: ignored
 	}
 	for i, w := range want {
 		got, err := er.Next()

@@ -140,6 +140,7 @@ func (w *World) AddVM(name, class, user string) (*VM, error) {
 	}
 	vm.kernel = newKernel(w, vm)
 	w.vms[name] = vm
+	w.emit("", "domain-add", "vm", name)
 	return vm, nil
 }
 
