@@ -49,6 +49,8 @@ type API interface {
 	RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error)
 	RunJobs(ctx context.Context, start func(context.Context) ([]dbus.ObjectPath, error), progress func(dbusapi.JobInfo)) ([]dbusapi.JobResult, error)
 	Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presence func(running bool)) error
+	Jobs(ctx context.Context) ([]dbusapi.JobInfo, error)
+	CancelJob(ctx context.Context, job dbus.ObjectPath) error
 	Disconnect() error
 }
 

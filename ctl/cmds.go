@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -604,6 +605,48 @@ func cmdReload(a *app, p *parsed) int {
 		a.printJSON(map[string]int{"chains": n})
 	} else {
 		fmt.Fprintf(a.out, "Reloaded: %d chains configured.\n", n)
+	}
+	return ExitOK
+}
+
+func cmdCancel(a *app, p *parsed) int {
+	if len(p.args) != 1 {
+		return a.usageError("cancel needs a chain or a job number")
+	}
+	api, code := a.client()
+	if api == nil {
+		return code
+	}
+	jobs, err := api.Jobs(a.ctx)
+	if err != nil {
+		return a.fail(err)
+	}
+	var hit []dbusapi.JobInfo
+	for _, j := range jobs {
+		if (j.State == "running" || j.State == "queued") && (j.Chain == p.args[0] || strconv.FormatUint(j.ID, 10) == p.args[0]) {
+			hit = append(hit, j)
+		}
+	}
+	if len(hit) == 0 {
+		return a.fail(fmt.Errorf("cannot cancel %q: no running or queued job of that chain or number", p.args[0]))
+	}
+	type canceled struct {
+		Job       uint64 `json:"job"`
+		Operation string `json:"operation"`
+		Chain     string `json:"chain"`
+	}
+	var done []canceled
+	for _, j := range hit {
+		if err := api.CancelJob(a.ctx, dbusapi.JobPath(j.ID)); err != nil {
+			return a.fail(err)
+		}
+		done = append(done, canceled{j.ID, j.Operation, j.Chain})
+		if !p.flags["--json"] {
+			fmt.Fprintf(a.out, "Canceled job %d (%s of %s, started by uid %d).\n", j.ID, j.Operation, j.Chain, j.UID)
+		}
+	}
+	if p.flags["--json"] {
+		a.printJSON(done)
 	}
 	return ExitOK
 }

@@ -189,6 +189,18 @@ func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presen
 
 func (f *fakeAPI) Disconnect() error { return nil }
 
+// fakeJobs: qcryptd's own open of demo hangs; a luks-init waits behind nothing.
+var fakeJobs = []dbusapi.JobInfo{
+	{ID: 3, Operation: "close", Chain: "usb", State: "done"},
+	{ID: 7, Operation: "open", Chain: "demo", State: "running", Step: 6, Steps: 6},
+	{ID: 8, Operation: "luks-init", State: "running", UID: 1000},
+}
+
+func (f *fakeAPI) Jobs(context.Context) ([]dbusapi.JobInfo, error) { return fakeJobs, f.rec("Jobs") }
+func (f *fakeAPI) CancelJob(_ context.Context, job dbus.ObjectPath) error {
+	return f.rec("CancelJob %s", job)
+}
+
 // run runs qcryptctl against api and returns stdout, stderr and the exit status.
 func run(api API, tty bool, args ...string) (string, string, int) {
 	var out, errb bytes.Buffer
@@ -240,6 +252,9 @@ func TestGoldenOutput(t *testing.T) {
 		{"reload-json", []string{"reload", "--json"}, 0, false},
 		{"close-all", []string{"close-all", "--stop"}, 0, false},
 		{"close-all-json", []string{"close-all", "--json"}, 0, false},
+		{"cancel-chain", []string{"cancel", "demo"}, 0, false},
+		{"cancel-job-json", []string{"cancel", "--json", "8"}, 0, false},
+		{"cancel-nothing", []string{"cancel", "usb"}, 1, false},
 		{"watch", []string{"watch"}, 0, false},
 		{"watch-json", []string{"watch", "--json"}, 0, false},
 		{"usage-unknown-option", []string{"open", "--bogus", "demo"}, ExitUsage, false},

@@ -149,3 +149,33 @@ func TestAdhocIdentity(t *testing.T) {
 		t.Errorf("left in work: %q", out)
 	}
 }
+
+// TestCancelHungAutoOpen: qcryptd's own open hangs in work; `qcryptctl cancel` ends it
+// at once (not after the qrexec timeout) and the open is rolled back.
+func TestCancelHungAutoOpen(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 30*time.Second)
+	w.ctl("qrexec-fault", "work", "hang")
+	w.qubes.Start(bg, "work")
+	w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
+		st, _ := w.qubes.CurrentState(bg, "mediator")
+		return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
+	})
+	w.ctl("qrexec-fault", "work", "none") // the call in work still hangs; the rollback's will not
+	if out, code := w.qcryptctl("cancel", "demo"); code != 0 || !strings.Contains(out, "(open of demo, started by uid 0)") {
+		t.Fatalf("cancel: exit %d: %s", code, out)
+	}
+	ci := w.waitState(c, "demo", "closed", time.Minute)
+	if !strings.Contains(ci.LastError, "canceled") {
+		t.Errorf("last error %q", ci.LastError)
+	}
+	if out := w.sh("mediator", "ls /dev/mapper").Stdout; len(out) != 0 {
+		t.Errorf("mediator still decrypts: %q", out)
+	}
+	if out, code := w.qcryptctl("cancel", "demo"); code != 1 || !strings.Contains(out, "no running or queued job") {
+		t.Errorf("second cancel: exit %d: %s", code, out)
+	}
+}

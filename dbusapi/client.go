@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -306,12 +308,49 @@ func (c *Client) Job(ctx context.Context, job dbus.ObjectPath) (JobInfo, error) 
 	if err := call.Store(&all); err != nil {
 		return JobInfo{}, err
 	}
+	return jobFromProps(job, all)
+}
+
+func jobFromProps(path dbus.ObjectPath, all map[string]dbus.Variant) (JobInfo, error) {
 	var j JobInfo
-	err := fields(all, map[string]any{"Operation": &j.Operation, "Chain": &j.Chain, "State": &j.State, "Step": &j.Step,
+	id, ok := strings.CutPrefix(string(path), jobPathPrefix)
+	if !ok {
+		return j, fmt.Errorf("cannot read job %s: not a job path", path)
+	}
+	var err error
+	if j.ID, err = strconv.ParseUint(id, 10, 64); err != nil {
+		return j, fmt.Errorf("cannot read job %s: %w", path, err)
+	}
+	err = fields(all, map[string]any{"Operation": &j.Operation, "Chain": &j.Chain, "State": &j.State, "Step": &j.Step,
 		"Steps": &j.Steps, "StepDescription": &j.StepDescription, "Bytes": &j.Bytes, "TotalBytes": &j.TotalBytes,
 		"Message": &j.Message, "StartedByUID": &j.UID})
 	cleanAll(&j.Operation, &j.Chain, &j.State, &j.StepDescription, &j.Message)
 	return j, err
+}
+
+// Jobs lists the jobs qcryptd shows (running, queued, and finished ones for a minute),
+// in the order they were started.
+func (c *Client) Jobs(ctx context.Context) ([]JobInfo, error) {
+	var objs map[dbus.ObjectPath]map[string]map[string]dbus.Variant
+	call := c.conn.Object(BusName, ManagerPath).CallWithContext(ctx, objectManagerInterface+".GetManagedObjects", 0)
+	if call.Err != nil {
+		return nil, remote(call.Err)
+	}
+	if err := call.Store(&objs); err != nil {
+		return nil, err
+	}
+	var out []JobInfo
+	for path, ifaces := range objs {
+		if props, ok := ifaces[JobInterface]; ok {
+			j, err := jobFromProps(path, props)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, j)
+		}
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
+	return out, nil
 }
 
 // RunJob starts a job and waits for it, passing progress to progress (may be nil).
