@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -71,8 +72,14 @@ type Runner struct {
 	Timeout time.Duration
 	// KillDelay is how long a timed-out qrexec-client gets after SIGTERM before SIGKILL.
 	KillDelay time.Duration
+	// MaxParallel bounds the calls into qubes that run at once (0: no bound): parallel
+	// qrexec calls stall on real Qubes (QubesOS/qubes-issues#6755). Set before first use.
+	MaxParallel int
 
-	spawns atomic.Int64
+	spawns  atomic.Int64
+	waiting atomic.Int64
+	once    sync.Once
+	slots   chan struct{}
 }
 
 // NewRunner returns a runner for the given qrexec-client command line with safe limits.
@@ -85,6 +92,29 @@ func NewRunner(command []string) *Runner {
 
 // Spawns counts processes started (one per Run).
 func (r *Runner) Spawns() int64 { return r.spawns.Load() }
+
+// Waiting counts calls waiting for a slot under MaxParallel.
+func (r *Runner) Waiting() int64 { return r.waiting.Load() }
+
+// acquire takes a slot (MaxParallel) or fails when ctx ends first; release gives it back.
+func (r *Runner) acquire(ctx context.Context) (release func(), err error) {
+	r.once.Do(func() {
+		if r.MaxParallel > 0 {
+			r.slots = make(chan struct{}, r.MaxParallel)
+		}
+	})
+	if r.slots == nil {
+		return func() {}, nil
+	}
+	r.waiting.Add(1)
+	defer r.waiting.Add(-1)
+	select {
+	case r.slots <- struct{}{}:
+		return func() { <-r.slots }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
 
 // Run executes script with /bin/bash as root in vm (qubes.VMShell). input, if not nil,
 // follows the script on stdin and is what the script's commands read. The script runs
@@ -100,6 +130,11 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 		args = append(args, "-w", fmt.Sprint(r.ConnectTimeout))
 	}
 	args = append(args, "root:QUBESRPC qubes.VMShell+ dom0")
+	release, err := r.acquire(ctx)
+	if err != nil {
+		return Result{}, fmt.Errorf("cannot run a command in %s: %w", vm, err)
+	}
+	defer release()
 	res, err := r.exec(ctx, r.Command[0], args, script, input, nil)
 	if err != nil {
 		return res, fmt.Errorf("cannot run a command in %s: %w", vm, err)
