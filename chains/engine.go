@@ -455,6 +455,9 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		plan := PlanOpen(c, OpenOptions{})
 		attachStep, decryptStep := stepOf(plan, "attach", h.VM), stepOf(plan, "decrypt", h.VM)
 		acts = append(acts, action{step: attachStep, layer: i + 1, do: func(ctx context.Context) error {
+			if err := e.checkFrontendSlot(ctx, h.VM); err != nil {
+				return err
+			}
 			if err := e.Qubes.Attach(ctx, h.VM, s.dev[i], c.ReadOnly); err != nil {
 				return err
 			}
@@ -518,6 +521,23 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		}})
 	}
 	return acts
+}
+
+// checkFrontendSlot refuses an attach to a qube whose block device slots are all in use
+// (R4.2: 22), which qubesd would fail with an empty response.
+func (e *Engine) checkFrontendSlot(ctx context.Context, vm string) error {
+	api, err := e.Qubes.DeviceAPI(ctx)
+	if err != nil {
+		return err
+	}
+	atts, err := e.Qubes.Attached(ctx, vm)
+	if err != nil {
+		return err
+	}
+	if !qubes.FreeFrontend(api, atts) {
+		return fmt.Errorf("%s has no free block device slot (%d devices attached): close a chain there first", vm, len(atts))
+	}
+	return nil
 }
 
 func stepOf(p Plan, kind, vm string) Step {

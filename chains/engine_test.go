@@ -752,3 +752,44 @@ func TestOpenRefusedOverADeadBackend(t *testing.T) {
 		t.Errorf("qubesd after the refused open: %v %v", atts, err)
 	}
 }
+
+// A qube has a bounded number of block device slots (R4.2: xvdi-xvdz, xvde-xvdh): an
+// open that needs one more is refused with that reason before attaching, and rolls back.
+// R4.3 goes on with xvdaa.
+func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
+	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+		t.Run(string(d), func(t *testing.T) {
+			r := newRig(t, d)
+			r.start(t, "work")
+			for i := 0; i < 22; i++ {
+				port := fmt.Sprintf("sdx%d", i)
+				if err := r.Expose("sys-usb", port, 1<<20, false, "filler", ""); err != nil {
+					t.Fatal(err)
+				}
+				if err := r.Client.Attach(bg, "work", qubes.DeviceRef{Backend: "sys-usb", Port: port}, false); err != nil {
+					t.Fatalf("attach %d: %v", i, err)
+				}
+			}
+			c := demoChain()
+			err := r.e.Open(bg, c, OpenOptions{}, nil)
+			if d == sim.R43 {
+				if err != nil {
+					t.Fatalf("open with 22 devices attached to work: %v", err)
+				}
+				atts, _ := r.Client.Attached(bg, "work")
+				for _, a := range atts {
+					if a.Backend == "mediator" && a.FrontendDev != "xvdae" {
+						t.Errorf("the chain's device in work is %s, want xvdae", a.FrontendDev)
+					}
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), "work has no free block device slot (22 devices attached)") {
+				t.Fatalf("open: %v", err)
+			}
+			if st := r.status(t, c); !st.Closed() {
+				t.Errorf("the refused open left %+v", st)
+			}
+		})
+	}
+}

@@ -17,6 +17,7 @@ type Qubes interface {
 	Attached(ctx context.Context, frontend string) ([]qubes.Attachment, error)
 	Attach(ctx context.Context, frontend string, dev qubes.DeviceRef, readOnly bool) error
 	Detach(ctx context.Context, frontend string, dev qubes.DeviceRef) error
+	DeviceAPI(ctx context.Context) (qubes.DeviceAPI, error)
 }
 
 // Runner runs a root shell script in a qube (*qubes.Runner has it). input follows the

@@ -406,3 +406,40 @@ func sortAttachments(a []Attachment) {
 		return a[i].Port < a[j].Port
 	})
 }
+
+// FrontendSlots lists the xvdX names qubesd gives attached block devices in a qube, in
+// its order of choice (qubes/ext/block.py find_unused_frontend): R4.1/R4.2 xvdi-xvdz,
+// then xvde-xvdh (xvda-xvdd are the system volumes); R4.3 xvdi-xvdz, then xvdaa-xvdzz.
+// With none free, qubesd fails the attach without saying why.
+func FrontendSlots(api DeviceAPI) []string {
+	var slots []string
+	for c := 'i'; c <= 'z'; c++ {
+		slots = append(slots, "xvd"+string(c))
+	}
+	if api == DeviceAPIOld {
+		for c := 'e'; c <= 'h'; c++ {
+			slots = append(slots, "xvd"+string(c))
+		}
+		return slots
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		for d := 'a'; d <= 'z'; d++ {
+			slots = append(slots, "xvd"+string(c)+string(d))
+		}
+	}
+	return slots
+}
+
+// FreeFrontend reports whether a qube with these attachments has a slot left.
+func FreeFrontend(api DeviceAPI, atts []Attachment) bool {
+	used := map[string]bool{}
+	for _, a := range atts {
+		used[a.FrontendDev] = true
+	}
+	for _, s := range FrontendSlots(api) {
+		if !used[s] {
+			return true
+		}
+	}
+	return false
+}

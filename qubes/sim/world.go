@@ -204,28 +204,23 @@ func (w *World) removeAttachment(a *Attachment) {
 	}
 }
 
-// frontendDev picks the first free xvdX as qubesd does: xvdi..xvdz, and on R4.1/R4.2
-// then xvda..xvdh (xvda-xvdd are the system volumes, so they are always in use).
+// frontendDev picks the first free xvdX as qubesd does (qubes.FrontendSlots); with none
+// free, qubesd's libvirt call fails: an empty response.
 func (w *World) frontendDev(frontend string) (string, error) {
-	used := map[string]bool{"xvda": true, "xvdb": true, "xvdc": true, "xvdd": true}
+	used := map[string]bool{}
 	for _, a := range w.attachmentsOf(frontend) {
 		used[a.FrontendDev] = true
 	}
-	var candidates []string
-	for c := 'i'; c <= 'z'; c++ {
-		candidates = append(candidates, "xvd"+string(c))
-	}
+	api := qubes.DeviceAPINew
 	if w.dialect == R42 {
-		for c := 'a'; c <= 'h'; c++ {
-			candidates = append(candidates, "xvd"+string(c))
-		}
+		api = qubes.DeviceAPIOld
 	}
-	for _, c := range candidates {
+	for _, c := range qubes.FrontendSlots(api) {
 		if !used[c] {
 			return c, nil
 		}
 	}
-	return "", fmt.Errorf("no free frontend device")
+	return "", errEmpty
 }
 
 // description of an exposed device: what the backend's udev script would write to
