@@ -26,10 +26,13 @@ ctl commands:
   add-vm NAME [CLASS [USER]]
   plug VM IMAGE [DESCRIPTION] | plug-ro VM IMAGE [DESCRIPTION] | unplug VM PORT
   make-disk IMAGE SIZE LABEL [PATH=HOSTFILE ...]
-  fault METHOD empty|exception TYPE MESSAGE|delay MS [DEST]
+  fault METHOD empty|exception TYPE MESSAGE|delay MS|hold [DEST]
   qrexec-fault VM hang|exit CODE|start-fail REASON|none
+  kernel-fault VM OP hang|fail     (once; OP: loop-setup loop-detach crypt-open crypt-close mount umount)
+  wait-fault [SECS]                (waits until a fault fires and prints it) | release (held calls go on)
   clear-faults | drop-events | flood VM N | describe VM PORT DESCRIPTION
-  restart-qubesd                   (with --real-qubesd; fault, drop-events and flood need the own server)
+  restart-qubesd                   (the own server drops its event streams and held calls)
+  (with --real-qubesd: fault, drop-events and flood need the own server)
 `
 
 // Main is the qubes-sim command (and, invoked under a tool's name, that fake tool).
@@ -220,6 +223,8 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 				return 2
 			}
 			f.Type, f.Msg, rest = rest[0], rest[1], rest[2:]
+		case "hold":
+			f.Held = true
 		case "delay":
 			if len(rest) < 1 {
 				fmt.Fprintln(stderr, "qubes-sim ctl fault: delay needs MS")
@@ -228,7 +233,7 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 			ms, _ := strconv.Atoi(rest[0])
 			f.Delay, rest = time.Duration(ms)*time.Millisecond, rest[1:]
 		default:
-			fmt.Fprintln(stderr, "qubes-sim ctl fault: kind is empty, exception or delay")
+			fmt.Fprintln(stderr, "qubes-sim ctl fault: kind is empty, exception, delay or hold")
 			return 2
 		}
 		if len(rest) > 0 {
@@ -259,7 +264,22 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		req = &ctlRequest{Op: "qrexec-fault", VM: a[1], Qrexec: &q}
-	case "clear-faults", "drop-events", "restart-qubesd", "ping":
+	case "kernel-fault":
+		if !need(3) {
+			return 2
+		}
+		k := KernelFault{VM: a[1], Op: a[2], Hang: a[3] == "hang", Fail: a[3] == "fail"}
+		if !k.Hang && !k.Fail {
+			fmt.Fprintln(stderr, "qubes-sim ctl kernel-fault: hang or fail")
+			return 2
+		}
+		req = &ctlRequest{Op: "kernel-fault", Kernel: &k}
+	case "wait-fault":
+		req = &ctlRequest{Op: "wait-fault", Count: 120}
+		if len(a) > 1 {
+			req.Count, _ = strconv.Atoi(a[1])
+		}
+	case "clear-faults", "drop-events", "restart-qubesd", "ping", "release":
 		req = &ctlRequest{Op: a[0]}
 	case "flood":
 		if !need(2) {
@@ -281,6 +301,9 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 		resp, err = Control(*socket, *req)
 		if resp.Port != "" {
 			fmt.Fprintln(stdout, resp.Port)
+		}
+		if resp.Fired != "" {
+			fmt.Fprintln(stdout, resp.Fired)
 		}
 	}
 	if err != nil {

@@ -78,10 +78,48 @@ func (s *Sim) serveKernel(vmName string, c net.Conn) {
 	var resp kernelResp
 	if err := json.Unmarshal(line, &req); err != nil {
 		resp = kernelResp{Code: 1, Msg: "bad kernel request"}
+	} else if failed := s.kernelFault(vmName, req.Op, c); failed != "" {
+		resp = kernelResp{Code: 1, Msg: failed}
 	} else {
 		resp = s.kernelCall(vmName, req)
 	}
 	reply(c, resp)
+}
+
+// kernelFault applies a kernel fault for op in vmName: a hang ends when released (then
+// the op runs), when the qube dies or the tool is killed (then it fails). It returns a
+// failure message, or "" to run the op.
+func (s *Sim) kernelFault(vmName, op string, c net.Conn) string {
+	w := s.World
+	w.mu.Lock()
+	f, ok := w.takeKernelFault(vmName, op)
+	release := w.release
+	var halted chan struct{}
+	if vm := w.vms[vmName]; vm != nil {
+		halted = vm.halted
+	}
+	w.mu.Unlock()
+	if !ok {
+		return ""
+	}
+	w.fired(op + " " + vmName)
+	if f.Fail {
+		return "injected failure of " + op
+	}
+	gone := make(chan struct{})
+	go func() {
+		var b [1]byte
+		c.Read(b[:]) // the tool sends nothing more: EOF means it was killed
+		close(gone)
+	}()
+	select {
+	case <-release:
+		return ""
+	case <-halted:
+		return "qube is not running"
+	case <-gone:
+		return "killed"
+	}
 }
 
 func (s *Sim) kernelCall(vmName string, req kernelReq) kernelResp {

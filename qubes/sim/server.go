@@ -34,10 +34,82 @@ type Fault struct {
 	Msg    string        // ... and message
 	Delay  time.Duration // wait before answering (or before the fault's answer)
 	Count  int           // fire this many times; 0 = until removed
+	// Held makes the call wait until Release (or a restart of qubesd, which drops it
+	// unanswered): with WaitFault, how tests through the control socket stop an
+	// operation at one call.
+	Held bool
 	// In-process tests make a fault deterministic with these: Reached is called when the
 	// fault fires, and the call is answered only once Hold is closed.
-	Reached func()
-	Hold    <-chan struct{}
+	Reached func()          `json:"-"`
+	Hold    <-chan struct{} `json:"-"`
+}
+
+// KernelFault makes one kind of block operation in a qube misbehave, once: the fake
+// tool's call hangs until Release (or the qube dies, or the tool is killed), or fails.
+// Ops are those of the fake tools: loop-setup, loop-detach, crypt-open, crypt-close,
+// mount, umount.
+type KernelFault struct {
+	VM   string
+	Op   string
+	Hang bool
+	Fail bool
+}
+
+// fired records that a fault fired, for WaitFault. w.mu not held.
+func (w *World) fired(what string) {
+	select {
+	case w.firedCh <- what:
+	default: // nobody is waiting for hundreds of them
+	}
+}
+
+// WaitFault waits until a fault fires (or timeout) and says which.
+func (w *World) WaitFault(timeout time.Duration) (string, error) {
+	select {
+	case what := <-w.firedCh:
+		return what, nil
+	case <-time.After(timeout):
+		return "", fmt.Errorf("no fault fired within %v", timeout)
+	}
+}
+
+// Release lets every held call go on.
+func (w *World) Release() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	close(w.release)
+	w.release = make(chan struct{})
+}
+
+// AddKernelFault installs a one-shot block operation fault.
+func (w *World) AddKernelFault(f KernelFault) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.kfaults = append(w.kfaults, f)
+}
+
+// takeKernelFault removes and returns the fault for op in vm, if any. w.mu held.
+func (w *World) takeKernelFault(vm, op string) (KernelFault, bool) {
+	for i, f := range w.kfaults {
+		if f.VM == vm && f.Op == op {
+			w.kfaults = append(w.kfaults[:i], w.kfaults[i+1:]...)
+			return f, true
+		}
+	}
+	return KernelFault{}, false
+}
+
+// RestartQubesd is what the simulator's own qubesd does on a restart: every event
+// stream and every call still held ends without an answer; new calls are served.
+func (w *World) RestartQubesd() {
+	w.mu.Lock()
+	w.restarts++
+	close(w.release)
+	w.release = make(chan struct{})
+	for s := range w.subs {
+		w.dropSubscriber(s)
+	}
+	w.mu.Unlock()
 }
 
 // QrexecFault changes how commands in one qube behave.
@@ -65,13 +137,20 @@ func (w *World) SetQrexecFault(vm string, f QrexecFault) {
 	}
 }
 
-// ClearFaults removes all call and qrexec faults and un-wedges qubesd.
+// ClearFaults removes all call, qrexec and kernel faults, forgets the ones that fired,
+// lets held calls go on and un-wedges qubesd.
 func (w *World) ClearFaults() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.faults = nil
 	w.qrexec = map[string]QrexecFault{}
+	w.kfaults = nil
 	w.wedged = false
+	close(w.release)
+	w.release = make(chan struct{})
+	for len(w.firedCh) > 0 {
+		<-w.firedCh // what fired before is forgotten with the faults
+	}
 }
 
 // SetDescription makes a backend report desc for one of its devices (hostile qube).
@@ -138,11 +217,24 @@ func (w *World) handleConn(c net.Conn) {
 		return
 	}
 	if f := w.takeFault(req.Method, req.Dest); f != nil {
+		w.mu.Lock()
+		release, restarts := w.release, w.restarts
+		w.mu.Unlock()
+		w.fired(req.Method + " " + req.Dest)
 		if f.Reached != nil {
 			f.Reached()
 		}
 		if f.Hold != nil {
 			<-f.Hold
+		}
+		if f.Held {
+			<-release
+			w.mu.Lock()
+			dropped := w.restarts != restarts
+			w.mu.Unlock()
+			if dropped {
+				return // qubesd restarted under the call: no answer
+			}
 		}
 		time.Sleep(f.Delay)
 		switch {

@@ -148,10 +148,12 @@ func Start(cfg Config) (*Sim, error) {
 	return s, nil
 }
 
-// RestartQubesd restarts the real qubesd as `systemctl restart qubesd` would.
+// RestartQubesd restarts the real qubesd as `systemctl restart qubesd` would; the own
+// server drops its event streams and held calls (World.RestartQubesd).
 func (s *Sim) RestartQubesd() error {
 	if s.real == nil {
-		return errors.New("cannot restart qubesd: the simulator's own server is not restarted (use drop-events)")
+		s.World.RestartQubesd()
+		return nil
 	}
 	return s.real.restart()
 }
@@ -255,12 +257,14 @@ type ctlRequest struct {
 
 	Fault  *Fault       `json:"fault,omitempty"`
 	Qrexec *QrexecFault `json:"qrexec,omitempty"`
+	Kernel *KernelFault `json:"kernel,omitempty"`
 }
 
 type ctlResponse struct {
 	Error string `json:"error,omitempty"`
 	Exit  int    `json:"exit"`
 	Port  string `json:"port,omitempty"`
+	Fired string `json:"fired,omitempty"` // wait-fault: which fault fired
 }
 
 func (s *Sim) serveControl() {
@@ -347,6 +351,16 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 		} else {
 			s.SetQrexecFault(req.VM, *req.Qrexec)
 		}
+	case "kernel-fault":
+		if req.Kernel == nil {
+			err = errors.New("no kernel fault given")
+		} else {
+			s.AddKernelFault(*req.Kernel)
+		}
+	case "wait-fault":
+		resp.Fired, err = s.WaitFault(time.Duration(req.Count) * time.Second)
+	case "release":
+		s.Release()
 	case "clear-faults":
 		s.ClearFaults()
 	case "drop-events":

@@ -372,3 +372,31 @@ func BenchmarkRealQubesdQrexec(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "runs/s")
 }
+
+// A kernel fault fires once, at the first matching block operation of the qube: a hang
+// holds the tool until Release, a failure fails it; WaitFault says what fired.
+func TestKernelFaults(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	f.AddKernelFault(sim.KernelFault{VM: "sys-usb", Op: "loop-setup", Fail: true})
+	if res := f.Sh(t, "sys-usb", "losetup -f --show /home/user/demo.luks"); res.ExitCode == 0 {
+		t.Errorf("loop-setup with a failure fault: %q", res.Stdout)
+	}
+	if what, err := f.WaitFault(time.Minute); err != nil || what != "loop-setup sys-usb" {
+		t.Errorf("fired %q %v", what, err)
+	}
+	f.AddKernelFault(sim.KernelFault{VM: "sys-usb", Op: "loop-setup", Hang: true})
+	done := make(chan string, 1)
+	go func() { done <- ok(t, f, "sys-usb", "losetup -f --show /home/user/demo.luks") }()
+	if what, err := f.WaitFault(time.Minute); err != nil || what != "loop-setup sys-usb" {
+		t.Fatalf("fired %q %v", what, err)
+	}
+	select {
+	case out := <-done:
+		t.Fatalf("the held losetup ended before the release: %q", out)
+	default:
+	}
+	f.Release()
+	if out := <-done; out != "/dev/loop0\n" {
+		t.Errorf("released losetup: %q", out)
+	}
+}

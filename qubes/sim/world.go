@@ -96,6 +96,11 @@ type World struct {
 
 	calls int64 // Admin API calls served
 
+	kfaults  []KernelFault
+	firedCh  chan string   // faults that fired, for WaitFault
+	release  chan struct{} // closed by Release: held calls go on
+	restarts int           // RestartQubesd calls: a held call of an earlier one is dropped
+
 	hk *hostKernel // the kernel backend; nil for the sandbox backend
 }
 
@@ -109,6 +114,7 @@ func NewWorld(dir string, dialect Dialect) (*World, error) {
 		vms: map[string]*VM{}, subs: map[*subscriber]struct{}{},
 		qrexec: map[string]QrexecFault{}, descs: map[qubes.DeviceRef]string{},
 		Bug4784: true, DefaultQrexecTimeout: 60,
+		firedCh: make(chan string, 256), release: make(chan struct{}),
 		ShutdownDelay: 20 * time.Millisecond,
 	}
 	if _, err := w.AddVM("dom0", "AdminVM", "user"); err != nil {
