@@ -71,6 +71,9 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			if err == nil {
 				err = errors.New(scriptError(res.ExitCode))
 			}
+			if e.wentDown(ctx, c, h.VM) {
+				return nil // its layer went down with it
+			}
 			if !mayShutdown {
 				return err
 			}
@@ -83,7 +86,11 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			if err != nil {
 				return err
 			}
-			return e.detachHop(ctx, c, i, backing[i], states)
+			err = e.detachHop(ctx, c, i, backing[i], states)
+			if err != nil && e.wentDown(ctx, c, h.VM) {
+				return nil // a halted qube has nothing attached
+			}
+			return err
 		}})
 	}
 	srcStep := next()
@@ -95,9 +102,20 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 		if !qubes.IsRunning(states[c.SourceVM]) {
 			return nil
 		}
-		return e.runOK(ctx, c.SourceVM, sourceCloseScript(c, o.Eject))
+		err = e.runOK(ctx, c.SourceVM, sourceCloseScript(c, o.Eject))
+		if err != nil && e.wentDown(ctx, c, c.SourceVM) {
+			return nil // its loop devices went down with it
+		}
+		return err
 	}})
 	return acts
+}
+
+// wentDown reports whether vm is no longer running after one of its steps failed: the
+// step's work is then done (a halted qube has no mapper, loop device or attachment).
+func (e *Engine) wentDown(ctx context.Context, c *Chain, vm string) bool {
+	states, err := e.memberStates(ctx, c)
+	return err == nil && !qubes.IsRunning(states[vm])
 }
 
 // detachHop detaches what hop i has attached from the previous qube of the chain. With
