@@ -117,6 +117,9 @@ type chainState struct {
 	// trigger is an event that could open the chain (a qube started) and came while a
 	// close ran or waited; it is evaluated when that close ends, not lost.
 	trigger string
+	// missedResync: qubesd's connection was (re)established while a job ran, so the
+	// chain was not reconciled; if that job ends degraded or failed, it is then.
+	missedResync bool
 }
 
 type job struct {

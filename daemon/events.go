@@ -170,6 +170,8 @@ func (d *Daemon) resync() {
 				cs := d.chains[name]
 				if cs.running == nil && cs.pending == nil {
 					d.enqueue(d.newJob("reconcile", cs, 0, true, "qubesd connection (re)established"))
+				} else {
+					cs.missedResync = true
 				}
 			}
 		})

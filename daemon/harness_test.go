@@ -78,6 +78,8 @@ type world struct {
 	daemon  *exec.Cmd
 	logPath string
 	real    bool // the Admin API is the real qubesd
+	// daemonArgs are added to qcryptd's command line.
+	daemonArgs []string
 }
 
 // worlds are the Admin API servers the integration scenarios run against: the
@@ -184,6 +186,7 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 	cmd := exec.Command(bin(w.t, "qcryptd"), "--config-root", w.conf, "--target", "demo", "--qubesd-socket", w.socket,
 		"--qrexec-client", bin(w.t, "qubes-sim")+" qrexec-client --socket "+w.socket, "--state-dir", filepath.Join(w.dir, "state"),
 		"--dom0-root", filepath.Join(w.simDir, "qubes", "dom0"), "--log-level", "debug")
+	cmd.Args = append(cmd.Args, w.daemonArgs...)
 	cmd.Env = append(append(os.Environ(), "DBUS_SYSTEM_BUS_ADDRESS="+w.busAddr), extraEnv...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {

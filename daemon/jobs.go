@@ -74,6 +74,11 @@ func (d *Daemon) start(j *job) {
 			}
 		case j.op == "close":
 			d.setState(cs, StateClosing, "", j.reason)
+			if cs.managed && !j.auto {
+				// Recorded before the close: a close cut short (qcryptd killed) is finished
+				// at the restart and the chain stays closed, as the user asked.
+				d.journalUserClosed(cs, true)
+			}
 		}
 	}
 	d.wg.Add(1)
@@ -198,7 +203,7 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 			if err := d.engine.Close(ctx, c, chains.CloseOptions{}, progress); err != nil {
 				return outcome{state: StateDegraded}, err
 			}
-			return outcome{state: StateClosed, message: decision.String() + ": closed"}, nil
+			return outcome{state: StateClosed, message: decision.String() + ": closed", userClosed: userClosed}, nil
 		}
 		return outcome{state: StateDegraded}, fmt.Errorf("partly open (%d steps missing) with no record of how: close it with force", st.Missing)
 	case "luks-init":
@@ -256,6 +261,15 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		d.start(next)
 		return
 	}
+	if cs.missedResync {
+		cs.missedResync = false
+		if cs.state == StateDegraded || cs.state == StateFailed {
+			// The job may have failed because qubesd went away: what it left is put
+			// right by the journal, as at any reconnect.
+			d.enqueue(d.newJob("reconcile", cs, 0, true, "qubesd connection re-established during "+j.op))
+			return
+		}
+	}
 	if cs.removed && (cs.state == StateClosed || cs.state == StateWaiting || cs.state == StateFailed) {
 		d.removeChain(cs)
 		return
@@ -272,8 +286,8 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	trigger := cs.trigger
 	cs.trigger = ""
 	switch {
-	case j.op == "close" && !j.auto && err == nil && cs.managed:
-		d.journalUserClosed(cs, true)
+	case j.op == "close" && !j.auto:
+		// The user closed it: it stays closed until a trigger after the close.
 	case trigger != "":
 		d.evaluate(cs, trigger)
 	case j.op == "reconcile" && res.userClosed:

@@ -472,6 +472,44 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 	waitFor(t, "open again", func() bool { return rec.last("demo") == StateOpen })
 }
 
+// qubesd reconnects while a close waits in a call that then fails (qubesd went away
+// under it): the chain, skipped by the reconnect's reconcile while its job ran, is
+// reconciled when the job ends degraded, and the close is finished by the journal.
+func TestLoopReconcileMissedDuringAJob(t *testing.T) {
+	f, d, rec := startLoop(t)
+	ctx := context.Background()
+	f.Client.Start(ctx, "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	reached, hold := make(chan struct{}, 1), make(chan struct{})
+	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true,
+		Reached: func() { reached <- struct{}{} }, Hold: hold})
+	id, err := d.Close(0, "demo", chains.CloseOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-reached:
+	case <-time.After(time.Minute):
+		t.Fatal("the close did not reach work's detach")
+	}
+	f.DropEventStreams()
+	waitFor(t, "the loop reconnected while the close waits", func() bool {
+		var done bool
+		d.do(func() { done = d.resyncGen >= 2 && d.connected && d.eventSince == nil })
+		return done
+	})
+	close(hold)
+	if jobDone(t, rec, id) {
+		t.Fatal("the close succeeded although its detach failed")
+	}
+	waitFor(t, "closed by the reconcile", func() bool { return rec.last("demo") == StateClosed })
+	var c *chains.Chain
+	d.do(func() { c = d.chains["demo"].c })
+	if st, err := d.engine.Status(ctx, c); err != nil || !st.Closed() {
+		t.Errorf("after the reconcile: %+v %v", st, err)
+	}
+}
+
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {

@@ -46,6 +46,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	level := fs.String("log-level", "info", "debug, info, warning or error")
 	privateDir := fs.String("luks-init-dir", "", "dom0 directory, root's alone and on a tmpfs, for luks-init's keys and container (default "+chains.DefaultPrivateDir+"; with --dom0-root /tmp/qcryptd-luks-init)")
 	hookTimeout := fs.Duration("hook-timeout", DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
+	cmdTimeout := fs.Duration("command-timeout", 5*time.Minute, "how long one command in a qube may run before it is ended (and its step fails)")
 	maxQrexec := fs.Int("max-qrexec", 4, "how many commands may run in qubes at once (parallel qrexec calls stall on Qubes, QubesOS/qubes-issues#6755)")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -85,6 +86,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	}
 	runner := qubes.NewRunner(strings.Fields(*qrexec))
 	runner.MaxParallel = *maxQrexec
+	runner.Timeout = *cmdTimeout
 	var dom0 chains.Dom0 = qubes.LocalDom0{Runner: runner}
 	if *dom0Root != "" {
 		dom0 = qubes.RemoteDom0{Runner: runner, Root: filepath.Clean(*dom0Root)}
