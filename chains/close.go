@@ -102,7 +102,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 		if !qubes.IsRunning(states[c.SourceVM]) {
 			return nil
 		}
-		err = e.runOK(ctx, c.SourceVM, sourceCloseScript(c, o.Eject))
+		err = e.runOK(ctx, c.SourceVM, sourceCloseScript(c, o.Eject, e.MachineID))
 		if err != nil && e.wentDown(ctx, c, c.SourceVM) {
 			return nil // its loop devices went down with it
 		}

@@ -63,6 +63,9 @@ type Engine struct {
 	PrivateDir string
 	Journal    *Journal // nil: no journal
 	Log        *logrus.Entry
+	// MachineID is dom0's /etc/machine-id, written into the cross-machine lock of a
+	// read-write open ("": no locks).
+	MachineID string
 
 	mu    sync.Mutex
 	users map[string]string // default_user per qube
@@ -72,6 +75,7 @@ type Engine struct {
 type OpenOptions struct {
 	Autostart bool // also start the source and the target (intermediates always are)
 	Force     bool // close a partially open chain first
+	BreakLock bool // open read-write although another machine's lock is there
 	// InjectKeys are keys the caller passed (read from descriptors it opened with its
 	// own rights), per destination, injected when the qube has none.
 	InjectKeys map[string][]byte
@@ -417,9 +421,16 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		}
 	}
 	acts = append(acts, action{step: stepOf(PlanOpen(c, OpenOptions{}), "source", c.SourceVM), do: func(ctx context.Context) error {
-		res, err := e.run(ctx, c.SourceVM, sourceOpenScript(c), nil)
+		res, err := e.run(ctx, c.SourceVM, sourceOpenScript(c, e.MachineID, o.BreakLock), nil)
 		if err != nil {
 			return err
+		}
+		if res.ExitCode == exitLocked {
+			lock := Lock{Unreadable: true}
+			if m := lockedOutRE.FindSubmatch(res.Stdout); m != nil {
+				lock = parseLock(string(m[1]))
+			}
+			return fmt.Errorf("%w: %s; it may be open there, and a synced folder would then be destroyed: open it read-only, or with --break-lock if that lock is stale", ErrLocked, lock)
 		}
 		if res.ExitCode > exitLoopReused+exitSourceMounted {
 			return errors.New(scriptError(res.ExitCode))
@@ -428,15 +439,27 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		if m == nil {
 			return fmt.Errorf("%w: loop device output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 40))
 		}
+		if m[1] != nil {
+			lock := parseLock(string(m[1]))
+			log := e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": c.SourceVM, "lock": lock.String()})
+			if c.ReadOnly {
+				log.Warn("opening read-only although another machine holds the container's lock")
+			} else {
+				log.Warn("breaking another machine's lock on the container, as asked")
+			}
+		}
 		s.created = res.ExitCode&exitLoopReused == 0
 		s.mounted = res.ExitCode&exitSourceMounted != 0
-		s.dev[0] = qubes.DeviceRef{Backend: c.SourceVM, Port: string(m[1])}
+		s.dev[0] = qubes.DeviceRef{Backend: c.SourceVM, Port: string(m[2])}
 		return e.checkExposed(ctx, s.dev[0], "")
 	}, undo: func(ctx context.Context) error {
 		if s.dev[0].Port == "" {
 			return nil
 		}
 		var script strings.Builder
+		if lock := lockRemoveScript(c, e.MachineID); lock != "" {
+			fmt.Fprintf(&script, "f=%s\n%s", q(c.Container()), lock)
+		}
 		if s.created {
 			fmt.Fprintf(&script, "losetup -d %s || exit %d\n", q("/dev/"+s.dev[0].Port), exitLoopBusy)
 		}

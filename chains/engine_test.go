@@ -793,3 +793,74 @@ func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
 		})
 	}
 }
+
+// The cross-machine lock: a read-write open writes it and the close removes it; another
+// machine's lock refuses a read-write open before anything changes, is shown only when
+// it is a lock line, lets a read-only open go on and is replaced by --break-lock.
+func TestCrossMachineLock(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	const me, other = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+	r.e.MachineID = me
+	lockFile := sim.DemoContainer + ".qcrypt-lock"
+	readLock := func() string {
+		return string(r.Sh(t, "sys-usb", "cat "+lockFile+" 2>/dev/null").Stdout)
+	}
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := readLock(); !strings.HasPrefix(got, "qcrypt-lock 1 machine="+me+" chain=demo time=") {
+		t.Errorf("lock after a read-write open: %q", got)
+	}
+	if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := readLock(); got != "" {
+		t.Errorf("lock after the close: %q", got)
+	}
+
+	tests := []struct {
+		name, lock, want string
+	}{
+		{"another machine", "qcrypt-lock 1 machine=" + other + " chain=vault time=1764800000", "machine " + other + " (chain vault, since 2025-12-03 22:13 UTC)"},
+		{"hostile", "qcrypt-lock 1 machine=\x1b[2J" + other + " chain=x time=1", "a lock file qcrypt cannot read"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r.Sh(t, "sys-usb", "printf '%s\\n' "+q(tc.lock)+" > "+lockFile)
+			err := r.e.Open(bg, c, OpenOptions{}, nil)
+			if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "\x1b") {
+				t.Fatalf("read-write open: %v", err)
+			}
+			if st := r.status(t, c); !st.Closed() {
+				t.Errorf("the refused open left %+v", st)
+			}
+			ro := demoChain()
+			ro.ReadOnly = true
+			if err := r.e.Open(bg, ro, OpenOptions{}, nil); err != nil {
+				t.Fatalf("read-only open: %v", err)
+			}
+			if err := r.e.Close(bg, ro, CloseOptions{}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if got := readLock(); got != tc.lock+"\n" {
+				t.Errorf("the read-only open changed the lock: %q", got)
+			}
+			if err := r.e.Open(bg, c, OpenOptions{BreakLock: true}, nil); err != nil {
+				t.Fatalf("open with --break-lock: %v", err)
+			}
+			if got := readLock(); !strings.Contains(got, "machine="+me) {
+				t.Errorf("lock after breaking it: %q", got)
+			}
+			if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	// This machine's own lock, left by a crash, is no obstacle.
+	r.Sh(t, "sys-usb", "echo 'qcrypt-lock 1 machine="+me+" chain=demo time=1' > "+lockFile)
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Errorf("open over this machine's stale lock: %v", err)
+	}
+}

@@ -43,6 +43,8 @@ const (
 	exitSrcMount      = 31
 	exitNoContainer   = 32
 	exitLoopFailed    = 33
+	exitLocked        = 34
+	exitLockFailed    = 35
 
 	exitInjectFailed = 40
 	exitNoKey        = 41
@@ -67,6 +69,7 @@ const (
 var scriptErrors = map[int]string{
 	exitSrcMkdir: "cannot create the source mount point", exitSrcMount: "cannot mount the source device",
 	exitNoContainer: "the container file does not exist", exitLoopFailed: "cannot set up a loop device",
+	exitLocked: ErrLocked.Error(), exitLockFailed: "cannot write or remove the lock beside the container",
 	exitInjectFailed: "cannot inject the key", exitNoKey: "the key is missing (configure an injection or create it)",
 	exitMapperExists: "the mapper name is already in use (partially open chain?)", exitNoDevice: "the attached device did not appear",
 	exitWrongKey: "wrong key (cryptsetup: no key available with this passphrase)", exitOpenFailed: "cryptsetup open failed",
@@ -85,17 +88,20 @@ func scriptError(code int) string {
 }
 
 var (
-	loopOutRE = regexp.MustCompile(`^/dev/(loop[0-9]{1,4})\n$`)
-	dmOutRE   = regexp.MustCompile(`^/dev/(dm-[0-9]{1,4})\n$`)
-	xvdOutRE  = regexp.MustCompile(`^/dev/(xvd[a-z]{1,2})\n$`)
+	// The source script prints another machine's lock line first, if there is one.
+	loopOutRE   = regexp.MustCompile(`^(?:lock:([^\n]{0,300})\n)?/dev/(loop[0-9]{1,4})\n$`)
+	lockedOutRE = regexp.MustCompile(`^lock:([^\n]{0,300})\n$`)
+	dmOutRE     = regexp.MustCompile(`^/dev/(dm-[0-9]{1,4})\n$`)
+	xvdOutRE    = regexp.MustCompile(`^/dev/(xvd[a-z]{1,2})\n$`)
 )
 
 // keyPath is where a qube keeps key id k for its default user.
 func keyPath(user, k string) string { return "/home/" + user + "/.qcrypt/keys/" + k }
 
-// sourceOpenScript mounts the source device when configured and sets up (or finds) the
-// loop device of the container; it prints /dev/loopN.
-func sourceOpenScript(c *Chain) string {
+// sourceOpenScript mounts the source device when configured, checks and writes the
+// cross-machine lock (machine "": none) and sets up (or finds) the loop device of the
+// container; it prints /dev/loopN.
+func sourceOpenScript(c *Chain, machine string, breakLock bool) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "f=%s\nm=0\n", q(c.Container()))
 	if c.SourceDevice != "" {
@@ -104,9 +110,10 @@ func sourceOpenScript(c *Chain) string {
 			q(c.SourceMountPoint), q(c.SourceDevice), q(c.SourceMountPoint), exitSrcMount, exitSourceMounted)
 	}
 	fmt.Fprintf(&b, "[ -f \"$f\" ] || exit %d\n", exitNoContainer)
+	b.WriteString(lockCheckScript(c, machine, breakLock))
 	fmt.Fprintf(&b, "l=$(losetup -j \"$f\" | head -n 1 | cut -d: -f1)\n")
 	fmt.Fprintf(&b, "if [ -n \"$l\" ]; then echo \"$l\"; exit $((m + %d)); fi\n", exitLoopReused)
-	fmt.Fprintf(&b, "losetup -f --show \"$f\" || exit %d\nexit $m", exitLoopFailed)
+	fmt.Fprintf(&b, "losetup -f --show \"$f\" || { %sexit %d; }\nexit $m", lockRemoveScript(c, machine), exitLoopFailed)
 	return b.String()
 }
 
@@ -164,10 +171,11 @@ func hopCloseScript(name string) string {
 
 // sourceCloseScript detaches the container's loop devices, and unmounts the source
 // device when eject is set.
-func sourceCloseScript(c *Chain, eject bool) string {
+func sourceCloseScript(c *Chain, eject bool, machine string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "f=%s\n", q(c.Container()))
 	fmt.Fprintf(&b, "for l in $(losetup -j \"$f\" | cut -d: -f1); do losetup -d \"$l\" || exit %d; done\n", exitLoopBusy)
+	b.WriteString(lockRemoveScript(c, machine))
 	if eject && c.SourceDevice != "" {
 		fmt.Fprintf(&b, "if findmnt -n -M %s >/dev/null 2>&1; then umount %s || exit %d; fi\n", q(c.SourceMountPoint), q(c.SourceMountPoint), exitEjectFailed)
 	}

@@ -345,7 +345,7 @@ func progressBar(j dbusapi.JobInfo) string {
 func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
 func cmdOpen(a *app, p *parsed) int {
-	o := chains.OpenOptions{Force: p.flags["--force"], Autostart: p.flags["--autostart"]}
+	o := chains.OpenOptions{Force: p.flags["--force"], Autostart: p.flags["--autostart"], BreakLock: p.flags["--break-lock"]}
 	api, code := a.client()
 	if api == nil {
 		return code

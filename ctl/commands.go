@@ -32,6 +32,7 @@ var (
 	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none (read with your rights)"}
 	fCy       = flagSpec{long: "--cy", arity: 2, repeat: true, help: "VM OPTIONS: extra cryptsetup options for VM"}
 	fStop     = flagSpec{long: "--stop", help: "close-all: stop qcryptd afterwards"}
+	fBreak    = flagSpec{long: "--break-lock", help: "open read-write although another machine's lock is beside the container (a stale lock; logged)"}
 )
 
 var adhocFlags = []flagSpec{fAuto, fMP, fRO, fInj, fCy}
@@ -48,9 +49,12 @@ func init() {
 			help: "Without arguments: every configured chain and every chain open on the system that qcryptd does not manage.\n" +
 				"With a chain: its facts hop by hop; the exit status is the number of steps missing to open it (0 = open)."},
 		{name: "open", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "open a chain", run: cmdOpen,
-			flags: append([]flagSpec{fJSON, fForce}, adhocFlags...),
+			flags: append([]flagSpec{fJSON, fForce, fBreak}, adhocFlags...),
 			help: "Opens a configured chain, or an ad-hoc one given as the original qcrypt's arguments: the container FILE in\n" +
-				"SOURCE_VM, key id KEY, destination qubes in decryption order. Shows progress; Ctrl-C cancels (the open is rolled back)."},
+				"SOURCE_VM, key id KEY, destination qubes in decryption order. Shows progress; Ctrl-C cancels (the open is rolled back).\n" +
+				"A read-write open writes a lock FILE.qcrypt-lock beside the container and is refused while another machine's\n" +
+				"lock is there (a container in a synced folder opened read-write on two machines gets destroyed); read-only\n" +
+				"opens are allowed with a warning in qcryptd's log. The close removes the lock."},
 		{name: "close", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "close a chain", run: cmdClose,
 			flags: []flagSpec{fJSON, fSD, fShutdown, fEject},
 			help:  "Closes a chain in reverse order. Never detaches from a qube that is down, never shuts the target down\nunless --shutdown-target."},

@@ -179,3 +179,41 @@ func TestCancelHungAutoOpen(t *testing.T) {
 		t.Errorf("second cancel: exit %d: %s", code, out)
 	}
 }
+
+// TestCrossMachineLockThroughQcryptctl: another machine's lock beside the container
+// stops the automatic read-write open with a clear reason; the user breaks it with
+// qcryptctl open --break-lock, and the close removes this machine's lock.
+func TestCrossMachineLockThroughQcryptctl(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	const me, other = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+	w.daemonArgs = []string{"--machine-id", me}
+	w.writeChain("demo", demoChain)
+	lockFile := "/home/user/demo.luks.qcrypt-lock"
+	w.sh("sys-usb", "echo 'qcrypt-lock 1 machine="+other+" chain=demo time=1764800000' > "+lockFile)
+	w.startDaemon()
+	c := w.client()
+	w.waitState(c, "demo", "waiting", 30*time.Second)
+	w.qubes.Start(bg, "work")
+	ci := w.waitState(c, "demo", "failed", time.Minute)
+	if !strings.Contains(ci.LastError, "locked by another machine: machine "+other+" (chain demo, since 2025-12-03 22:13 UTC)") {
+		t.Errorf("last error %q", ci.LastError)
+	}
+	if out, code := w.qcryptctl("open", "demo"); code != 1 || !strings.Contains(out, "--break-lock") {
+		t.Errorf("open: exit %d: %s", code, out)
+	}
+	if out, code := w.qcryptctl("open", "--break-lock", "demo"); code != 0 {
+		t.Fatalf("open --break-lock: exit %d: %s", code, out)
+	}
+	if got := string(w.sh("sys-usb", "cat "+lockFile).Stdout); !strings.HasPrefix(got, "qcrypt-lock 1 machine="+me+" chain=demo ") {
+		t.Errorf("lock after --break-lock: %q", got)
+	}
+	if !strings.Contains(w.log(), "breaking another machine's lock") {
+		t.Error("breaking the lock was not logged")
+	}
+	if out, code := w.qcryptctl("close", "demo"); code != 0 {
+		t.Fatalf("close: exit %d: %s", code, out)
+	}
+	if got := w.sh("sys-usb", "ls "+lockFile).ExitCode; got == 0 {
+		t.Error("the close left this machine's lock")
+	}
+}

@@ -67,6 +67,7 @@ type Options struct {
 	JobLinger                    time.Duration // finished jobs stay on the bus this long
 	Backoff                      qubes.Backoff
 	Version                      string
+	MachineID                    string // dom0's machine id for cross-machine locks; "": none
 }
 
 // Daemon is qcryptd.
@@ -170,7 +171,7 @@ func New(o Options) (*Daemon, error) {
 		debounce: map[string]*time.Timer{}, started: map[string]time.Time{}, jobs: map[uint64]*job{},
 		qrexecWait: 60 * time.Second}
 	d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: &chains.Journal{Dir: o.StateDir},
-		PrivateDir: o.PrivateDir}
+		PrivateDir: o.PrivateDir, MachineID: o.MachineID}
 	dir, err := chains.TargetDir(o.Target, o.ConfigRoot)
 	if err != nil {
 		return nil, err

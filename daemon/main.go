@@ -48,6 +48,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	hookTimeout := fs.Duration("hook-timeout", DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
 	cmdTimeout := fs.Duration("command-timeout", 5*time.Minute, "how long one command in a qube may run before it is ended (and its step fails)")
 	maxQrexec := fs.Int("max-qrexec", 4, "how many commands may run in qubes at once (parallel qrexec calls stall on Qubes, QubesOS/qubes-issues#6755)")
+	machineID := fs.String("machine-id", "", "this machine's id in the cross-machine locks beside containers (default: /etc/machine-id)")
 	version := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
@@ -79,6 +80,17 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	systemd.SetupLogging(logger, "qcryptd")
 	log := logrus.NewEntry(logger)
 
+	if *machineID == "" {
+		data, err := os.ReadFile("/etc/machine-id")
+		if err != nil {
+			log.WithError(err).Warn("cannot read the machine id: read-write opens write no cross-machine lock")
+		}
+		*machineID = strings.TrimSpace(string(data))
+	}
+	if *machineID != "" && !chains.ValidMachineID(*machineID) {
+		fmt.Fprintln(stderr, "qcryptd: --machine-id (or /etc/machine-id) is not 32 lower-case hex digits")
+		return 2
+	}
 	client := qubes.NewClient(*socket)
 	if *maxQrexec < 1 {
 		fmt.Fprintln(stderr, "qcryptd: --max-qrexec must be at least 1")
@@ -96,7 +108,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	}
 	d, err := New(Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
 		Dom0: dom0, Log: log, Notify: systemd.Notify, Watchdog: systemd.WatchdogInterval(),
-		AsRoot: os.Geteuid() == 0, Version: Version, HookTimeout: *hookTimeout, PrivateDir: *privateDir})
+		AsRoot: os.Geteuid() == 0, Version: Version, MachineID: *machineID, HookTimeout: *hookTimeout, PrivateDir: *privateDir})
 	if err != nil {
 		log.WithError(err).Error("cannot start")
 		return 1

@@ -177,10 +177,13 @@ func knownKeys(m map[string]dbus.Variant, what string, known ...string) error {
 // OpenOptionsFromMap decodes Open's options.
 func OpenOptionsFromMap(m map[string]dbus.Variant) (chains.OpenOptions, error) {
 	var o chains.OpenOptions
-	if err := knownKeys(m, "option", "force", "autostart"); err != nil {
+	if err := knownKeys(m, "option", "force", "autostart", "break_lock"); err != nil {
 		return o, err
 	}
 	if err := optional(m, "force", &o.Force); err != nil {
+		return o, err
+	}
+	if err := optional(m, "break_lock", &o.BreakLock); err != nil {
 		return o, err
 	}
 	return o, optional(m, "autostart", &o.Autostart)
@@ -207,7 +210,7 @@ func CloseOptionsFromMap(m map[string]dbus.Variant, allowStop bool) (chains.Clos
 
 // OpenOptionsToMap and CloseOptionsToMap are the client side.
 func OpenOptionsToMap(o chains.OpenOptions) map[string]dbus.Variant {
-	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "autostart": dbus.MakeVariant(o.Autostart)}
+	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "autostart": dbus.MakeVariant(o.Autostart), "break_lock": dbus.MakeVariant(o.BreakLock)}
 }
 
 func CloseOptionsToMap(o chains.CloseOptions) map[string]dbus.Variant {
