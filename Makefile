@@ -23,7 +23,7 @@ BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
 
-.PHONY: all build demo e2e check fmt-check vet staticcheck test fuzz bench deps install clean vectors
+.PHONY: all build demo e2e check fmt-check vet staticcheck test fuzz bench soak deps install clean vectors
 
 all: build
 
@@ -78,6 +78,14 @@ vectors:
 
 bench:
 	QCRYPT_REQUIRE_SANDBOX=1 $(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+# Open/write/close cycles with checksums after every reopen: SOAK_CYCLES on the simulator,
+# SOAK_E2E_CYCLES on the real kernel (make check runs 8 of those).
+SOAK_CYCLES ?= 100
+SOAK_E2E_CYCLES ?= 25
+soak: build
+	QCRYPT_REQUIRE_SANDBOX=1 QCRYPT_SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -count=1 -v -timeout 60m -run '^TestSoak$$' ./daemon/
+	E2E_REAL=0 E2E_CYCLES=$(SOAK_E2E_CYCLES) E2E_RUN='^(TestLuksInitOpenWriteReopen|TestCycles)$$' ./e2e/run.sh
 
 # On Debian as root: install what the tests need. Elsewhere: say exactly what is missing.
 deps:

@@ -5,10 +5,12 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
 )
 
 // BenchmarkIdleDaemon runs qcryptd with 50 configured chains (all waiting for their
@@ -34,17 +36,7 @@ func BenchmarkIdleDaemon(b *testing.B) {
 	b.ReportMetric(float64(cpu)*10/secs, "cpu-ms/s") // 100 ticks per second
 }
 
-func rssKiB(b *testing.B, pid int) int {
-	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for _, l := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
-			n, _ := strconv.Atoi(f[1])
-			return n
-		}
-	}
-	b.Fatal("no VmRSS")
-	return 0
-}
+func rssKiB(b *testing.B, pid int) int { return vmKiB(b, pid, "VmRSS:") }
 
 func cpuTicks(b *testing.B, pid int) int {
 	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
@@ -86,4 +78,105 @@ func BenchmarkOpenClose(b *testing.B) {
 			b.ReportMetric(float64(closed.Milliseconds())/float64(b.N), "close-ms")
 		})
 	}
+}
+
+// BenchmarkFiftyChains: 50 configured chains through one sys-usb/mediator/work; work
+// starts and every chain opens (qrexec calls bounded by --max-qrexec, default 4). It
+// reports the time until all are open, qcryptd's peak memory, the Admin API and qrexec
+// calls per chain, and qcryptd's start-up with 25 of them open (time until every chain
+// is reconciled, calls).
+func BenchmarkFiftyChains(b *testing.B) {
+	const n = 50
+	w := newWorld(b, "4.3", permissiveBus)
+	w.qubes.Start(bg, "mediator")
+	w.qubes.Start(bg, "work")
+	for i := 0; i < n; i++ {
+		w.sh("sys-usb", fmt.Sprintf("cp /home/user/demo.luks /home/user/c%02d.luks", i))
+		for _, vm := range []string{"mediator", "work"} {
+			w.sh(vm, fmt.Sprintf("cp /home/user/.qcrypt/keys/demo /home/user/.qcrypt/keys/k%02d", i))
+		}
+		w.writeChain(fmt.Sprintf("c%02d", i), strings.NewReplacer("key=demo", fmt.Sprintf("key=k%02d", i),
+			"demo.luks", fmt.Sprintf("c%02d.luks", i), "/mnt/demo", fmt.Sprintf("/mnt/c%02d", i)).Replace(demoChain))
+	}
+	w.qubes.Shutdown(bg, "work", false, true)
+	w.qubes.Shutdown(bg, "mediator", false, true)
+	calls := func() (admin, qrexec int) {
+		fmt.Sscanf(w.ctl("calls"), "admin=%d qrexec=%d", &admin, &qrexec)
+		return admin, qrexec
+	}
+	allSettled := func(c *dbusapi.Client, want func(string) bool) func() bool {
+		return func() bool {
+			l, err := c.ListChains(bg)
+			if err != nil || len(l) != n {
+				return false
+			}
+			for _, e := range l {
+				if !want(e.State) {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		d := w.startDaemon()
+		c := w.client()
+		w.eventually("all wait", time.Minute, allSettled(c, func(s string) bool { return s == "waiting" }))
+		a0, q0 := calls()
+		t0 := time.Now()
+		w.qubes.Start(bg, "work")
+		w.eventually("all open", 5*time.Minute, allSettled(c, func(s string) bool { return s == "open" }))
+		settle := time.Since(t0)
+		a1, q1 := calls()
+		peak := vmKiB(b, d.Process.Pid, "VmHWM:")
+		for j := 0; j < n/2; j++ {
+			if out, code := w.qcryptctl("close", fmt.Sprintf("c%02d", j)); code != 0 {
+				b.Fatalf("close: %s", out)
+			}
+		}
+		d.Process.Signal(syscall.SIGTERM)
+		d.Wait()
+		a2, q2 := calls()
+		t1 := time.Now()
+		d = w.startDaemon()
+		c = w.client()
+		w.eventually("all reconciled", 5*time.Minute, func() bool {
+			jobs, _ := c.Jobs(bg)
+			done := 0
+			for _, j := range jobs {
+				if j.Operation == "reconcile" && j.State == "done" {
+					done++
+				}
+			}
+			return done == n
+		})
+		startup := time.Since(t1)
+		a3, q3 := calls()
+		b.ReportMetric(settle.Seconds(), "settle-s")
+		b.ReportMetric(float64(peak)/1024, "peak-MiB")
+		b.ReportMetric(float64(a1-a0)/n, "admin/chain")
+		b.ReportMetric(float64(q1-q0)/n, "qrexec/chain")
+		b.ReportMetric(startup.Seconds(), "startup-s")
+		b.ReportMetric(float64(a3-a2), "startup-admin")
+		b.ReportMetric(float64(q3-q2), "startup-qrexec")
+		// Back to the start: all closed, work and mediator halted.
+		w.qubes.Shutdown(bg, "work", false, true)
+		w.eventually("all wait again", 5*time.Minute, allSettled(c, func(s string) bool { return s == "waiting" || s == "closed" }))
+		w.qubes.Shutdown(bg, "mediator", false, true)
+		d.Process.Signal(syscall.SIGTERM)
+		d.Wait()
+	}
+}
+
+func vmKiB(b *testing.B, pid int, field string) int {
+	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == field {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	b.Fatalf("no %s", field)
+	return 0
 }

@@ -317,7 +317,9 @@ func diff(old, cur []string) (added, removed bool) {
 }
 
 // sourceDevicesChanged: a device appeared in a source qube (open its chains that wait
-// for a device) or went away (check its open chains).
+// for a device) or went away (check its open chains that sit on a source device: a
+// chain of a container in the qube's own storage loses its loop device only to qcrypt,
+// and checking every such chain at every close made 50 chains O(n²) in qrexec calls).
 func (d *Daemon) sourceDevicesChanged(vm string, added, removed bool) {
 	for _, name := range d.sortedNames() {
 		cs := d.chains[name]
@@ -325,7 +327,7 @@ func (d *Daemon) sourceDevicesChanged(vm string, added, removed bool) {
 			continue
 		}
 		switch {
-		case removed && cs.state == StateOpen && cs.running == nil:
+		case removed && cs.c.SourceDevice != "" && cs.state == StateOpen && cs.running == nil:
 			d.enqueue(d.newJob("check", cs, 0, true, "a device of "+vm+" went away"))
 		case added && cs.c.SourceDevice != "":
 			d.evaluate(cs, "a device appeared in "+vm)

@@ -14,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
 )
 
 // The scenarios share one chain, "vault": a container in sys-usb, outer layer opened by
@@ -353,34 +356,17 @@ func TestDaemonKilledMidOpen(t *testing.T) {
 	requireClean(t, "after reconcile and close")
 }
 
-// TestCycles: open/write/close cycles (E2E_CYCLES, default 8 in make check), each
-// writing a file of random data; at the end every file reads back with its checksum.
+// TestCycles: open/write/close cycles (E2E_CYCLES, default 8 in make check; make soak
+// runs more), each writing a file of random data; after every reopen every earlier file
+// reads back with its checksum.
 func TestCycles(t *testing.T) {
 	ensureClosed(t)
 	cycles := 8
 	if n, err := strconv.Atoi(os.Getenv("E2E_CYCLES")); err == nil && n > 0 {
 		cycles = n
 	}
-	sums := map[string]string{}
-	for i := 0; i < cycles; i++ {
-		mustCtl(t, "open", "vault")
-		f := fmt.Sprintf("/mnt/vault/cycle-%02d", i)
-		res := sh(t, "work", fmt.Sprintf("ls /mnt/vault | grep -c '^cycle-'; head -c 65536 /dev/urandom > %s && sync && sha256sum %s", f, f))
-		lines := strings.Split(strings.TrimSpace(string(res.Stdout)), "\n")
-		if res.ExitCode != 0 || len(lines) != 2 || lines[0] != fmt.Sprint(i) {
-			t.Fatalf("cycle %d: %d earlier files expected; got exit %d, output %q, stderr %q", i, i, res.ExitCode, res.Stdout, res.Stderr)
-		}
-		sums[f] = lines[1]
-		mustCtl(t, "close", "vault")
-	}
-	requireClean(t, "after the cycles")
-	mustCtl(t, "open", "vault")
-	for f, want := range sums {
-		if got := strings.TrimSpace(string(sh(t, "work", "sha256sum "+f).Stdout)); got != want {
-			t.Errorf("%s: checksum %q, want %q", f, got, want)
-		}
-	}
-	mustCtl(t, "close", "vault")
+	simtest.Cycles(t, cycles, "/mnt/vault", func() { mustCtl(t, "open", "vault") }, func() { mustCtl(t, "close", "vault") },
+		func(script string) qubes.Result { return sh(t, "work", script) })
 	requireClean(t, "at the end")
 }
 

@@ -30,6 +30,7 @@ ctl commands:
   qrexec-fault VM hang|exit CODE|start-fail REASON|none
   kernel-fault VM OP hang|fail     (once; OP: loop-setup loop-detach crypt-open crypt-close mount umount)
   wait-fault [SECS]                (waits until a fault fires and prints it) | release (held calls go on)
+  calls                            (Admin API and qrexec calls served so far: admin=N qrexec=M)
   clear-faults | drop-events | flood VM N | describe VM PORT DESCRIPTION
   restart-qubesd                   (the own server drops its event streams and held calls)
   (with --real-qubesd: fault, drop-events and flood need the own server)
@@ -279,7 +280,7 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 		if len(a) > 1 {
 			req.Count, _ = strconv.Atoi(a[1])
 		}
-	case "clear-faults", "drop-events", "restart-qubesd", "ping", "release":
+	case "clear-faults", "drop-events", "restart-qubesd", "ping", "release", "calls":
 		req = &ctlRequest{Op: a[0]}
 	case "flood":
 		if !need(2) {

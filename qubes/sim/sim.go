@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,6 +60,8 @@ type Sim struct {
 	mu      sync.Mutex
 	kernels map[string]net.Listener
 	closed  bool
+
+	qrexecCalls atomic.Int64 // qrexec-client calls served
 }
 
 // Start creates the state directory, the world with dom0, and serves the sockets.
@@ -361,6 +364,8 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 		resp.Fired, err = s.WaitFault(time.Duration(req.Count) * time.Second)
 	case "release":
 		s.Release()
+	case "calls":
+		resp.Fired = fmt.Sprintf("admin=%d qrexec=%d", s.Calls(), s.qrexecCalls.Load())
 	case "clear-faults":
 		s.ClearFaults()
 	case "drop-events":
@@ -397,6 +402,7 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 		c.Read(b[:])
 		close(gone)
 	}()
+	s.qrexecCalls.Add(1)
 	wait := time.Duration(req.Wait) * time.Second
 	if req.Wait <= 0 {
 		wait = 5 * time.Second
