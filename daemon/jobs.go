@@ -176,9 +176,10 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 			return outcome{state: StateDegraded}, err
 		}
 		var rec *chains.Record
+		var journalErr error
 		if j.op == "reconcile" {
-			if rec, err = d.engine.Journal.Read(c.Name); err != nil {
-				log.WithError(err).Warn("cannot read the journal")
+			if rec, journalErr = d.engine.Journal.Read(c.Name); journalErr != nil {
+				log.WithError(journalErr).Warn("cannot read the journal")
 			}
 		}
 		decision := chains.Reconcile(rec, st)
@@ -204,6 +205,9 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 				return outcome{state: StateDegraded}, err
 			}
 			return outcome{state: StateClosed, message: decision.String() + ": closed", userClosed: userClosed}, nil
+		}
+		if journalErr != nil {
+			return outcome{state: StateDegraded}, fmt.Errorf("partly open (%d steps missing) and its record is unreadable (%w): close it with force", st.Missing, journalErr)
 		}
 		return outcome{state: StateDegraded}, fmt.Errorf("partly open (%d steps missing) with no record of how: close it with force", st.Missing)
 	case "luks-init":

@@ -510,6 +510,35 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 	}
 }
 
+// A corrupt journal file at start-up: its chain, found partly open, is degraded with an
+// error naming the file; another chain is not affected.
+func TestLoopCorruptJournalAtStartup(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	conf, state := t.TempDir(), t.TempDir()
+	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(loopDemoChain), 0o644)
+	other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "destination vm 2=work", "destination vm 2=vault").Replace(loopDemoChain)
+	os.WriteFile(filepath.Join(conf, "demo", "other.ini"), []byte(other), 0o644)
+	_, rec, stop := runLoop(t, f, conf, state)
+	f.Client.Start(context.Background(), "work")
+	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	stop()
+	f.Sh(t, "work", "umount /mnt/demo && cryptsetup close demo")
+	journal := filepath.Join(state, "chains", "demo.json")
+	os.WriteFile(journal, []byte(`{"chain": "demo", "op": "op`), 0o600) // truncated
+	d, rec, _ := runLoop(t, f, conf, state)
+	waitFor(t, "demo degraded", func() bool { return rec.last("demo") == StateDegraded })
+	waitFor(t, "other waits", func() bool { return rec.last("other") == StateWaiting })
+	for _, ci := range d.ListChains() {
+		if ci.Name == "demo" && !strings.Contains(ci.LastError, journal) {
+			t.Errorf("demo's error does not name the journal file: %q", ci.LastError)
+		}
+		if ci.Name == "other" && (ci.Waiting != "waiting for vault (no such qube)" || ci.LastError != "") {
+			t.Errorf("other: %+v", ci)
+		}
+	}
+}
+
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {
