@@ -539,6 +539,36 @@ func TestLoopCorruptJournalAtStartup(t *testing.T) {
 	}
 }
 
+// An event flood: work started and shut down 50 times as fast as qubesd does it. The
+// chain ends as the world does: open with work running at the end, nothing left over.
+func TestLoopStartStopFlood(t *testing.T) {
+	f, d, rec := startLoop(t)
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	ctx := context.Background()
+	for i := 0; i < 50; i++ {
+		if err := f.Client.Start(ctx, "work"); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Client.Shutdown(ctx, "work", false, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Client.Start(ctx, "work")
+	waitFor(t, "open at the end", func() bool {
+		var idle bool
+		d.do(func() { cs := d.chains["demo"]; idle = cs.running == nil && cs.pending == nil && cs.state == StateOpen })
+		return idle
+	})
+	var c *chains.Chain
+	d.do(func() { c = d.chains["demo"].c })
+	if st, err := d.engine.Status(ctx, c); err != nil || !st.Open() {
+		t.Errorf("after the flood: %+v %v", st, err)
+	}
+	if got := string(f.Sh(t, "sys-usb", "losetup -a | wc -l").Stdout); got != "1\n" {
+		t.Errorf("loop devices in sys-usb: %q", got)
+	}
+}
+
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {
