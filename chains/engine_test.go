@@ -864,3 +864,31 @@ func TestCrossMachineLock(t *testing.T) {
 		t.Errorf("open over this machine's stale lock: %v", err)
 	}
 }
+
+// An open refused after the source script mounted the source device (here: another
+// machine's lock beside the container on a USB disk) unmounts it again.
+func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	r.e.MachineID = "0123456789abcdef0123456789abcdef"
+	container, err := os.ReadFile(filepath.Join(filepath.Dir(r.Socket()), "qubes/sys-usb/home/user/demo.luks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(t.TempDir(), "usb.img")
+	lock := []byte("qcrypt-lock 1 machine=fedcba9876543210fedcba9876543210 chain=demo time=1\n")
+	if err := sim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"c/demo.luks": container, "c/demo.luks.qcrypt-lock": lock}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Plug("sys-usb", img, "", false); err != nil {
+		t.Fatal(err)
+	}
+	c := demoChain()
+	c.SourceDevice, c.SourceMountPoint, c.SourceFile = "/dev/disk/by-label/QCRYPTUSB", "/mnt/usb", "/c/demo.luks"
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); !errors.Is(err, ErrLocked) {
+		t.Fatalf("open: %v", err)
+	}
+	if res := r.Sh(t, "sys-usb", "findmnt -n /mnt/usb"); res.ExitCode == 0 {
+		t.Errorf("the source device stayed mounted: %q", res.Stdout)
+	}
+}

@@ -56,9 +56,10 @@ func (l Lock) String() string {
 	return fmt.Sprintf("machine %s (chain %s, since %s)", l.Machine, l.Chain, l.Since.Format("2006-01-02 15:04 UTC"))
 }
 
-// lockCheckScript is the part of the source open script before the loop device: it
-// prints another machine's lock line as "lock:LINE" and, for a read-write open without
-// breakLock, stops with exitLocked; then a read-write open writes its own lock.
+// lockCheckScript is the part of the source open script before the loop device (which
+// defines fail): it prints another machine's lock line as "lock:LINE" and, for a
+// read-write open without breakLock, fails with exitLocked; then a read-write open
+// writes its own lock.
 func lockCheckScript(c *Chain, machine string, breakLock bool) string {
 	if machine == "" {
 		return ""
@@ -68,11 +69,11 @@ func lockCheckScript(c *Chain, machine string, breakLock bool) string {
 	fmt.Fprintf(&b, "if [ -e \"$lk\" ]; then\n  l1=$(head -c 300 \"$lk\" | head -n 1)\n")
 	fmt.Fprintf(&b, "  case \"$l1\" in %s*) ;; *) printf 'lock:%%s\\n' \"$l1\"", q("qcrypt-lock 1 machine="+machine+" "))
 	if !c.ReadOnly && !breakLock {
-		fmt.Fprintf(&b, "; exit %d", exitLocked)
+		fmt.Fprintf(&b, "; fail %d", exitLocked)
 	}
 	b.WriteString(";; esac\nfi\n")
 	if !c.ReadOnly {
-		fmt.Fprintf(&b, "printf 'qcrypt-lock 1 machine=%%s chain=%%s time=%%s\\n' %s %s \"$(date +%%s)\" > \"$lk.part\" && mv -f \"$lk.part\" \"$lk\" || exit %d\n",
+		fmt.Fprintf(&b, "printf 'qcrypt-lock 1 machine=%%s chain=%%s time=%%s\\n' %s %s \"$(date +%%s)\" > \"$lk.part\" && mv -f \"$lk.part\" \"$lk\" || fail %d\n",
 			q(machine), q(c.Name), exitLockFailed)
 	}
 	return b.String()

@@ -104,16 +104,19 @@ func keyPath(user, k string) string { return "/home/" + user + "/.qcrypt/keys/" 
 func sourceOpenScript(c *Chain, machine string, breakLock bool) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "f=%s\nm=0\n", q(c.Container()))
+	// fail leaves nothing behind: a source device this script mounted is unmounted.
+	b.WriteString("fail() { exit \"$1\"; }\n")
 	if c.SourceDevice != "" {
 		fmt.Fprintf(&b, "mkdir -p %s || exit %d\n", q(c.SourceMountPoint), exitSrcMkdir)
 		fmt.Fprintf(&b, "if ! findmnt -n -M %s >/dev/null 2>&1; then mount %s %s || exit %d; m=%d; fi\n",
 			q(c.SourceMountPoint), q(c.SourceDevice), q(c.SourceMountPoint), exitSrcMount, exitSourceMounted)
+		fmt.Fprintf(&b, "fail() { [ \"$m\" = 0 ] || umount %s; exit \"$1\"; }\n", q(c.SourceMountPoint))
 	}
-	fmt.Fprintf(&b, "[ -f \"$f\" ] || exit %d\n", exitNoContainer)
+	fmt.Fprintf(&b, "[ -f \"$f\" ] || fail %d\n", exitNoContainer)
 	b.WriteString(lockCheckScript(c, machine, breakLock))
 	fmt.Fprintf(&b, "l=$(losetup -j \"$f\" | head -n 1 | cut -d: -f1)\n")
 	fmt.Fprintf(&b, "if [ -n \"$l\" ]; then echo \"$l\"; exit $((m + %d)); fi\n", exitLoopReused)
-	fmt.Fprintf(&b, "losetup -f --show \"$f\" || { %sexit %d; }\nexit $m", lockRemoveScript(c, machine), exitLoopFailed)
+	fmt.Fprintf(&b, "losetup -f --show \"$f\" || { %sfail %d; }\nexit $m", lockRemoveScript(c, machine), exitLoopFailed)
 	return b.String()
 }
 
