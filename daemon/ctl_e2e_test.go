@@ -158,12 +158,7 @@ func TestCancelHungAutoOpen(t *testing.T) {
 	w.startDaemon()
 	c := w.client()
 	w.waitState(c, "demo", "waiting", 30*time.Second)
-	w.ctl("qrexec-fault", "work", "hang")
-	w.qubes.Start(bg, "work")
-	w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
-		st, _ := w.qubes.CurrentState(bg, "mediator")
-		return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
-	})
+	w.holdAutoOpenInWork()
 	w.ctl("qrexec-fault", "work", "none") // the call in work still hangs; the rollback's will not
 	if out, code := w.qcryptctl("cancel", "demo"); code != 0 || !strings.Contains(out, "(open of demo, started by uid 0)") {
 		t.Fatalf("cancel: exit %d: %s", code, out)

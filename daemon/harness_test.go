@@ -160,6 +160,22 @@ func (w *world) restartBus() {
 	w.busStop = stop
 }
 
+// holdAutoOpenInWork makes work's agent hang and starts work: the automatic open of the
+// demo chain decrypts layer 1 in mediator and then waits in work (a hung call ends only
+// when it is killed or work dies).
+func (w *world) holdAutoOpenInWork() {
+	w.t.Helper()
+	w.ctl("qrexec-fault", "work", "hang")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		w.t.Fatal(err)
+	}
+	w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
+		// mediator is started by the open: only a running qube can be asked
+		st, _ := w.qubes.CurrentState(bg, "mediator")
+		return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
+	})
+}
+
 // writeChain adds a chain file to the demo target.
 func (w *world) writeChain(name, content string) {
 	os.MkdirAll(filepath.Join(w.conf, "demo"), 0o755)

@@ -191,14 +191,7 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 			d := w.startDaemon()
 			c := w.client()
 			w.waitState(c, "demo", "waiting", 30*time.Second)
-			// work's agent does not answer: the open decrypts layer 1 and waits in work.
-			w.ctl("qrexec-fault", "work", "hang")
-			w.qubes.Start(bg, "work")
-			w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
-				// mediator is started by the open: only a running qube can be asked
-				st, _ := w.qubes.CurrentState(bg, "mediator")
-				return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
-			})
+			w.holdAutoOpenInWork()
 			d.Process.Signal(syscall.SIGKILL)
 			d.Wait()
 			w.ctl("qrexec-fault", "work", "none")
@@ -303,14 +296,7 @@ func TestQubeKilledMidOpen(t *testing.T) {
 			w.startDaemon()
 			c := w.client()
 			w.waitState(c, "demo", "waiting", 30*time.Second)
-			w.ctl("qrexec-fault", "work", "hang")
-			if err := w.qubes.Start(bg, "work"); err != nil {
-				t.Fatal(err)
-			}
-			w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
-				st, _ := w.qubes.CurrentState(bg, "mediator")
-				return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
-			})
+			w.holdAutoOpenInWork()
 			if err := w.qubes.Kill(bg, "work"); err != nil {
 				t.Fatal(err)
 			}
