@@ -58,9 +58,11 @@ $(STATICCHECK):
 staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
 
-# The simulator tests need bubblewrap; under make they fail instead of skipping.
+# The simulator tests need bubblewrap; under make they fail instead of skipping. The
+# daemon package takes about 5 minutes here: the timeout leaves room for a machine
+# twice as loaded (go test's default of 10 minutes did not).
 test:
-	QCRYPT_REQUIRE_SANDBOX=1 CGO_ENABLED=1 $(GO) test -race -count=1 ./...
+	QCRYPT_REQUIRE_SANDBOX=1 CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 30m ./...
 
 # A short run of every fuzz target (they also run as seed-corpus tests in `test`).
 fuzz:
