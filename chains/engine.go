@@ -354,8 +354,8 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 		}
 	}
 
-	// Attachments that exist already mean an open or partially open chain. One from a
-	// qube that is down is stale: nothing may be stacked on it and it cannot be detached
+	// Attachments that exist already mean an open or partially open chain, checked before
+	// anything changes. One from a qube that is down is stale: nothing may be stacked on it and it cannot be detached
 	// (Qubes #4784), so not even a forced open goes on.
 	prev := c.SourceVM
 	existing := false
@@ -367,6 +367,15 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 		atts, err := e.Qubes.Attached(ctx, h.VM)
 		if err != nil {
 			return fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+		}
+		// A qube started by this open has every block device slot free; one that runs
+		// may have none left (R4.2: 22), which qubesd would fail with an empty response.
+		api, err := e.Qubes.DeviceAPI(ctx)
+		if err != nil {
+			return err
+		}
+		if !qubes.FreeFrontend(api, atts) {
+			return fmt.Errorf("cannot open %s: %s has no free block device slot (%d devices attached): close a chain there first", c.Name, h.VM, len(atts))
 		}
 		if !wasRunning[prev] {
 			for _, a := range atts {
@@ -478,9 +487,6 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		plan := PlanOpen(c, OpenOptions{})
 		attachStep, decryptStep := stepOf(plan, "attach", h.VM), stepOf(plan, "decrypt", h.VM)
 		acts = append(acts, action{step: attachStep, layer: i + 1, do: func(ctx context.Context) error {
-			if err := e.checkFrontendSlot(ctx, h.VM); err != nil {
-				return err
-			}
 			if err := e.Qubes.Attach(ctx, h.VM, s.dev[i], c.ReadOnly); err != nil {
 				return err
 			}
@@ -544,23 +550,6 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		}})
 	}
 	return acts
-}
-
-// checkFrontendSlot refuses an attach to a qube whose block device slots are all in use
-// (R4.2: 22), which qubesd would fail with an empty response.
-func (e *Engine) checkFrontendSlot(ctx context.Context, vm string) error {
-	api, err := e.Qubes.DeviceAPI(ctx)
-	if err != nil {
-		return err
-	}
-	atts, err := e.Qubes.Attached(ctx, vm)
-	if err != nil {
-		return err
-	}
-	if !qubes.FreeFrontend(api, atts) {
-		return fmt.Errorf("%s has no free block device slot (%d devices attached): close a chain there first", vm, len(atts))
-	}
-	return nil
 }
 
 func stepOf(p Plan, kind, vm string) Step {

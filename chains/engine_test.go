@@ -754,8 +754,8 @@ func TestOpenRefusedOverADeadBackend(t *testing.T) {
 }
 
 // A qube has a bounded number of block device slots (R4.2: xvdi-xvdz, xvde-xvdh): an
-// open that needs one more is refused with that reason before attaching, and rolls back.
-// R4.3 goes on with xvdaa.
+// open that needs one more is refused with that reason before it changes anything (from
+// the listing the open makes anyway). R4.3 goes on with xvdaa.
 func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
 	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
 		t.Run(string(d), func(t *testing.T) {
@@ -789,6 +789,9 @@ func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
 			}
 			if st := r.status(t, c); !st.Closed() {
 				t.Errorf("the refused open left %+v", st)
+			}
+			if st, _ := r.Client.CurrentState(bg, "mediator"); st != "Halted" {
+				t.Errorf("the refused open started mediator: %s", st)
 			}
 		})
 	}
