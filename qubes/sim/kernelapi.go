@@ -106,18 +106,12 @@ func (s *Sim) kernelFault(vmName, op string, c net.Conn) string {
 	if f.Fail {
 		return "injected failure of " + op
 	}
-	gone := make(chan struct{})
-	go func() {
-		var b [1]byte
-		c.Read(b[:]) // the tool sends nothing more: EOF means it was killed
-		close(gone)
-	}()
 	select {
 	case <-release:
 		return ""
 	case <-halted:
 		return "qube is not running"
-	case <-gone:
+	case <-closedByPeer(c):
 		return "killed"
 	}
 }

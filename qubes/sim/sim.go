@@ -387,6 +387,18 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 	reply(c, resp)
 }
 
+// closedByPeer is closed when the peer of c, which sends nothing more, goes away (EOF
+// or an error): a qrexec-client or a fake tool that was killed.
+func closedByPeer(c net.Conn) <-chan struct{} {
+	gone := make(chan struct{})
+	go func() {
+		var b [1]byte
+		c.Read(b[:])
+		close(gone)
+	}()
+	return gone
+}
+
 func reply(c net.Conn, v any) {
 	b, _ := json.Marshal(v)
 	c.Write(append(b, '\n'))
@@ -395,13 +407,7 @@ func reply(c net.Conn, v any) {
 // exec runs a qrexec call: the caller's stdio become the sandboxed command's. It returns
 // qrexec-client's exit status; the command is killed if the caller goes away.
 func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
-	gone := make(chan struct{})
-	go func() {
-		// The client sends nothing more; EOF or an error means it is gone.
-		var b [1]byte
-		c.Read(b[:])
-		close(gone)
-	}()
+	gone := closedByPeer(c)
 	s.qrexecCalls.Add(1)
 	wait := time.Duration(req.Wait) * time.Second
 	if req.Wait <= 0 {

@@ -390,6 +390,10 @@ func TestKernelFaults(t *testing.T) {
 	if what, err := f.WaitFault(time.Minute); err != nil || what != "loop-setup sys-usb" {
 		t.Fatalf("fired %q %v", what, err)
 	}
+	// Held before the kernel ran it: no loop device yet, and the tool has not returned.
+	if out := ok(t, f, "sys-usb", "losetup -a"); out != "" {
+		t.Errorf("the held loop-setup ran before the release: %q", out)
+	}
 	select {
 	case out := <-done:
 		t.Fatalf("the held losetup ended before the release: %q", out)
