@@ -85,7 +85,9 @@ func TestFaultMatrix(t *testing.T) {
 	for _, kind := range faultKinds {
 		t.Run(kind, func(t *testing.T) {
 			w := newWorld(t, "4.3", permissiveBus)
-			w.daemonArgs = []string{"--command-timeout", "3s"}
+			// Long enough that no command of this chain reaches it on a machine twice as
+			// loaded (they take well under a second here); only the held ones do.
+			w.daemonArgs = []string{"--command-timeout", "8s"}
 			w.writeChain("demo", demoChain)
 			w.qubes.Start(bg, "work")
 			w.startDaemon()
