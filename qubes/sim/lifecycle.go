@@ -163,8 +163,9 @@ func (w *World) detachEvents(a *Attachment) {
 
 func quoteName(n string) string { return "'" + n + "'" }
 
-// start boots a halted qube with the event sequence of qubesd; a non-halted qube is a
-// successful no-op. It releases the lock while the qube "boots".
+// start boots a halted qube with the event sequence of qubesd; a running qube is a
+// successful no-op, and a qube that is starting is waited for first (qubesd's
+// startup_lock). It releases the lock while the qube "boots".
 func (w *World) start(name string) error {
 	w.mu.Lock()
 	vm, ok := w.vms[name]
@@ -172,10 +173,24 @@ func (w *World) start(name string) error {
 		w.mu.Unlock()
 		return excVMNotFound(name)
 	}
+	if vm.booting != nil {
+		wait := vm.booting
+		w.mu.Unlock()
+		<-wait
+		return w.start(name)
+	}
 	if vm.State != qubes.StateHalted {
 		w.mu.Unlock()
 		return nil
 	}
+	booting := make(chan struct{})
+	vm.booting = booting
+	defer func() {
+		w.mu.Lock()
+		vm.booting = nil
+		w.mu.Unlock()
+		close(booting)
+	}()
 	if f := w.qrexec[name]; f.StartFail != "" {
 		w.emit(name, "domain-pre-start", "start_guid", "True", "mem_required", "None")
 		w.emit(name, "domain-start-failed", "reason", f.StartFail)

@@ -404,3 +404,27 @@ func TestKernelFaults(t *testing.T) {
 		t.Errorf("released losetup: %q", out)
 	}
 }
+
+// A start of a qube that is starting waits for that start, as qubesd's startup_lock
+// makes it: it returns once the qube runs, not while it is still transient.
+func TestStartWaitsForAStartUnderWay(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	f.World.StartDelay = 2 * time.Second
+	first := make(chan error, 1)
+	go func() { first <- f.Client.Start(ctx, "work") }()
+	for {
+		if st, _ := f.Client.CurrentState(ctx, "work"); st == qubes.StateTransient {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatalf("second start: %v", err)
+	}
+	if st, _ := f.Client.CurrentState(ctx, "work"); st != qubes.StateRunning {
+		t.Errorf("after the second start returned: %s, want Running", st)
+	}
+	if err := <-first; err != nil {
+		t.Errorf("first start: %v", err)
+	}
+}

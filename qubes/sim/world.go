@@ -39,6 +39,9 @@ type VM struct {
 	kernel *kernel
 	procs  map[*exec.Cmd]struct{}
 	halted chan struct{} // closed and replaced when the qube halts
+	// booting is closed when a start under way ends; another start waits for it, as
+	// qubesd's startup_lock makes it.
+	booting chan struct{}
 	// announced is R4.3 qubesd's device cache of this backend: what it last reported.
 	announced map[string]bool
 }
