@@ -2,7 +2,9 @@ package daemon_test
 
 import (
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -100,9 +102,25 @@ func BenchmarkFiftyChains(b *testing.B) {
 	}
 	w.qubes.Shutdown(bg, "work", false, true)
 	w.qubes.Shutdown(bg, "mediator", false, true)
-	calls := func() (admin, qrexec int) {
-		fmt.Sscanf(w.ctl("calls"), "admin=%d qrexec=%d", &admin, &qrexec)
-		return admin, qrexec
+	// calls reads the simulator's counters: "admin", "qrexec" and one per Admin API method.
+	calls := func() map[string]int {
+		m := map[string]int{}
+		for _, f := range strings.Fields(w.ctl("calls")) {
+			k, v, _ := strings.Cut(f, "=")
+			m[k], _ = strconv.Atoi(v)
+		}
+		return m
+	}
+	// spent logs what a phase called, per method, and returns the Admin API and qrexec totals.
+	spent := func(phase string, before, after map[string]int) (admin, qrexec int) {
+		var by []string
+		for _, k := range slices.Sorted(maps.Keys(after)) {
+			if d := after[k] - before[k]; d > 0 && k != "admin" && k != "qrexec" {
+				by = append(by, fmt.Sprintf("%s=%d", k, d))
+			}
+		}
+		b.Logf("%s: %s", phase, strings.Join(by, " "))
+		return after["admin"] - before["admin"], after["qrexec"] - before["qrexec"]
 	}
 	allSettled := func(c *dbusapi.Client, want func(string) bool) func() bool {
 		return func() bool {
@@ -123,12 +141,12 @@ func BenchmarkFiftyChains(b *testing.B) {
 		d := w.startDaemon()
 		c := w.client()
 		w.eventually("all wait", time.Minute, allSettled(c, func(s string) bool { return s == "waiting" }))
-		a0, q0 := calls()
+		c0 := calls()
 		t0 := time.Now()
 		w.qubes.Start(bg, "work")
 		w.eventually("all open", 5*time.Minute, allSettled(c, func(s string) bool { return s == "open" }))
 		settle := time.Since(t0)
-		a1, q1 := calls()
+		c1 := calls()
 		peak := vmKiB(b, d.Process.Pid, "VmHWM:")
 		for j := 0; j < n/2; j++ {
 			if out, code := w.qcryptctl("close", fmt.Sprintf("c%02d", j)); code != 0 {
@@ -137,7 +155,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 		}
 		d.Process.Signal(syscall.SIGTERM)
 		d.Wait()
-		a2, q2 := calls()
+		c2 := calls()
 		t1 := time.Now()
 		d = w.startDaemon()
 		c = w.client()
@@ -152,14 +170,16 @@ func BenchmarkFiftyChains(b *testing.B) {
 			return done == n
 		})
 		startup := time.Since(t1)
-		a3, q3 := calls()
+		c3 := calls()
+		admin, qrexec := spent("50 opens", c0, c1)
 		b.ReportMetric(settle.Seconds(), "settle-s")
 		b.ReportMetric(float64(peak)/1024, "peak-MiB")
-		b.ReportMetric(float64(a1-a0)/n, "admin/chain")
-		b.ReportMetric(float64(q1-q0)/n, "qrexec/chain")
+		b.ReportMetric(float64(admin)/n, "admin/chain")
+		b.ReportMetric(float64(qrexec)/n, "qrexec/chain")
+		admin, qrexec = spent("start-up", c2, c3)
 		b.ReportMetric(startup.Seconds(), "startup-s")
-		b.ReportMetric(float64(a3-a2), "startup-admin")
-		b.ReportMetric(float64(q3-q2), "startup-qrexec")
+		b.ReportMetric(float64(admin), "startup-admin")
+		b.ReportMetric(float64(qrexec), "startup-qrexec")
 		// Back to the start: all closed, work and mediator halted.
 		w.qubes.Shutdown(bg, "work", false, true)
 		w.eventually("all wait again", 5*time.Minute, allSettled(c, func(s string) bool { return s == "waiting" || s == "closed" }))

@@ -205,6 +205,10 @@ func (w *World) handleConn(c net.Conn) {
 	}
 	w.mu.Lock()
 	w.calls++
+	if w.callsBy == nil {
+		w.callsBy = map[string]int64{}
+	}
+	w.callsBy[req.Method]++
 	_, srcOK := w.vms[src]
 	_, destOK := w.vms[req.Dest]
 	w.mu.Unlock()

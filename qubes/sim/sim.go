@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -366,6 +368,10 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 		s.Release()
 	case "calls":
 		resp.Fired = fmt.Sprintf("admin=%d qrexec=%d", s.Calls(), s.qrexecCalls.Load())
+		by := s.CallsByMethod()
+		for _, m := range slices.Sorted(maps.Keys(by)) {
+			resp.Fired += fmt.Sprintf("\n%s=%d", m, by[m])
+		}
 	case "clear-faults":
 		s.ClearFaults()
 	case "drop-events":

@@ -8,6 +8,7 @@ package sim
 import (
 	"crypto/sha256"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -97,7 +98,8 @@ type World struct {
 	ShutdownDelay        time.Duration
 	DefaultQrexecTimeout int
 
-	calls int64 // Admin API calls served
+	calls   int64            // Admin API calls served
+	callsBy map[string]int64 // the same per method
 
 	kfaults  []KernelFault
 	firedCh  chan string   // faults that fired, for WaitFault
@@ -182,6 +184,13 @@ func (w *World) Calls() int64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.calls
+}
+
+// CallsByMethod is Calls per Admin API method.
+func (w *World) CallsByMethod() map[string]int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.callsBy)
 }
 
 // attachmentsOf returns attachments whose frontend is vm.
