@@ -28,6 +28,14 @@ type Client struct {
 
 	apiMu sync.Mutex
 	api   DeviceAPI // detected lazily, see DeviceAPI
+
+	readsMu sync.Mutex
+	reads   map[[3]string]*Batcher[struct{}, answer] // method, arg, dest; see read
+}
+
+type answer struct {
+	body []byte
+	err  error
 }
 
 // NewClient returns a client for the Admin API socket at path (DefaultSocket if empty).
@@ -63,6 +71,31 @@ func (c *Client) Call(ctx context.Context, req Request) ([]byte, error) {
 		return nil, fmt.Errorf("%s on %s: %w", req.Method, req.Dest, err)
 	}
 	return body, nil
+}
+
+// read is Call for a request that changes nothing and has no payload: concurrent identical
+// reads share one call, and none gets an answer older than itself (see Batcher). Fifty
+// chains opening at one event then list the qubes a couple of times, not fifty.
+func (c *Client) read(ctx context.Context, req Request) ([]byte, error) {
+	key := [3]string{req.Method, req.Arg, req.Dest}
+	c.readsMu.Lock()
+	b := c.reads[key]
+	if b == nil {
+		if c.reads == nil {
+			c.reads = map[[3]string]*Batcher[struct{}, answer]{}
+		}
+		b = NewBatcher(func(ctx context.Context, _ []struct{}) map[struct{}]answer {
+			body, err := c.Call(ctx, req)
+			return map[struct{}]answer{{}: {body, err}}
+		})
+		c.reads[key] = b
+	}
+	c.readsMu.Unlock()
+	a, err := b.Do(ctx, struct{}{})
+	if err != nil {
+		return nil, fmt.Errorf("cannot call %s on %s: %w", req.Method, req.Dest, err)
+	}
+	return a.body, a.err
 }
 
 func (c *Client) roundTrip(ctx context.Context, raw []byte) ([]byte, error) {

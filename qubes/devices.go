@@ -91,7 +91,7 @@ func (c *Client) Available(ctx context.Context, backend string) ([]BlockDevice, 
 	if err != nil {
 		return nil, err
 	}
-	body, err := c.Call(ctx, Request{Method: "admin.vm.device.block.Available", Dest: backend})
+	body, err := c.read(ctx, Request{Method: "admin.vm.device.block.Available", Dest: backend})
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +111,7 @@ func (c *Client) Attached(ctx context.Context, frontend string) ([]Attachment, e
 	if api == DeviceAPINew {
 		method = "admin.vm.device.block.Attached"
 	}
-	body, err := c.Call(ctx, Request{Method: method, Dest: frontend})
+	body, err := c.read(ctx, Request{Method: method, Dest: frontend})
 	if err != nil {
 		return nil, err
 	}

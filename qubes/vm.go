@@ -46,7 +46,7 @@ var (
 
 // ListVMs returns every qube (dest dom0).
 func (c *Client) ListVMs(ctx context.Context) ([]VM, error) {
-	body, err := c.Call(ctx, Request{Method: "admin.vm.List", Dest: "dom0"})
+	body, err := c.read(ctx, Request{Method: "admin.vm.List", Dest: "dom0"})
 	if err != nil {
 		return nil, err
 	}
