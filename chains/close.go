@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/sirupsen/logrus"
 
@@ -138,7 +139,7 @@ func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string, s
 	if err != nil {
 		return err
 	}
-	mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), feDev)
+	mine, err := ownAttachments(ctx, e.Qubes, c, i, hopAttachments(atts, prev, i == 0), feDev)
 	if err != nil {
 		return err
 	}
@@ -159,7 +160,7 @@ func (e *Engine) detachHop(ctx context.Context, c *Chain, i int, feDev string, s
 // description is the chain's (a loop: the container path; a dm device: the key id).
 // Descriptions come from the qubes: good enough to tell chains apart, never used to
 // decide what to decrypt.
-func (e *Engine) ownAttachments(ctx context.Context, c *Chain, i int, cands []qubes.Attachment, feDev string) ([]qubes.Attachment, error) {
+func ownAttachments(ctx context.Context, lists availableLister, c *Chain, i int, cands []qubes.Attachment, feDev string) ([]qubes.Attachment, error) {
 	if len(cands) == 0 {
 		return nil, nil
 	}
@@ -172,7 +173,7 @@ func (e *Engine) ownAttachments(ctx context.Context, c *Chain, i int, cands []qu
 	if i == 0 {
 		want = c.Container()
 	}
-	devs, err := e.Qubes.Available(ctx, cands[0].Backend)
+	devs, err := lists.Available(ctx, cands[0].Backend)
 	if err != nil {
 		return nil, err
 	}
@@ -185,6 +186,56 @@ func (e *Engine) ownAttachments(ctx context.Context, c *Chain, i int, cands []qu
 		}
 	}
 	return out, nil
+}
+
+// availableLister lists a backend's block devices (Qubes, or deviceLists).
+type availableLister interface {
+	Available(ctx context.Context, backend string) ([]qubes.BlockDevice, error)
+}
+
+// deviceLists reads each qube's device listings once, for one status read of many
+// chains.
+type deviceLists struct {
+	q         Qubes
+	mu        sync.Mutex
+	atts      map[string][]qubes.Attachment
+	available map[string][]qubes.BlockDevice
+}
+
+// Attached is Qubes.Attached, once per qube.
+func (l *deviceLists) Attached(ctx context.Context, vm string) ([]qubes.Attachment, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if a, ok := l.atts[vm]; ok {
+		return a, nil
+	}
+	a, err := l.q.Attached(ctx, vm)
+	if err != nil {
+		return nil, err
+	}
+	if l.atts == nil {
+		l.atts = map[string][]qubes.Attachment{}
+	}
+	l.atts[vm] = a
+	return a, nil
+}
+
+// Available is Qubes.Available, once per backend.
+func (l *deviceLists) Available(ctx context.Context, backend string) ([]qubes.BlockDevice, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if d, ok := l.available[backend]; ok {
+		return d, nil
+	}
+	d, err := l.q.Available(ctx, backend)
+	if err != nil {
+		return nil, err
+	}
+	if l.available == nil {
+		l.available = map[string][]qubes.BlockDevice{}
+	}
+	l.available[backend] = d
+	return d, nil
 }
 
 func (e *Engine) shutdown(ctx context.Context, vm string) error {

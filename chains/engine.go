@@ -67,8 +67,9 @@ type Engine struct {
 	// read-write open ("": no locks).
 	MachineID string
 
-	mu    sync.Mutex
-	users map[string]string // default_user per qube
+	mu       sync.Mutex
+	users    map[string]string // default_user per qube
+	statuses *qubes.Batcher[*Chain, statusResult]
 }
 
 // OpenOptions modify an open.
@@ -126,21 +127,33 @@ func (e *Engine) states(ctx context.Context) (map[string]string, error) {
 	return e.memberStates(ctx, nil)
 }
 
-// memberStates is states, refusing a chain that has an AdminVM (dom0) as a member:
-// dom0 never decrypts, never serves a device and never receives one.
+// memberStates is states, refusing a chain that has an AdminVM (dom0) as a member.
 func (e *Engine) memberStates(ctx context.Context, c *Chain) (map[string]string, error) {
 	vms, err := e.Qubes.ListVMs(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("cannot list qubes: %w", err)
 	}
+	if c != nil {
+		if err := adminMember(c, vms); err != nil {
+			return nil, err
+		}
+	}
 	st := map[string]string{}
 	for _, vm := range vms {
-		if c != nil && vm.Class == qubes.ClassAdminVM && c.Involves(vm.Name) {
-			return nil, fmt.Errorf("cannot use chain %s: %w: %s", c.Name, ErrAdminVM, vm.Name)
-		}
 		st[vm.Name] = vm.State
 	}
 	return st, nil
+}
+
+// adminMember refuses a chain that has an AdminVM (dom0) as a member: dom0 never
+// decrypts, never serves a device and never receives one.
+func adminMember(c *Chain, vms []qubes.VM) error {
+	for _, vm := range vms {
+		if vm.Class == qubes.ClassAdminVM && c.Involves(vm.Name) {
+			return fmt.Errorf("cannot use chain %s: %w: %s", c.Name, ErrAdminVM, vm.Name)
+		}
+	}
+	return nil
 }
 
 // run runs a script in a qube (transport failures are errors; exit codes are not).
@@ -384,7 +397,7 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 				}
 			}
 		} else {
-			mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), "")
+			mine, err := ownAttachments(ctx, e.Qubes, c, i, hopAttachments(atts, prev, i == 0), "")
 			if err != nil {
 				return fmt.Errorf("cannot list devices of %s: %w", prev, err)
 			}

@@ -895,3 +895,92 @@ func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
 		t.Errorf("the source device stayed mounted: %q", res.Stdout)
 	}
 }
+
+// Many chains through the same qubes are read together: one qube listing, one
+// attachment listing per running destination, one device listing per backend, one
+// script per running qube; each chain's status is what it is read alone.
+func TestStatusOfManyChainsTogether(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "mediator", "work")
+	var cs []*Chain
+	for i := range 6 {
+		c := demoChain()
+		c.Name, c.Key = fmt.Sprintf("c%d", i), fmt.Sprintf("k%d", i)
+		c.SourceFile = fmt.Sprintf("/home/user/c%d.luks", i)
+		c.MountPoint = fmt.Sprintf("/mnt/c%d", i)
+		r.Sh(t, "sys-usb", "cp "+sim.DemoContainer+" "+c.SourceFile)
+		for _, vm := range []string{"mediator", "work"} {
+			r.Sh(t, vm, fmt.Sprintf("cp /home/user/.qcrypt/keys/demo /home/user/.qcrypt/keys/k%d", i))
+		}
+		cs = append(cs, c)
+	}
+	for _, c := range cs[:3] {
+		if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.Sh(t, "work", "umount /mnt/c1") // c1 decrypted but not mounted
+	alone := map[*Chain]*Status{}
+	for _, c := range cs {
+		alone[c] = r.status(t, c)
+	}
+	if !alone[cs[0]].Open() || alone[cs[1]].Missing != 1 || !alone[cs[4]].Closed() {
+		t.Fatalf("statuses read alone: %+v %+v %+v", alone[cs[0]], alone[cs[1]], alone[cs[4]])
+	}
+
+	// A chain that cannot be read fails alone.
+	bad := demoChain()
+	bad.Name, bad.Hops = "bad", []Hop{{VM: "dom0"}}
+	admin0, spawns0 := r.Client.Calls(), r.Runner.Spawns()
+	together := r.e.statusAll(bg, append(cs, bad))
+	if err := together[bad].err; !errors.Is(err, ErrAdminVM) {
+		t.Errorf("chain through dom0: %v", err)
+	}
+	if admin, spawns := r.Client.Calls()-admin0, r.Runner.Spawns()-spawns0; admin != 5 || spawns != 3 {
+		t.Errorf("read together with %d Admin API calls and %d scripts, want 5 (list, attached ×2, available ×2) and 3 (one per qube)", admin, spawns)
+	}
+	for _, c := range cs {
+		got := together[c]
+		if got.err != nil {
+			t.Fatalf("%s: %v", c.Name, got.err)
+		}
+		if fmt.Sprintf("%+v", got.st) != fmt.Sprintf("%+v", alone[c]) {
+			t.Errorf("%s read together: %+v\nread alone: %+v", c.Name, got.st, alone[c])
+		}
+	}
+}
+
+// A qube's answer to a status read is parsed strictly: any line out of place fails it.
+func TestParseStatusCodes(t *testing.T) {
+	for _, tc := range []struct {
+		out  string
+		n    int
+		want []int
+	}{
+		{"0 40\n1 41\n", 2, []int{40, 41}},
+		{"0 40\n1 41", 2, []int{40, 41}},
+		{"", 0, nil},
+		{"0 40\n", 2, nil},             // an answer missing
+		{"0 40\n1 41\n2 42\n", 2, nil}, // one too many
+		{"1 41\n0 40\n", 2, nil},       // out of order
+		{"0 40\n0 41\n", 2, nil},       // twice
+		{"0 40\nx\n1 41\n", 2, nil},    // noise
+		{"0 40 \n1 41\n", 2, nil},      // trailing space
+		{"0 4000\n1 41\n", 2, nil},     // no exit code
+		{"0 -1\n1 41\n", 2, nil},       // negative
+		{"0 40\n\n1 41\n", 2, nil},     // empty line
+		{"0 40\n1 41\n\n", 2, nil},     // two trailing newlines
+		{"00 40\n1 41\n", 2, nil},      // not the index as written
+	} {
+		got, err := parseStatusCodes([]byte(tc.out), tc.n)
+		if tc.want == nil && tc.n > 0 {
+			if err == nil {
+				t.Errorf("%q: accepted as %v", tc.out, got)
+			}
+			continue
+		}
+		if err != nil || fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%q: %v %v, want %v", tc.out, got, err, tc.want)
+		}
+	}
+}

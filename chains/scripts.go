@@ -4,13 +4,17 @@ import (
 	"fmt"
 	"path"
 	"regexp"
+	"strconv"
 	"strings"
+
+	"github.com/qcrypt/qcrypt/qubes"
 )
 
 // Scripts sent to qubes. Every value is quoted with q(); values are validated before
 // (key ids, paths, allow-listed options, tokens from the Admin API), so quoting is the
-// second line of defence, not the first. Results come back as exit codes; where a
-// device name has to come back, it is checked against a strict pattern.
+// second line of defence, not the first. Results come back as exit codes (the status
+// of many chains as numbered exit codes, one per line); where a device name has to come
+// back, it is checked against a strict pattern.
 
 // q quotes s for a POSIX shell.
 func q(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
@@ -229,20 +233,21 @@ func sourceStatusScript(c *Chain) string {
 	return b.String()
 }
 
-// hopStatusScript reports a destination's facts as an exit code: statusBase + bits.
-// devs are the frontend devices attached from the previous hop, others the rest of
-// the qube's attached devices.
-func hopStatusScript(key, name string, devs, others []string, mountPoint string) string {
+// hopStatusScript reports a destination's facts as an exit code: statusBase + bits. It
+// runs inside statusScript, which defines $all (every device attached to the qube),
+// $maps (its mappers and their devices) and dev. devs are the devices attached from
+// the previous hop that are the chain's, unknown those from it that cannot be told
+// (their backend is down): a mapper there is neither the chain's nor another chain's.
+func hopStatusScript(key, name string, devs, unknown []string, mountPoint string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "k=%s\nname=%s\nb=0\nnl='\n'\n", q(key), q(name))
+	fmt.Fprintf(&b, "k=%s\nname=%s\nb=0\n", q(key), q(name))
 	fmt.Fprintf(&b, "[ -e \"$k\" ] && b=$((b | %d))\n", bitKey)
 	// One cryptsetup status per mapper: its first line says "in use", its device line
 	// where it sits.
-	b.WriteString("dev() { printf '%s\\n' \"$1\" | awk '$1 == \"device:\" {print $2}'; }\n")
 	b.WriteString("if s=$(cryptsetup status \"$name\" 2>/dev/null); then\n  d=$(dev \"$s\")\n")
-	fmt.Fprintf(&b, "  p=%d\n", posLoose)
-	for _, d := range others {
-		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posOther)
+	fmt.Fprintf(&b, "  p=%d\n  case $all in *\" $d \"*) p=%d;; esac\n", posLoose, posOther)
+	for _, d := range unknown {
+		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posLoose)
 	}
 	for _, d := range devs {
 		fmt.Fprintf(&b, "  [ \"$d\" = %s ] && p=%d\n", q(d), posHop)
@@ -254,13 +259,54 @@ func hopStatusScript(key, name string, devs, others []string, mountPoint string)
 		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && u=%d\n", q(mountPoint), useMountedAt)
 	}
 	fmt.Fprintf(&b, "  b=$((b | u << %d))\nfi\n", useShift)
-	if len(devs) > 0 {
-		b.WriteString("for m in $(ls /dev/mapper 2>/dev/null); do\n  [ \"$m\" = \"$name\" ] || [ \"$m\" = control ] && continue\n  md=$(dev \"$(cryptsetup status \"$m\" 2>/dev/null)\")\n")
-		for _, d := range devs {
-			fmt.Fprintf(&b, "  [ \"$md\" = %s ] && b=$((b | %d))\n", q(d), bitHopBusy)
-		}
-		b.WriteString("done\n")
+	for _, d := range devs {
+		// Another mapper on the chain's device.
+		fmt.Fprintf(&b, "printf '%%s\\n' \"$maps\" | { while read -r m md; do [ \"$m\" != \"$name\" ] && [ \"$md\" = %s ] && exit 0; done; exit 1; } && b=$((b | %d))\n", q(d), bitHopBusy)
 	}
 	fmt.Fprintf(&b, "exit $((%d + b))", statusBase)
 	return b.String()
+}
+
+// statusScript runs the status pieces of many chains in one qube, one call for all:
+// each piece in its own subshell, its exit code printed as "INDEX CODE" (nothing else
+// is printed). attached are the qube's attached devices; mappers says whether a piece
+// needs the table of mappers, which costs one cryptsetup per mapper and is made once.
+func statusScript(attached []string, mappers bool, pieces []string) string {
+	var b strings.Builder
+	b.WriteString("nl='\n'\n")
+	b.WriteString("dev() { printf '%s\\n' \"$1\" | awk '$1 == \"device:\" {print $2}'; }\n")
+	fmt.Fprintf(&b, "all=%s\nmaps=\n", q(" "+strings.Join(attached, " ")+" "))
+	if mappers {
+		b.WriteString("maps=$(for m in $(ls /dev/mapper 2>/dev/null); do [ \"$m\" = control ] && continue; " +
+			"printf '%s %s\\n' \"$m\" \"$(dev \"$(cryptsetup status \"$m\" 2>/dev/null)\")\"; done)\n")
+	}
+	for i, p := range pieces {
+		fmt.Fprintf(&b, "(\n%s\n) </dev/null >/dev/null 2>&1; echo \"%d $?\"\n", p, i)
+	}
+	b.WriteString("exit 0")
+	return b.String()
+}
+
+// statusLineRE is one line of statusScript's answer.
+var statusLineRE = regexp.MustCompile(`^([0-9]{1,5}) ([0-9]{1,3})$`)
+
+// parseStatusCodes reads statusScript's answer for n pieces strictly: every index
+// once, in order, nothing else.
+func parseStatusCodes(out []byte, n int) ([]int, error) {
+	lines := strings.Split(strings.TrimSuffix(string(out), "\n"), "\n")
+	if n == 0 && len(out) == 0 {
+		return nil, nil
+	}
+	if len(lines) != n {
+		return nil, fmt.Errorf("%d answers for %d questions", len(lines), n)
+	}
+	codes := make([]int, n)
+	for i, l := range lines {
+		m := statusLineRE.FindStringSubmatch(l)
+		if m == nil || m[1] != strconv.Itoa(i) {
+			return nil, fmt.Errorf("unexpected answer %q", qubes.Printable(l, 40))
+		}
+		codes[i], _ = strconv.Atoi(m[2])
+	}
+	return codes, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"sync"
 
 	"github.com/qcrypt/qcrypt/qubes"
 )
@@ -89,43 +90,249 @@ func hopAttachments(atts []qubes.Attachment, prev string, first bool) []qubes.At
 	return out
 }
 
-// Status inspects a chain with one Admin API list, one Attached per running
-// destination and one script per running qube; only exit codes come back from qubes.
+// Status inspects a chain: its facts come from qubesd and, from the qubes, exit codes
+// only. Concurrent calls are read together (see statusAll).
 func (e *Engine) Status(ctx context.Context, c *Chain) (*Status, error) {
 	st, _, err := e.status(ctx, c)
 	return st, err
 }
 
-// status is Status that also returns the qubes' power states it listed. A qube that
-// stops while it is read (qrexec cannot reach it any more) is a change of the world, not
-// a failure: the status is read again with the new power states.
+// statusResult is one chain's status, with the qubes' power states it was read with.
+type statusResult struct {
+	st     *Status
+	states map[string]string // shared by a batch: read only
+	err    error
+}
+
+// status is Status that also returns the qubes' power states it listed. A call that
+// comes while a batch is being read joins the next one, so fifty chains reconciled at
+// start-up cost one qube listing and one script per running qube, not fifty of each.
 func (e *Engine) status(ctx context.Context, c *Chain) (*Status, map[string]string, error) {
+	e.mu.Lock()
+	if e.statuses == nil {
+		e.statuses = qubes.NewBatcher(e.statusAll)
+	}
+	b := e.statuses
+	e.mu.Unlock()
+	r, err := b.Do(ctx, c)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cannot get the status of %s: %w", c.Name, err)
+	}
+	return r.st, r.states, r.err
+}
+
+// statusAll reads the chains' statuses together. A qube that stops while it is read
+// (qrexec cannot reach it any more) is a change of the world, not a failure: the
+// statuses are read again with the new power states.
+func (e *Engine) statusAll(ctx context.Context, cs []*Chain) map[*Chain]statusResult {
 	for attempt := 1; ; attempt++ {
-		st, states, err := e.statusOnce(ctx, c)
-		var te *qubes.TransportError
-		if err == nil || !errors.As(err, &te) || attempt == 3 {
-			return st, states, err
+		res, unreachable := e.readStatuses(ctx, cs)
+		if len(unreachable) == 0 || attempt == 3 {
+			return res
 		}
-		now, lerr := e.memberStates(ctx, c)
-		if lerr != nil || now[te.VM] == qubes.StateRunning {
-			return st, states, err
+		now, err := e.states(ctx)
+		if err != nil || !slices.ContainsFunc(unreachable, func(vm string) bool { return now[vm] != qubes.StateRunning }) {
+			return res
 		}
 	}
 }
 
-func (e *Engine) statusOnce(ctx context.Context, c *Chain) (*Status, map[string]string, error) {
-	states, err := e.memberStates(ctx, c)
-	if err != nil {
-		return nil, nil, err
+// statusPiece is one chain's question to one qube: its source (hop -1) or hop.
+type statusPiece struct {
+	chain, hop int
+	script     string
+	mine       []qubes.Attachment // a hop's attachments that are the chain's
+}
+
+// readStatuses reads once: one qube listing, one attachment listing per running
+// destination, one device listing per backend asked about, and one script per running
+// qube with the questions of every chain it is part of. It returns the qubes that
+// qrexec could not reach.
+func (e *Engine) readStatuses(ctx context.Context, cs []*Chain) (map[*Chain]statusResult, []string) {
+	out := map[*Chain]statusResult{}
+	fail := func(err error) map[*Chain]statusResult {
+		for _, c := range cs {
+			out[c] = statusResult{err: err}
+		}
+		return out
 	}
+	vms, err := e.Qubes.ListVMs(ctx)
+	if err != nil {
+		return fail(fmt.Errorf("cannot list qubes: %w", err)), nil
+	}
+	states := map[string]string{}
+	for _, vm := range vms {
+		states[vm.Name] = vm.State
+	}
+	lists := &deviceLists{q: e.Qubes}
+	errs := make([]error, len(cs))
+	pieces := map[string][]statusPiece{} // per qube
+	mappers := map[string]bool{}         // a piece in that qube needs the mapper table
+	var order []string                   // qubes in the order first asked
+	ask := func(vm string, p statusPiece) {
+		if pieces[vm] == nil {
+			order = append(order, vm)
+		}
+		pieces[vm] = append(pieces[vm], p)
+	}
+	for ci, c := range cs {
+		if err := adminMember(c, vms); err != nil {
+			errs[ci] = err
+			continue
+		}
+		if states[c.SourceVM] == qubes.StateRunning {
+			ask(c.SourceVM, statusPiece{chain: ci, hop: -1, script: sourceStatusScript(c)})
+		}
+		prev := c.SourceVM
+		for i, h := range c.Hops {
+			if states[h.VM] != qubes.StateRunning {
+				prev = h.VM
+				continue
+			}
+			script, err := e.hopQuestion(ctx, lists, c, i, prev, states)
+			if err != nil {
+				errs[ci] = err
+				break
+			}
+			ask(h.VM, statusPiece{chain: ci, hop: i, script: script.text, mine: script.mine})
+			mappers[h.VM] = mappers[h.VM] || script.mappers
+			prev = h.VM
+		}
+	}
+
+	// One script per qube, all qubes at once (the runner bounds how many run).
+	codes := map[string][]int{}
+	qubeErr := map[string]error{}
+	var unreachable []string
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, vm := range order {
+		var attached []string
+		if mappers[vm] || slices.ContainsFunc(pieces[vm], func(p statusPiece) bool { return p.hop >= 0 }) {
+			atts, err := lists.Attached(ctx, vm)
+			if err != nil {
+				qubeErr[vm] = fmt.Errorf("cannot list devices of %s: %w", vm, err)
+				continue
+			}
+			for _, a := range atts {
+				if a.FrontendDev != "" {
+					attached = append(attached, "/dev/"+a.FrontendDev)
+				}
+			}
+		}
+		var texts []string
+		for _, p := range pieces[vm] {
+			texts = append(texts, p.script)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := e.run(ctx, vm, statusScript(attached, mappers[vm], texts), nil)
+			var got []int
+			var te *qubes.TransportError
+			switch {
+			case errors.As(err, &te):
+			case err != nil:
+			case res.ExitCode != 0 || res.StdoutTruncated:
+				err = fmt.Errorf("cannot get the status of the chains in %s: %s", vm, scriptError(res.ExitCode))
+			default:
+				if got, err = parseStatusCodes(res.Stdout, len(texts)); err != nil {
+					err = fmt.Errorf("cannot get the status of the chains in %s: %w", vm, err)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if te != nil {
+				unreachable = append(unreachable, vm)
+			}
+			codes[vm], qubeErr[vm] = got, err
+		}()
+	}
+	wg.Wait()
+
+	for ci, c := range cs {
+		if errs[ci] == nil {
+			errs[ci] = firstQubeError(c, qubeErr)
+		}
+		if errs[ci] != nil {
+			out[c] = statusResult{err: errs[ci]}
+			continue
+		}
+		answer := func(vm string, hop int) (int, []qubes.Attachment) {
+			for k, p := range pieces[vm] {
+				if p.chain == ci && p.hop == hop {
+					return codes[vm][k], p.mine
+				}
+			}
+			return -1, nil
+		}
+		st, err := interpretStatus(c, states, answer)
+		out[c] = statusResult{st: st, states: states, err: err}
+	}
+	return out, unreachable
+}
+
+// firstQubeError is the error of the first of c's qubes that could not be read.
+func firstQubeError(c *Chain, qubeErr map[string]error) error {
+	for _, vm := range c.VMs() {
+		if err := qubeErr[vm]; err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// hopQuestion is the status piece of hop i of c (which runs), with what dom0 knows of
+// its attachments.
+type hopQuestionScript struct {
+	text    string
+	mappers bool
+	mine    []qubes.Attachment
+}
+
+func (e *Engine) hopQuestion(ctx context.Context, lists *deviceLists, c *Chain, i int, prev string, states map[string]string) (hopQuestionScript, error) {
+	h := c.Hops[i]
+	atts, err := lists.Attached(ctx, h.VM)
+	if err != nil {
+		return hopQuestionScript{}, fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
+	}
+	cands := hopAttachments(atts, prev, i == 0)
+	mine, err := ownAttachments(ctx, lists, c, i, cands, "")
+	if err != nil {
+		return hopQuestionScript{}, fmt.Errorf("cannot list devices of %s: %w", prev, err)
+	}
+	// devs: from the previous hop and the chain's own; unknown: from the previous hop
+	// while it is down, which cannot be told. The rest of the qube's devices are
+	// provably another chain's (another backend, another kind, or not our description).
+	var devs, unknown []string
+	for _, a := range cands {
+		switch {
+		case a.FrontendDev == "":
+		case slices.ContainsFunc(mine, func(m qubes.Attachment) bool { return m.FrontendDev == a.FrontendDev }):
+			devs = append(devs, "/dev/"+a.FrontendDev)
+		case states[prev] != qubes.StateRunning:
+			unknown = append(unknown, "/dev/"+a.FrontendDev)
+		}
+	}
+	user, err := e.user(ctx, h.VM)
+	if err != nil {
+		return hopQuestionScript{}, err
+	}
+	mp := ""
+	if i == len(c.Hops)-1 {
+		mp = c.MountPoint
+	}
+	return hopQuestionScript{text: hopStatusScript(keyPath(user, c.Key), c.Key, devs, unknown, mp), mappers: len(devs) > 0, mine: mine}, nil
+}
+
+// interpretStatus builds c's status from the power states and what its qubes answered:
+// the exit code of the source's question (hop -1) or of hop i's, with the hop's own
+// attachments.
+func interpretStatus(c *Chain, states map[string]string, answer func(vm string, hop int) (int, []qubes.Attachment)) (*Status, error) {
 	st := &Status{Chain: c.Name, SourceVM: c.SourceVM, Source: SourceUnknown}
 	st.SourceRunning = states[c.SourceVM] == qubes.StateRunning
 	if st.SourceRunning {
-		res, err := e.run(ctx, c.SourceVM, sourceStatusScript(c), nil)
-		if err != nil {
-			return nil, nil, err
-		}
-		switch res.ExitCode {
+		switch code, _ := answer(c.SourceVM, -1); code {
 		case srcLoop:
 			st.Source = SourceLoop
 		case srcNoLoop:
@@ -133,7 +340,7 @@ func (e *Engine) statusOnce(ctx context.Context, c *Chain) (*Status, map[string]
 		case srcMissing:
 			st.Source, st.Missing = SourceMissing, st.Missing+2
 		default:
-			return nil, nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(res.ExitCode))
+			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(code))
 		}
 	} else {
 		st.Missing += 3
@@ -151,51 +358,14 @@ func (e *Engine) statusOnce(ctx context.Context, c *Chain) (*Status, map[string]
 			prev = h.VM
 			continue
 		}
-		atts, err := e.Qubes.Attached(ctx, h.VM)
-		if err != nil {
-			return nil, nil, fmt.Errorf("cannot list devices of %s: %w", h.VM, err)
-		}
-		mine, err := e.ownAttachments(ctx, c, i, hopAttachments(atts, prev, i == 0), "")
-		if err != nil {
-			return nil, nil, fmt.Errorf("cannot list devices of %s: %w", prev, err)
-		}
-		// devs: from the previous hop and the chain's own; others: provably another
-		// chain's (another backend, another kind, or a description that is not ours).
-		// A device from the previous hop while it is down cannot be told: neither.
-		var devs, others []string
-		cands := hopAttachments(atts, prev, i == 0)
-		same := func(list []qubes.Attachment, a qubes.Attachment) bool {
-			return slices.ContainsFunc(list, func(m qubes.Attachment) bool { return m.FrontendDev == a.FrontendDev })
-		}
-		for _, a := range atts {
-			switch {
-			case a.FrontendDev == "":
-			case same(mine, a):
-				devs = append(devs, "/dev/"+a.FrontendDev)
-			case same(cands, a) && states[prev] != qubes.StateRunning:
-			default:
-				others = append(others, "/dev/"+a.FrontendDev)
-			}
-		}
+		code, mine := answer(h.VM, i)
 		hs.Attached = len(mine) > 0
-		if hs.Attached && len(mine) == 1 {
+		if len(mine) == 1 {
 			hs.FrontendDev = mine[0].FrontendDev
 		}
-		user, err := e.user(ctx, h.VM)
-		if err != nil {
-			return nil, nil, err
-		}
-		mp := ""
-		if last {
-			mp = c.MountPoint
-		}
-		res, err := e.run(ctx, h.VM, hopStatusScript(keyPath(user, c.Key), c.Key, devs, others, mp), nil)
-		if err != nil {
-			return nil, nil, err
-		}
-		bits := res.ExitCode - statusBase
+		bits := code - statusBase
 		if bits < 0 || bits >= 64 {
-			return nil, nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(res.ExitCode))
+			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, h.VM, scriptError(code))
 		}
 		pos, use := bits>>posShift&3, bits>>useShift&3
 		hs.KeyPresent = bits&bitKey != 0
@@ -233,5 +403,5 @@ func (e *Engine) statusOnce(ctx context.Context, c *Chain) (*Status, map[string]
 		st.Hops = append(st.Hops, hs)
 		prev = h.VM
 	}
-	return st, states, nil
+	return st, nil
 }
