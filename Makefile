@@ -16,7 +16,10 @@ FUZZTIME  ?= 100000x
 E2E_PACKAGES := qemu-system-x86 busybox-static cpio kmod bc cryptsetup-bin dmsetup e2fsprogs btrfs-progs
 # The real qubesd (../shared/real-qubesd, test equipment: the tests run qcrypt against it).
 REAL_QUBESD_PACKAGES := python3-lxml python3-libvirt python3-jinja2 python3-docutils python3-yaml python3-pyinotify
-DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES)
+# The real qrexec (../shared/real-qrexec): built by the tests into the cache directory
+# (QCRYPT_CACHE, default ~/.cache/qcrypt) once and reused.
+REAL_QREXEC_PACKAGES := pkg-config libc6-dev libpam0g-dev
+DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES) $(REAL_QREXEC_PACKAGES)
 COMMANDS  := qubes-sim qcryptd qcryptctl
 
 BINDIR    ?= $(PREFIX)/bin

@@ -20,11 +20,14 @@ import (
 const DefaultQrexecClient = "/usr/lib/qubes/qrexec-client"
 
 // Exit statuses of qrexec-client (R4.2+) that mean the command never ran or its result
-// is unknown: QREXEC_EXIT_PROBLEM, _REQUEST_REFUSED, _SERVICE_NOT_FOUND.
+// is unknown: QREXEC_EXIT_PROBLEM, _REQUEST_REFUSED, _SERVICE_NOT_FOUND, and 255 when the
+// vchan closed before the command's status came (the qube died during the call; seen
+// with the real qrexec-client of 4.2 and 4.3).
 const (
 	ExitQrexecProblem  = 125
 	ExitQrexecRefused  = 126
 	ExitQrexecNotFound = 127
+	ExitQrexecLost     = 255
 )
 
 // ErrTransport is matched by a *TransportError.
@@ -118,8 +121,8 @@ func (r *Runner) acquire(ctx context.Context) (release func(), err error) {
 
 // Run executes script with /bin/bash as root in vm (qubes.VMShell). input, if not nil,
 // follows the script on stdin and is what the script's commands read. The script runs
-// in a subshell so that a failing command cannot produce 125..127, which are reserved
-// for transport failures; those statuses become 124.
+// in a subshell so that a failing command cannot produce 125..127 or 255, which are
+// reserved for transport failures; those statuses become 124.
 func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (Result, error) {
 	if err := ValidateVMName(vm); err != nil {
 		return Result{}, err
@@ -144,7 +147,7 @@ func (r *Runner) Run(ctx context.Context, vm, script string, input io.Reader) (R
 		return res, &TransportError{VM: vm, Code: res.ExitCode}
 	}
 	switch res.ExitCode {
-	case ExitQrexecProblem, ExitQrexecRefused, ExitQrexecNotFound:
+	case ExitQrexecProblem, ExitQrexecRefused, ExitQrexecNotFound, ExitQrexecLost:
 		return res, &TransportError{VM: vm, Code: res.ExitCode, Stderr: Printable(string(res.Stderr), 200)}
 	}
 	return res, nil
@@ -212,7 +215,7 @@ func (LocalDom0) Open(path string) (io.ReadCloser, error) { return os.Open(path)
 func WrapScript(script string) string {
 	// The closing line must hold everything after the subshell: bash runs a command as
 	// soon as its line is complete, and the input bytes follow right after.
-	return "(\n" + script + "\n); qcrypt_rc=$?; case $qcrypt_rc in 125|126|127) qcrypt_rc=124;; esac; exit $qcrypt_rc\n"
+	return "(\n" + script + "\n); qcrypt_rc=$?; case $qcrypt_rc in 125|126|127|255) qcrypt_rc=124;; esac; exit $qcrypt_rc\n"
 }
 
 // CapWriter keeps the first Max bytes and drops the rest, so a flooding qube (or hook)

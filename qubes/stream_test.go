@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -196,33 +197,87 @@ func TestSimulatorEventDestFilter(t *testing.T) {
 	}
 }
 
+// runnerWorld is where TestRunner runs its cases: qubes-sim's stand-in qrexec-client,
+// or the real qrexec (client, daemon, agent) of a Qubes release.
+type runnerWorld struct {
+	runner  *qubes.Runner
+	running string // a qube that runs
+	halted  string // one that does not
+	// shared: a directory a script in the running qube writes (inside) that the test
+	// sees (outside).
+	inside, outside string
+	hang, unhang    func() // the running qube's agent stops answering, and goes on
+	crash           func() // the running qube dies at once
+}
+
+func runnerWorlds(t *testing.T) map[string]func(t *testing.T) *runnerWorld {
+	return map[string]func(t *testing.T) *runnerWorld{
+		"stand-in": func(t *testing.T) *runnerWorld {
+			f := simtest.StartDemo(t, sim.R42)
+			usb, _ := f.VM("sys-usb")
+			return &runnerWorld{runner: f.Runner, running: "sys-usb", halted: "work",
+				inside: "/tmp", outside: filepath.Join(usb.Root(), "tmp"),
+				// A paused qube's agent does not answer, as a frozen one.
+				hang:   func() { f.Client.Pause(context.Background(), "sys-usb") },
+				unhang: func() { f.Client.Unpause(context.Background(), "sys-usb") },
+				crash:  func() { f.Client.Kill(context.Background(), "sys-usb") }}
+		},
+		"real-4.2": func(t *testing.T) *runnerWorld { return realRunnerWorld(t, "4.2") },
+		"real-4.3": func(t *testing.T) *runnerWorld { return realRunnerWorld(t, "4.3") },
+	}
+}
+
+func realRunnerWorld(t *testing.T, version string) *runnerWorld {
+	out := simtest.RealQrexec(t, version)
+	run := t.TempDir()
+	vm := simtest.StartQrexecVM(t, out, run, "sys-usb", 2)
+	r := qubes.NewRunner([]string{vm.Client})
+	r.Timeout = time.Minute
+	// The sandbox's /run/vchan is the run directory's vchan/ (the vchan's sockets).
+	return &runnerWorld{runner: r, running: "sys-usb", halted: "work",
+		inside: "/run/vchan", outside: filepath.Join(run, "vchan"),
+		hang: vm.Freeze, unhang: vm.Thaw, crash: vm.Crash}
+}
+
+// The runner's handling of what qrexec-client reports, against the stand-in and the real
+// programs alike: exit statuses, the statuses reserved for transport failures, output
+// floods, input, timeouts, a hung agent and a qube that dies during a call.
 func TestRunner(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
 	ctx := context.Background()
+	for name, newWorld := range runnerWorlds(t) {
+		t.Run(name, func(t *testing.T) {
+			w := newWorld(t)
+			testRunnerIn(t, ctx, w)
+		})
+	}
+}
+
+func testRunnerIn(t *testing.T, ctx context.Context, w *runnerWorld) {
 	tests := map[string]struct {
 		script   string
 		code     int
 		stdout   string
 		trunc    bool
 		vm       string
-		wantErr  error
 		transErr int
 	}{
 		"exit status":                         {script: "echo hi; exit 3", code: 3, stdout: "hi\n"},
 		"127 from a command is not transport": {script: "no-such-command-here", code: 124},
 		"126 too":                             {script: "exit 126", code: 124},
-		"runs as root with home":              {script: `[ "$(id -u)" = 0 ] && [ -d /home/user/.qcrypt/keys ] && echo ok`, stdout: "ok\n"},
+		"255 too":                             {script: "exit 255", code: 124},
+		"killed by a signal":                  {script: "kill -TERM $$", code: 143},
+		"runs as root":                        {script: `[ "$(id -u)" = 0 ] && echo ok`, stdout: "ok\n"},
 		"flood is cut":                        {script: "head -c 1000000 /dev/zero", stdout: string(make([]byte, 64<<10)), trunc: true},
-		"halted qube":                         {script: "true", vm: "work", transErr: qubes.ExitQrexecProblem},
+		"halted qube":                         {script: "true", vm: w.halted, transErr: qubes.ExitQrexecProblem},
 		"unknown qube":                        {script: "true", vm: "nosuchvm", transErr: qubes.ExitQrexecProblem},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			vm := tc.vm
 			if vm == "" {
-				vm = "sys-usb"
+				vm = w.running
 			}
-			res, err := f.Runner.Run(ctx, vm, tc.script, nil)
+			res, err := w.runner.Run(ctx, vm, tc.script, nil)
 			if tc.transErr != 0 {
 				var te *qubes.TransportError
 				if !errors.As(err, &te) || te.Code != tc.transErr || !errors.Is(err, qubes.ErrTransport) {
@@ -240,7 +295,7 @@ func TestRunner(t *testing.T) {
 	}
 	t.Run("input follows the script", func(t *testing.T) {
 		data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
-		res, err := f.Runner.Run(ctx, "sys-usb", "cat > /tmp/in && sha256sum /tmp/in | cut -d' ' -f1", bytes.NewReader(data))
+		res, err := w.runner.Run(ctx, w.running, "cat > /tmp/in && sha256sum /tmp/in | cut -d' ' -f1", bytes.NewReader(data))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -248,42 +303,81 @@ func TestRunner(t *testing.T) {
 			t.Errorf("checksum %s, want %s", got, want)
 		}
 	})
-	t.Run("qrexec failure injected", func(t *testing.T) {
-		f.SetQrexecFault("sys-usb", sim.QrexecFault{Exit: qubes.ExitQrexecRefused})
-		defer f.SetQrexecFault("sys-usb", sim.QrexecFault{})
-		_, err := f.Runner.Run(ctx, "sys-usb", "true", nil)
-		var te *qubes.TransportError
-		if !errors.As(err, &te) || te.Code != qubes.ExitQrexecRefused {
-			t.Errorf("got %v", err)
-		}
-	})
-	t.Run("a hanging qube is cut off by the timeout", func(t *testing.T) {
-		f.SetQrexecFault("sys-usb", sim.QrexecFault{Hang: true})
-		defer f.SetQrexecFault("sys-usb", sim.QrexecFault{})
-		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-		defer cancel()
-		_, err := f.Runner.Run(tctx, "sys-usb", "true", nil)
-		if !errors.Is(err, context.DeadlineExceeded) {
-			t.Errorf("got %v", err)
-		}
-	})
 	t.Run("a long command is killed at the timeout", func(t *testing.T) {
 		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 		defer cancel()
-		_, err := f.Runner.Run(tctx, "sys-usb", "sleep 30", nil)
+		_, err := w.runner.Run(tctx, w.running, "sleep 30", nil)
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Errorf("got %v", err)
 		}
 	})
+	t.Run("a hung agent", func(t *testing.T) {
+		w.hang()
+		defer w.unhang()
+		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		if _, err := w.runner.Run(tctx, w.running, "true", nil); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("cut off by the context: got %v", err)
+		}
+		// With a connect timeout, qrexec-client itself gives up: a transport failure.
+		r := qubes.NewRunner(w.runner.Command)
+		r.ConnectTimeout = 1
+		_, err := r.Run(ctx, w.running, "true", nil)
+		var te *qubes.TransportError
+		if !errors.As(err, &te) || te.Code != qubes.ExitQrexecProblem {
+			t.Errorf("past the connect timeout: got %v, want transport error 125", err)
+		}
+	})
 	t.Run("bad qube name never reaches qrexec", func(t *testing.T) {
-		before := f.Runner.Spawns()
-		if _, err := f.Runner.Run(ctx, "-d", "true", nil); err == nil {
+		before := w.runner.Spawns()
+		if _, err := w.runner.Run(ctx, "-d", "true", nil); err == nil {
 			t.Error("accepted")
 		}
-		if f.Runner.Spawns() != before {
+		if w.runner.Spawns() != before {
 			t.Error("spawned")
 		}
 	})
+	// Last: the qube is gone afterwards.
+	t.Run("the qube dies during the call", func(t *testing.T) {
+		marker := filepath.Join(w.outside, "running")
+		errc := make(chan error, 1)
+		go func() {
+			_, err := w.runner.Run(ctx, w.running, "touch "+w.inside+"/running; sleep 60", nil)
+			errc <- err
+		}()
+		for {
+			if _, err := os.Stat(marker); err == nil {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		w.crash()
+		err := <-errc
+		var te *qubes.TransportError
+		if !errors.As(err, &te) || te.Code != qubes.ExitQrexecLost {
+			t.Errorf("got %v, want transport error 255 (result unknown)", err)
+		}
+	})
+}
+
+// The stand-in's qubes have the simulator's home directory.
+func TestRunnerStandInHome(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R42)
+	res, err := f.Runner.Run(context.Background(), "sys-usb", `[ -d /home/user/.qcrypt/keys ] && echo ok`, nil)
+	if err != nil || string(res.Stdout) != "ok\n" {
+		t.Errorf("got %q %v", res.Stdout, err)
+	}
+}
+
+// An injected qrexec failure (stand-in only) is a transport error.
+func TestRunnerStandInInjectedFailure(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R42)
+	f.SetQrexecFault("sys-usb", sim.QrexecFault{Exit: qubes.ExitQrexecRefused})
+	_, err := f.Runner.Run(context.Background(), "sys-usb", "true", nil)
+	var te *qubes.TransportError
+	if !errors.As(err, &te) || te.Code != qubes.ExitQrexecRefused {
+		t.Errorf("got %v", err)
+	}
 }
 
 func TestRunnerInvocation(t *testing.T) {

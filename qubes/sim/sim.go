@@ -516,6 +516,14 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 		s.World.hk.refresh(vm)
 	}
 	s.World.mu.Unlock()
+	select {
+	case <-halted:
+		// The qube died during the call: the real qrexec-client sees the vchan close
+		// before an exit status and exits 255.
+		fmt.Fprintf(stdio[2], "qrexec-client: vchan connection closed early\n")
+		return qubes.ExitQrexecLost
+	default:
+	}
 	st := cmd.ProcessState
 	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 		return 128 + int(ws.Signal())

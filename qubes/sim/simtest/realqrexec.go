@@ -1,0 +1,242 @@
+package simtest
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// RealQrexecEnv names the folder of the real qrexec test equipment (build.sh,
+// start-vm.sh); without it the tests look for ../shared/real-qrexec beside the checkout.
+const RealQrexecEnv = "QCRYPT_REAL_QREXEC"
+
+// RequireRealQrexecEnv=1 (set by CI) turns a missing real qrexec into a failure.
+const RequireRealQrexecEnv = "QCRYPT_REQUIRE_REAL_QREXEC"
+
+// CacheEnv names where test equipment is built once and reused (default: the user's
+// cache directory, qcrypt/).
+const CacheEnv = "QCRYPT_CACHE"
+
+var (
+	qrexecMu    sync.Mutex
+	qrexecBuilt = map[string]string{} // version → build, or "!reason"
+)
+
+// RealQrexec returns a build of the real Qubes qrexec of a release ("4.2" or "4.3"),
+// made by ../shared/real-qrexec/build.sh into the cache directory once and reused
+// while its sources are the same. It skips the test with a one-line reason when the
+// equipment is absent (fails it under QCRYPT_REQUIRE_REAL_QREXEC=1).
+func RealQrexec(t testing.TB, version string) string {
+	t.Helper()
+	qrexecMu.Lock()
+	out, ok := qrexecBuilt[version]
+	if !ok {
+		out = buildRealQrexec(version)
+		qrexecBuilt[version] = out
+	}
+	qrexecMu.Unlock()
+	why, failed := strings.CutPrefix(out, "!")
+	switch {
+	case !failed:
+		return out
+	case os.Getenv(RequireRealQrexecEnv) == "1":
+		t.Fatalf("the real qrexec is required: %s", why)
+	default:
+		t.Skipf("no real qrexec: %s", why)
+	}
+	return ""
+}
+
+func buildRealQrexec(version string) string {
+	src := os.Getenv(RealQrexecEnv)
+	if src == "" {
+		root, err := moduleRoot()
+		if err != nil {
+			return "!" + err.Error()
+		}
+		src = filepath.Join(filepath.Dir(root), "shared", "real-qrexec")
+	}
+	if _, err := os.Stat(filepath.Join(src, "build.sh")); err != nil {
+		return fmt.Sprintf("!%s/build.sh is missing (set %s)", src, RealQrexecEnv)
+	}
+	// The build is named by what it is made of, so changed sources build anew.
+	h := sha256.New()
+	fmt.Fprintln(h, version)
+	files, _ := filepath.Glob(filepath.Join(src, "src", "*"))
+	for _, f := range append([]string{filepath.Join(src, "build.sh")}, files...) {
+		fh, err := os.Open(f)
+		if err != nil {
+			return "!" + err.Error()
+		}
+		io.Copy(h, fh)
+		fh.Close()
+	}
+	cache := os.Getenv(CacheEnv)
+	if cache == "" {
+		dir, err := os.UserCacheDir()
+		if err != nil {
+			return "!" + err.Error()
+		}
+		cache = filepath.Join(dir, "qcrypt")
+	}
+	out := filepath.Join(cache, "real-qrexec-"+version+"-"+hex.EncodeToString(h.Sum(nil))[:12])
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return "!" + err.Error()
+	}
+	// Test binaries of several packages may build at once: one builds, the others wait.
+	lock, err := os.OpenFile(out+".lock", os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return "!" + err.Error()
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "!" + err.Error()
+	}
+	done := filepath.Join(out, "built")
+	if _, err := os.Stat(done); err == nil {
+		return out
+	}
+	cmd := exec.Command(filepath.Join(src, "build.sh"), out, version)
+	cmd.Dir = cache
+	if b, err := cmd.CombinedOutput(); err != nil {
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		return fmt.Sprintf("!build.sh %s failed (%v; make deps installs what it needs): %s", version, err, lines[len(lines)-1])
+	}
+	if err := os.WriteFile(done, nil, 0o644); err != nil {
+		return "!" + err.Error()
+	}
+	return out
+}
+
+func moduleRoot() (string, error) {
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for d := wd; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d, nil
+		}
+		if filepath.Dir(d) == d {
+			return "", fmt.Errorf("cannot find the module root")
+		}
+	}
+}
+
+// QrexecVM is one qube of the real qrexec: the real qrexec-agent in a bubblewrap
+// sandbox and dom0's real qrexec-daemon for it (start-vm.sh).
+type QrexecVM struct {
+	Name   string
+	Client string // a qrexec-client with the real one's command line, for this run dir
+	runDir string
+	sup    *exec.Cmd
+	done   chan struct{}
+}
+
+// StartQrexecVM starts qube name (domain id domid) of the real qrexec build out, with
+// its sockets in runDir; it is stopped when the test ends.
+func StartQrexecVM(t testing.TB, out, runDir, name string, domid int) *QrexecVM {
+	t.Helper()
+	src := os.Getenv(RealQrexecEnv)
+	if src == "" {
+		root, err := moduleRoot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		src = filepath.Join(filepath.Dir(root), "shared", "real-qrexec")
+	}
+	client := filepath.Join(runDir, "qrexec-client")
+	wrapper := fmt.Sprintf("#!/bin/sh\nQREXEC_RUN_DIR=%s exec %s \"$@\"\n", runDir, filepath.Join(out, "bin", "qrexec-client"))
+	if err := os.WriteFile(client, []byte(wrapper), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	log, err := os.Create(filepath.Join(runDir, "start-vm."+name+".log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sup := exec.Command(filepath.Join(src, "start-vm.sh"), out, name, fmt.Sprint(domid))
+	sup.Env = append(os.Environ(), "QREXEC_RUN_DIR="+runDir)
+	sup.Stdout, sup.Stderr = log, log
+	if err := sup.Start(); err != nil {
+		t.Fatal(err)
+	}
+	vm := &QrexecVM{Name: name, Client: client, runDir: runDir, sup: sup, done: make(chan struct{})}
+	go func() { sup.Wait(); log.Close(); close(vm.done) }()
+	t.Cleanup(vm.Stop)
+	sock := filepath.Join(runDir, "qubes", "qrexec."+name)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return vm
+		}
+		select {
+		case <-vm.done:
+			b, _ := os.ReadFile(log.Name())
+			t.Fatalf("start-vm.sh %s ended: %s", name, b)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("qrexec-daemon of %s did not come up in a minute", name)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// pids are the sandbox's (bwrap) and the daemon's process ids.
+func (vm *QrexecVM) pids() (agent, daemon int) {
+	b, _ := os.ReadFile(filepath.Join(vm.runDir, "log", "pids."+vm.Name))
+	fmt.Sscan(string(b), &agent, &daemon)
+	return agent, daemon
+}
+
+// Crash kills the whole sandbox at once, as a qube that crashes (killing only the
+// agent would not end calls in progress).
+func (vm *QrexecVM) Crash() {
+	if agent, _ := vm.pids(); agent > 0 {
+		syscall.Kill(agent, syscall.SIGKILL)
+	}
+}
+
+// Freeze stops every process of the qube (a hung qube); Thaw lets them go on.
+func (vm *QrexecVM) Freeze() { vm.signalSandbox(syscall.SIGSTOP) }
+func (vm *QrexecVM) Thaw()   { vm.signalSandbox(syscall.SIGCONT) }
+
+func (vm *QrexecVM) signalSandbox(sig syscall.Signal) {
+	agent, _ := vm.pids()
+	if agent <= 0 {
+		return
+	}
+	var tree func(pid int)
+	tree = func(pid int) {
+		syscall.Kill(pid, sig)
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+		for _, c := range strings.Fields(string(b)) {
+			var child int
+			fmt.Sscan(c, &child)
+			tree(child)
+		}
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", agent, agent))
+	for _, c := range strings.Fields(string(b)) {
+		var child int
+		fmt.Sscan(c, &child)
+		tree(child)
+	}
+}
+
+// Stop ends the qube and its daemon and waits for them.
+func (vm *QrexecVM) Stop() {
+	if vm.sup.Process != nil {
+		vm.sup.Process.Signal(syscall.SIGTERM)
+	}
+	<-vm.done
+}
