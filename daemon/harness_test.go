@@ -77,7 +77,9 @@ type world struct {
 	qubes   *qubes.Client
 	daemon  *exec.Cmd
 	logPath string
-	real    bool // the Admin API is the real qubesd
+	real    bool // the Admin API is the real qubesd, and qrexec the real one
+	// qrexecClient is the real qrexec's client for qcryptd ("": the stand-in's)
+	qrexecClient string
 	// daemonArgs are added to qcryptd's command line.
 	daemonArgs []string
 }
@@ -120,8 +122,10 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	// The simulator, maybe behind the real qubesd.
 	args := []string{"serve", "--socket", w.socket, "--state", w.simDir, "--demo"}
 	if v, ok := strings.CutPrefix(dialect, "real-"); ok {
-		args = append(args, "--qubes-version", v, "--real-qubesd", simtest.RealQubesd(t))
+		// Real qubesd and real qrexec: only Xen and the qubes' insides are simulated.
+		args = append(args, "--qubes-version", v, "--real-qubesd", simtest.RealQubesd(t), "--real-qrexec", simtest.RealQrexec(t, v))
 		w.real = true
+		w.qrexecClient = sim.QrexecClientPath(filepath.Join(w.simDir, "qrexec"))
 	} else {
 		args = append(args, "--qubes-version", dialect)
 	}
@@ -137,6 +141,13 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 		if t.Failed() {
 			data, _ := os.ReadFile(filepath.Join(dir, "sim.log"))
 			t.Logf("qubes-sim log:\n%s", tail(data, 20000))
+			socks, _ := exec.Command("sh", "-c", "cd "+filepath.Join(w.simDir, "qrexec", "qubes")+" && for f in *; do echo $f $(readlink $f); done").CombinedOutput()
+			t.Logf("qrexec sockets:\n%s", socks)
+			logs, _ := filepath.Glob(filepath.Join(w.simDir, "qrexec", "log", "*.log"))
+			for _, l := range logs {
+				data, _ := os.ReadFile(l)
+				t.Logf("%s:\n%s", filepath.Base(l), tail(data, 4000))
+			}
 		}
 	})
 	w.qubes = qubes.NewClient(w.socket)
@@ -145,6 +156,14 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 		return sim.Ping(w.socket) == nil
 	})
 	return w
+}
+
+// qrexecCommand is what qcryptd runs as qrexec-client.
+func (w *world) qrexecCommand() string {
+	if w.qrexecClient != "" {
+		return w.qrexecClient
+	}
+	return bin(w.t, "qubes-sim") + " qrexec-client --socket " + w.socket
 }
 
 // restartBus stops the system bus and starts a new one at the same address, as a
@@ -200,7 +219,7 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 	w.logPath = filepath.Join(w.dir, fmt.Sprintf("qcryptd-%d.log", time.Now().UnixNano()))
 	logf, _ := os.Create(w.logPath)
 	cmd := exec.Command(bin(w.t, "qcryptd"), "--config-root", w.conf, "--target", "demo", "--qubesd-socket", w.socket,
-		"--qrexec-client", bin(w.t, "qubes-sim")+" qrexec-client --socket "+w.socket, "--state-dir", filepath.Join(w.dir, "state"),
+		"--qrexec-client", w.qrexecCommand(), "--state-dir", filepath.Join(w.dir, "state"),
 		"--dom0-root", filepath.Join(w.simDir, "qubes", "dom0"), "--log-level", "debug")
 	cmd.Args = append(cmd.Args, w.daemonArgs...)
 	cmd.Env = append(append(os.Environ(), "DBUS_SYSTEM_BUS_ADDRESS="+w.busAddr), extraEnv...)

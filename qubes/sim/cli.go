@@ -17,8 +17,9 @@ import (
 
 const usage = `usage:
   qubes-sim serve --socket PATH [--state DIR] [--qubes-version 4.2|4.3] [--demo] [--backend sandbox|kernel]
-                  [--real-qubesd DIR]
+                  [--real-qubesd DIR] [--real-qrexec DIR]
   qubes-sim qrexec-client --socket PATH -d VM [-w SECS] USER:CMDLINE
+  qubes-sim qrexec-ready --socket PATH -d VM [...]   (before the real qrexec-client; --real-qrexec)
   qubes-sim ctl --socket PATH COMMAND [ARGS]
 
 ctl commands:
@@ -56,6 +57,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return serve(args[2:], stderr)
 	case "qrexec-client":
 		return QrexecClient(args[2:])
+	case "qrexec-ready":
+		return QrexecReady(args[2:], stderr)
 	case "sandbox-init":
 		return SandboxInit(args[2:])
 	case "qube-holder":
@@ -79,6 +82,7 @@ func serve(args []string, stderr io.Writer) int {
 	demo := fs.Bool("demo", false, "start with the demo world")
 	backend := fs.String("backend", BackendSandbox, "how qubes run: sandbox (fake block tools) or kernel (real kernel; root)")
 	real := fs.String("real-qubesd", "", "folder with the real qubesd's start.sh: it serves the Admin API, the simulator runs the qubes")
+	realQrexec := fs.String("real-qrexec", "", "a build of the real qrexec (real-qrexec/build.sh OUT): qubes run its agent; callers use STATE/qrexec/qrexec-client")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -95,7 +99,7 @@ func serve(args []string, stderr io.Writer) int {
 		defer os.RemoveAll(dir)
 		*state = dir
 	}
-	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *real})
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *real, RealQrexec: *realQrexec})
 	if err != nil {
 		fmt.Fprintln(stderr, "qubes-sim:", err)
 		return 1

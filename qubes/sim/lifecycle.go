@@ -236,7 +236,17 @@ func (w *World) start(name string) error {
 func (w *World) boot(vm *VM) error {
 	resetRoot(vm)
 	if w.hk != nil {
-		return w.hk.boot(vm)
+		if err := w.hk.boot(vm); err != nil {
+			return err
+		}
+	}
+	if w.rq != nil {
+		if err := w.rq.start(vm); err != nil {
+			if w.hk != nil {
+				w.hk.teardown(vm)
+			}
+			return err
+		}
 	}
 	return nil
 }
@@ -325,6 +335,9 @@ func (w *World) kill(name string) error {
 // attachments to it vanish, attachments from it go stale. R4.2 sends no device events
 // for any of this; R4.3 reports removed ports and detaches.
 func (w *World) powerOff(vm *VM, clean bool) {
+	if w.rq != nil {
+		w.rq.stopVM(vm)
+	}
 	for cmd := range vm.procs {
 		killGroup(cmd)
 	}

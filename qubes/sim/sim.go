@@ -36,6 +36,10 @@ type Config struct {
 	// RealQubesd is the folder holding the real qubesd's start.sh: when set, the Admin
 	// API on Socket is that server and the simulator plays Xen and the qubes' agents.
 	RealQubesd string
+	// RealQrexec is a build of ../shared/real-qrexec (build.sh's OUT): when set, qubes
+	// run the real qrexec-agent and dom0 the real qrexec-daemon, reached with the
+	// qrexec-client at QrexecClientPath(Dir/qrexec).
+	RealQrexec string
 	Log        io.Writer // the simulator's own messages; default stderr
 }
 
@@ -118,6 +122,16 @@ func Start(cfg Config) (*Sim, error) {
 	default:
 		return nil, fmt.Errorf("cannot run qubes on backend %q: use %s or %s", cfg.Backend, BackendSandbox, BackendKernel)
 	}
+	if cfg.RealQrexec != "" {
+		if s.bwrap == "" {
+			if s.bwrap, err = exec.LookPath(cfg.Bwrap); err != nil {
+				return nil, fmt.Errorf("cannot find bubblewrap (apt-get install bubblewrap): %w", err)
+			}
+		}
+		if w.rq, err = newRealQrexec(cfg.RealQrexec, filepath.Join(cfg.Dir, "qrexec"), s.toolsDir, s.bwrap, ControlSocket(cfg.Socket), cfg.ToolsBinary); err != nil {
+			return nil, err
+		}
+	}
 	if err := s.listenKernel("dom0"); err != nil {
 		return nil, err
 	}
@@ -188,6 +202,9 @@ func (s *Sim) Close() error {
 	}
 	s.World.mu.Lock()
 	for _, vm := range s.World.vms {
+		if s.World.rq != nil {
+			s.World.rq.stopVM(vm)
+		}
 		for cmd := range vm.procs {
 			killGroup(cmd)
 		}
@@ -198,6 +215,9 @@ func (s *Sim) Close() error {
 	}
 	for s2 := range s.World.subs {
 		s.World.dropSubscriber(s2)
+	}
+	if s.World.rq != nil {
+		os.RemoveAll(s.World.rq.sockets)
 	}
 	s.World.mu.Unlock()
 	return nil
@@ -330,6 +350,13 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 	}
 	switch req.Op {
 	case "ping":
+	case "qrexec-ready":
+		// The real qrexec-client is about to reach the qube: what qubesd did (a start,
+		// an attach) reaches it first, as Xen's part is done before qubesd answers.
+		if s.real != nil {
+			s.real.barrier()
+			s.real.logErr(s.real.syncVM(context.Background(), req.VM))
+		}
 	case "restart-qubesd":
 		err = s.RestartQubesd()
 	case "exec":

@@ -428,3 +428,51 @@ func TestStartWaitsForAStartUnderWay(t *testing.T) {
 		t.Errorf("first start: %v", err)
 	}
 }
+
+// With the real qrexec, calls go through Qubes' qrexec-client, qrexec-daemon and
+// qrexec-agent; the agent and daemon start and die with their qube, and a qube that
+// dies during a call ends it as the real qrexec-client says (255).
+func TestRealQrexec(t *testing.T) {
+	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+		t.Run(string(d), func(t *testing.T) {
+			f := simtest.StartRealQrexec(t, d)
+			res, err := f.Runner.Run(ctx, "sys-usb", "hostname; [ -f /home/user/demo.luks ] || exit 9; exit 3", nil)
+			if err != nil || res.ExitCode != 3 || string(res.Stdout) != "sys-usb\n" {
+				t.Fatalf("call in sys-usb: %+v %v", res, err)
+			}
+			var te *qubes.TransportError
+			if _, err := f.Runner.Run(ctx, "work", "true", nil); !errors.As(err, &te) || te.Code != qubes.ExitQrexecProblem {
+				t.Errorf("call in a halted qube: %v, want 125", err)
+			}
+			for boot := 1; boot <= 2; boot++ {
+				if err := f.Client.Start(ctx, "work"); err != nil {
+					t.Fatal(err)
+				}
+				if res, err := f.Runner.Run(ctx, "work", "hostname", nil); err != nil || string(res.Stdout) != "work\n" {
+					t.Fatalf("boot %d: call in work: %+v %v", boot, res, err)
+				}
+				work, _ := f.VM("work")
+				errc := make(chan error, 1)
+				go func() {
+					_, err := f.Runner.Run(ctx, "work", "touch /tmp/running; sleep 60", nil)
+					errc <- err
+				}()
+				for {
+					if _, err := os.Stat(filepath.Join(work.Root(), "tmp", "running")); err == nil {
+						break
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+				if err := f.Client.Kill(ctx, "work"); err != nil {
+					t.Fatal(err)
+				}
+				if err := <-errc; !errors.As(err, &te) || te.Code != qubes.ExitQrexecLost {
+					t.Errorf("boot %d: qube killed during a call: %v, want 255", boot, err)
+				}
+				if _, err := f.Runner.Run(ctx, "work", "true", nil); !errors.As(err, &te) || te.Code != qubes.ExitQrexecProblem {
+					t.Errorf("boot %d: call after the kill: %v, want 125 (no daemon)", boot, err)
+				}
+			}
+		})
+	}
+}

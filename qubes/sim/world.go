@@ -43,6 +43,7 @@ type VM struct {
 	// booting is closed when a start under way ends; another start waits for it, as
 	// qubesd's startup_lock makes it.
 	booting chan struct{}
+	qrexec  *qrexecProcs // the real qrexec's agent and daemon while it runs (Config.RealQrexec)
 	// announced is R4.3 qubesd's device cache of this backend: what it last reported.
 	announced map[string]bool
 }
@@ -107,6 +108,7 @@ type World struct {
 	restarts int           // RestartQubesd calls: a held call of an earlier one is dropped
 
 	hk *hostKernel // the kernel backend; nil for the sandbox backend
+	rq *realQrexec // the real qrexec; nil: the stand-in qrexec-client only
 }
 
 // NewWorld creates an empty world (only dom0) whose qube trees live under dir.

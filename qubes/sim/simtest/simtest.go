@@ -101,6 +101,16 @@ func StartReal(t testing.TB, dialect sim.Dialect) *Fixture {
 	return start(t, sim.Config{Dialect: dialect, RealQubesd: RealQubesd(t), Demo: true})
 }
 
+// StartRealQrexec runs the simulator (its own qubesd, the demo world) with the real
+// qrexec of that release: its Runner uses the real qrexec-client, daemons and agents
+// (skipped where there is no real qrexec, see RealQrexec).
+func StartRealQrexec(t testing.TB, dialect sim.Dialect) *Fixture {
+	t.Helper()
+	f := start(t, sim.Config{Dialect: dialect, Demo: true, RealQrexec: RealQrexec(t, string(dialect))})
+	f.Runner.Command = []string{f.QrexecClient()}
+	return f
+}
+
 func start(t testing.TB, cfg sim.Config) *Fixture {
 	t.Helper()
 	RequireSandbox(t)
