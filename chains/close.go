@@ -204,38 +204,30 @@ type deviceLists struct {
 
 // Attached is Qubes.Attached, once per qube.
 func (l *deviceLists) Attached(ctx context.Context, vm string) ([]qubes.Attachment, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if a, ok := l.atts[vm]; ok {
-		return a, nil
-	}
-	a, err := l.q.Attached(ctx, vm)
-	if err != nil {
-		return nil, err
-	}
-	if l.atts == nil {
-		l.atts = map[string][]qubes.Attachment{}
-	}
-	l.atts[vm] = a
-	return a, nil
+	return once(l, &l.atts, vm, func() ([]qubes.Attachment, error) { return l.q.Attached(ctx, vm) })
 }
 
 // Available is Qubes.Available, once per backend.
 func (l *deviceLists) Available(ctx context.Context, backend string) ([]qubes.BlockDevice, error) {
+	return once(l, &l.available, backend, func() ([]qubes.BlockDevice, error) { return l.q.Available(ctx, backend) })
+}
+
+// once returns (*m)[key], fetching it the first time; failures are not kept.
+func once[V any](l *deviceLists, m *map[string]V, key string, fetch func() (V, error)) (V, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if d, ok := l.available[backend]; ok {
-		return d, nil
+	if v, ok := (*m)[key]; ok {
+		return v, nil
 	}
-	d, err := l.q.Available(ctx, backend)
+	v, err := fetch()
 	if err != nil {
-		return nil, err
+		return v, err
 	}
-	if l.available == nil {
-		l.available = map[string][]qubes.BlockDevice{}
+	if *m == nil {
+		*m = map[string]V{}
 	}
-	l.available[backend] = d
-	return d, nil
+	(*m)[key] = v
+	return v, nil
 }
 
 func (e *Engine) shutdown(ctx context.Context, vm string) error {
