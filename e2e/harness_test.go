@@ -17,6 +17,7 @@ import (
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubes/sim"
 )
 
 // The end-to-end tests run as root on a kernel with loop and dm-crypt (make e2e boots
@@ -29,7 +30,8 @@ const target = "e2e"
 // harness is the world the tests share.
 type harness struct {
 	dir, bin, socket, simDir, conf string
-	real                           bool // E2E_REAL_QUBESD: the Admin API is the real qubesd 4.3
+	real                           bool   // E2E_REAL_QUBESD: the Admin API is the real qubesd 4.3
+	qrexecClient                   string // E2E_REAL_QREXEC: the real qrexec's client for qcryptd
 	sim, daemon                    *exec.Cmd
 	daemonLog                      string
 	q                              *qubes.Client
@@ -90,6 +92,10 @@ func setup() (*harness, error) {
 		args = append(args, "--real-qubesd", dir)
 		hs.real = true
 	}
+	if build := os.Getenv("E2E_REAL_QREXEC"); build != "" {
+		args = append(args, "--real-qrexec", build)
+		hs.qrexecClient = sim.QrexecClientPath(filepath.Join(hs.simDir, "qrexec"))
+	}
 	hs.sim = exec.Command(filepath.Join(bin, "qubes-sim"), args...)
 	logf, _ := os.Create(filepath.Join(dir, "sim.log"))
 	hs.sim.Stdout, hs.sim.Stderr = logf, logf
@@ -147,12 +153,20 @@ func (hs *harness) dumpLogs() {
 	}
 }
 
+// qrexecCommand is what qcryptd runs as qrexec-client: the real one, or the stand-in.
+func (hs *harness) qrexecCommand() string {
+	if hs.qrexecClient != "" {
+		return hs.qrexecClient
+	}
+	return filepath.Join(hs.bin, "qubes-sim") + " qrexec-client --socket " + hs.socket
+}
+
 // startDaemon runs qcryptd on the e2e target and waits for its bus name.
 func (hs *harness) startDaemon() error {
 	hs.daemonLog = filepath.Join(hs.dir, fmt.Sprintf("qcryptd-%d.log", time.Now().UnixNano()))
 	logf, _ := os.Create(hs.daemonLog)
 	hs.daemon = exec.Command(filepath.Join(hs.bin, "qcryptd"), "--config-root", hs.conf, "--target", target,
-		"--qubesd-socket", hs.socket, "--qrexec-client", filepath.Join(hs.bin, "qubes-sim")+" qrexec-client --socket "+hs.socket,
+		"--qubesd-socket", hs.socket, "--qrexec-client", hs.qrexecCommand(),
 		"--state-dir", filepath.Join(hs.dir, "state"), "--dom0-root", hs.vmRoot("dom0"), "--log-level", "debug")
 	hs.daemon.Stdout, hs.daemon.Stderr = logf, logf
 	if err := hs.daemon.Start(); err != nil {

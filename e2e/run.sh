@@ -33,6 +33,18 @@ if [ -z "$real" ] && [ "$why" != "not asked for" ]; then
   if [ "${QCRYPT_REQUIRE_REAL_QUBESD:-}" = 1 ]; then echo "e2e: the real qubesd is required: $why" >&2; exit 1; fi
   echo "e2e: the core scenarios behind the real qubesd are skipped: $why"
 fi
+# With it, calls into qubes go through the real qrexec 4.3 (../shared/real-qrexec or
+# QCRYPT_REAL_QREXEC), built here once into the cache (QCRYPT_CACHE) before the guest
+# boots; missing, the stand-in qrexec-client serves, or CI fails (QCRYPT_REQUIRE_REAL_QREXEC=1).
+realq=""
+if [ -n "$real" ]; then
+  realq_src=${QCRYPT_REAL_QREXEC:-$(cd .. && pwd)/shared/real-qrexec}
+  if ! realq=$("$out/qubes-sim" build-real-qrexec "$realq_src" "${QCRYPT_CACHE:-}" 4.3 2>&1); then
+    if [ "${QCRYPT_REQUIRE_REAL_QREXEC:-}" = 1 ]; then echo "e2e: the real qrexec is required: $realq" >&2; exit 1; fi
+    echo "e2e: the core scenarios use the stand-in qrexec: $realq"
+    realq=""
+  fi
+fi
 core='^(TestLuksInitOpenWriteReopen|TestReadOnlyChain|TestAutoOpenOnStartAndCloseOnShutdown|TestAutoOpenOnPlug|TestDaemonKilledMidOpen)$'
 cat > "$out/tests.sh" <<SCRIPT
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -44,8 +56,8 @@ status=\$?
 echo "e2e: tests took \$((\$(date +%s) - start)) s on kernel \$(uname -r)"
 if [ -n "$real" ]; then
   start=\$(date +%s)
-  E2E_REAL_QUBESD="$real" "$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-20m} -test.run '$core' || status=1
-  echo "e2e: the core scenarios behind the real qubesd 4.3 took \$((\$(date +%s) - start)) s"
+  E2E_REAL_QUBESD="$real" E2E_REAL_QREXEC="$realq" "$out/e2e.test" -test.v -test.timeout ${E2E_TEST_TIMEOUT:-20m} -test.run '$core' || status=1
+  echo "e2e: the core scenarios behind the real qubesd 4.3${realq:+ and the real qrexec} took \$((\$(date +%s) - start)) s"
 fi
 exit \$status
 SCRIPT

@@ -210,9 +210,9 @@ type runnerWorld struct {
 	crash           func() // the running qube dies at once
 }
 
-func runnerWorlds(t *testing.T) map[string]func(t *testing.T) *runnerWorld {
-	return map[string]func(t *testing.T) *runnerWorld{
-		"stand-in": func(t *testing.T) *runnerWorld {
+func runnerWorlds() map[string]func(t testing.TB) *runnerWorld {
+	return map[string]func(t testing.TB) *runnerWorld{
+		"stand-in": func(t testing.TB) *runnerWorld {
 			f := simtest.StartDemo(t, sim.R42)
 			usb, _ := f.VM("sys-usb")
 			return &runnerWorld{runner: f.Runner, running: "sys-usb", halted: "work",
@@ -222,12 +222,12 @@ func runnerWorlds(t *testing.T) map[string]func(t *testing.T) *runnerWorld {
 				unhang: func() { f.Client.Unpause(context.Background(), "sys-usb") },
 				crash:  func() { f.Client.Kill(context.Background(), "sys-usb") }}
 		},
-		"real-4.2": func(t *testing.T) *runnerWorld { return realRunnerWorld(t, "4.2") },
-		"real-4.3": func(t *testing.T) *runnerWorld { return realRunnerWorld(t, "4.3") },
+		"real-4.2": func(t testing.TB) *runnerWorld { return realRunnerWorld(t, "4.2") },
+		"real-4.3": func(t testing.TB) *runnerWorld { return realRunnerWorld(t, "4.3") },
 	}
 }
 
-func realRunnerWorld(t *testing.T, version string) *runnerWorld {
+func realRunnerWorld(t testing.TB, version string) *runnerWorld {
 	out := simtest.RealQrexec(t, version)
 	run := t.TempDir()
 	vm := simtest.StartQrexecVM(t, out, run, "sys-usb", 2)
@@ -244,7 +244,7 @@ func realRunnerWorld(t *testing.T, version string) *runnerWorld {
 // floods, input, timeouts, a hung agent and a qube that dies during a call.
 func TestRunner(t *testing.T) {
 	ctx := context.Background()
-	for name, newWorld := range runnerWorlds(t) {
+	for name, newWorld := range runnerWorlds() {
 		t.Run(name, func(t *testing.T) {
 			w := newWorld(t)
 			testRunnerIn(t, ctx, w)
@@ -358,6 +358,21 @@ func testRunnerIn(t *testing.T, ctx context.Context, w *runnerWorld) {
 			t.Errorf("got %v, want transport error 255 (result unknown)", err)
 		}
 	})
+}
+
+// BenchmarkRunner reports one qubes.VMShell call of a short script through the stand-in
+// and through the real qrexec.
+func BenchmarkRunner(b *testing.B) {
+	for _, name := range []string{"stand-in", "real-4.2", "real-4.3"} {
+		b.Run(name, func(b *testing.B) {
+			w := runnerWorlds()[name](b)
+			for b.Loop() {
+				if res, err := w.runner.Run(context.Background(), w.running, "echo hi", nil); err != nil || string(res.Stdout) != "hi\n" {
+					b.Fatalf("%+v %v", res, err)
+				}
+			}
+		})
+	}
 }
 
 // The stand-in's qubes have the simulator's home directory.

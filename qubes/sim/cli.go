@@ -20,6 +20,7 @@ const usage = `usage:
                   [--real-qubesd DIR] [--real-qrexec DIR]
   qubes-sim qrexec-client --socket PATH -d VM [-w SECS] USER:CMDLINE
   qubes-sim qrexec-ready --socket PATH -d VM [...]   (before the real qrexec-client; --real-qrexec)
+  qubes-sim build-real-qrexec SRC CACHE 4.2|4.3     (builds ../shared/real-qrexec once; prints the build)
   qubes-sim ctl --socket PATH COMMAND [ARGS]
 
 ctl commands:
@@ -59,6 +60,18 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return QrexecClient(args[2:])
 	case "qrexec-ready":
 		return QrexecReady(args[2:], stderr)
+	case "build-real-qrexec":
+		if len(args) != 5 {
+			fmt.Fprintln(stderr, "usage: qubes-sim build-real-qrexec SRC CACHE 4.2|4.3")
+			return 2
+		}
+		out, err := BuildRealQrexec(args[2], args[3], args[4])
+		if err != nil {
+			fmt.Fprintln(stderr, "qubes-sim:", err)
+			return 1
+		}
+		fmt.Fprintln(stdout, out)
+		return 0
 	case "sandbox-init":
 		return SandboxInit(args[2:])
 	case "qube-holder":

@@ -1,6 +1,8 @@
 package sim
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -76,9 +78,13 @@ func newRealQrexec(build, dir, tools, bwrap, control, simBinary string) (*realQr
 	rq.sockets = sockets
 	help, _ := exec.Command(filepath.Join(lib, "qrexec-daemon"), "--help").CombinedOutput()
 	rq.uuid = strings.Contains(string(help), "--uuid")
-	// The qrexec-client callers use: the real one, once the qube is ready for it.
-	client := fmt.Sprintf("#!/bin/sh\n%s qrexec-ready --socket %s \"$@\"\nVCHAN_DOMAIN=0 VCHAN_SOCKET_DIR=%s exec %s --socket-dir=%s \"$@\"\n",
-		shq(simBinary), shq(strings.TrimSuffix(control, ".control")), shq(filepath.Join(dir, "vchan")),
+	// The qrexec-client callers use: the real one, once the qube is ready for it. The
+	// simulated dom0 (qcryptd --dom0-root) is reached through the stand-in: the real
+	// client refuses dom0 -> dom0, and qcryptd in a real dom0 runs its work locally.
+	admin := shq(strings.TrimSuffix(control, ".control"))
+	client := fmt.Sprintf("#!/bin/sh\ncase \" $* \" in *' -d dom0 '*) exec %s qrexec-client --socket %s \"$@\";; esac\n"+
+		"%s qrexec-ready --socket %s \"$@\"\nVCHAN_DOMAIN=0 VCHAN_SOCKET_DIR=%s exec %s --socket-dir=%s \"$@\"\n",
+		shq(simBinary), admin, shq(simBinary), admin, shq(filepath.Join(dir, "vchan")),
 		shq(filepath.Join(lib, "qrexec-client")), shq(sockets))
 	if err := os.WriteFile(QrexecClientPath(dir), []byte(client), 0o755); err != nil {
 		return nil, err
@@ -254,4 +260,56 @@ func QrexecReady(args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// BuildRealQrexec builds the real qrexec of a release ("4.2" or "4.3") with src's
+// build.sh (../shared/real-qrexec) into cache (default: the user's cache directory,
+// qcrypt/) once, and returns the build; a build is named by its sources, so changed
+// sources build anew. Concurrent callers (test binaries of several packages) wait for
+// one build.
+func BuildRealQrexec(src, cache, version string) (string, error) {
+	if _, err := os.Stat(filepath.Join(src, "build.sh")); err != nil {
+		return "", fmt.Errorf("%s/build.sh is missing", src)
+	}
+	h := sha256.New()
+	fmt.Fprintln(h, version)
+	files, _ := filepath.Glob(filepath.Join(src, "src", "*"))
+	for _, f := range append([]string{filepath.Join(src, "build.sh")}, files...) {
+		fh, err := os.Open(f)
+		if err != nil {
+			return "", err
+		}
+		io.Copy(h, fh)
+		fh.Close()
+	}
+	if cache == "" {
+		dir, err := os.UserCacheDir()
+		if err != nil {
+			return "", err
+		}
+		cache = filepath.Join(dir, "qcrypt")
+	}
+	out := filepath.Join(cache, "real-qrexec-"+version+"-"+hex.EncodeToString(h.Sum(nil))[:12])
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return "", err
+	}
+	lock, err := os.OpenFile(out+".lock", os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return "", err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "", err
+	}
+	done := filepath.Join(out, "built")
+	if _, err := os.Stat(done); err == nil {
+		return out, nil
+	}
+	cmd := exec.Command(filepath.Join(src, "build.sh"), out, version)
+	cmd.Dir = cache
+	if b, err := cmd.CombinedOutput(); err != nil {
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		return "", fmt.Errorf("build.sh %s failed (%v; make deps installs what it needs): %s", version, err, lines[len(lines)-1])
+	}
+	return out, os.WriteFile(done, nil, 0o644)
 }

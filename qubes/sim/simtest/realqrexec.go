@@ -1,10 +1,7 @@
 package simtest
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/qubes/sim"
 )
 
 // RealQrexecEnv names the folder of the real qrexec test equipment (build.sh,
@@ -23,7 +22,7 @@ const RealQrexecEnv = "QCRYPT_REAL_QREXEC"
 const RequireRealQrexecEnv = "QCRYPT_REQUIRE_REAL_QREXEC"
 
 // CacheEnv names where test equipment is built once and reused (default: the user's
-// cache directory, qcrypt/).
+// cache directory, qcrypt/; see sim.BuildRealQrexec).
 const CacheEnv = "QCRYPT_CACHE"
 
 var (
@@ -65,53 +64,8 @@ func buildRealQrexec(version string) string {
 		}
 		src = filepath.Join(filepath.Dir(root), "shared", "real-qrexec")
 	}
-	if _, err := os.Stat(filepath.Join(src, "build.sh")); err != nil {
-		return fmt.Sprintf("!%s/build.sh is missing (set %s)", src, RealQrexecEnv)
-	}
-	// The build is named by what it is made of, so changed sources build anew.
-	h := sha256.New()
-	fmt.Fprintln(h, version)
-	files, _ := filepath.Glob(filepath.Join(src, "src", "*"))
-	for _, f := range append([]string{filepath.Join(src, "build.sh")}, files...) {
-		fh, err := os.Open(f)
-		if err != nil {
-			return "!" + err.Error()
-		}
-		io.Copy(h, fh)
-		fh.Close()
-	}
-	cache := os.Getenv(CacheEnv)
-	if cache == "" {
-		dir, err := os.UserCacheDir()
-		if err != nil {
-			return "!" + err.Error()
-		}
-		cache = filepath.Join(dir, "qcrypt")
-	}
-	out := filepath.Join(cache, "real-qrexec-"+version+"-"+hex.EncodeToString(h.Sum(nil))[:12])
-	if err := os.MkdirAll(cache, 0o755); err != nil {
-		return "!" + err.Error()
-	}
-	// Test binaries of several packages may build at once: one builds, the others wait.
-	lock, err := os.OpenFile(out+".lock", os.O_CREATE|os.O_RDWR, 0o644)
+	out, err := sim.BuildRealQrexec(src, os.Getenv(CacheEnv), version)
 	if err != nil {
-		return "!" + err.Error()
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "!" + err.Error()
-	}
-	done := filepath.Join(out, "built")
-	if _, err := os.Stat(done); err == nil {
-		return out
-	}
-	cmd := exec.Command(filepath.Join(src, "build.sh"), out, version)
-	cmd.Dir = cache
-	if b, err := cmd.CombinedOutput(); err != nil {
-		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-		return fmt.Sprintf("!build.sh %s failed (%v; make deps installs what it needs): %s", version, err, lines[len(lines)-1])
-	}
-	if err := os.WriteFile(done, nil, 0o644); err != nil {
 		return "!" + err.Error()
 	}
 	return out
