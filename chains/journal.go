@@ -53,26 +53,26 @@ func (j *Journal) Write(r *Record) error {
 	}
 	p := j.path(r.Chain)
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(p), ".tmp-"+r.Chain+"-")
 	if err != nil {
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	defer os.Remove(tmp.Name())
 	if _, err := tmp.Write(data); err != nil {
 		tmp.Close()
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	if err := tmp.Sync(); err != nil {
 		tmp.Close()
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	if err := os.Rename(tmp.Name(), p); err != nil {
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	return nil
 }
@@ -86,15 +86,15 @@ func (j *Journal) SetUserClosed(chain string, closed bool) error {
 	p := filepath.Join(j.Dir, "chains", chain+".user-closed")
 	if !closed {
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("cannot write journal: %w", err)
+			return fmt.Errorf("cannot write journal %s: %w", p, err)
 		}
 		return nil
 	}
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	if err := os.WriteFile(p, nil, 0o600); err != nil {
-		return fmt.Errorf("cannot write journal: %w", err)
+		return fmt.Errorf("cannot write journal %s: %w", p, err)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -591,4 +592,82 @@ func TestLoopReloadClearsUserClose(t *testing.T) {
 		cs := d.ListChains()
 		return len(cs) == 1 && cs[0].State == StateOpen && cs[0].MountPoint == "/mnt/other"
 	})
+}
+
+// A state directory that became read-only or full while qcryptd was stopped: at the
+// start the open chain is found open from its journal, a close still takes it down,
+// an open is refused with an error naming the journal file and changes nothing, and the
+// other chain is not affected. Needs root (a read-only bind mount, a full tmpfs).
+func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount the state directory read-only or full")
+	}
+	mount := func(t *testing.T, args ...string) {
+		t.Helper()
+		if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
+			t.Fatalf("mount %v: %v: %s", args, err, out)
+		}
+	}
+	for name, spoil := range map[string]func(t *testing.T, state string){
+		"read-only": func(t *testing.T, state string) {
+			mount(t, "--bind", state, state)
+			t.Cleanup(func() { exec.Command("umount", state).Run() })
+			mount(t, "-o", "remount,bind,ro", state)
+		},
+		"full": func(t *testing.T, state string) {
+			// The journal moves onto a tiny tmpfs that is then filled up.
+			saved := t.TempDir()
+			exec.Command("cp", "-a", state+"/.", saved).Run()
+			mount(t, "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", state)
+			t.Cleanup(func() { exec.Command("umount", state).Run() })
+			exec.Command("cp", "-a", saved+"/.", state).Run()
+			exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(state, "filler"), "bs=4k").Run() // ends with ENOSPC
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := simtest.StartDemo(t, sim.R43)
+			conf, state := t.TempDir(), t.TempDir()
+			os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+			os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(loopDemoChain), 0o644)
+			other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "destination vm 2=work", "destination vm 2=vault").Replace(loopDemoChain)
+			os.WriteFile(filepath.Join(conf, "demo", "other.ini"), []byte(other), 0o644)
+			_, rec, stop := runLoop(t, f, conf, state)
+			f.Client.Start(context.Background(), "work")
+			waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+			stop()
+			spoil(t, state)
+
+			d, rec, _ := runLoop(t, f, conf, state)
+			waitFor(t, "demo found open", func() bool { return rec.last("demo") == StateOpen })
+			waitFor(t, "other waits", func() bool { return rec.last("other") == StateWaiting })
+			id, err := d.Close(0, "demo", chains.CloseOptions{})
+			if err != nil || !jobDone(t, rec, id) {
+				t.Fatalf("close without a journal: %v", err)
+			}
+			var c *chains.Chain
+			d.do(func() { c = d.chains["demo"].c })
+			if st, err := d.engine.Status(context.Background(), c); err != nil || !st.Closed() {
+				t.Fatalf("after the close: %+v %v", st, err)
+			}
+			id, err = d.Open(0, "demo", chains.OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if jobDone(t, rec, id) {
+				t.Fatal("opened without a journal")
+			}
+			journal := filepath.Join(state, "chains", "demo.json")
+			for _, ci := range d.ListChains() {
+				switch {
+				case ci.Name == "demo" && !strings.Contains(ci.LastError, "cannot write journal "+journal):
+					t.Errorf("the refused open does not name the journal file: %q", ci.LastError)
+				case ci.Name == "other" && (ci.State != StateWaiting || ci.LastError != ""):
+					t.Errorf("other: %+v", ci)
+				}
+			}
+			if st, err := d.engine.Status(context.Background(), c); err != nil || !st.Closed() {
+				t.Errorf("the refused open changed something: %+v %v", st, err)
+			}
+		})
+	}
 }
