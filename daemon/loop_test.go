@@ -511,11 +511,13 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 	}
 }
 
-// A corrupt journal file at start-up: its chain, found partly open, is degraded with an
-// error naming the file; another chain is not affected.
-func TestLoopCorruptJournalAtStartup(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R43)
-	conf, state := t.TempDir(), t.TempDir()
+// openedThenStopped runs the daemon with chain demo and a chain "other" that waits for
+// a qube that does not exist, opens demo and stops the daemon: how the restart
+// scenarios begin.
+func openedThenStopped(t *testing.T) (f *simtest.Fixture, conf, state string) {
+	t.Helper()
+	f = simtest.StartDemo(t, sim.R43)
+	conf, state = t.TempDir(), t.TempDir()
 	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
 	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(loopDemoChain), 0o644)
 	other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "destination vm 2=work", "destination vm 2=vault").Replace(loopDemoChain)
@@ -524,6 +526,13 @@ func TestLoopCorruptJournalAtStartup(t *testing.T) {
 	f.Client.Start(context.Background(), "work")
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	stop()
+	return f, conf, state
+}
+
+// A corrupt journal file at start-up: its chain, found partly open, is degraded with an
+// error naming the file; another chain is not affected.
+func TestLoopCorruptJournalAtStartup(t *testing.T) {
+	f, conf, state := openedThenStopped(t)
 	f.Sh(t, "work", "umount /mnt/demo && cryptsetup close demo")
 	journal := filepath.Join(state, "chains", "demo.json")
 	os.WriteFile(journal, []byte(`{"chain": "demo", "op": "op`), 0o600) // truncated
@@ -625,16 +634,7 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 		},
 	} {
 		t.Run(name, func(t *testing.T) {
-			f := simtest.StartDemo(t, sim.R43)
-			conf, state := t.TempDir(), t.TempDir()
-			os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
-			os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(loopDemoChain), 0o644)
-			other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "destination vm 2=work", "destination vm 2=vault").Replace(loopDemoChain)
-			os.WriteFile(filepath.Join(conf, "demo", "other.ini"), []byte(other), 0o644)
-			_, rec, stop := runLoop(t, f, conf, state)
-			f.Client.Start(context.Background(), "work")
-			waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
-			stop()
+			f, conf, state := openedThenStopped(t)
 			spoil(t, state)
 
 			d, rec, _ := runLoop(t, f, conf, state)
