@@ -56,13 +56,9 @@ func RealQrexec(t testing.TB, version string) string {
 }
 
 func buildRealQrexec(version string) string {
-	src := os.Getenv(RealQrexecEnv)
-	if src == "" {
-		root, err := moduleRoot()
-		if err != nil {
-			return "!" + err.Error()
-		}
-		src = filepath.Join(filepath.Dir(root), "shared", "real-qrexec")
+	src, err := equipment(RealQrexecEnv, "real-qrexec")
+	if err != nil {
+		return "!" + err.Error()
 	}
 	out, err := sim.BuildRealQrexec(src, os.Getenv(CacheEnv), version)
 	if err != nil {
@@ -71,14 +67,19 @@ func buildRealQrexec(version string) string {
 	return out
 }
 
-func moduleRoot() (string, error) {
+// equipment is the folder of a piece of test equipment: $env, or ../shared/name beside
+// the module root.
+func equipment(env, name string) (string, error) {
+	if dir := os.Getenv(env); dir != "" {
+		return dir, nil
+	}
 	wd, err := os.Getwd()
 	if err != nil {
 		return "", err
 	}
 	for d := wd; ; d = filepath.Dir(d) {
 		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			return d, nil
+			return filepath.Join(filepath.Dir(d), "shared", name), nil
 		}
 		if filepath.Dir(d) == d {
 			return "", fmt.Errorf("cannot find the module root")
@@ -100,13 +101,9 @@ type QrexecVM struct {
 // its sockets in runDir; it is stopped when the test ends.
 func StartQrexecVM(t testing.TB, out, runDir, name string, domid int) *QrexecVM {
 	t.Helper()
-	src := os.Getenv(RealQrexecEnv)
-	if src == "" {
-		root, err := moduleRoot()
-		if err != nil {
-			t.Fatal(err)
-		}
-		src = filepath.Join(filepath.Dir(root), "shared", "real-qrexec")
+	src, err := equipment(RealQrexecEnv, "real-qrexec")
+	if err != nil {
+		t.Fatal(err)
 	}
 	client := filepath.Join(runDir, "qrexec-client")
 	wrapper := fmt.Sprintf("#!/bin/sh\nQREXEC_RUN_DIR=%s exec %s \"$@\"\n", runDir, filepath.Join(out, "bin", "qrexec-client"))

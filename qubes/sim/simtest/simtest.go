@@ -200,21 +200,9 @@ func RealQubesd(t testing.TB) string {
 }
 
 func findRealQubesd() (dir, why string) {
-	dir = os.Getenv(RealQubesdEnv)
-	if dir == "" {
-		wd, err := os.Getwd()
-		if err != nil {
-			return "", err.Error()
-		}
-		for d := wd; ; d = filepath.Dir(d) {
-			if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-				dir = filepath.Join(filepath.Dir(d), "shared", "real-qubesd")
-				break
-			}
-			if filepath.Dir(d) == d {
-				return "", "cannot find the module root"
-			}
-		}
+	dir, err := equipment(RealQubesdEnv, "real-qubesd")
+	if err != nil {
+		return "", err.Error()
 	}
 	if _, err := os.Stat(filepath.Join(dir, "start.sh")); err != nil {
 		return "", fmt.Sprintf("%s/start.sh is missing (set %s)", dir, RealQubesdEnv)
