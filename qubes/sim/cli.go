@@ -18,7 +18,7 @@ import (
 const usage = `usage:
   qubes-sim serve --socket PATH [--state DIR] [--qubes-version 4.2|4.3] [--demo] [--backend sandbox|kernel]
                   [--real-qubesd DIR] [--real-qrexec DIR]
-  qubes-sim qrexec-client --socket PATH -d VM [-w SECS] USER:CMDLINE
+  qubes-sim qrexec-client --socket PATH [--ready] -d VM [-w SECS] USER:CMDLINE
   qubes-sim qrexec-ready --socket PATH -d VM [...]   (before the real qrexec-client; --real-qrexec)
   qubes-sim build-real-qrexec SRC CACHE 4.2|4.3     (builds ../shared/real-qrexec once; prints the build)
   qubes-sim ctl --socket PATH COMMAND [ARGS]

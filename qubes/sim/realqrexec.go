@@ -118,7 +118,8 @@ func (rq *realQrexec) start(vm *VM) error {
 	}
 	// qubes.VMShell (core-agent-linux: exec /bin/bash) runs in the qube's own sandbox.
 	admin := agentControlDir + "/" + strings.TrimSuffix(filepath.Base(rq.control), ".control")
-	shell := fmt.Sprintf("#!/bin/sh\nexec %s/qubes-sim qrexec-client --socket %s -d %s 'root:QUBESRPC qubes.VMShell+ dom0'\n",
+	// --ready: the caller's qrexec-ready has made the qube ready for this call.
+	shell := fmt.Sprintf("#!/bin/sh\nexec %s/qubes-sim qrexec-client --socket %s --ready -d %s 'root:QUBESRPC qubes.VMShell+ dom0'\n",
 		sandboxTools, shq(admin), shq(vm.Name))
 	if err := os.WriteFile(filepath.Join(svc, "qubes.VMShell"), []byte(shell), 0o755); err != nil {
 		return err

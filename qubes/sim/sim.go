@@ -272,6 +272,9 @@ type ctlRequest struct {
 	User    string `json:"user,omitempty"`
 	Cmdline string `json:"cmdline,omitempty"`
 	Wait    int    `json:"wait,omitempty"` // qrexec-client -w
+	// Ready: the call came through the real qrexec, after qrexec-ready made the qube
+	// ready; exec need not do it again.
+	Ready bool `json:"ready,omitempty"`
 
 	Image string `json:"image,omitempty"`
 	Desc  string `json:"desc,omitempty"`
@@ -353,10 +356,7 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 	case "qrexec-ready":
 		// The real qrexec-client is about to reach the qube: what qubesd did (a start,
 		// an attach) reaches it first, as Xen's part is done before qubesd answers.
-		if s.real != nil {
-			s.real.barrier()
-			s.real.logErr(s.real.syncVM(context.Background(), req.VM))
-		}
+		s.makeReady(req.VM)
 	case "restart-qubesd":
 		err = s.RestartQubesd()
 	case "exec":
@@ -432,6 +432,16 @@ func closedByPeer(c net.Conn) <-chan struct{} {
 	return gone
 }
 
+// makeReady makes what qubesd did before a call (a start, an attach) reach the qube,
+// and reads the qube back once more in case an event did not show it all. With the
+// simulator's own qubesd that is so already.
+func (s *Sim) makeReady(vm string) {
+	if s.real != nil {
+		s.real.barrier()
+		s.real.logErr(s.real.syncVM(context.Background(), vm))
+	}
+}
+
 func reply(c net.Conn, v any) {
 	b, _ := json.Marshal(v)
 	c.Write(append(b, '\n'))
@@ -448,10 +458,9 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 	}
 	argv, ok := parseCmdline(req.Cmdline)
 	if s.real != nil {
-		// What qubesd did before this call (a start, an attach) has reached the qube,
-		// and the qube is read back once more in case an event did not show it all.
-		s.real.barrier()
-		s.real.logErr(s.real.syncVM(context.Background(), req.VM))
+		if !req.Ready {
+			s.makeReady(req.VM)
+		}
 		// What the command did to block devices reaches qubesd, as udev would report it.
 		defer func() { s.real.logErr(s.real.report()) }()
 	}
@@ -664,6 +673,7 @@ func readReply(c net.Conn) (ctlResponse, error) {
 func QrexecClient(args []string) int {
 	socket := qubes.DefaultSocket
 	var vm, wait string
+	var ready bool
 	var rest []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -679,6 +689,8 @@ func QrexecClient(args []string) int {
 			socket = next()
 		case a == "-d":
 			vm = next()
+		case a == "--ready":
+			ready = true
 		case a == "-w":
 			wait = next()
 		case a == "-t" || a == "-T" || a == "-E":
@@ -703,7 +715,7 @@ func QrexecClient(args []string) int {
 		fmt.Fprintln(os.Stderr, "qrexec-client: command line must be USER:CMDLINE")
 		return 2
 	}
-	req := ctlRequest{Op: "exec", VM: vm, User: user, Cmdline: cmdline}
+	req := ctlRequest{Op: "exec", VM: vm, User: user, Cmdline: cmdline, Ready: ready}
 	fmt.Sscan(wait, &req.Wait)
 	conn, err := net.Dial("unix", ControlSocket(socket))
 	if err != nil {
