@@ -41,7 +41,7 @@ type realQrexec struct {
 	sockets string // the daemons' sockets (short: see newRealQrexec)
 	tools   string // the simulator's tools directory (its binary)
 	bwrap   string
-	control string // the control socket; its directory is bound into every agent sandbox
+	control string // the control socket; its directory is bound read-only into every agent sandbox
 	uuid    bool   // the daemon takes --uuid (4.3)
 	domid   int    // the last domain id given; each boot gets a new one, as on Xen
 }
@@ -160,7 +160,7 @@ func (rq *realQrexec) start(vm *VM) error {
 		"--ro-bind", filepath.Join(lib, "qubes-rpc-multiplexer"), agentDir+"/qubes-rpc-multiplexer",
 		"--bind", filepath.Join(rq.dir, "vchan"), "/run/vchan", "--dir", "/run/qubes",
 		"--ro-bind", rq.tools, sandboxTools,
-		"--bind", filepath.Dir(rq.control), agentControlDir,
+		"--ro-bind", filepath.Dir(rq.control), agentControlDir,
 		// The agent built without PAM: it runs QUBESRPC services as its own user, root
 		// of this user namespace (the PAM agent needs the host's root).
 		"--unshare-all", "--unshare-user", "--uid", "0", "--gid", "0",
