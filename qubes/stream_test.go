@@ -349,7 +349,11 @@ func testRunnerIn(t *testing.T, ctx context.Context, w *runnerWorld) {
 			if _, err := os.Stat(marker); err == nil {
 				break
 			}
-			time.Sleep(10 * time.Millisecond)
+			select {
+			case err := <-errc:
+				t.Fatalf("the call ended (%v) before it ran", err)
+			case <-time.After(10 * time.Millisecond):
+			}
 		}
 		w.crash()
 		err := <-errc

@@ -409,14 +409,18 @@ func TestKernelFaults(t *testing.T) {
 // makes it: it returns once the qube runs, not while it is still transient.
 func TestStartWaitsForAStartUnderWay(t *testing.T) {
 	f := simtest.StartDemo(t, sim.R43)
-	f.World.StartDelay = 2 * time.Second
+	f.World.StartDelay = 5 * time.Second
 	first := make(chan error, 1)
 	go func() { first <- f.Client.Start(ctx, "work") }()
 	for {
 		if st, _ := f.Client.CurrentState(ctx, "work"); st == qubes.StateTransient {
 			break
 		}
-		time.Sleep(10 * time.Millisecond)
+		select {
+		case err := <-first:
+			t.Fatalf("the first start ended (%v) before work was seen starting", err)
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
 	if err := f.Client.Start(ctx, "work"); err != nil {
 		t.Fatalf("second start: %v", err)
@@ -461,7 +465,11 @@ func TestRealQrexec(t *testing.T) {
 					if _, err := os.Stat(filepath.Join(work.Root(), "tmp", "running")); err == nil {
 						break
 					}
-					time.Sleep(10 * time.Millisecond)
+					select {
+					case err := <-errc:
+						t.Fatalf("boot %d: the call ended (%v) before it ran", boot, err)
+					case <-time.After(10 * time.Millisecond):
+					}
 				}
 				if err := f.Client.Kill(ctx, "work"); err != nil {
 					t.Fatal(err)
