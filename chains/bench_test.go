@@ -45,13 +45,17 @@ func BenchmarkChain(b *testing.B) {
 		r := newRig(b, sim.R42)
 		c := benchChain(b, r, layers)
 		for _, vm := range c.VMs()[1:len(c.Hops)] {
-			r.Client.Shutdown(bg, vm, false, true)
+			if err := r.Client.Shutdown(bg, vm, false, true); err != nil {
+				b.Fatal(err)
+			}
 		}
 		b.Run(fmt.Sprintf("layers=%d/op=open-cold", layers), func(b *testing.B) {
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
 				for _, vm := range c.VMs()[1:len(c.Hops)] {
-					r.Client.Shutdown(bg, vm, false, true)
+					if err := r.Client.Shutdown(bg, vm, false, true); err != nil {
+						b.Fatal(err)
+					}
 				}
 				client := qubes.NewClient(r.Socket())
 				fresh := &Engine{Qubes: client, Runner: r.Runner}

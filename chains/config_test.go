@@ -15,22 +15,26 @@ import (
 const base = "source vm=sys-usb\nsource file=/c.luks\nkey=k\ndestination vm 1=mediator\ndestination vm 2=work\n"
 
 // replace swaps one key=value line of base (or appends when old is "").
-func conf(old, new string) string {
+func conf(old, repl string) string {
 	if old == "" {
-		return base + new + "\n"
+		return base + repl + "\n"
 	}
-	return strings.Replace(base, old+"\n", new+"\n", 1)
+	return strings.Replace(base, old+"\n", repl+"\n", 1)
 }
 
 func loadOne(t *testing.T, content string, mode os.FileMode, asRoot bool) (*Chain, ConfigErrors) {
 	t.Helper()
 	dir := t.TempDir()
-	os.Chmod(dir, 0o755)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	p := filepath.Join(dir, "c.ini")
 	if err := os.WriteFile(p, []byte(content), mode); err != nil {
 		t.Fatal(err)
 	}
-	os.Chmod(p, mode)
+	if err := os.Chmod(p, mode); err != nil {
+		t.Fatal(err)
+	}
 	return LoadFile(p, asRoot)
 }
 
@@ -98,31 +102,41 @@ func TestConfigOwnership(t *testing.T) {
 	hook := conf("", "pre open command=logger x")
 	tests := map[string]struct {
 		content string
-		change  func(root, target, file string)
+		change  func(root, target, file string) error
 		want    string // "" = accepted
 	}{
-		"root 0644 with hooks":      {hook, func(r, d, f string) {}, ""},
-		"root 0600 without hooks":   {base, func(r, d, f string) { os.Chmod(f, 0o600) }, ""},
-		"world-writable, no hooks":  {base, func(r, d, f string) { os.Chmod(f, 0o666) }, "group or world writable (mode 0666)"},
-		"group-writable with hooks": {hook, func(r, d, f string) { os.Chmod(f, 0o664) }, "group or world writable"},
-		"file owned by nobody":      {base, func(r, d, f string) { os.Chown(f, 65534, 65534) }, "owned by uid 65534"},
-		"file is a link":            {base, func(r, d, f string) { os.Rename(f, f+".real"); os.Symlink(f+".real", f) }, "symbolic link"},
-		"target dir group-writable": {base, func(r, d, f string) { os.Chmod(d, 0o775) }, "cannot trust configuration directory"},
-		"target dir sticky 1777":    {base, func(r, d, f string) { os.Chmod(d, os.ModeSticky|0o777) }, "group or world writable"},
-		"target dir owned by other": {base, func(r, d, f string) { os.Chown(d, 65534, 65534) }, "owned by uid 65534"},
-		"config root writable":      {base, func(r, d, f string) { os.Chmod(r, 0o777) }, "cannot trust configuration directory"},
-		"config root sticky 1777":   {base, func(r, d, f string) { os.Chmod(r, os.ModeSticky|0o777) }, ""},
+		"root 0644 with hooks":      {hook, func(r, d, f string) error { return nil }, ""},
+		"root 0600 without hooks":   {base, func(r, d, f string) error { return os.Chmod(f, 0o600) }, ""},
+		"world-writable, no hooks":  {base, func(r, d, f string) error { return os.Chmod(f, 0o666) }, "group or world writable (mode 0666)"},
+		"group-writable with hooks": {hook, func(r, d, f string) error { return os.Chmod(f, 0o664) }, "group or world writable"},
+		"file owned by nobody":      {base, func(r, d, f string) error { return os.Chown(f, 65534, 65534) }, "owned by uid 65534"},
+		"file is a link":            {base, func(r, d, f string) error { return errors.Join(os.Rename(f, f+".real"), os.Symlink(f+".real", f)) }, "symbolic link"},
+		"target dir group-writable": {base, func(r, d, f string) error { return os.Chmod(d, 0o775) }, "cannot trust configuration directory"},
+		"target dir sticky 1777":    {base, func(r, d, f string) error { return os.Chmod(d, os.ModeSticky|0o777) }, "group or world writable"},
+		"target dir owned by other": {base, func(r, d, f string) error { return os.Chown(d, 65534, 65534) }, "owned by uid 65534"},
+		"config root writable":      {base, func(r, d, f string) error { return os.Chmod(r, 0o777) }, "cannot trust configuration directory"},
+		"config root sticky 1777":   {base, func(r, d, f string) error { return os.Chmod(r, os.ModeSticky|0o777) }, ""},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			root := t.TempDir()
-			os.Chmod(root, 0o755)
+			if err := os.Chmod(root, 0o755); err != nil {
+				t.Fatal(err)
+			}
 			target := filepath.Join(root, "default")
-			os.Mkdir(target, 0o755)
+			if err := os.Mkdir(target, 0o755); err != nil {
+				t.Fatal(err)
+			}
 			file := filepath.Join(target, "c.ini")
-			os.WriteFile(file, []byte(tc.content), 0o644)
-			os.Chmod(file, 0o644)
-			tc.change(root, target, file)
+			if err := os.WriteFile(file, []byte(tc.content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(file, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.change(root, target, file); err != nil {
+				t.Fatal(err)
+			}
 			got, err := LoadTarget(target, true)
 			if tc.want == "" {
 				if err != nil || len(got) != 1 {

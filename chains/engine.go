@@ -311,7 +311,8 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 			if err := acts[i].undo(rctx); err != nil {
 				e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": acts[i].step.VM}).WithError(err).Error("rollback step failed")
 				rec.Steps[i].State = "failed"
-				failed = fmt.Errorf("%w; rollback of %q failed too: %v", failed, acts[i].step.Desc, err)
+				// The open's failure keeps its class; the rollback's error is only told.
+				failed = fmt.Errorf("%w; rollback of %q failed too: %v", failed, acts[i].step.Desc, err) //nolint:errorlint
 			} else {
 				rec.Steps[i].State = "undone"
 			}

@@ -139,7 +139,9 @@ func TestOpenRefusals(t *testing.T) {
 		"target not running": {func(t *testing.T, r *rig, c *Chain) {}, "target qube work (autostart is off)"},
 		"source not running": {func(t *testing.T, r *rig, c *Chain) {
 			r.start(t, "work")
-			r.Client.Shutdown(bg, "sys-usb", false, true)
+			if err := r.Client.Shutdown(bg, "sys-usb", false, true); err != nil {
+				t.Fatal(err)
+			}
 		}, "source qube sys-usb"},
 		"missing qube": {func(t *testing.T, r *rig, c *Chain) { c.Hops[1].VM = "nosuchvm" }, "qube nosuchvm does not exist"},
 		"missing container": {func(t *testing.T, r *rig, c *Chain) {
@@ -156,7 +158,9 @@ func TestOpenRefusals(t *testing.T) {
 		}, "wrong key"},
 		"paused target": {func(t *testing.T, r *rig, c *Chain) {
 			r.start(t, "work")
-			r.Client.Pause(bg, "work")
+			if err := r.Client.Pause(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 		}, "is paused"},
 		"keystore injection": {func(t *testing.T, r *rig, c *Chain) {
 			r.start(t, "work")
@@ -186,7 +190,9 @@ func TestOpenRefusals(t *testing.T) {
 
 func TestAutostartStartsSourceAndTarget(t *testing.T) {
 	r := newRig(t, sim.R42)
-	r.Client.Shutdown(bg, "sys-usb", false, true)
+	if err := r.Client.Shutdown(bg, "sys-usb", false, true); err != nil {
+		t.Fatal(err)
+	}
 	c := demoChain()
 	c.Autostart = true
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -225,7 +231,9 @@ func TestKeyInjection(t *testing.T) {
 		t.Fatal(err)
 	}
 	inj := filepath.Join(t.TempDir(), "work_demo")
-	os.WriteFile(inj, key, 0o600)
+	if err := os.WriteFile(inj, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r.Sh(t, "work", "rm /home/user/.qcrypt/keys/demo")
 	c := demoChain()
 	c.Hops[1].Inject = inj
@@ -238,7 +246,9 @@ func TestKeyInjection(t *testing.T) {
 	}
 	// An existing key is never overwritten.
 	r.e.Close(bg, c, CloseOptions{}, nil)
-	os.WriteFile(inj, []byte("other"), 0o600)
+	if err := os.WriteFile(inj, []byte("other"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
 		t.Fatalf("open with an existing key and a different injection: %v", err)
 	}
@@ -338,7 +348,9 @@ func TestStatusCounts(t *testing.T) {
 	if got := r.status(t, c).Missing; got != 2+2+3 {
 		t.Errorf("missing file: %d", got)
 	}
-	r.Client.Shutdown(bg, "sys-usb", false, true)
+	if err := r.Client.Shutdown(bg, "sys-usb", false, true); err != nil {
+		t.Fatal(err)
+	}
 	if got := r.status(t, c).Missing; got != 3+2+3 {
 		t.Errorf("source down: %d", got)
 	}
@@ -605,7 +617,9 @@ func TestCloseWithoutJournal(t *testing.T) {
 		t.Fatal(err)
 	}
 	notADir := filepath.Join(t.TempDir(), "file")
-	os.WriteFile(notADir, nil, 0o600)
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r.e.Journal = &Journal{Dir: notADir}
 	if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
 		t.Fatalf("close without a journal: %v", err)

@@ -142,6 +142,7 @@ func (j *Journal) Read(chain string) (*Record, error) {
 // Decision is what Reconcile concludes for a chain at start-up.
 type Decision int
 
+// The decisions Reconcile makes.
 const (
 	DecideClosed      Decision = iota // nothing open, nothing to do
 	DecideAdopt                       // healthy and complete: take it as open

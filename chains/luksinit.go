@@ -190,7 +190,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	// A caller's entropy source may block for good (a terminal): a cancel ends its reads.
 	for _, r := range []io.Reader{s.KeyEntropy, s.ContainerEntropy} {
 		if d, ok := r.(interface{ SetReadDeadline(time.Time) error }); ok {
-			stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
+			stop := context.AfterFunc(ctx, func() { _ = d.SetReadDeadline(time.Now()) })
 			defer stop()
 		}
 	}
@@ -309,7 +309,7 @@ func (e *Engine) expectAbsent(ctx context.Context, vm, p string, code int) error
 // copyIn streams exactly size bytes of src to dst in vm (mode 0600, refusing to
 // overwrite), reporting bytes as they go.
 func (e *Engine) copyIn(ctx context.Context, vm string, src io.Reader, dst string, size int64, bytes func(int64)) error {
-	var in io.Reader = io.LimitReader(src, size)
+	in := io.LimitReader(src, size)
 	if bytes != nil {
 		in = &countingReader{r: in, report: bytes}
 	}

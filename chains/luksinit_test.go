@@ -191,9 +191,15 @@ func TestCleanPrivateDir(t *testing.T) {
 	r := luksRig(t)
 	dom0, _ := r.VM("dom0")
 	left := filepath.Join(dom0.Root(), simPrivateDir, "luks-init.abcdefgh")
-	os.MkdirAll(left, 0o700)
-	os.WriteFile(filepath.Join(left, "key0"), []byte("secret key bytes"), 0o600)
-	os.WriteFile(filepath.Join(left, "container"), []byte("ciphertext"), 0o600)
+	if err := os.MkdirAll(left, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(left, "key0"), []byte("secret key bytes"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(left, "container"), []byte("ciphertext"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if err := r.e.CleanPrivateDir(bg); err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +213,9 @@ func TestCleanPrivateDir(t *testing.T) {
 func TestWipeOverwritesKeysInPlace(t *testing.T) {
 	dir := t.TempDir()
 	key := filepath.Join(dir, "key0")
-	os.WriteFile(key, []byte("secret key bytes"), 0o600)
+	if err := os.WriteFile(key, []byte("secret key bytes"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	f, err := os.Open(key) // still sees the inode after the removal
 	if err != nil {
 		t.Fatal(err)

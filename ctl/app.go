@@ -51,7 +51,7 @@ type API interface {
 	Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presence func(running bool)) error
 	Jobs(ctx context.Context) ([]dbusapi.JobInfo, error)
 	CancelJob(ctx context.Context, job dbus.ObjectPath) error
-	Disconnect() error
+	Disconnect()
 }
 
 // app is one invocation.
@@ -217,12 +217,12 @@ func parse(c *command, args []string) (*parsed, error) {
 
 // spec builds an ad-hoc chain from SOURCE_VM FILE KEY DST... and the options; errors
 // are usage errors.
-func (p *parsed) spec(rw bool) (dbusapi.Spec, error) {
+func (p *parsed) spec() (dbusapi.Spec, error) {
 	if len(p.args) < 4 {
 		return dbusapi.Spec{}, errors.New("needs SOURCE_VM FILE KEY DST (one or more destinations)")
 	}
 	s := dbusapi.Spec{SourceVM: p.args[0], File: p.args[1], Key: p.args[2], Destinations: p.args[3:],
-		MountPoint: p.value("--mp"), ReadOnly: !rw || p.flags["--ro"], Autostart: p.flags["--autostart"]}
+		MountPoint: p.value("--mp"), ReadOnly: p.flags["--ro"], Autostart: p.flags["--autostart"]}
 	// --mp "" is the original's "mounted anywhere" (status); it mounts nothing.
 	s.MountAnywhere = len(p.values["--mp"]) > 0 && s.MountPoint == ""
 	pairs := func(name string) map[string]string {
@@ -276,5 +276,7 @@ func (a *app) open(name string, flag int, perm os.FileMode) (*os.File, error) {
 func (a *app) printJSON(v any) {
 	enc := json.NewEncoder(a.out)
 	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	if err := enc.Encode(v); err != nil {
+		fmt.Fprintf(a.err, "qcryptctl: cannot write JSON: %v\n", err)
+	}
 }

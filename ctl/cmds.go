@@ -151,7 +151,7 @@ func cmdStatus(a *app, p *parsed) int {
 	case 1:
 		st, err = api.Status(a.ctx, p.args[0])
 	default:
-		spec, serr := p.spec(true)
+		spec, serr := p.spec()
 		if serr != nil {
 			return a.usageError(serr.Error())
 		}
@@ -359,7 +359,7 @@ func cmdOpen(a *app, p *parsed) int {
 		}
 		return a.job(api, api.Open(p.args[0], o), p.flags["--json"])
 	}
-	spec, err := p.spec(true)
+	spec, err := p.spec()
 	if err != nil {
 		return a.usageError(err.Error())
 	}
@@ -384,7 +384,7 @@ func cmdClose(a *app, p *parsed) int {
 	case 1:
 		return a.job(api, api.Close(p.args[0], closeOptions(p)), p.flags["--json"])
 	}
-	spec, err := p.spec(true)
+	spec, err := p.spec()
 	if err != nil {
 		return a.usageError(err.Error())
 	}
@@ -392,7 +392,7 @@ func cmdClose(a *app, p *parsed) int {
 }
 
 func cmdLuksInit(a *app, p *parsed) int {
-	spec, err := p.spec(true)
+	spec, err := p.spec()
 	if err != nil {
 		return a.usageError(err.Error())
 	}
@@ -517,7 +517,7 @@ func cmdPlan(a *app, p *parsed) int {
 	if len(p.args) == 1 {
 		steps, err = api.Plan(a.ctx, op, p.args[0], nil, options)
 	} else {
-		spec, serr := p.spec(true)
+		spec, serr := p.spec()
 		if serr != nil {
 			return a.usageError(serr.Error())
 		}

@@ -187,7 +187,7 @@ func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presen
 	return f.rec("Watch")
 }
 
-func (f *fakeAPI) Disconnect() error { return nil }
+func (f *fakeAPI) Disconnect() {}
 
 // fakeJobs: qcryptd's own open of demo hangs; a luks-init waits behind nothing.
 var fakeJobs = []dbusapi.JobInfo{
@@ -269,8 +269,12 @@ func TestGoldenOutput(t *testing.T) {
 			api := &fakeAPI{}
 			// @TMP@ is a fresh directory (files the client makes go there), shown as @TMP@.
 			tmp := t.TempDir()
-			os.MkdirAll(filepath.Join(tmp, "old"), 0o700)
-			os.WriteFile(filepath.Join(tmp, "old", "work_k"), []byte("old key"), 0o600)
+			if err := os.MkdirAll(filepath.Join(tmp, "old"), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(tmp, "old", "work_k"), []byte("old key"), 0o600); err != nil {
+				t.Fatal(err)
+			}
 			args := make([]string, len(tc.args))
 			for i, a := range tc.args {
 				args[i] = strings.ReplaceAll(a, "@TMP@", tmp)

@@ -2,6 +2,7 @@ package ctl
 
 import (
 	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,7 +34,9 @@ func (f *fakeNotifications) Notify(app string, replaces uint32, icon, summary, b
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var urgency byte
-	hints["urgency"].Store(&urgency)
+	if err := hints["urgency"].Store(&urgency); err != nil {
+		return 0, dbus.MakeFailedError(fmt.Errorf("urgency hint: %w", err))
+	}
 	f.calls = append(f.calls, notifyCall{replaces, summary, body, urgency, timeout})
 	if replaces != 0 {
 		return replaces, nil
@@ -58,15 +61,17 @@ func sessionBus(t *testing.T) string {
 	}
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "session.conf")
-	os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+	if err := os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>session</type><listen>unix:path=`+dir+`/bus</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>`), 0o644)
+<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
 	out, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() { cmd.Process.Kill(); _ = cmd.Wait() })
 	addr, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil {
 		t.Fatal(err)
@@ -82,7 +87,9 @@ func TestNotifyAgent(t *testing.T) {
 	}
 	defer server.Close()
 	fake := &fakeNotifications{}
-	server.Export(fake, "/org/freedesktop/Notifications", "org.freedesktop.Notifications")
+	if err := server.Export(fake, "/org/freedesktop/Notifications", "org.freedesktop.Notifications"); err != nil {
+		t.Fatal(err)
+	}
 	if r, err := server.RequestName("org.freedesktop.Notifications", dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
 		t.Fatalf("name: %v %v", r, err)
 	}

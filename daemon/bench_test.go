@@ -56,7 +56,9 @@ func BenchmarkOpenClose(b *testing.B) {
 		b.Run(dialect, func(b *testing.B) {
 			w := newWorld(b, dialect, permissiveBus)
 			w.writeChain("demo", demoChain)
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				b.Fatal(err)
+			}
 			w.startDaemon()
 			c := w.client()
 			w.waitState(c, "demo", "open", time.Minute)
@@ -90,8 +92,12 @@ func BenchmarkOpenClose(b *testing.B) {
 func BenchmarkFiftyChains(b *testing.B) {
 	const n = 50
 	w := newWorld(b, "4.3", permissiveBus)
-	w.qubes.Start(bg, "mediator")
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "mediator"); err != nil {
+		b.Fatal(err)
+	}
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		b.Fatal(err)
+	}
 	for i := 0; i < n; i++ {
 		w.sh("sys-usb", fmt.Sprintf("cp /home/user/demo.luks /home/user/c%02d.luks", i))
 		for _, vm := range []string{"mediator", "work"} {
@@ -100,8 +106,12 @@ func BenchmarkFiftyChains(b *testing.B) {
 		w.writeChain(fmt.Sprintf("c%02d", i), strings.NewReplacer("key=demo", fmt.Sprintf("key=k%02d", i),
 			"demo.luks", fmt.Sprintf("c%02d.luks", i), "/mnt/demo", fmt.Sprintf("/mnt/c%02d", i)).Replace(demoChain))
 	}
-	w.qubes.Shutdown(bg, "work", false, true)
-	w.qubes.Shutdown(bg, "mediator", false, true)
+	if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
+		b.Fatal(err)
+	}
+	if err := w.qubes.Shutdown(bg, "mediator", false, true); err != nil {
+		b.Fatal(err)
+	}
 	// calls reads the simulator's counters: "admin", "qrexec" and one per Admin API method.
 	calls := func() map[string]int {
 		m := map[string]int{}
@@ -143,7 +153,9 @@ func BenchmarkFiftyChains(b *testing.B) {
 		w.eventually("all wait", time.Minute, allSettled(c, func(s string) bool { return s == "waiting" }))
 		c0 := calls()
 		t0 := time.Now()
-		w.qubes.Start(bg, "work")
+		if err := w.qubes.Start(bg, "work"); err != nil {
+			b.Fatal(err)
+		}
 		w.eventually("all open", 5*time.Minute, allSettled(c, func(s string) bool { return s == "open" }))
 		settle := time.Since(t0)
 		c1 := calls()
@@ -154,7 +166,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 			}
 		}
 		d.Process.Signal(syscall.SIGTERM)
-		d.Wait()
+		_ = d.Wait() // ended by a signal we sent; its status is not the point
 		c2 := calls()
 		t1 := time.Now()
 		d = w.startDaemon()
@@ -181,11 +193,15 @@ func BenchmarkFiftyChains(b *testing.B) {
 		b.ReportMetric(float64(admin), "startup-admin")
 		b.ReportMetric(float64(qrexec), "startup-qrexec")
 		// Back to the start: all closed, work and mediator halted.
-		w.qubes.Shutdown(bg, "work", false, true)
+		if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
+			b.Fatal(err)
+		}
 		w.eventually("all wait again", 5*time.Minute, allSettled(c, func(s string) bool { return s == "waiting" || s == "closed" }))
-		w.qubes.Shutdown(bg, "mediator", false, true)
+		if err := w.qubes.Shutdown(bg, "mediator", false, true); err != nil {
+			b.Fatal(err)
+		}
 		d.Process.Signal(syscall.SIGTERM)
-		d.Wait()
+		_ = d.Wait() // ended by a signal we sent; its status is not the point
 	}
 }
 

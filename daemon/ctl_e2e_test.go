@@ -66,14 +66,16 @@ func TestQcryptctlEndToEnd(t *testing.T) {
 	expect(0, "2 chains closed", "close-all")
 
 	d.Process.Signal(syscall.SIGTERM)
-	d.Wait()
+	_ = d.Wait() // ended by a signal we sent; its status is not the point
 	expect(69, "qcryptd is not running", "list")
 }
 
 func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
 	w, _, c := demoDaemon(t, "waiting")
 	// The chain would open on its own once work runs; close it and make the next open slow.
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	w.waitState(c, "demo", "open", 30*time.Second)
 	if out, code := w.qcryptctl("close", "demo"); code != 0 {
 		t.Fatalf("close: %d %s", code, out)
@@ -89,7 +91,7 @@ func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
 	w.waitState(c, "demo", "opening", 20*time.Second)
 	time.Sleep(300 * time.Millisecond)
 	cmd.Process.Signal(syscall.SIGINT)
-	cmd.Wait()
+	_ = cmd.Wait() // its exit code is checked next
 	if code := cmd.ProcessState.ExitCode(); code != 130 || !strings.Contains(out.String(), "canceled") {
 		t.Errorf("Ctrl-C: exit %d, output:\n%s", code, out.String())
 	}
@@ -109,7 +111,9 @@ func TestAdhocIdentity(t *testing.T) {
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("other", strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks").Replace(demoChain))
 	w.startDaemon()
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	spec := []string{"sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}
 	run := func(wantCode int, wantOut string, args ...string) {
 		t.Helper()
@@ -131,7 +135,7 @@ func TestAdhocIdentity(t *testing.T) {
 	for _, restart := range []bool{false, true} {
 		if restart {
 			w.daemon.Process.Signal(syscall.SIGTERM)
-			w.daemon.Wait()
+			_ = w.daemon.Wait() // ended by a signal we sent; its status is not the point
 			w.startDaemon()
 		}
 		for name, wrong := range wrongs {
@@ -188,7 +192,9 @@ func TestCrossMachineLockThroughQcryptctl(t *testing.T) {
 	w.startDaemon()
 	c := w.client()
 	w.waitState(c, "demo", "waiting", 30*time.Second)
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	ci := w.waitState(c, "demo", "failed", time.Minute)
 	if !strings.Contains(ci.LastError, "locked by another machine: machine "+other+" (chain demo, since 2025-12-03 22:13 UTC)") {
 		t.Errorf("last error %q", ci.LastError)

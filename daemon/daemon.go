@@ -57,9 +57,9 @@ type Options struct {
 	Runner                       chains.Runner
 	Dom0                         chains.Dom0
 	Log                          *logrus.Entry
-	Notify                       func(state string) // sd_notify; nil: not under systemd
-	Watchdog                     time.Duration      // ping interval; 0: none
-	AsRoot                       bool               // enforce ownership rules of hook files
+	Notify                       func(state string) error // sd_notify; nil: not under systemd
+	Watchdog                     time.Duration            // ping interval; 0: none
+	AsRoot                       bool                     // enforce ownership rules of hook files
 	Hook                         func(ctx context.Context, command string, env []string) error
 	HookTimeout                  time.Duration // bounds one hook run; 0: DefaultHookTimeout
 	PrivateDir                   string        // luks-init's dom0 directory; "": chains.DefaultPrivateDir
@@ -312,7 +312,9 @@ func (d *Daemon) do(f func()) bool {
 
 func (d *Daemon) notify(state string) {
 	if d.o.Notify != nil {
-		d.o.Notify(state)
+		if err := d.o.Notify(state); err != nil {
+			d.log.WithError(err).Warn("cannot notify systemd")
+		}
 	}
 }
 

@@ -89,7 +89,9 @@ func TestFaultMatrix(t *testing.T) {
 			// loaded (they take well under a second here); only the held ones do.
 			w.daemonArgs = []string{"--command-timeout", "8s"}
 			w.writeChain("demo", demoChain)
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 			w.startDaemon()
 			c := w.client()
 			w.waitState(c, "demo", "open", time.Minute)
@@ -146,7 +148,7 @@ func (w *world) faultCase(t *testing.T, kind string, fs faultStep) string {
 	switch kind {
 	case "qcryptd":
 		w.daemon.Process.Signal(syscall.SIGKILL)
-		w.daemon.Wait()
+		_ = w.daemon.Wait() // ended by a signal we sent; its status is not the point
 		w.ctl("release")
 		w.startDaemon()
 		w.reconciled(t)
@@ -161,7 +163,7 @@ func (w *world) faultCase(t *testing.T, kind string, fs faultStep) string {
 		reconnected(time.Minute)
 	}
 	if closeCmd != nil {
-		closeCmd.Wait()
+		_ = closeCmd.Wait() // a close under a fault may fail; the checks below judge the end
 	}
 	if kind == "call" {
 		w.settle(t) // the failed call or the command timeout ends the step

@@ -50,12 +50,14 @@ func bin(t testing.TB, name string) string {
 			return
 		}
 		simtest.AtExit(func() { os.RemoveAll(binDir) })
-		os.Chmod(binDir, 0o755)
+		if binErr = os.Chmod(binDir, 0o755); binErr != nil {
+			return
+		}
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim", "github.com/qcrypt/qcrypt/cmd/qcryptctl",
 			"github.com/qcrypt/qcrypt/daemon/testdata/sigprobe")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			binErr = fmt.Errorf("%v: %s", err, out)
+			binErr = fmt.Errorf("%w: %s", err, out)
 		}
 	})
 	if binErr != nil {
@@ -107,10 +109,14 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.Chmod(dir, 0o755)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	w := &world{t: t, dir: dir, socket: filepath.Join(dir, "qubesd.sock"), simDir: filepath.Join(dir, "sim"), conf: filepath.Join(dir, "conf")}
-	os.MkdirAll(w.simDir, 0o755)
+	if err := os.MkdirAll(w.simDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	// The bus.
 	addr, stop, err := dbustest.Start(dir, policy)
 	if err != nil {
@@ -137,7 +143,7 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	}
 	t.Cleanup(func() {
 		simCmd.Process.Signal(syscall.SIGTERM)
-		simCmd.Wait()
+		_ = simCmd.Wait() // its log, shown below on a failure, tells how it ended
 		if t.Failed() {
 			data, _ := os.ReadFile(filepath.Join(dir, "sim.log"))
 			t.Logf("qubes-sim log:\n%s", tail(data, 20000))
@@ -197,7 +203,9 @@ func (w *world) holdAutoOpenInWork() {
 
 // writeChain adds a chain file to the demo target.
 func (w *world) writeChain(name, content string) {
-	os.MkdirAll(filepath.Join(w.conf, "demo"), 0o755)
+	if err := os.MkdirAll(filepath.Join(w.conf, "demo"), 0o755); err != nil {
+		w.t.Fatal(err)
+	}
 	if err := os.WriteFile(filepath.Join(w.conf, "demo", name+".ini"), []byte(content), 0o644); err != nil {
 		w.t.Fatal(err)
 	}
@@ -235,7 +243,7 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 				w.t.Errorf("qcryptd did not stop within a minute of SIGTERM")
 				cmd.Process.Signal(syscall.SIGQUIT) // its goroutines go to the log
 			})
-			cmd.Wait()
+			_ = cmd.Wait() // how it ended is in its log
 			stopped.Stop()
 		}
 		if w.t.Failed() {
@@ -260,7 +268,9 @@ func demoDaemon(t testing.TB, state string) (*world, *exec.Cmd, *dbusapi.Client)
 	w := newWorld(t, "4.2", permissiveBus)
 	w.writeChain("demo", demoChain)
 	if state == "open" {
-		w.qubes.Start(bg, "work")
+		if err := w.qubes.Start(bg, "work"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	d := w.startDaemon()
 	c := w.client()

@@ -57,7 +57,9 @@ func TestWorkStartOpensAndShutdownCloses(t *testing.T) {
 				t.Errorf("sys-usb still has %q", out)
 			}
 			// And the data is there on the next start.
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 			w.waitState(c, "demo", "open", 30*time.Second)
 			if got := string(w.sh("work", "cat /mnt/demo/f").Stdout); got != "kept\n" {
 				t.Errorf("after reopen: %q", got)
@@ -89,7 +91,9 @@ destination vm 2=work
 destination mount point=/mnt/usb-demo
 startup interval=0
 `)
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 			w.startDaemon()
 			c := w.client()
 			ci := w.waitState(c, "usb", "waiting", 30*time.Second)
@@ -193,7 +197,7 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 			w.waitState(c, "demo", "waiting", 30*time.Second)
 			w.holdAutoOpenInWork()
 			d.Process.Signal(syscall.SIGKILL)
-			d.Wait()
+			_ = d.Wait() // ended by a signal we sent; its status is not the point
 			w.ctl("qrexec-fault", "work", "none")
 			w.startDaemon()
 			c = w.client()
@@ -217,11 +221,13 @@ func TestTargetShutDownWhileStopped(t *testing.T) {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
 			w.writeChain("demo", demoChain)
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 			d := w.startDaemon()
 			w.waitState(w.client(), "demo", "open", time.Minute)
 			d.Process.Signal(syscall.SIGTERM)
-			d.Wait()
+			_ = d.Wait() // ended by a signal we sent; its status is not the point
 			if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
 				t.Fatal(err)
 			}
@@ -251,7 +257,9 @@ func TestFailedRollbackUndoneOnReconnect(t *testing.T) {
 	w.waitState(c, "demo", "waiting", 30*time.Second)
 	w.ctl("fault", "admin.vm.device.block.Attach", "empty", "work")
 	w.ctl("fault", "admin.vm.device.block.Detach", "empty")
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	ci := w.waitState(c, "demo", "failed", time.Minute)
 	if !strings.Contains(ci.LastError, "rollback") {
 		t.Errorf("last error %q does not tell of the failed rollback", ci.LastError)
@@ -309,7 +317,9 @@ func TestQubeKilledMidOpen(t *testing.T) {
 			})
 			// And the next start opens it.
 			w.ctl("qrexec-fault", "work", "none")
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 			w.waitState(c, "demo", "open", time.Minute)
 		})
 	}
@@ -323,7 +333,9 @@ func TestQubesdRestartWhileOpen(t *testing.T) {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
 			w.writeChain("demo", demoChain)
-			w.qubes.Start(bg, "work")
+			if err := w.qubes.Start(bg, "work"); err != nil {
+				t.Fatal(err)
+			}
 			w.startDaemon()
 			c := w.client()
 			w.waitState(c, "demo", "open", time.Minute)
@@ -355,7 +367,9 @@ func TestQubesdRestartWhileOpen(t *testing.T) {
 func TestSystemBusRestart(t *testing.T) {
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	w.startDaemon()
 	w.waitState(w.client(), "demo", "open", time.Minute)
 	w.busStop()
@@ -376,7 +390,9 @@ func TestSystemBusRestart(t *testing.T) {
 	})
 	c := w.client()
 	w.waitState(c, "demo", "waiting", time.Minute)
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	w.waitState(c, "demo", "open", time.Minute)
 }
 
@@ -463,7 +479,7 @@ func TestEventToOpenLatency(t *testing.T) {
 		ready := make(chan struct{})
 		go func() {
 			close(ready)
-			c.Watch(ctx, func(ev dbusapi.ChainEvent) {
+			_ = c.Watch(ctx, func(ev dbusapi.ChainEvent) { // ends with ctx
 				if ev.Chain == "demo" && ev.State == "open" {
 					select {
 					case opened <- time.Now():
@@ -485,7 +501,9 @@ func TestEventToOpenLatency(t *testing.T) {
 			t.Fatalf("run %d: no open", i)
 		}
 		cancel()
-		w.qubes.Shutdown(bg, "work", false, true)
+		if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
+			t.Fatal(err)
+		}
 		w.waitState(c, "demo", "waiting", 30*time.Second)
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
@@ -531,14 +549,20 @@ func TestPreOpenHookVetoesAndPostHooksRun(t *testing.T) {
 	w := newWorld(t, "4.2", permissiveBus)
 	mark := filepath.Join(w.dir, "hooks.log")
 	veto := filepath.Join(w.dir, "veto")
-	os.WriteFile(veto, nil, 0o644)
+	if err := os.WriteFile(veto, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	w.writeChain("demo", demoChain+
 		"pre open command=echo pre-open $QCRYPT_CHAIN $QCRYPT_TARGET_VM $QCRYPT_MOUNT_POINT >> "+mark+"; [ ! -e "+veto+" ]\n"+
 		"post open command=echo post-open >> "+mark+"\n"+
 		"pre close command=echo pre-close >> "+mark+"; false\n"+
 		"post close command=echo post-close >> "+mark+"\n")
-	os.Chmod(filepath.Join(w.conf, "demo", "demo.ini"), 0o644)
-	w.qubes.Start(bg, "work")
+	if err := os.Chmod(filepath.Join(w.conf, "demo", "demo.ini"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	w.startDaemon()
 	c := w.client()
 	ci := w.waitState(c, "demo", "failed", 30*time.Second)

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -77,9 +78,13 @@ func startLoopWith(t *testing.T, files map[string]string, before ...func(*simtes
 		b(f)
 	}
 	conf := t.TempDir()
-	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for name, content := range files {
-		os.WriteFile(filepath.Join(conf, "demo", name+".ini"), []byte(content), 0o644)
+		if err := os.WriteFile(filepath.Join(conf, "demo", name+".ini"), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	d, rec, _ := runLoop(t, f, conf, t.TempDir())
 	return f, d, rec
@@ -98,7 +103,12 @@ func runLoop(t *testing.T, f *simtest.Fixture, conf, state string) (*Daemon, *re
 	d.SetPublisher(rec)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { d.Run(ctx); close(done) }()
+	go func() {
+		if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			t.Errorf("run: %v", err)
+		}
+		close(done)
+	}()
 	var once sync.Once
 	stop := func() { once.Do(func() { cancel(); <-done }) }
 	t.Cleanup(stop)
@@ -119,7 +129,9 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 	f, d, rec := startLoop(t)
 	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	// The event stream drops: the loop resyncs and adopts the open chain.
 	f.DropEventStreams()
@@ -131,7 +143,9 @@ func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 	if rec.last("demo") != StateOpen {
 		t.Errorf("after resync: %v", rec.states["demo"])
 	}
-	f.Client.Kill(context.Background(), "work")
+	if err := f.Client.Kill(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "closed again", func() bool { return rec.last("demo") == StateWaiting })
 	ids := d.ListChains()
 	if len(ids) != 1 || ids[0].Name != "demo" {
@@ -157,17 +171,20 @@ func TestLoopQubeStartsDuringResync(t *testing.T) {
 
 func TestLoopConcurrentRequests(t *testing.T) {
 	f, d, rec := startLoop(t)
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	var wg sync.WaitGroup
 	for i := 0; i < 40; i++ {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
+			// Half of them are refused (another job is under way): what counts is the end.
 			if i%2 == 0 {
-				d.Open(0, "demo", chains.OpenOptions{})
+				_, _ = d.Open(0, "demo", chains.OpenOptions{})
 			} else {
-				d.Close(0, "demo", chains.CloseOptions{})
+				_, _ = d.Close(0, "demo", chains.CloseOptions{})
 			}
 			d.ListChains()
 		}(i)
@@ -200,7 +217,8 @@ func TestLoopConcurrentRequests(t *testing.T) {
 }
 
 func toRemote(err error) error {
-	if e, ok := err.(*dbusapi.Error); ok {
+	var e *dbusapi.Error
+	if errors.As(err, &e) {
 		return &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + e.Reason, Msg: e.Msg}
 	}
 	return err
@@ -208,7 +226,9 @@ func toRemote(err error) error {
 
 func TestLoopCancelRollsBack(t *testing.T) {
 	f, d, rec := startLoop(t)
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	d.Close(0, "demo", chains.CloseOptions{})
 	waitFor(t, "closed", func() bool { return rec.last("demo") == StateClosed })
@@ -241,7 +261,9 @@ func TestLoopCancelRollsBack(t *testing.T) {
 // many are asked for (each here fails after it started: the container is missing).
 func TestLoopFailedAdhocChainsAreRemoved(t *testing.T) {
 	f, d, rec := startLoop(t)
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	const n = 30
 	for i := 0; i < n; i++ {
@@ -272,7 +294,9 @@ func TestLoopSharedMapperOneAtATime(t *testing.T) {
 	copyChain := strings.Replace(loopDemoChain, "/home/user/demo.luks", "/home/user/copy.luks", 1)
 	f, d, rec := startLoopWith(t, map[string]string{"demo": loopDemoChain, "copy": copyChain})
 	f.Sh(t, "sys-usb", "cp /home/user/demo.luks /home/user/copy.luks")
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	// One of them opens, the other waits for it.
 	state := func(name string) (string, string) {
 		for _, ci := range d.ListChains() {
@@ -328,9 +352,13 @@ func jobDone(t *testing.T, rec *recorder, id uint64) bool {
 func TestLoopHonestStates(t *testing.T) {
 	f := simtest.StartDemo(t, sim.R43)
 	conf, state := t.TempDir(), t.TempDir()
-	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	// The default startup interval (300 s): a success must not count toward it.
-	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(strings.Replace(loopDemoChain, "startup interval=0\n", "", 1)), 0o644)
+	if err := os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(strings.Replace(loopDemoChain, "startup interval=0\n", "", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	d, rec, stop := runLoop(t, f, conf, state)
 	// A manual open while the target is halted: a clear error, the chain waits.
@@ -348,10 +376,14 @@ func TestLoopHonestStates(t *testing.T) {
 	// Started: opens; shut down: closes; started again at once: opens again (the first
 	// success did not start the 300 s interval).
 	for i := 0; i < 2; i++ {
-		f.Client.Start(context.Background(), "work")
+		if err := f.Client.Start(context.Background(), "work"); err != nil {
+			t.Fatal(err)
+		}
 		waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 		if i == 0 {
-			f.Client.Shutdown(context.Background(), "work", false, true)
+			if err := f.Client.Shutdown(context.Background(), "work", false, true); err != nil {
+				t.Fatal(err)
+			}
 			waitFor(t, "waiting again", func() bool { return rec.last("demo") == StateWaiting })
 		}
 	}
@@ -388,9 +420,13 @@ func TestLoopHonestStates(t *testing.T) {
 		t.Fatalf("after a restart the chain the user closed is %s", got)
 	}
 	// A trigger: the target stops and starts again.
-	f.Client.Shutdown(context.Background(), "work", false, true)
+	if err := f.Client.Shutdown(context.Background(), "work", false, true); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == StateWaiting })
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open after a trigger", func() bool { return rec.last("demo") == StateOpen })
 	stop()
 }
@@ -400,12 +436,18 @@ func TestLoopHonestStates(t *testing.T) {
 func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 	f := simtest.StartDemo(t, sim.R43)
 	conf := t.TempDir()
-	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
-	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(strings.Replace(loopDemoChain, "startup interval=0\n", "", 1)), 0o644)
+	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(strings.Replace(loopDemoChain, "startup interval=0\n", "", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	d, rec, _ := runLoop(t, f, conf, t.TempDir())
 	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Empty: true, Count: 1})
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "the automatic open failed", func() bool { return rec.last("demo") == StateFailed })
 	if got := d.ListChains()[0]; got.RetryAt.IsZero() {
 		t.Errorf("a failed automatic open scheduled no retry: %+v", got)
@@ -416,9 +458,13 @@ func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 	if got := d.ListChains()[0]; !got.RetryAt.IsZero() {
 		t.Errorf("open chain still shows a retry at %v", got.RetryAt)
 	}
-	f.Client.Shutdown(context.Background(), "work", false, true)
+	if err := f.Client.Shutdown(context.Background(), "work", false, true); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == StateWaiting })
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open at the next start", func() bool { return rec.last("demo") != StateWaiting })
 	if got := d.ListChains()[0]; got.State != StateOpen && got.State != StateOpening {
 		t.Errorf("after the target started again: %s (%s), retry at %v", got.State, got.LastError, got.RetryAt)
@@ -437,7 +483,9 @@ func TestLoopUnpauseSoonAfterStart(t *testing.T) {
 	if err := f.Client.Pause(ctx, "mediator"); err != nil {
 		t.Fatal(err)
 	}
-	f.Client.Start(ctx, "work")
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "waiting for the paused mediator", func() bool {
 		return d.ListChains()[0].Waiting == "waiting for mediator (paused)"
 	})
@@ -452,18 +500,24 @@ func TestLoopUnpauseSoonAfterStart(t *testing.T) {
 func TestLoopStartDuringAutoClose(t *testing.T) {
 	f, d, rec := startLoop(t)
 	ctx := context.Background()
-	f.Client.Start(ctx, "work")
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	reached, hold := make(chan struct{}, 1), make(chan struct{})
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1,
 		Reached: func() { reached <- struct{}{} }, Hold: hold})
-	f.Client.Shutdown(ctx, "work", false, true)
+	if err := f.Client.Shutdown(ctx, "work", false, true); err != nil {
+		t.Fatal(err)
+	}
 	select {
 	case <-reached:
 	case <-time.After(time.Minute):
 		t.Fatal("the automatic close did not reach mediator's detach")
 	}
-	f.Client.Start(ctx, "work")
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "the loop saw work start", func() bool {
 		var running bool
 		d.do(func() { running = qubes.IsRunning(d.vms["work"]) })
@@ -479,7 +533,9 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 	f, d, rec := startLoop(t)
 	ctx := context.Background()
-	f.Client.Start(ctx, "work")
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	reached, hold := make(chan struct{}, 1), make(chan struct{})
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true,
@@ -518,12 +574,20 @@ func openedThenStopped(t *testing.T) (f *simtest.Fixture, conf, state string) {
 	t.Helper()
 	f = simtest.StartDemo(t, sim.R43)
 	conf, state = t.TempDir(), t.TempDir()
-	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
-	os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(loopDemoChain), 0o644)
+	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(loopDemoChain), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "destination vm 2=work", "destination vm 2=vault").Replace(loopDemoChain)
-	os.WriteFile(filepath.Join(conf, "demo", "other.ini"), []byte(other), 0o644)
+	if err := os.WriteFile(filepath.Join(conf, "demo", "other.ini"), []byte(other), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	_, rec, stop := runLoop(t, f, conf, state)
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	stop()
 	return f, conf, state
@@ -535,7 +599,9 @@ func TestLoopCorruptJournalAtStartup(t *testing.T) {
 	f, conf, state := openedThenStopped(t)
 	f.Sh(t, "work", "umount /mnt/demo && cryptsetup close demo")
 	journal := filepath.Join(state, "chains", "demo.json")
-	os.WriteFile(journal, []byte(`{"chain": "demo", "op": "op`), 0o600) // truncated
+	if err := os.WriteFile(journal, []byte(`{"chain": "demo", "op": "op`), 0o600); err != nil { // truncated
+		t.Fatal(err)
+	}
 	d, rec, _ := runLoop(t, f, conf, state)
 	waitFor(t, "demo degraded", func() bool { return rec.last("demo") == StateDegraded })
 	waitFor(t, "other waits", func() bool { return rec.last("other") == StateWaiting })
@@ -563,7 +629,9 @@ func TestLoopStartStopFlood(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	f.Client.Start(ctx, "work")
+	if err := f.Client.Start(ctx, "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open at the end", func() bool {
 		var idle bool
 		d.do(func() { cs := d.chains["demo"]; idle = cs.running == nil && cs.pending == nil && cs.state == StateOpen })
@@ -584,16 +652,24 @@ func TestLoopStartStopFlood(t *testing.T) {
 func TestLoopReloadClearsUserClose(t *testing.T) {
 	f := simtest.StartDemo(t, sim.R43)
 	conf, state := t.TempDir(), t.TempDir()
-	os.MkdirAll(filepath.Join(conf, "demo"), 0o755)
+	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	file := filepath.Join(conf, "demo", "demo.ini")
-	os.WriteFile(file, []byte(loopDemoChain), 0o644)
+	if err := os.WriteFile(file, []byte(loopDemoChain), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	d, rec, _ := runLoop(t, f, conf, state)
-	f.Client.Start(context.Background(), "work")
+	if err := f.Client.Start(context.Background(), "work"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
 	if id, err := d.Close(0, "demo", chains.CloseOptions{}); err != nil || !jobDone(t, rec, id) {
 		t.Fatalf("close: %v", err)
 	}
-	os.WriteFile(file, []byte(strings.Replace(loopDemoChain, "/mnt/demo", "/mnt/other", 1)), 0o644)
+	if err := os.WriteFile(file, []byte(strings.Replace(loopDemoChain, "/mnt/demo", "/mnt/other", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := d.Reload(); err != nil {
 		t.Fatal(err)
 	}
@@ -620,17 +696,23 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 	for name, spoil := range map[string]func(t *testing.T, state string){
 		"read-only": func(t *testing.T, state string) {
 			mount(t, "--bind", state, state)
-			t.Cleanup(func() { exec.Command("umount", state).Run() })
+			t.Cleanup(func() { _ = exec.Command("umount", state).Run() }) // gone with the temp dir anyway
 			mount(t, "-o", "remount,bind,ro", state)
 		},
 		"full": func(t *testing.T, state string) {
 			// The journal moves onto a tiny tmpfs that is then filled up.
 			saved := t.TempDir()
-			exec.Command("cp", "-a", state+"/.", saved).Run()
+			if err := exec.Command("cp", "-a", state+"/.", saved).Run(); err != nil {
+				t.Fatal(err)
+			}
 			mount(t, "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", state)
-			t.Cleanup(func() { exec.Command("umount", state).Run() })
-			exec.Command("cp", "-a", saved+"/.", state).Run()
-			exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(state, "filler"), "bs=4k").Run() // ends with ENOSPC
+			t.Cleanup(func() { _ = exec.Command("umount", state).Run() }) // gone with the temp dir anyway
+			if err := exec.Command("cp", "-a", saved+"/.", state).Run(); err != nil {
+				t.Fatal(err)
+			}
+			if err := exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(state, "filler"), "bs=4k").Run(); err != nil { // ends with ENOSPC
+				t.Fatal(err)
+			}
 		},
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -118,7 +118,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		log.WithError(err).Error("cannot serve on the system bus")
 		return 1
 	}
-	systemd.Notify("READY=1")
+	if err := systemd.Notify("READY=1"); err != nil {
+		log.WithError(err).Warn("cannot notify systemd")
+	}
 	log.WithFields(logrus.Fields{"target": *target, "version": Version}).Info("qcryptd ready")
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -170,7 +172,7 @@ func connectBus(d *Daemon) (*busLink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
 	}
-	srv := dbusapi.NewServer(conn, d)
+	srv := dbusapi.NewServer(conn, d, d.log)
 	d.SetPublisher(srv)
 	if err := srv.Export(); err != nil {
 		conn.Close()
@@ -231,7 +233,7 @@ func (b *busLink) reconnect(d *Daemon) error {
 	if err != nil {
 		return err
 	}
-	srv := dbusapi.NewServer(conn, d)
+	srv := dbusapi.NewServer(conn, d, d.log)
 	if err := d.Republish(srv, srv.Export); err != nil {
 		conn.Close()
 		return err
@@ -255,7 +257,8 @@ func (b *busLink) close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.conn.Connected() {
-		b.conn.ReleaseName(dbusapi.BusName)
+		// The bus gives the name up with the connection anyway.
+		_, _ = b.conn.ReleaseName(dbusapi.BusName)
 	}
 	b.conn.Close()
 	return b.err

@@ -150,7 +150,7 @@ func TestSignalsOnlyForQubes(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		t.Cleanup(func() { cmd.Process.Kill(); _ = cmd.Wait() })
 		p := probe{lines: make(chan string, 4096), cmd: cmd}
 		go func() {
 			sc := bufio.NewScanner(out)
@@ -168,10 +168,12 @@ func TestSignalsOnlyForQubes(t *testing.T) {
 
 	// Chain and job signals, then qcryptd leaves: on each connection the bus delivers in
 	// order, so a probe that saw the departure saw everything sent before it.
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 	w.waitState(c, "demo", "open", 60*time.Second)
 	d.Process.Signal(syscall.SIGTERM)
-	d.Wait()
+	_ = d.Wait() // a signaled exit: the probes below say what matters
 	collect := func(p probe) (fromQcryptd int, all []string) {
 		deadline := time.After(2 * time.Minute)
 		for done := false; !done; {
@@ -210,8 +212,12 @@ func TestCheckOfADirectory(t *testing.T) {
 	w.writeChain("demo", demoChain)
 	w.startDaemon()
 	secret := filepath.Join(w.dir, "secret")
-	os.Mkdir(secret, 0o700)
-	os.WriteFile(filepath.Join(secret, "x.ini"), []byte("root-only-words=42\n"), 0o600)
+	if err := os.Mkdir(secret, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(secret, "x.ini"), []byte("root-only-words=42\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	if out, code := w.busctl(quser, "call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerInterface, "Check", "s", secret); code == 0 || !strings.Contains(out, "Access denied") {
 		t.Errorf("quser's Check of a path: exit %d %s", code, out)
@@ -241,17 +247,23 @@ func TestCallerFilesAreOpenedByTheClient(t *testing.T) {
 	w.startDaemon()
 	ctl := bin(t, "qcryptctl")
 	adhoc := []string{"sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}
-	w.qubes.Start(bg, "work")
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
 
 	// A root-only key file: quser cannot have it injected into work.
 	secret := filepath.Join(w.dir, "root-only.key")
-	os.WriteFile(secret, []byte("root's secret\n"), 0o600)
+	if err := os.WriteFile(secret, []byte("root's secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if out, code := w.as(quser, ctl, append([]string{"open", "--inj", "work", secret}, adhoc...)...); code != 1 || !strings.Contains(out, "permission denied") {
 		t.Errorf("quser --inj of a root-only file: exit %d %s", code, out)
 	}
 	// A directory quser may not write: no backup, no work file is made there.
 	rootDir := filepath.Join(w.dir, "root-dir")
-	os.Mkdir(rootDir, 0o755)
+	if err := os.Mkdir(rootDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for _, opt := range []string{"--bak", "--wd"} {
 		args := append([]string{"luks-init", "-a", "--size", "48M", opt, filepath.Join(rootDir, "x")}, "sys-usb", "/home/user/q.luks", "q", "mediator", "work")
 		if out, code := w.as(quser, ctl, args...); code != 1 || !strings.Contains(out, "permission denied") {
@@ -274,7 +286,9 @@ func TestCallerFilesAreOpenedByTheClient(t *testing.T) {
 	// descriptor, and luks-init's backups are the keys the qubes got.
 	key := w.sh("work", "cat /home/user/.qcrypt/keys/demo; rm /home/user/.qcrypt/keys/demo").Stdout
 	keyFile := filepath.Join(w.dir, "demo.key")
-	os.WriteFile(keyFile, key, 0o600)
+	if err := os.WriteFile(keyFile, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if out, code := w.qcryptctl(append([]string{"open", "--inj", "work", keyFile}, adhoc...)...); code != 0 {
 		t.Fatalf("open with --inj: exit %d %s", code, out)
 	}

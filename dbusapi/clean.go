@@ -51,9 +51,8 @@ func cleanAll(ss ...*string) {
 	}
 }
 
-func cleanSlice(ss []string) []string {
+func cleanSlice(ss []string) {
 	for i := range ss {
 		ss[i] = Clean(ss[i])
 	}
-	return ss
 }

@@ -68,8 +68,8 @@ func ownerChange(s *dbus.Signal) (newOwner string, ok bool) {
 	return newOwner, true
 }
 
-// Disconnect closes the connection.
-func (c *Client) Disconnect() error { return c.conn.Close() }
+// Disconnect closes the connection (which fails only when it is closed already).
+func (c *Client) Disconnect() { _ = c.conn.Close() }
 
 // Conn is the underlying connection (for signal subscriptions).
 func (c *Client) Conn() *dbus.Conn { return c.conn }
@@ -255,23 +255,27 @@ type JobResult struct {
 // Starter starts a job and returns its path.
 type Starter func(ctx context.Context) (dbus.ObjectPath, error)
 
-// Open, Close, OpenAdhoc, CloseAdhoc and LuksInit return Starters for RunJob.
+// Open returns the Starter of an open of a configured chain, for RunJob.
 func (c *Client) Open(name string, o chains.OpenOptions) Starter {
 	return c.starter("Open", name, OpenOptionsToMap(o))
 }
 
+// Close returns the Starter of a close of a configured chain.
 func (c *Client) Close(name string, o chains.CloseOptions) Starter {
 	return c.starter("Close", name, CloseOptionsToMap(o))
 }
 
+// OpenAdhoc returns the Starter of an open of an ad-hoc chain.
 func (c *Client) OpenAdhoc(spec Spec, o chains.OpenOptions) Starter {
 	return c.starter("OpenAdhoc", spec.ToMap(), OpenOptionsToMap(o))
 }
 
+// CloseAdhoc returns the Starter of a close of an ad-hoc chain.
 func (c *Client) CloseAdhoc(spec Spec, o chains.CloseOptions) Starter {
 	return c.starter("CloseAdhoc", spec.ToMap(), CloseOptionsToMap(o))
 }
 
+// LuksInit returns the Starter of a luks-init.
 func (c *Client) LuksInit(spec Spec) Starter { return c.starter("LuksInit", spec.ToMap()) }
 
 func (c *Client) starter(method string, args ...any) Starter {
@@ -426,7 +430,7 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 			if !canceled {
 				canceled = true
 				for p := range pending {
-					c.CancelJob(context.Background(), p)
+					_ = c.CancelJob(context.Background(), p) // a job that ended meanwhile is fine
 				}
 			}
 			ctx = context.Background()

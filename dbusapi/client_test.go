@@ -69,8 +69,12 @@ func startFake(t *testing.T, addr string, list ...ChainEntry) (*dbus.Conn, *fake
 	t.Helper()
 	conn := connect(t, addr)
 	f := &fakeQcryptd{jobRead: make(chan struct{}, 4), list: list}
-	conn.Export(f, ManagerPath, ManagerInterface)
-	conn.Export(fakeJobProps{f}, JobPath(1), propertiesInterface)
+	if err := conn.Export(f, ManagerPath, ManagerInterface); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Export(fakeJobProps{f}, JobPath(1), propertiesInterface); err != nil {
+		t.Fatal(err)
+	}
 	if r, err := conn.RequestName(BusName, dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
 		t.Fatalf("cannot own the name: %v %v", r, err)
 	}
@@ -163,7 +167,7 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 	presence := make(chan bool, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go c.Watch(ctx, func(ev ChainEvent) { events <- ev }, func(up bool) { presence <- up })
+	go func() { _ = c.Watch(ctx, func(ev ChainEvent) { events <- ev }, func(up bool) { presence <- up }) }()
 
 	// Until the watch is subscribed nothing arrives: repeat a real change until it does.
 	tick := time.NewTicker(50 * time.Millisecond)
@@ -173,7 +177,9 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 		case ev := <-events:
 			synced = ev.Reason == "sync"
 		case <-tick.C:
-			server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "waiting", "closed", "sync")
+			if err := server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "waiting", "closed", "sync"); err != nil {
+				t.Fatal(err)
+			}
 		case <-time.After(time.Minute):
 			t.Fatal("the watch never subscribed")
 		}
@@ -181,8 +187,10 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 	victim := c.Conn().Names()[0]
 	forge(t, forger, victim, ChainPath("demo"), ChainInterface+".StateChanged", "open", "opening", "forged")
 	forge(t, forger, victim, "/org/freedesktop/DBus", "org.freedesktop.DBus.NameOwnerChanged", BusName, server.Names()[0], "")
-	server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "failed", "opening", "real \x1b]8;;evil\a")
-	for real := false; !real; {
+	if err := server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "failed", "opening", "real \x1b]8;;evil\a"); err != nil {
+		t.Fatal(err)
+	}
+	for seen := false; !seen; {
 		select {
 		case ev := <-events:
 			if ev.Reason == "sync" {
@@ -191,7 +199,7 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 			if ev != (ChainEvent{Chain: "demo", State: "failed", Previous: "opening", Reason: "real ?]8;;evil?"}) {
 				t.Fatalf("event %+v: forged, or not cleaned", ev)
 			}
-			real = true
+			seen = true
 		case <-time.After(time.Minute):
 			t.Fatal("the real change was not seen (a forged NameOwnerChanged believed?)")
 		}
@@ -202,7 +210,9 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 	default:
 	}
 	// The real departure is believed.
-	server.ReleaseName(BusName)
+	if _, err := server.ReleaseName(BusName); err != nil {
+		t.Fatal(err)
+	}
 	select {
 	case up := <-presence:
 		if up {

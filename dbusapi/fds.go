@@ -32,7 +32,10 @@ func checkFD(fd dbus.UnixFD, kind fdKind, what string) (*os.File, error) {
 	if kind == fdRead {
 		// Non-blocking, the runtime polls it where it can (a terminal, a device), so a
 		// canceled job's read deadline ends a read that would block for good.
-		unix.SetNonblock(int(fd), true)
+		if err := unix.SetNonblock(int(fd), true); err != nil {
+			unix.Close(int(fd))
+			return nil, Errorf(ReasonInvalidArgs, "%s: cannot make it non-blocking: %v", what, err)
+		}
 	}
 	f := os.NewFile(uintptr(fd), what)
 	if f == nil {

@@ -22,8 +22,9 @@ const (
 	chainPathPrefix  = "/org/qcrypt/Qcryptd1/chain/"
 	jobPathPrefix    = "/org/qcrypt/Qcryptd1/job/"
 
-	objectManagerInterface = "org.freedesktop.DBus.ObjectManager"
-	propertiesInterface    = "org.freedesktop.DBus.Properties"
+	objectManagerInterface  = "org.freedesktop.DBus.ObjectManager"
+	propertiesInterface     = "org.freedesktop.DBus.Properties"
+	introspectableInterface = "org.freedesktop.DBus.Introspectable"
 )
 
 // ChainPath is the object of a chain; names are escaped as systemd does (_xx).

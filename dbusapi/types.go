@@ -208,11 +208,12 @@ func CloseOptionsFromMap(m map[string]dbus.Variant, allowStop bool) (chains.Clos
 	return o, stop, nil
 }
 
-// OpenOptionsToMap and CloseOptionsToMap are the client side.
+// OpenOptionsToMap encodes open options as the a{sv} of Open and OpenAdhoc.
 func OpenOptionsToMap(o chains.OpenOptions) map[string]dbus.Variant {
 	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "autostart": dbus.MakeVariant(o.Autostart), "break_lock": dbus.MakeVariant(o.BreakLock)}
 }
 
+// CloseOptionsToMap encodes close options as the a{sv} of Close and CloseAdhoc.
 func CloseOptionsToMap(o chains.CloseOptions) map[string]dbus.Variant {
 	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "shutdown_target": dbus.MakeVariant(o.ShutdownTarget), "eject": dbus.MakeVariant(o.Eject)}
 }

@@ -51,7 +51,9 @@ func TestSpecDescriptors(t *testing.T) {
 	open := func(name string, flag int, content string) int {
 		p := filepath.Join(dir, name)
 		if content != "" {
-			os.WriteFile(p, []byte(content), 0o600)
+			if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
 		}
 		fd, err := unix.Open(p, flag|unix.O_CREAT, 0o600)
 		if err != nil {
@@ -61,7 +63,9 @@ func TestSpecDescriptors(t *testing.T) {
 	}
 	pipe := func() int {
 		var p [2]int
-		unix.Pipe(p[:])
+		if err := unix.Pipe(p[:]); err != nil {
+			t.Fatal(err)
+		}
 		unix.Close(p[1])
 		return p[0]
 	}

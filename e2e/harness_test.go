@@ -112,7 +112,7 @@ func setup() (*harness, error) {
 			break // the real qubesd's world has them
 		}
 		if out, err := hs.simctl("add-vm", vm[0], vm[1], "user"); err != nil {
-			return hs, fmt.Errorf("add-vm %s: %v: %s", vm[0], err, out)
+			return hs, fmt.Errorf("add-vm %s: %w: %s", vm[0], err, out)
 		}
 	}
 	if err := hs.q.Start(context.Background(), "sys-usb"); err != nil {
@@ -129,12 +129,12 @@ func setup() (*harness, error) {
 func (hs *harness) stop() {
 	if hs.daemon != nil && hs.daemon.ProcessState == nil {
 		hs.daemon.Process.Signal(syscall.SIGTERM)
-		hs.daemon.Wait()
+		_ = hs.daemon.Wait() // how it ended is in its log
 	}
 	if hs.sim != nil && hs.sim.Process != nil {
 		// The simulator powers every qube off on SIGTERM: nothing stays in the kernel.
 		hs.sim.Process.Signal(syscall.SIGTERM)
-		hs.sim.Wait()
+		_ = hs.sim.Wait() // how it ended is in its log
 	}
 	if hs.stopBus != nil {
 		hs.stopBus()
@@ -182,6 +182,14 @@ func (hs *harness) startDaemon() error {
 		return errors.New("qcryptd did not take its bus name")
 	}
 	return nil
+}
+
+// mustSimctl runs a simulator control command that must succeed.
+func (hs *harness) mustSimctl(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := hs.simctl(args...); err != nil {
+		t.Fatalf("qubes-sim ctl %s: %v: %s", strings.Join(args, " "), err, out)
+	}
 }
 
 func (hs *harness) simctl(args ...string) (string, error) {
@@ -388,7 +396,7 @@ func contains(t *testing.T, path string, needle []byte) bool {
 func treeContains(t *testing.T, root string, needle []byte) []string {
 	t.Helper()
 	var hits []string
-	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+	_ = filepath.Walk(root, func(p string, info os.FileInfo, err error) error { // skips what it cannot read
 		if err == nil && info.Mode().IsRegular() && contains(t, p, needle) {
 			hits = append(hits, p)
 		}

@@ -125,12 +125,14 @@ func TestBatcherCallersGivingUp(t *testing.T) {
 	}
 	<-runCtx.Done() // nobody waits any more: the run is canceled
 	// The next request starts a fresh run; "b" was never run.
-	go func() { v, _ := b.Do(context.Background(), "c"); errs <- errors.New(v) }()
+	go func() { _, err := b.Do(context.Background(), "c"); errs <- err }()
 	if keys := <-r.started; !slices.Equal(keys, []string{"c"}) {
 		t.Fatalf("next run %v, want only c", keys)
 	}
 	r.release <- struct{}{}
-	<-errs
+	if err := <-errs; err != nil {
+		t.Fatalf("caller of c: %v", err)
+	}
 	if len(r.runs) != 2 {
 		t.Errorf("runs %v, want [a] [c]", r.runs)
 	}

@@ -274,7 +274,9 @@ func fakeQubesd(t *testing.T, wantReq, resp string) string {
 			if string(got) != wantReq {
 				t.Errorf("client sent %q, want %q", got, wantReq)
 			} else {
-				c.Write([]byte(resp))
+				if _, err := c.Write([]byte(resp)); err != nil {
+					t.Errorf("cannot answer: %v", err)
+				}
 			}
 			c.Close()
 		}
@@ -289,11 +291,15 @@ func rawCall(t *testing.T, socket, req string) string {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if err := c.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := c.Write([]byte(req)); err != nil {
 		t.Fatal(err)
 	}
-	c.(*net.UnixConn).CloseWrite()
+	if err := c.(*net.UnixConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
 	got, err := io.ReadAll(c)
 	if err != nil {
 		t.Fatal(err)
@@ -353,11 +359,15 @@ func TestSimulatorFraming(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(30 * time.Second))
+		if err := c.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
 		// The server stops reading and closes: the write or the read may see a reset,
 		// but no byte may come back.
-		c.Write([]byte("admin.vm.List+ dom0 name dom0\x00" + string(make([]byte, qubes.MaxRequest))))
-		c.(*net.UnixConn).CloseWrite()
+		_, _ = c.Write([]byte("admin.vm.List+ dom0 name dom0\x00" + string(make([]byte, qubes.MaxRequest)))) // may be reset
+		if err := c.(*net.UnixConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
 		if got, _ := io.ReadAll(c); len(got) != 0 {
 			t.Errorf("got %q", got)
 		}

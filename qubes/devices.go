@@ -14,6 +14,7 @@ import (
 // (Available/Attached/Assigned with key='value' serialisation).
 type DeviceAPI int
 
+// The device API generations.
 const (
 	DeviceAPIUnknown DeviceAPI = iota
 	DeviceAPIOld               // R4.1, R4.2
@@ -166,7 +167,7 @@ func ParseAvailableOld(backend string, body []byte) ([]BlockDevice, error) {
 	for _, line := range splitLines(body) {
 		ident, info, _ := strings.Cut(line, " ")
 		if err := ValidatePort(ident); err != nil {
-			return nil, fmt.Errorf("%w: Available on %s: %v", ErrProtocol, backend, err)
+			return nil, fmt.Errorf("%w: Available on %s: %w", ErrProtocol, backend, err)
 		}
 		d := BlockDevice{DeviceRef: DeviceRef{backend, ident}, Size: -1}
 		info, desc, hasDesc := strings.Cut(info, "description=")
@@ -202,11 +203,11 @@ func ParseAvailableNew(backend string, body []byte) ([]BlockDevice, error) {
 		head, rest, _ := strings.Cut(line, " ")
 		port, _, _ := strings.Cut(head, ":")
 		if err := ValidatePort(port); err != nil {
-			return nil, fmt.Errorf("%w: Available on %s: %v", ErrProtocol, backend, err)
+			return nil, fmt.Errorf("%w: Available on %s: %w", ErrProtocol, backend, err)
 		}
 		props, err := ParseProperties(rest)
 		if err != nil {
-			return nil, fmt.Errorf("%w: Available on %s: %v", ErrProtocol, backend, err)
+			return nil, fmt.Errorf("%w: Available on %s: %w", ErrProtocol, backend, err)
 		}
 		if p, ok := props["port_id"]; ok && p != port {
 			return nil, fmt.Errorf("%w: Available on %s: port_id does not match", ErrProtocol, backend)
@@ -222,7 +223,7 @@ func ParseAvailableNew(backend string, body []byte) ([]BlockDevice, error) {
 		d.Description = Printable(desc, 256)
 		if fe := props["attachment"]; fe != "" {
 			if err := ValidateVMName(fe); err != nil {
-				return nil, fmt.Errorf("%w: Available on %s: %v", ErrProtocol, backend, err)
+				return nil, fmt.Errorf("%w: Available on %s: %w", ErrProtocol, backend, err)
 			}
 			d.Frontend = fe
 		}
@@ -243,13 +244,13 @@ func ParseAttachedOld(frontend string, body []byte) ([]Attachment, error) {
 		}
 		ref, err := parseQArg(fields[0])
 		if err != nil {
-			return nil, fmt.Errorf("%w: List on %s: %v", ErrProtocol, frontend, err)
+			return nil, fmt.Errorf("%w: List on %s: %w", ErrProtocol, frontend, err)
 		}
 		a := Attachment{DeviceRef: ref, Frontend: frontend}
 		for _, f := range fields[1:] {
 			k, v, _ := strings.Cut(f, "=")
 			if err := a.setOption(k, v); err != nil {
-				return nil, fmt.Errorf("%w: List on %s: %v", ErrProtocol, frontend, err)
+				return nil, fmt.Errorf("%w: List on %s: %w", ErrProtocol, frontend, err)
 			}
 		}
 		out = append(out, a)
@@ -266,11 +267,11 @@ func ParseAttachedNew(frontend string, body []byte) ([]Attachment, error) {
 		head, _, _ = strings.Cut(head, ":")
 		ref, err := parseQArg(head)
 		if err != nil {
-			return nil, fmt.Errorf("%w: Attached on %s: %v", ErrProtocol, frontend, err)
+			return nil, fmt.Errorf("%w: Attached on %s: %w", ErrProtocol, frontend, err)
 		}
 		props, err := ParseProperties(rest)
 		if err != nil {
-			return nil, fmt.Errorf("%w: Attached on %s: %v", ErrProtocol, frontend, err)
+			return nil, fmt.Errorf("%w: Attached on %s: %w", ErrProtocol, frontend, err)
 		}
 		if fe, ok := props["frontend_domain"]; ok && fe != frontend {
 			return nil, fmt.Errorf("%w: Attached on %s: frontend_domain does not match", ErrProtocol, frontend)
@@ -279,7 +280,7 @@ func ParseAttachedNew(frontend string, body []byte) ([]Attachment, error) {
 		for k, v := range props {
 			if opt, ok := strings.CutPrefix(k, "_"); ok {
 				if err := a.setOption(opt, v); err != nil {
-					return nil, fmt.Errorf("%w: Attached on %s: %v", ErrProtocol, frontend, err)
+					return nil, fmt.Errorf("%w: Attached on %s: %w", ErrProtocol, frontend, err)
 				}
 			}
 		}

@@ -13,7 +13,9 @@ import (
 func TestLocalDom0PassesFiles(t *testing.T) {
 	dir := t.TempDir()
 	in := filepath.Join(dir, "in")
-	os.WriteFile(in, []byte("from the caller\n"), 0o600)
+	if err := os.WriteFile(in, []byte("from the caller\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r, _ := os.Open(in)
 	defer r.Close()
 	w, _ := os.CreateTemp(dir, "work")

@@ -89,11 +89,11 @@ func (e *Error) Error() string {
 func (e *Error) Is(target error) bool { return target == e.kind }
 
 // Printable makes untrusted text safe to show or log on one line: bytes outside
-// printable ASCII become '?', and the result is cut to max bytes with a marker.
-func Printable(s string, max int) string {
+// printable ASCII become '?', and the result is cut to limit bytes with a marker.
+func Printable(s string, limit int) string {
 	var b strings.Builder
 	for i := 0; i < len(s); i++ {
-		if b.Len() >= max {
+		if b.Len() >= limit {
 			b.WriteString("...")
 			break
 		}

@@ -13,7 +13,9 @@ import (
 // EventKind classifies the events qcrypt reacts to; everything else is EventOther.
 type EventKind int
 
+// The event kinds.
 const (
+	// EventOther is every event qcrypt does not react to.
 	EventOther EventKind = iota
 	// EventResync is qubesd's "connection-established" record: the first record of every
 	// (re)connection. Events before it may have been missed, so state must be re-read.
@@ -111,7 +113,7 @@ func (er *EventReader) Next() (Event, error) {
 		if status == "2" {
 			// An exception instead of events, e.g. an unknown destination.
 			typ, _ := er.field()
-			er.field()
+			_, _ = er.field() // the traceback: never shown
 			msg, _ := er.field()
 			return Event{}, newError(typ, msg)
 		}
@@ -145,7 +147,7 @@ func (er *EventReader) Next() (Event, error) {
 	}
 	if subject != "" {
 		if err := ValidateVMName(subject); err != nil {
-			return Event{}, fmt.Errorf("%w: event subject: %v", ErrProtocol, err)
+			return Event{}, fmt.Errorf("%w: event subject: %w", ErrProtocol, err)
 		}
 	}
 	ev.Kind = eventNames[name]

@@ -41,7 +41,7 @@ func FuzzEventReader(f *testing.F) {
 		for i := 0; i < 1000; i++ {
 			ev, err := er.Next()
 			if err != nil {
-				if err != io.EOF && !errors.Is(err, ErrProtocol) && !errors.As(err, new(*Error)) {
+				if !errors.Is(err, io.EOF) && !errors.Is(err, ErrProtocol) && !errors.As(err, new(*Error)) {
 					t.Fatalf("unexpected error type %T: %v", err, err)
 				}
 				return

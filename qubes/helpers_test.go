@@ -27,9 +27,15 @@ func dialEvents(t *testing.T, socket, dest string) *rawEvents {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Write([]byte("admin.Events+ dom0 name " + dest + "\x00"))
-	c.(*net.UnixConn).CloseWrite()
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Write([]byte("admin.Events+ dom0 name " + dest + "\x00")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(*net.UnixConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
 	r := &rawEvents{c: c, er: qubes.NewEventReader(c)}
 	if ev := r.next(t); ev.Kind != qubes.EventResync {
 		t.Fatalf("first record %q", ev.Name)
@@ -47,3 +53,11 @@ func (r *rawEvents) next(t *testing.T) qubes.Event {
 }
 
 func (r *rawEvents) close() { r.c.Close() }
+
+// checked reports err on t without stopping: the call may run on a subtest's goroutine.
+func checked(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Error(err)
+	}
+}

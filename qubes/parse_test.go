@@ -218,7 +218,7 @@ func TestEventReader(t *testing.T) {
 			t.Errorf("record %d: got %+v, want %+v", i, got, w)
 		}
 	}
-	if _, err := er.Next(); err != io.EOF {
+	if _, err := er.Next(); !errors.Is(err, io.EOF) {
 		t.Errorf("end: got %v, want io.EOF", err)
 	}
 }

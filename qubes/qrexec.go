@@ -48,6 +48,7 @@ func (e *TransportError) Error() string {
 	return msg
 }
 
+// Is makes errors.Is(err, ErrTransport) true.
 func (e *TransportError) Is(target error) bool { return target == ErrTransport }
 
 // Result of a script run in a qube. ExitCode is the script's own status (0..124, or
@@ -226,8 +227,10 @@ type CapWriter struct {
 	dropped bool
 }
 
-// Bytes is what was kept; Dropped says whether anything was not.
+// Bytes is what was kept.
 func (w *CapWriter) Bytes() []byte { return w.buf.Bytes() }
+
+// Dropped says whether anything was not kept.
 func (w *CapWriter) Dropped() bool { return w.dropped }
 
 func (w *CapWriter) Write(p []byte) (int, error) {

@@ -16,7 +16,9 @@ func TestRunnerMaxParallel(t *testing.T) {
 	release := filepath.Join(dir, "release")
 	// The fake qrexec-client marks itself running, then waits for the release file.
 	fake := `f=$(mktemp -p "$0/running"); while [ ! -e "$0/release" ]; do sleep 0.01; done; rm "$f"; cat >/dev/null`
-	os.Mkdir(filepath.Join(dir, "running"), 0o755)
+	if err := os.Mkdir(filepath.Join(dir, "running"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	r := NewRunner([]string{"/bin/sh", "-c", fake, dir})
 	r.MaxParallel = 2
 	running := func() int {
@@ -42,7 +44,9 @@ func TestRunnerMaxParallel(t *testing.T) {
 	if n := running(); n != 2 {
 		t.Errorf("%d calls run at once, want 2", n)
 	}
-	os.WriteFile(release, nil, 0o644)
+	if err := os.WriteFile(release, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	wg.Wait()
 	close(errs)
 	for err := range errs {

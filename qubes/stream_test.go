@@ -218,9 +218,9 @@ func runnerWorlds() map[string]func(t testing.TB) *runnerWorld {
 			return &runnerWorld{runner: f.Runner, running: "sys-usb", halted: "work",
 				inside: "/tmp", outside: filepath.Join(usb.Root(), "tmp"),
 				// A paused qube's agent does not answer, as a frozen one.
-				hang:   func() { f.Client.Pause(context.Background(), "sys-usb") },
-				unhang: func() { f.Client.Unpause(context.Background(), "sys-usb") },
-				crash:  func() { f.Client.Kill(context.Background(), "sys-usb") }}
+				hang:   func() { checked(t, f.Client.Pause(context.Background(), "sys-usb")) },
+				unhang: func() { checked(t, f.Client.Unpause(context.Background(), "sys-usb")) },
+				crash:  func() { checked(t, f.Client.Kill(context.Background(), "sys-usb")) }}
 		},
 		"real-4.2": func(t testing.TB) *runnerWorld { return realRunnerWorld(t, "4.2") },
 		"real-4.3": func(t testing.TB) *runnerWorld { return realRunnerWorld(t, "4.3") },
@@ -247,12 +247,12 @@ func TestRunner(t *testing.T) {
 	for name, newWorld := range runnerWorlds() {
 		t.Run(name, func(t *testing.T) {
 			w := newWorld(t)
-			testRunnerIn(t, ctx, w)
+			testRunnerIn(ctx, t, w)
 		})
 	}
 }
 
-func testRunnerIn(t *testing.T, ctx context.Context, w *runnerWorld) {
+func testRunnerIn(ctx context.Context, t *testing.T, w *runnerWorld) {
 	tests := map[string]struct {
 		script   string
 		code     int

@@ -65,7 +65,7 @@ func ParseVMList(body []byte) ([]VM, error) {
 		}
 		vm := VM{Name: fields[0]}
 		if err := ValidateVMName(vm.Name); err != nil {
-			return nil, fmt.Errorf("%w: admin.vm.List: %v", ErrProtocol, err)
+			return nil, fmt.Errorf("%w: admin.vm.List: %w", ErrProtocol, err)
 		}
 		for _, f := range fields[1:] {
 			k, v, ok := strings.Cut(f, "=")

@@ -135,7 +135,8 @@ func parseException(b []byte) error {
 	return newError(typ, msg)
 }
 
-// EncodeOK, EncodeException and EncodeEvent build server answers (simulator side).
+// EncodeOK builds a server's OK answer (simulator side), as EncodeException and
+// EncodeEvent build the others.
 func EncodeOK(body []byte) []byte {
 	out := make([]byte, 0, len(body)+2)
 	out = append(out, statusOK, 0)

@@ -16,8 +16,9 @@ import (
 )
 
 // Notify sends one sd_notify state; it does nothing outside systemd.
-func Notify(state string) {
-	daemon.SdNotify(false, state)
+func Notify(state string) error {
+	_, err := daemon.SdNotify(false, state)
+	return err
 }
 
 // WatchdogInterval is how often to ping: half of WatchdogSec, or 0 when it is off.

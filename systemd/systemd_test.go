@@ -81,7 +81,9 @@ func TestUnitVerifies(t *testing.T) {
 	dir := t.TempDir()
 	unit := filepath.Join(dir, "qcryptd.service")
 	// systemd-analyze checks that ExecStart exists; point it at a stand-in.
-	os.WriteFile(unit, []byte(strings.Replace(Unit, "/usr/bin/qcryptd", "/bin/true", 1)), 0o644)
+	if err := os.WriteFile(unit, []byte(strings.Replace(Unit, "/usr/bin/qcryptd", "/bin/true", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	out, err := exec.Command("systemd-analyze", "verify", unit).CombinedOutput()
 	if err != nil || strings.Contains(string(out), "qcryptd.service:") {
 		t.Errorf("systemd-analyze verify: %v\n%s", err, out)

@@ -12,7 +12,9 @@ import (
 func Check(t testing.TB, path, got string) {
 	t.Helper()
 	if os.Getenv("TESTS_UPDATE_GOLDEN") == "1" {
-		os.MkdirAll(filepath.Dir(path), 0o755)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
 			t.Fatal(err)
 		}

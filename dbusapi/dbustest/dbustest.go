@@ -33,7 +33,7 @@ func Start(dir, policy string) (addr string, stop func(), err error) {
 	if err := bus.Start(); err != nil {
 		return "", nil, fmt.Errorf("cannot start dbus-daemon: %w", err)
 	}
-	stop = func() { bus.Process.Kill(); bus.Wait() }
+	stop = func() { bus.Process.Kill(); _ = bus.Wait() }
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil {
 		stop()

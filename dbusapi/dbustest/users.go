@@ -75,5 +75,5 @@ func retry(tool string, args ...string) error {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("%s %v: %v: %s", tool, args, err, out)
+	return fmt.Errorf("%s %v: %w: %s", tool, args, err, out)
 }

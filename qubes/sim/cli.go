@@ -94,7 +94,7 @@ func serve(args []string, stderr io.Writer) int {
 	version := fs.String("qubes-version", "4.2", "Qubes release to simulate: 4.2 or 4.3")
 	demo := fs.Bool("demo", false, "start with the demo world")
 	backend := fs.String("backend", BackendSandbox, "how qubes run: sandbox (fake block tools) or kernel (real kernel; root)")
-	real := fs.String("real-qubesd", "", "folder with the real qubesd's start.sh: it serves the Admin API, the simulator runs the qubes")
+	realQubesd := fs.String("real-qubesd", "", "folder with the real qubesd's start.sh: it serves the Admin API, the simulator runs the qubes")
 	realQrexec := fs.String("real-qrexec", "", "a build of the real qrexec (real-qrexec/build.sh OUT): qubes run its agent; callers use STATE/qrexec/qrexec-client")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -112,13 +112,13 @@ func serve(args []string, stderr io.Writer) int {
 		defer os.RemoveAll(dir)
 		*state = dir
 	}
-	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *real, RealQrexec: *realQrexec})
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *realQubesd, RealQrexec: *realQrexec})
 	if err != nil {
 		fmt.Fprintln(stderr, "qubes-sim:", err)
 		return 1
 	}
 	defer s.Close()
-	if *real != "" {
+	if *realQubesd != "" {
 		fmt.Fprintf(stderr, "qubes-sim: the real qubesd %s serving %s, qubes simulated (state %s)\n", *version, *socket, *state)
 	} else {
 		fmt.Fprintf(stderr, "qubes-sim: Qubes %s simulator serving %s (state %s)\n", *version, *socket, *state)
@@ -316,7 +316,7 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 	}
 	if req != nil {
 		var resp ctlResponse
-		resp, err = Control(*socket, *req)
+		resp, err = control(*socket, *req)
 		if resp.Port != "" {
 			fmt.Fprintln(stdout, resp.Port)
 		}

@@ -1,6 +1,9 @@
 package sim
 
 import (
+	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -40,8 +43,18 @@ func (k *kernel) devNodes() []devNode {
 	return out
 }
 
+// link makes a /dev link; when two devices claim one name (two file systems with one
+// label) the first keeps it, as udev keeps one.
+func link(target, name string) error {
+	if err := os.Symlink(target, name); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return nil
+}
+
 // syncDevNodes makes root+"/dev" match nodes (root is "" inside a sandbox).
-func syncDevNodes(root string, nodes []devNode) {
+func syncDevNodes(root string, nodes []devNode) error {
+	var errs []error
 	dev := filepath.Join(root, "/dev")
 	want := map[string]bool{}
 	for _, n := range nodes {
@@ -55,7 +68,7 @@ func syncDevNodes(root string, nodes []devNode) {
 	}
 	for _, d := range []string{"mapper", "disk/by-uuid", "disk/by-label"} {
 		os.RemoveAll(filepath.Join(dev, d))
-		os.MkdirAll(filepath.Join(dev, d), 0o755)
+		errs = append(errs, os.MkdirAll(filepath.Join(dev, d), 0o755))
 	}
 	for _, n := range nodes {
 		p := filepath.Join(dev, n.Name)
@@ -63,15 +76,16 @@ func syncDevNodes(root string, nodes []devNode) {
 			f.Close()
 		}
 		if n.Mapper != "" && safeLinkRE.MatchString(n.Mapper) {
-			os.Symlink("../"+n.Name, filepath.Join(dev, "mapper", n.Mapper))
+			errs = append(errs, link("../"+n.Name, filepath.Join(dev, "mapper", n.Mapper)))
 		}
 		if n.UUID != "" && safeLinkRE.MatchString(n.UUID) {
-			os.Symlink("../../"+n.Name, filepath.Join(dev, "disk/by-uuid", n.UUID))
+			errs = append(errs, link("../../"+n.Name, filepath.Join(dev, "disk/by-uuid", n.UUID)))
 		}
 		if n.Label != "" && safeLinkRE.MatchString(n.Label) {
-			os.Symlink("../../"+n.Name, filepath.Join(dev, "disk/by-label", n.Label))
+			errs = append(errs, link("../../"+n.Name, filepath.Join(dev, "disk/by-label", n.Label)))
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // SandboxInit runs first in every sandbox: it fills /dev, then becomes the command.
@@ -83,9 +97,11 @@ func SandboxInit(argv []string) int {
 		return 2
 	}
 	if resp, err := kernelCall(kernelReq{Op: "devices"}); err == nil {
-		syncDevNodes("", resp.Devices)
+		if err := syncDevNodes("", resp.Devices); err != nil {
+			fmt.Fprintf(os.Stderr, "qubes-sim: cannot fill /dev: %v\n", err)
+		}
 	}
 	err := syscall.Exec(argv[0], argv, os.Environ())
-	os.Stderr.WriteString("qubes-sim: cannot run " + strings.Join(argv, " ") + ": " + err.Error() + "\n")
+	fmt.Fprintf(os.Stderr, "qubes-sim: cannot run %s: %v\n", strings.Join(argv, " "), err)
 	return 127
 }

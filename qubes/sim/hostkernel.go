@@ -136,8 +136,8 @@ func (hk *hostKernel) boot(vm *VM) error {
 	}
 	if err != nil {
 		cmd.Process.Kill()
-		cmd.Wait()
-		return fmt.Errorf("cannot set up qube %s: %v: %s", vm.Name, err, strings.TrimSpace(errBuf.String()))
+		_ = cmd.Wait() // killed: its status says nothing
+		return fmt.Errorf("cannot set up qube %s: %w: %s", vm.Name, err, strings.TrimSpace(errBuf.String()))
 	}
 	hk.holders[vm.Name] = &holder{cmd: cmd, stdin: stdin}
 	hk.seen[vm.Name] = map[string]devInfo{}
@@ -243,11 +243,11 @@ func sysBlock(name string) (devInfo, bool) {
 	sectors, err := strconv.ParseInt(read("size"), 10, 64)
 	majS, minS, ok := strings.Cut(read("dev"), ":")
 	maj, err1 := strconv.ParseUint(majS, 10, 32)
-	min, err2 := strconv.ParseUint(minS, 10, 32)
+	mnr, err2 := strconv.ParseUint(minS, 10, 32)
 	if err != nil || !ok || err1 != nil || err2 != nil {
 		return devInfo{}, false
 	}
-	return devInfo{name: name, size: sectors * 512, ro: read("ro") == "1", major: uint32(maj), minor: uint32(min)}, true
+	return devInfo{name: name, size: sectors * 512, ro: read("ro") == "1", major: uint32(maj), minor: uint32(mnr)}, true
 }
 
 // refresh publishes device changes of a qube as qubesd events, as its udev would.
@@ -260,7 +260,7 @@ func (hk *hostKernel) refresh(vm *VM) {
 	for _, d := range hk.devices(vm.Name) {
 		now[d.name] = d
 		if _, had := seen[d.name]; !had {
-			hk.w.deviceAdded(vm, d.name)
+			hk.w.deviceAdded(vm)
 		}
 	}
 	for name := range seen {
@@ -286,7 +286,7 @@ func (hk *hostKernel) attach(a *Attachment, dev devInfo) error {
 		ok = mknodBlock(filepath.Join(hk.root(a.Frontend), "dev", a.FrontendDev), info) == nil
 	}
 	if !ok {
-		dmsetup("remove", name)
+		_ = dmsetup("remove", name) // undo; the error below is what matters
 		return fmt.Errorf("cannot give %s its %s", a.Frontend, a.FrontendDev)
 	}
 	hk.maps[a] = name
@@ -319,15 +319,12 @@ func (hk *hostKernel) teardown(vm *VM) {
 	owned := hk.devices(vm.Name)
 	for a, name := range hk.maps {
 		if a.Backend == vm.Name {
-			if info, ok := dmInfo(name); ok {
-				dmsetup("load", name, "--table", fmt.Sprintf("0 %d error", info.size/512))
-				dmsetup("resume", name)
-			}
+			failMapping(name)
 		}
 	}
 	h.stdin.Close()
 	h.cmd.Process.Kill()
-	h.cmd.Wait()
+	_ = h.cmd.Wait() // killed: its status says nothing
 	delete(hk.holders, vm.Name)
 	delete(hk.seen, vm.Name)
 	// The namespaces are gone once the last process left; their mounts are released
@@ -343,7 +340,7 @@ func (hk *hostKernel) teardown(vm *VM) {
 					left++
 				}
 			case strings.HasPrefix(d.name, "loop"):
-				exec.Command("losetup", "-d", "/dev/"+d.name).Run()
+				_ = exec.Command("losetup", "-d", "/dev/"+d.name).Run() // a busy one goes with its last user
 			}
 		}
 		for a, name := range hk.maps {
@@ -362,7 +359,7 @@ func (hk *hostKernel) teardown(vm *VM) {
 	}
 	for ref, d := range hk.disks {
 		if ref.Backend == vm.Name {
-			exec.Command("losetup", "-d", "/dev/"+d.loop).Run()
+			_ = exec.Command("losetup", "-d", "/dev/"+d.loop).Run() // a busy one goes with its last user
 			delete(hk.disks, ref)
 		}
 	}
@@ -398,7 +395,7 @@ func (hk *hostKernel) plug(vm *VM, image, desc string, ro bool) (string, error) 
 	info, ok := sysBlock(loop)
 	root := hk.root(vm.Name)
 	if !ok || mknodBlock(filepath.Join(root, "dev", port), info) != nil {
-		exec.Command("losetup", "-d", "/dev/"+loop).Run()
+		_ = exec.Command("losetup", "-d", "/dev/"+loop).Run() // undo; the error below is what matters
 		return "", fmt.Errorf("cannot plug %s into %s", image, vm.Name)
 	}
 	d := &hostDisk{loop: loop}
@@ -441,10 +438,7 @@ func (hk *hostKernel) unplug(vm *VM, port string) error {
 	}
 	for a, name := range hk.maps {
 		if a.DeviceRef == ref {
-			if info, ok := dmInfo(name); ok {
-				dmsetup("load", name, "--table", fmt.Sprintf("0 %d error", info.size/512))
-				dmsetup("resume", name)
-			}
+			failMapping(name)
 		}
 	}
 	root := hk.root(vm.Name)
@@ -453,17 +447,33 @@ func (hk *hostKernel) unplug(vm *VM, port string) error {
 		os.Remove(filepath.Join(root, l))
 	}
 	// A mount of it in the qube keeps the loop device until unmounted: autoclear.
-	exec.Command("losetup", "-d", "/dev/"+d.loop).Run()
+	_ = exec.Command("losetup", "-d", "/dev/"+d.loop).Run()
 	delete(hk.disks, ref)
 	hk.refresh(vm)
 	return nil
+}
+
+// failMapping makes a frontend's device fail every I/O, as a device whose backend went
+// away does. If dmsetup cannot, the simulation is wrong from then on: say so loudly.
+func failMapping(name string) {
+	info, ok := dmInfo(name)
+	if !ok {
+		return
+	}
+	err := dmsetup("load", name, "--table", fmt.Sprintf("0 %d error", info.size/512))
+	if err == nil {
+		err = dmsetup("resume", name)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qubes-sim: cannot fail %s, it still works: %v\n", name, err)
+	}
 }
 
 func dmsetup(args ...string) error {
 	cmd := exec.Command("dmsetup", args...)
 	cmd.Env = append(os.Environ(), "DM_DISABLE_UDEV=1")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("dmsetup %s: %v: %s", args[0], err, qubes.Printable(strings.TrimSpace(string(out)), 200))
+		return fmt.Errorf("dmsetup %s: %w: %s", args[0], err, qubes.Printable(strings.TrimSpace(string(out)), 200))
 	}
 	return nil
 }

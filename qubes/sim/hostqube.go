@@ -28,7 +28,7 @@ func QubeHolder(args []string) int {
 		return 1
 	}
 	fmt.Println("ready")
-	io.Copy(io.Discard, os.Stdin)
+	_, _ = io.Copy(io.Discard, os.Stdin) // held until the simulator closes it or dies
 	return 0
 }
 
@@ -194,8 +194,9 @@ func CryptsetupWrapper(args []string, stdin io.Reader, stdout, stderr io.Writer)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err = cmd.Run()
-	io.WriteString(stdout, plainNames(out.String(), prefix))
-	io.WriteString(stderr, plainNames(errOut.String(), prefix))
+	// The caller's pipes: if they are gone, nobody reads the output anyway.
+	_, _ = io.WriteString(stdout, plainNames(out.String(), prefix))
+	_, _ = io.WriteString(stderr, plainNames(errOut.String(), prefix))
 	code := 0
 	if err != nil {
 		var ee *exec.ExitError

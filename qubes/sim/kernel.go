@@ -182,7 +182,7 @@ func (k *kernel) nextName(prefix string) string {
 func (k *kernel) add(b *bdev) {
 	k.devs[b.name] = b
 	if b.exposed() {
-		k.w.deviceAdded(k.vm, b.name)
+		k.w.deviceAdded(k.vm)
 	}
 }
 
@@ -376,7 +376,9 @@ func (k *kernel) mount(dev, target string, ro bool) (warning string, err error) 
 	meta, err := readFS(b.io, hp)
 	if err != nil {
 		clearDir(hp)
-		moveContents(stash, hp)
+		if merr := moveContents(stash, hp); merr != nil {
+			return "", fail(32, "mount: %s: cannot read file system: %v; cannot restore %s: %v", target, err, target, merr)
+		}
 		os.Remove(stash)
 		return "", fail(32, "mount: %s: cannot read file system: %v", target, err)
 	}
@@ -409,7 +411,9 @@ func (k *kernel) unmount(m *mountEntry, flush bool) error {
 		}
 	}
 	clearDir(hp)
-	moveContents(m.stash, hp)
+	if err := moveContents(m.stash, hp); err != nil {
+		return fail(32, "umount: %s: cannot restore the mount point: %v", m.target, err)
+	}
 	os.Remove(m.stash)
 	return nil
 }
@@ -428,7 +432,8 @@ func (k *kernel) mountOf(b *bdev) *mountEntry {
 // dropped on a kill; every device goes away.
 func (k *kernel) teardown(clean bool) {
 	for i := len(k.mounts) - 1; i >= 0; i-- {
-		k.unmount(k.mounts[i], clean)
+		// A power-off goes on: what cannot be written back is lost, as on a real one.
+		_ = k.unmount(k.mounts[i], clean)
 	}
 	k.mounts = nil
 	for _, b := range k.sortedDevs() {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -289,27 +288,14 @@ func (k *kernel) mkfs(req kernelReq) error {
 	return nil
 }
 
-// kernelClient is the fake tools' side: one request per connection.
+// kernelCall is the fake tools' side: one request per connection.
 func kernelCall(req kernelReq) (kernelResp, error) {
 	path := os.Getenv("QUBES_SIM_KERNEL")
 	if path == "" {
 		return kernelResp{}, errors.New("not inside a qubes-sim qube (QUBES_SIM_KERNEL is not set)")
 	}
-	c, err := net.Dial("unix", path)
-	if err != nil {
-		return kernelResp{}, fmt.Errorf("cannot reach the simulated kernel: %w", err)
-	}
-	defer c.Close()
-	b, _ := json.Marshal(req)
-	if _, err := c.Write(append(b, '\n')); err != nil {
-		return kernelResp{}, err
-	}
-	line, err := bufio.NewReader(c).ReadBytes('\n')
-	if err != nil {
-		return kernelResp{}, fmt.Errorf("simulated kernel closed the connection: %w", err)
-	}
 	var resp kernelResp
-	err = json.Unmarshal(line, &resp)
+	err := jsonCall(path, "simulated kernel", req, &resp)
 	return resp, err
 }
 

@@ -116,7 +116,7 @@ func sortedSet(m map[string]bool) []string {
 func (w *World) deviceListChanged(vm *VM) { w.qdbChanged(vm) }
 
 // deviceAdded: udev wrote the device's keys and the trigger.
-func (w *World) deviceAdded(vm *VM, port string) { w.qdbChanged(vm) }
+func (w *World) deviceAdded(vm *VM) { w.qdbChanged(vm) }
 
 // deviceRemoved: udev removed the device's keys, then wrote the trigger: two changes.
 func (w *World) deviceRemoved(vm *VM, port string) {
@@ -234,7 +234,9 @@ func (w *World) start(name string) error {
 
 // boot gives a starting qube its fresh root and, on the kernel backend, its namespaces.
 func (w *World) boot(vm *VM) error {
-	resetRoot(vm)
+	if err := resetRoot(vm); err != nil {
+		return err
+	}
 	if w.hk != nil {
 		if err := w.hk.boot(vm); err != nil {
 			return err
@@ -253,7 +255,7 @@ func (w *World) boot(vm *VM) error {
 
 // resetRoot gives a booting qube a fresh root: like a template-based AppVM, only /home
 // and /rw survive a reboot.
-func resetRoot(vm *VM) {
+func resetRoot(vm *VM) error {
 	ents, _ := os.ReadDir(vm.root)
 	for _, e := range ents {
 		if e.Name() != "home" && e.Name() != "rw" {
@@ -261,8 +263,11 @@ func resetRoot(vm *VM) {
 		}
 	}
 	for _, d := range []string{"tmp", "mnt", "root"} {
-		os.MkdirAll(filepath.Join(vm.root, d), 0o755)
+		if err := os.MkdirAll(filepath.Join(vm.root, d), 0o755); err != nil {
+			return fmt.Errorf("cannot reset the root of %s: %w", vm.Name, err)
+		}
 	}
+	return nil
 }
 
 func (w *World) shutdown(name, arg string) error {

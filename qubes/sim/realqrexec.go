@@ -188,7 +188,7 @@ func (rq *realQrexec) start(vm *VM) error {
 	daemonLog, err := os.Create(filepath.Join(rq.dir, "log", "daemon."+vm.Name+".log"))
 	if err != nil {
 		killGroup(agent)
-		agent.Wait()
+		_ = agent.Wait() // killed: its status says nothing
 		return err
 	}
 	defer daemonLog.Close()
@@ -198,13 +198,13 @@ func (rq *realQrexec) start(vm *VM) error {
 	daemon.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := daemon.Start(); err != nil {
 		killGroup(agent)
-		agent.Wait()
+		_ = agent.Wait() // killed: its status says nothing
 		return fmt.Errorf("cannot start the qrexec daemon of %s: %w", vm.Name, err)
 	}
 	procs := &qrexecProcs{agent: agent, daemon: daemon}
 	ended := make(chan struct{})
-	go func() { daemon.Wait(); close(ended) }()
-	go agent.Wait()
+	go func() { _ = daemon.Wait(); close(ended) }() // ProcessState tells how it ended
+	go func() { _ = agent.Wait() }()
 	// qubesd's start waits for the daemon to connect to the agent (qrexec_timeout).
 	deadline := time.Now().Add(time.Duration(max(vm.QrexecTimeout, 10)) * time.Second)
 	for {
@@ -256,7 +256,7 @@ func QrexecReady(args []string, stderr io.Writer) int {
 			vm = args[i+1]
 		}
 	}
-	if resp, err := Control(socket, ctlRequest{Op: "qrexec-ready", VM: vm}); err != nil || resp.Error != "" {
+	if resp, err := control(socket, ctlRequest{Op: "qrexec-ready", VM: vm}); err != nil || resp.Error != "" {
 		fmt.Fprintf(stderr, "qubes-sim qrexec-ready: %v %s\n", err, resp.Error)
 		return 1
 	}
@@ -280,8 +280,11 @@ func BuildRealQrexec(src, cache, version string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		io.Copy(h, fh)
+		_, err = io.Copy(h, fh)
 		fh.Close()
+		if err != nil {
+			return "", err
+		}
 	}
 	if cache == "" {
 		dir, err := os.UserCacheDir()
@@ -310,7 +313,7 @@ func BuildRealQrexec(src, cache, version string) (string, error) {
 	cmd.Dir = cache
 	if b, err := cmd.CombinedOutput(); err != nil {
 		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-		return "", fmt.Errorf("build.sh %s failed (%v; make deps installs what it needs): %s", version, err, lines[len(lines)-1])
+		return "", fmt.Errorf("build.sh %s failed (%w; make deps installs what it needs): %s", version, err, lines[len(lines)-1])
 	}
 	return out, os.WriteFile(done, nil, 0o644)
 }

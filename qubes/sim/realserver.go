@@ -35,11 +35,10 @@ func (r *RealServer) Start() error {
 	if err != nil {
 		return err
 	}
-	defer lock.Close()
+	defer lock.Close() // closing the file releases the lock
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
 		return err
 	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
 
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -71,7 +70,7 @@ func (r *RealServer) Start() error {
 		}
 	}()
 	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
+	go func() { _ = cmd.Wait(); close(exited) }() // ProcessState tells how it ended
 	select {
 	case <-ready:
 	case <-exited:
@@ -113,7 +112,9 @@ func (r *RealServer) Ctl(line string) error {
 		return fmt.Errorf("cannot reach the real qubesd's control socket: %w", err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(realCallTimeout))
+	if err := c.SetDeadline(time.Now().Add(realCallTimeout)); err != nil {
+		return err
+	}
 	if _, err := io.WriteString(c, line+"\n"); err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -84,7 +85,7 @@ func (s *Sim) sandboxCommand(vm *VM, home string, roMounts []string, argv []stri
 	}
 	// bwrap's --symlink fails once the link exists, and the root persists between
 	// commands: the links are made in the tree itself.
-	linkSystem(vm.root, links)
+	linkErr := linkSystem(vm.root, links)
 	for _, mp := range roMounts {
 		args = append(args, "--ro-bind", filepath.Join(vm.root, mp), mp)
 	}
@@ -110,6 +111,9 @@ func (s *Sim) sandboxCommand(vm *VM, home string, roMounts []string, argv []stri
 	args = append(args, argv...)
 	cmd := exec.Command(s.bwrap, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if linkErr != nil {
+		cmd.Err = fmt.Errorf("cannot link the host system into %s: %w", vm.Name, linkErr) // Start returns it
+	}
 	return cmd
 }
 

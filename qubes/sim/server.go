@@ -265,10 +265,11 @@ func (w *World) handleConn(c net.Conn) {
 	}
 }
 
+// write sends a whole answer; a client that went away does not need it.
 func write(c net.Conn, b []byte) {
-	c.Write(b)
+	_, _ = c.Write(b)
 	if uc, ok := c.(*net.UnixConn); ok {
-		uc.CloseWrite()
+		_ = uc.CloseWrite()
 	}
 }
 

@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -115,7 +114,9 @@ func Start(cfg Config) (*Sim, error) {
 			return nil, err
 		}
 		dom0 := w.vms["dom0"]
-		resetRoot(dom0)
+		if err := resetRoot(dom0); err != nil {
+			return nil, err
+		}
 		if err := w.hk.boot(dom0); err != nil {
 			return nil, err
 		}
@@ -155,7 +156,7 @@ func Start(cfg Config) (*Sim, error) {
 			s.Close()
 			return nil, fmt.Errorf("cannot listen on %s: %w", cfg.Socket, err)
 		}
-		go w.ServeAdmin(s.admin)
+		go func() { _ = w.ServeAdmin(s.admin) }() // ends when Close closes the listener
 	}
 	// Last: a client that reaches the control socket finds the world complete.
 	os.Remove(ControlSocket(cfg.Socket))
@@ -426,7 +427,7 @@ func closedByPeer(c net.Conn) <-chan struct{} {
 	gone := make(chan struct{})
 	go func() {
 		var b [1]byte
-		c.Read(b[:])
+		_, _ = c.Read(b[:]) // any answer, EOF or error alike, means gone
 		close(gone)
 	}()
 	return gone
@@ -442,10 +443,8 @@ func (s *Sim) makeReady(vm string) {
 	}
 }
 
-func reply(c net.Conn, v any) {
-	b, _ := json.Marshal(v)
-	c.Write(append(b, '\n'))
-}
+// reply answers a request; a peer that went away does not need the answer.
+func reply(c net.Conn, v any) { _ = writeJSONLine(c, v) }
 
 // exec runs a qrexec call: the caller's stdio become the sandboxed command's. It returns
 // qrexec-client's exit status; the command is killed if the caller goes away.
@@ -542,7 +541,7 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 		case <-done:
 		}
 	}()
-	cmd.Wait()
+	_ = cmd.Wait() // its status is read from cmd.ProcessState below
 	close(done)
 	s.World.mu.Lock()
 	delete(vm.procs, cmd)
@@ -620,7 +619,7 @@ func (s *Sim) Unplug(vmName, port string) error {
 		return fmt.Errorf("cannot unplug %s:%s: no such disk", vmName, port)
 	}
 	if m := vm.kernel.mountOf(b); m != nil {
-		vm.kernel.umount(m.target, false)
+		_ = vm.kernel.umount(m.target, false) // a pulled disk: nothing is written back
 	}
 	vm.kernel.remove(b)
 	b.file.f.Close()
@@ -638,33 +637,20 @@ func (s *Sim) Flood(vmName string, n int) {
 	}
 }
 
-// Control sends one request to a simulator's control socket (used by the qubes-sim CLI).
-func Control(adminSocket string, req ctlRequest) (ctlResponse, error) {
-	c, err := net.Dial("unix", ControlSocket(adminSocket))
-	if err != nil {
-		return ctlResponse{}, fmt.Errorf("cannot reach the simulator: %w", err)
-	}
-	defer c.Close()
-	b, _ := json.Marshal(req)
-	if _, err := c.Write(append(b, '\n')); err != nil {
-		return ctlResponse{}, err
-	}
-	return readReply(c)
-}
-
-func readReply(c net.Conn) (ctlResponse, error) {
-	line, err := bufio.NewReader(c).ReadBytes('\n')
-	if err != nil {
-		return ctlResponse{}, fmt.Errorf("simulator closed the connection: %w", err)
-	}
+// control sends one request to a simulator's control socket (used by the qubes-sim CLI).
+func control(adminSocket string, req ctlRequest) (ctlResponse, error) {
 	var resp ctlResponse
-	if err := json.Unmarshal(line, &resp); err != nil {
+	if err := jsonCall(ControlSocket(adminSocket), "simulator", req, &resp); err != nil {
 		return resp, err
 	}
-	if resp.Error != "" {
-		return resp, errors.New(resp.Error)
+	return resp, resp.err()
+}
+
+func (r ctlResponse) err() error {
+	if r.Error != "" {
+		return errors.New(r.Error)
 	}
-	return resp, nil
+	return nil
 }
 
 // QrexecClient is the qrexec-client compatible entry point: it parses the real tool's
@@ -716,7 +702,12 @@ func QrexecClient(args []string) int {
 		return 2
 	}
 	req := ctlRequest{Op: "exec", VM: vm, User: user, Cmdline: cmdline, Ready: ready}
-	fmt.Sscan(wait, &req.Wait)
+	if wait != "" {
+		if _, err := fmt.Sscan(wait, &req.Wait); err != nil {
+			fmt.Fprintf(os.Stderr, "qrexec-client: -w: not a number of seconds: %q\n", wait)
+			return 2
+		}
+	}
 	conn, err := net.Dial("unix", ControlSocket(socket))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "qrexec-client: cannot connect to the simulator: %v\n", err)
@@ -729,8 +720,12 @@ func QrexecClient(args []string) int {
 		fmt.Fprintf(os.Stderr, "qrexec-client: %v\n", err)
 		return qubes.ExitQrexecProblem
 	}
-	resp, err := readReply(conn)
-	if err != nil {
+	var resp ctlResponse
+	if err := readJSONLine(conn, "simulator", &resp); err != nil {
+		fmt.Fprintf(os.Stderr, "qrexec-client: %v\n", err)
+		return qubes.ExitQrexecProblem
+	}
+	if err := resp.err(); err != nil {
 		fmt.Fprintf(os.Stderr, "qrexec-client: %v\n", err)
 		return qubes.ExitQrexecProblem
 	}
@@ -739,6 +734,6 @@ func QrexecClient(args []string) int {
 
 // Ping answers once the simulator at adminSocket is ready: its world is complete.
 func Ping(adminSocket string) error {
-	_, err := Control(adminSocket, ctlRequest{Op: "ping"})
+	_, err := control(adminSocket, ctlRequest{Op: "ping"})
 	return err
 }

@@ -2,6 +2,7 @@ package sim
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -60,7 +61,10 @@ func (t *tool) call(req kernelReq) (kernelResp, int) {
 		fmt.Fprintf(t.stderr, "%s: %v\n", t.name, err)
 		return resp, 1
 	}
-	syncDevNodes("", resp.Devices)
+	if err := syncDevNodes("", resp.Devices); err != nil {
+		fmt.Fprintf(t.stderr, "%s: cannot update /dev: %v\n", t.name, err)
+		return resp, 1
+	}
 	if resp.Warning != "" {
 		fmt.Fprintln(t.stderr, resp.Warning)
 	}
@@ -343,7 +347,7 @@ func (t *tool) readKey(path string) ([]byte, int) {
 	case "":
 		line, rerr := bufio.NewReader(t.stdin).ReadString('\n')
 		key, err = []byte(strings.TrimSuffix(line, "\n")), rerr
-		if rerr == io.EOF && line != "" {
+		if errors.Is(rerr, io.EOF) && line != "" {
 			err = nil
 		}
 	default:

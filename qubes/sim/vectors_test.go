@@ -181,11 +181,15 @@ func rawCall(socket string, req []byte) ([]byte, error) {
 		return nil, err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	if err := c.SetDeadline(time.Now().Add(2 * time.Minute)); err != nil {
+		return nil, err
+	}
 	if _, err := c.Write(req); err != nil {
 		return nil, err
 	}
-	c.(*net.UnixConn).CloseWrite()
+	if err := c.(*net.UnixConn).CloseWrite(); err != nil {
+		return nil, err
+	}
 	return io.ReadAll(c)
 }
 
@@ -251,7 +255,8 @@ func sortBursts(lines []string) []string {
 	}
 	for i := 0; i < len(lines); {
 		j := i + 1
-		for k := kind(lines[i]); k != "" && j < len(lines) && kind(lines[j]) == k; j++ {
+		for k := kind(lines[i]); k != "" && j < len(lines) && kind(lines[j]) == k; {
+			j++
 		}
 		sort.Strings(lines[i:j])
 		i = j
@@ -322,7 +327,9 @@ func TestRealQubesdVectors(t *testing.T) {
 			if os.Getenv("QCRYPT_RECORD_VECTORS") == "1" {
 				recordMu.Lock()
 				defer recordMu.Unlock()
-				os.MkdirAll(filepath.Dir(vectorFile(d)), 0o755)
+				if err := os.MkdirAll(filepath.Dir(vectorFile(d)), 0o755); err != nil {
+					t.Fatal(err)
+				}
 				if err := os.WriteFile(vectorFile(d), []byte(got), 0o644); err != nil {
 					t.Fatal(err)
 				}

@@ -23,6 +23,7 @@ import (
 // Dialect selects the Qubes release whose behaviour the simulator copies.
 type Dialect string
 
+// The Qubes releases the simulator speaks as.
 const (
 	R42 Dialect = "4.2" // old device API: Available/List, no device-added/removed
 	R43 Dialect = "4.3" // new device API: Available/Attached, key='value' lines

@@ -16,16 +16,16 @@ import (
 // CycleBytes is what each cycle writes.
 const CycleBytes = 64 << 10
 
-// Cycles runs n cycles: open opens the chain, run runs a script in its target (whose
-// plaintext is at dir), close closes it. It fails t for any file that does not read back
+// Cycles runs n cycles: openChain opens the chain, run runs a script in its target (whose
+// plaintext is at dir), closeChain closes it. It fails t for any file that does not read back
 // as written and logs the figures.
-func Cycles(t testing.TB, n int, dir string, open, close func(), run func(script string) qubes.Result) {
+func Cycles(t testing.TB, n int, dir string, openChain, closeChain func(), run func(script string) qubes.Result) {
 	t.Helper()
 	sums := map[string]string{}
 	lost := 0
 	start := time.Now()
 	for i := 0; i < n; i++ {
-		open()
+		openChain()
 		res := run(cycleScript(dir, i))
 		if res.ExitCode != 0 {
 			t.Fatalf("cycle %d: exit %d, stderr %q", i, res.ExitCode, res.Stderr)
@@ -38,7 +38,7 @@ func Cycles(t testing.TB, n int, dir string, open, close func(), run func(script
 			t.Errorf("cycle %d: %v do not read back as written", i, bad)
 			lost += len(bad) * CycleBytes
 		}
-		close()
+		closeChain()
 	}
 	t.Logf("cycles: %d open/write/close cycles, %d bytes written, %d lost, %.2f s per cycle",
 		n, n*CycleBytes, lost, time.Since(start).Seconds()/float64(n))

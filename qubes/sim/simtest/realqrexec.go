@@ -18,7 +18,7 @@ import (
 // start-vm.sh); without it the tests look for ../shared/real-qrexec beside the checkout.
 const RealQrexecEnv = "QCRYPT_REAL_QREXEC"
 
-// RequireRealQrexecEnv=1 (set by CI) turns a missing real qrexec into a failure.
+// RequireRealQrexecEnv set to 1 (by CI) turns a missing real qrexec into a failure.
 const RequireRealQrexecEnv = "QCRYPT_REQUIRE_REAL_QREXEC"
 
 // CacheEnv names where test equipment is built once and reused (default: the user's
@@ -121,7 +121,7 @@ func StartQrexecVM(t testing.TB, out, runDir, name string, domid int) *QrexecVM 
 		t.Fatal(err)
 	}
 	vm := &QrexecVM{Name: name, Client: client, runDir: runDir, sup: sup, done: make(chan struct{})}
-	go func() { sup.Wait(); log.Close(); close(vm.done) }()
+	go func() { _ = sup.Wait(); log.Close(); close(vm.done) }() // Stop kills it
 	t.Cleanup(vm.Stop)
 	sock := filepath.Join(runDir, "qubes", "qrexec."+name)
 	deadline := time.Now().Add(time.Minute)
@@ -142,27 +142,36 @@ func StartQrexecVM(t testing.TB, out, runDir, name string, domid int) *QrexecVM 
 	}
 }
 
-// pids are the sandbox's (bwrap) and the daemon's process ids.
-func (vm *QrexecVM) pids() (agent, daemon int) {
-	b, _ := os.ReadFile(filepath.Join(vm.runDir, "log", "pids."+vm.Name))
-	fmt.Sscan(string(b), &agent, &daemon)
-	return agent, daemon
+// agentPid is the process id of the qube's sandbox (bwrap), the first of the two its
+// pids file holds (the second is its qrexec-daemon's).
+func (vm *QrexecVM) agentPid() int {
+	b, err := os.ReadFile(filepath.Join(vm.runDir, "log", "pids."+vm.Name))
+	if err != nil {
+		return 0
+	}
+	var agent int
+	if _, err := fmt.Sscan(string(b), &agent); err != nil {
+		return 0
+	}
+	return agent
 }
 
 // Crash kills the whole sandbox at once, as a qube that crashes (killing only the
 // agent would not end calls in progress).
 func (vm *QrexecVM) Crash() {
-	if agent, _ := vm.pids(); agent > 0 {
+	if agent := vm.agentPid(); agent > 0 {
 		syscall.Kill(agent, syscall.SIGKILL)
 	}
 }
 
-// Freeze stops every process of the qube (a hung qube); Thaw lets them go on.
+// Freeze stops every process of the qube (a hung qube).
 func (vm *QrexecVM) Freeze() { vm.signalSandbox(syscall.SIGSTOP) }
-func (vm *QrexecVM) Thaw()   { vm.signalSandbox(syscall.SIGCONT) }
+
+// Thaw lets a frozen qube's processes go on.
+func (vm *QrexecVM) Thaw() { vm.signalSandbox(syscall.SIGCONT) }
 
 func (vm *QrexecVM) signalSandbox(sig syscall.Signal) {
-	agent, _ := vm.pids()
+	agent := vm.agentPid()
 	if agent <= 0 {
 		return
 	}
@@ -172,14 +181,18 @@ func (vm *QrexecVM) signalSandbox(sig syscall.Signal) {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
 		for _, c := range strings.Fields(string(b)) {
 			var child int
-			fmt.Sscan(c, &child)
+			if _, err := fmt.Sscan(c, &child); err != nil {
+				continue
+			}
 			tree(child)
 		}
 	}
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", agent, agent))
 	for _, c := range strings.Fields(string(b)) {
 		var child int
-		fmt.Sscan(c, &child)
+		if _, err := fmt.Sscan(c, &child); err != nil {
+			continue
+		}
 		tree(child)
 	}
 }

@@ -175,7 +175,7 @@ func RequireSandbox(t testing.TB) {
 // it the tests look for ../shared/real-qubesd beside the checkout.
 const RealQubesdEnv = "QCRYPT_REAL_QUBESD"
 
-// RequireRealQubesdEnv=1 (set by CI) turns a missing real qubesd into a failure.
+// RequireRealQubesdEnv set to 1 (by CI) turns a missing real qubesd into a failure.
 const RequireRealQubesdEnv = "QCRYPT_REQUIRE_REAL_QUBESD"
 
 var (
