@@ -710,9 +710,8 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 			if err := exec.Command("cp", "-a", saved+"/.", state).Run(); err != nil {
 				t.Fatal(err)
 			}
-			if err := exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(state, "filler"), "bs=4k").Run(); err != nil { // ends with ENOSPC
-				t.Fatal(err)
-			}
+			// dd fails with ENOSPC: a full file system is the point.
+			_ = exec.Command("dd", "if=/dev/zero", "of="+filepath.Join(state, "filler"), "bs=4k").Run()
 		},
 	} {
 		t.Run(name, func(t *testing.T) {
