@@ -4,6 +4,7 @@
 package chains
 
 import (
+	"errors"
 	"fmt"
 	"path"
 	"regexp"
@@ -220,50 +221,84 @@ func ParseCryptOptions(s string) ([]string, error) {
 	return out, nil
 }
 
-// Validate checks a chain that did not come from a config file (an ad-hoc chain or a
-// luks-init spec) with the rules of the config loader.
-func (c *Chain) Validate() error {
+// problem is a rule a chain breaks, under the config key it concerns.
+type problem struct{ key, msg string }
+
+// problems checks a chain against the rules every chain obeys, whether it came from a
+// config file (LoadFile, which also checks the file's syntax) or from a caller (an
+// ad-hoc chain, a luks-init spec): the one validator of both.
+func (c *Chain) problems() []problem {
+	var out []problem
+	add := func(key, format string, a ...any) { out = append(out, problem{key, fmt.Sprintf(format, a...)}) }
 	if err := qubes.ValidateMemberName(c.SourceVM); err != nil {
-		return fmt.Errorf("source qube: %w", err)
+		add(keySourceVM, "%v", err)
 	}
-	if err := validatePath(c.SourceFile, true); err != nil {
-		return fmt.Errorf("file: %w", err)
-	}
-	if c.SourceDevice != "" || c.SourceMountPoint != "" {
+	if c.SourceDevice != "" {
 		if err := validatePath(c.SourceDevice, true); err != nil {
-			return fmt.Errorf("source device: %w", err)
+			add(keySourceDevice, "%v", err)
+		} else if !strings.HasPrefix(c.SourceDevice, "/dev/") {
+			add(keySourceDevice, "must be a device path under /dev/")
+		} else if c.SourceMountPoint == "" {
+			add(keySourceDevice, "needs a %q", keySourceMountPoint)
 		}
+	}
+	if c.SourceMountPoint != "" {
 		if err := validatePath(c.SourceMountPoint, true); err != nil {
-			return fmt.Errorf("source mount point: %w", err)
+			add(keySourceMountPoint, "%v", err)
 		}
+	}
+	// Relative to the source mount point (the original's rule, "/" without one).
+	if err := validatePath(c.SourceFile, false); err != nil {
+		add(keySourceFile, "%v", err)
+	} else if c.Container() == "/" {
+		add(keySourceFile, "does not name a file")
 	}
 	if err := ValidateKeyID(c.Key); err != nil {
-		return err
+		add(keyKey, "%v", err)
+	}
+	if c.MountPoint != "" {
+		if err := validatePath(c.MountPoint, true); err != nil {
+			add(keyMountPoint, "%v", err)
+		} else if c.MountPoint == "/" {
+			add(keyMountPoint, "must not be /")
+		}
 	}
 	if len(c.Hops) == 0 {
-		return fmt.Errorf("at least one destination qube is needed")
+		add("destination vm 1", "missing (at least one destination is required)")
 	}
-	seen := map[string]bool{c.SourceVM: true}
-	for _, h := range c.Hops {
-		if err := qubes.ValidateMemberName(h.VM); err != nil {
-			return fmt.Errorf("destination: %w", err)
-		}
-		if seen[h.VM] {
-			return fmt.Errorf("qube %s appears twice in the chain", h.VM)
+	seen := map[string]bool{}
+	for i, h := range c.Hops {
+		vmKey := fmt.Sprintf("destination vm %d", i+1)
+		switch err := qubes.ValidateMemberName(h.VM); {
+		case err != nil:
+			add(vmKey, "%v", err)
+		case seen[h.VM]:
+			add(vmKey, "qube %s decrypts more than one layer (the key id is its mapper name)", h.VM)
+		case h.VM == c.SourceVM:
+			add(vmKey, "the source qube must not decrypt")
 		}
 		seen[h.VM] = true
 		if h.Inject != "" && !strings.HasPrefix(h.Inject, "keystore://") {
 			if err := validatePath(h.Inject, true); err != nil {
-				return fmt.Errorf("key to inject into %s: %w", h.VM, err)
+				add(fmt.Sprintf("destination inj %d", i+1), "%v", err)
 			}
 		}
 	}
-	if c.MountPoint != "" {
-		if err := validatePath(c.MountPoint, true); err != nil || c.MountPoint == "/" {
-			return fmt.Errorf("mount point %q must be an absolute path other than /", c.MountPoint)
-		}
+	return out
+}
+
+// Validate checks a chain that did not come from a config file (an ad-hoc chain or a
+// luks-init spec) with the rules every chain obeys. Its file is given on a command
+// line, as the original's: a full path, not one relative to a source mount point.
+func (c *Chain) Validate() error {
+	var errs []error
+	if c.SourceFile != "" && !strings.HasPrefix(c.SourceFile, "/") {
+		errs = append(errs, fmt.Errorf("%s: path %q must be absolute", keySourceFile, c.SourceFile))
 	}
-	return nil
+	for _, p := range c.problems() {
+		errs = append(errs, fmt.Errorf("%s: %s", p.key, p.msg))
+	}
+	return errors.Join(errs...)
 }
 
 // AdhocName names a chain that has no config file: key id and target, which together

@@ -32,9 +32,6 @@ func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, progress P
 // (nil: none), used until a step needs a fresh one.
 func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string) []action {
 	var acts []action
-	plan := PlanClose(c, o)
-	k := 0
-	next := func() Step { s := plan[k]; k++; return s }
 	// backing[i] is the frontend device hop i's mapper sat on, learned when closing it.
 	backing := make([]string, len(c.Hops))
 	// states is the latest list of qubes: taken fresh before every detach (never detach
@@ -53,7 +50,14 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 		i, h := i, c.Hops[i]
 		last := i == len(c.Hops)-1
 		mayShutdown := o.Force && !last || o.ShutdownTarget && last
-		closeStep := next()
+		prev := c.SourceVM
+		if i > 0 {
+			prev = c.Hops[i-1].VM
+		}
+		closeStep := Step{"close", h.VM, "unmount and close " + c.Key}
+		if mayShutdown {
+			closeStep.Desc += "; if that fails, shut " + h.VM + " down"
+		}
 		acts = append(acts, action{step: closeStep, layer: i + 1, do: func(ctx context.Context) error {
 			states, err := current(ctx, false)
 			if err != nil {
@@ -81,7 +85,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": h.VM}).WithError(err).Warn("cannot close the layer; shutting the qube down")
 			return e.shutdown(ctx, h.VM)
 		}})
-		detachStep := next()
+		detachStep := Step{"detach", h.VM, "detach the device of " + prev + " (skipped if " + prev + " is down)"}
 		acts = append(acts, action{step: detachStep, layer: i + 1, do: func(ctx context.Context) error {
 			states, err := current(ctx, true)
 			if err != nil {
@@ -94,7 +98,10 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			return err
 		}})
 	}
-	srcStep := next()
+	srcStep := Step{"loop-detach", c.SourceVM, "detach the loop devices of " + c.Container()}
+	if o.Eject && c.SourceDevice != "" {
+		srcStep.Desc += ", unmount " + c.SourceMountPoint
+	}
 	acts = append(acts, action{step: srcStep, do: func(ctx context.Context) error {
 		states, err := current(ctx, false)
 		if err != nil {

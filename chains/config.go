@@ -16,8 +16,6 @@ import (
 	"time"
 
 	"gopkg.in/ini.v1"
-
-	"github.com/qcrypt/qcrypt/qubes"
 )
 
 // ConfigError is one problem in a chain file. Line is 0 when the problem is a key that
@@ -176,6 +174,7 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 			add(lines[key], key, "%s", msg)
 		}
 	}
+	absent := map[string]bool{} // keys told missing or empty: nothing more to say of them
 	required := func(key string) string {
 		v, ok := values[key]
 		if !ok {
@@ -183,6 +182,7 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		} else if v == "" {
 			add(lines[key], key, "empty (required)")
 		}
+		absent[key] = v == ""
 		return v
 	}
 	boolean := func(key string, def bool) bool {
@@ -196,47 +196,13 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		}
 		return b
 	}
-	pathKey := func(key string, absolute bool) string {
-		v := values[key]
-		if v != "" {
-			if err := validatePath(v, absolute); err != nil {
-				add(lines[key], key, "%v", err)
-			}
-		}
-		return v
-	}
-
 	c.SourceVM = required(keySourceVM)
-	if c.SourceVM != "" {
-		if err := qubes.ValidateMemberName(c.SourceVM); err != nil {
-			add(lines[keySourceVM], keySourceVM, "%v", err)
-		}
-	}
-	c.SourceDevice = pathKey(keySourceDevice, true)
-	if c.SourceDevice != "" && !strings.HasPrefix(c.SourceDevice, "/dev/") {
-		add(lines[keySourceDevice], keySourceDevice, "must be a device path under /dev/")
-	}
-	c.SourceMountPoint = pathKey(keySourceMountPoint, true)
-	if c.SourceDevice != "" && c.SourceMountPoint == "" {
-		add(lines[keySourceDevice], keySourceDevice, "needs a %q", keySourceMountPoint)
-	}
-	if c.SourceFile = required(keySourceFile); c.SourceFile != "" {
-		if err := validatePath(c.SourceFile, false); err != nil {
-			add(lines[keySourceFile], keySourceFile, "%v", err)
-		} else if c.Container() == "/" {
-			add(lines[keySourceFile], keySourceFile, "does not name a file")
-		}
-	}
+	c.SourceDevice = values[keySourceDevice]
+	c.SourceMountPoint = values[keySourceMountPoint]
+	c.SourceFile = required(keySourceFile)
 	c.keyLine = lines[keyKey]
-	if c.Key = required(keyKey); c.Key != "" {
-		if err := ValidateKeyID(c.Key); err != nil {
-			add(lines[keyKey], keyKey, "%v", err)
-		}
-	}
-	c.MountPoint = pathKey(keyMountPoint, true)
-	if c.MountPoint == "/" {
-		add(lines[keyMountPoint], keyMountPoint, "must not be /")
-	}
+	c.Key = required(keyKey)
+	c.MountPoint = values[keyMountPoint]
 	c.Autostart = boolean(keyAutostart, false)
 	c.ReadOnly = boolean(keyReadOnly, true)
 	if v, ok := values[keyType]; ok {
@@ -264,9 +230,10 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 	sort.Ints(nums)
 	if _, ok := values["destination vm 1"]; !ok {
 		add(0, "destination vm 1", "missing (at least one destination is required)")
+		absent["destination vm 1"] = true
 	}
-	seen := map[string]bool{}
 	count := 0
+	numbered := true
 	for _, n := range nums {
 		vmKey := fmt.Sprintf("destination vm %d", n)
 		vm, ok := values[vmKey]
@@ -280,26 +247,12 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		}
 		if count++; n != count {
 			add(lines[vmKey], vmKey, "destinations must be numbered 1, 2, 3, ... without gaps (destination vm %d is missing)", count)
+			numbered = false
 		}
-		h := Hop{VM: vm}
+		h := Hop{VM: vm, Inject: values[fmt.Sprintf("destination inj %d", n)]}
 		if vm == "" {
 			add(lines[vmKey], vmKey, "empty")
-		} else if err := qubes.ValidateMemberName(vm); err != nil {
-			add(lines[vmKey], vmKey, "%v", err)
-		} else if seen[vm] {
-			add(lines[vmKey], vmKey, "qube %s decrypts more than one layer (the key id is its mapper name)", vm)
-		} else if vm == c.SourceVM {
-			add(lines[vmKey], vmKey, "the source qube must not decrypt")
-		}
-		seen[vm] = true
-		injKey := fmt.Sprintf("destination inj %d", n)
-		if inj := values[injKey]; inj != "" {
-			if !strings.HasPrefix(inj, "keystore://") {
-				if err := validatePath(inj, true); err != nil {
-					add(lines[injKey], injKey, "%v", err)
-				}
-			}
-			h.Inject = inj
+			absent[vmKey] = true
 		}
 		optKey := fmt.Sprintf("destination opt %d", n)
 		if opt := values[optKey]; opt != "" {
@@ -312,6 +265,14 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		c.Hops = append(c.Hops, h)
 	}
 
+	// What the file says, checked by the rules every chain obeys. Hops are named by
+	// their number only when the numbering is right.
+	for _, p := range c.problems() {
+		hop := hopKeyRE.MatchString(p.key)
+		if !absent[p.key] && (numbered || !hop) {
+			add(lines[p.key], p.key, "%s", p.msg)
+		}
+	}
 	if len(errs) > 0 {
 		return nil, errs
 	}

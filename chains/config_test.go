@@ -230,3 +230,56 @@ func TestCryptArgsPerAction(t *testing.T) {
 		}
 	}
 }
+
+// A chain from a file and one from a caller (ad-hoc, luks-init) are held to the same
+// rules, by one validator; only the file's relative source path is the config's own.
+func TestOneValidator(t *testing.T) {
+	good := func() *Chain {
+		return &Chain{SourceVM: "sys-usb", SourceFile: "/c.luks", Key: "k", Hops: []Hop{{VM: "mediator"}, {VM: "work"}}}
+	}
+	tests := map[string]struct {
+		old, repl string       // the config's change
+		change    func(*Chain) // the same change to a chain from a caller
+		want      string
+	}{
+		"device outside /dev": {"", "source device=/tmp/sda1\nsource mount point=/mnt/usb",
+			func(c *Chain) { c.SourceDevice, c.SourceMountPoint = "/tmp/sda1", "/mnt/usb" }, "must be a device path under /dev/"},
+		"device without mount point": {"", "source device=/dev/sda1",
+			func(c *Chain) { c.SourceDevice = "/dev/sda1" }, `needs a "source mount point"`},
+		"source decrypts": {"destination vm 2=work", "destination vm 2=sys-usb",
+			func(c *Chain) { c.Hops[1].VM = "sys-usb" }, "the source qube must not decrypt"},
+		"qube twice": {"destination vm 2=work", "destination vm 2=mediator",
+			func(c *Chain) { c.Hops[1].VM = "mediator" }, "decrypts more than one layer"},
+		"dom0": {"destination vm 2=work", "destination vm 2=dom0",
+			func(c *Chain) { c.Hops[1].VM = "dom0" }, "dom0 is never part of a chain"},
+		"mount point /": {"", "destination mount point=/",
+			func(c *Chain) { c.MountPoint = "/" }, "must not be /"},
+		"file up and out": {"source file=/c.luks", "source file=/a/../../etc/shadow",
+			func(c *Chain) { c.SourceFile = "/a/../../etc/shadow" }, "must not contain a .. component"},
+		"relative inject": {"", "destination inj 1=k.key",
+			func(c *Chain) { c.Hops[0].Inject = "k.key" }, "must be absolute"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, errs := loadOne(t, conf(tc.old, tc.repl), 0o644, false)
+			if len(errs) != 1 || !strings.Contains(errs[0].Msg, tc.want) {
+				t.Errorf("config: %v, want one error with %q", errs, tc.want)
+			}
+			c := good()
+			tc.change(c)
+			if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("caller's chain: %v, want %q", err, tc.want)
+			}
+		})
+	}
+	// The config's source file is relative to the source mount point ("/" without one);
+	// a caller gives a full path.
+	if _, errs := loadOne(t, conf("source file=/c.luks", "source file=c.luks"), 0o644, false); len(errs) != 0 {
+		t.Errorf("relative source file in a config: %v", errs)
+	}
+	c := good()
+	c.SourceFile = "c.luks"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "must be absolute") {
+		t.Errorf("relative file from a caller: %v", err)
+	}
+}

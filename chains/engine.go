@@ -162,59 +162,18 @@ func (e *Engine) run(ctx context.Context, vm, script string, input io.Reader) (q
 	return e.Runner.Run(ctx, vm, script, input)
 }
 
-// PlanOpen lists the steps an open performs, in order.
-func PlanOpen(c *Chain, o OpenOptions) Plan {
-	var p Plan
-	for i, vm := range c.VMs() {
-		intermediate := i > 0 && i < len(c.Hops)
-		if intermediate || o.Autostart || c.Autostart {
-			p = append(p, Step{"start", vm, "start " + vm + " if it is halted"})
-		}
-	}
-	src := "set up a loop device for " + c.Container()
-	if c.SourceDevice != "" {
-		src = "mount " + c.SourceDevice + " on " + c.SourceMountPoint + ", " + src
-	}
-	p = append(p, Step{"source", c.SourceVM, src})
-	prev := c.SourceVM
-	for i, h := range c.Hops {
-		p = append(p, Step{"attach", h.VM, fmt.Sprintf("attach %s's %s to %s%s", prev, map[bool]string{true: "loop device", false: "mapper " + c.Key}[i == 0], h.VM, roWord(c.ReadOnly))})
-		d := "decrypt layer " + fmt.Sprint(i+1) + " as " + c.Key
-		if h.Inject != "" {
-			d = "inject key " + h.Inject + " if missing, " + d
-		} else if len(o.InjectKeys[h.VM]) > 0 {
-			d = "inject the given key if missing, " + d
-		}
-		if i == len(c.Hops)-1 && c.MountPoint != "" {
-			d += ", mount the plaintext on " + c.MountPoint + roWord(c.ReadOnly)
-		}
-		p = append(p, Step{"decrypt", h.VM, d})
-		prev = h.VM
-	}
-	return p
-}
+// PlanOpen lists the steps an open performs, in order: those of its actions, with every
+// qube taken as halted (a running one's start step is left out when it opens).
+func PlanOpen(c *Chain, o OpenOptions) Plan { return planOf((&Engine{}).openActions(c, o, nil, nil)) }
 
-// PlanClose lists the steps a close performs, in order.
-func PlanClose(c *Chain, o CloseOptions) Plan {
-	var p Plan
-	for i := len(c.Hops) - 1; i >= 0; i-- {
-		h := c.Hops[i]
-		d := "unmount and close " + c.Key
-		p = append(p, Step{"close", h.VM, d})
-		prev := c.SourceVM
-		if i > 0 {
-			prev = c.Hops[i-1].VM
-		}
-		if (o.Force && i < len(c.Hops)-1) || (o.ShutdownTarget && i == len(c.Hops)-1) {
-			p[len(p)-1].Desc += "; if that fails, shut " + h.VM + " down"
-		}
-		p = append(p, Step{"detach", h.VM, "detach the device of " + prev + " (skipped if " + prev + " is down)"})
+// PlanClose lists the steps a close performs, in order: those of its actions.
+func PlanClose(c *Chain, o CloseOptions) Plan { return planOf((&Engine{}).closeActions(c, o, nil)) }
+
+func planOf(acts []action) Plan {
+	p := make(Plan, len(acts))
+	for i, a := range acts {
+		p[i] = a.step
 	}
-	d := "detach the loop devices of " + c.Container()
-	if o.Eject && c.SourceDevice != "" {
-		d += ", unmount " + c.SourceMountPoint
-	}
-	p = append(p, Step{"loop-detach", c.SourceVM, d})
 	return p
 }
 
@@ -439,11 +398,15 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		intermediate := i > 0 && i < len(c.Hops)
 		if !wasRunning[vm] && (intermediate || o.Autostart || c.Autostart) {
 			vm := vm
-			acts = append(acts, action{step: Step{"start", vm, "start " + vm},
+			acts = append(acts, action{step: Step{"start", vm, "start " + vm + " if it is halted"},
 				do: func(ctx context.Context) error { return e.Qubes.Start(ctx, vm) }})
 		}
 	}
-	acts = append(acts, action{step: stepOf(PlanOpen(c, OpenOptions{}), "source", c.SourceVM), do: func(ctx context.Context) error {
+	src := "set up a loop device for " + c.Container()
+	if c.SourceDevice != "" {
+		src = "mount " + c.SourceDevice + " on " + c.SourceMountPoint + ", " + src
+	}
+	acts = append(acts, action{step: Step{"source", c.SourceVM, src}, do: func(ctx context.Context) error {
 		res, err := e.run(ctx, c.SourceVM, sourceOpenScript(c, e.MachineID, o.BreakLock), nil)
 		if err != nil {
 			return err
@@ -496,10 +459,25 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 	}, facts: func() map[string]string {
 		return map[string]string{"loop": s.dev[0].Port, "created": fmt.Sprint(s.created), "mounted": fmt.Sprint(s.mounted)}
 	}})
+	prev := c.SourceVM
 	for i, h := range c.Hops {
 		i, h := i, h
-		plan := PlanOpen(c, OpenOptions{})
-		attachStep, decryptStep := stepOf(plan, "attach", h.VM), stepOf(plan, "decrypt", h.VM)
+		what := "mapper " + c.Key
+		if i == 0 {
+			what = "loop device"
+		}
+		attachStep := Step{"attach", h.VM, fmt.Sprintf("attach %s's %s to %s%s", prev, what, h.VM, roWord(c.ReadOnly))}
+		d := "decrypt layer " + fmt.Sprint(i+1) + " as " + c.Key
+		if h.Inject != "" {
+			d = "inject key " + h.Inject + " if missing, " + d
+		} else if len(o.InjectKeys[h.VM]) > 0 {
+			d = "inject the given key if missing, " + d
+		}
+		if i == len(c.Hops)-1 && c.MountPoint != "" {
+			d += ", mount the plaintext on " + c.MountPoint + roWord(c.ReadOnly)
+		}
+		decryptStep := Step{"decrypt", h.VM, d}
+		prev = h.VM
 		acts = append(acts, action{step: attachStep, layer: i + 1, do: func(ctx context.Context) error {
 			if err := e.Qubes.Attach(ctx, h.VM, s.dev[i], c.ReadOnly); err != nil {
 				return err
@@ -564,15 +542,6 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		}})
 	}
 	return acts
-}
-
-func stepOf(p Plan, kind, vm string) Step {
-	for _, s := range p {
-		if s.Kind == kind && s.VM == vm {
-			return s
-		}
-	}
-	return Step{Kind: kind, VM: vm, Desc: kind}
 }
 
 func hasOption(opts []string, name string) bool {

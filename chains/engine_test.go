@@ -511,6 +511,45 @@ func TestPlans(t *testing.T) {
 	golden.Check(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
 }
 
+// What a plan shows is what runs: the journal of an open and of a close holds the
+// steps of PlanOpen and PlanClose (an open leaves out the start of a running qube).
+func TestPlanIsWhatRuns(t *testing.T) {
+	r := newRig(t, sim.R43)
+	c := demoChain()
+	c.ReadOnly = true
+	oo := OpenOptions{Autostart: true, InjectKeys: map[string][]byte{"work": []byte("not used: work has its key")}}
+	if err := r.e.Open(bg, c, oo, nil); err != nil {
+		t.Fatal(err)
+	}
+	var want Plan
+	for _, s := range PlanOpen(c, oo) {
+		if s.Kind != "start" || s.VM != "sys-usb" { // sys-usb runs already
+			want = append(want, s)
+		}
+	}
+	ran := func() Plan {
+		rec, err := r.e.Journal.Read(c.Name)
+		if err != nil || rec == nil {
+			t.Fatalf("journal: %v %v", rec, err)
+		}
+		var p Plan
+		for _, s := range rec.Steps {
+			p = append(p, s.Step)
+		}
+		return p
+	}
+	if got := ran(); got.String() != want.String() {
+		t.Errorf("open ran:\n%s\nplan:\n%s", got, want)
+	}
+	co := CloseOptions{Force: true, ShutdownTarget: true, Eject: true}
+	if err := r.e.Close(bg, c, co, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := ran(), PlanClose(c, co); got.String() != want.String() {
+		t.Errorf("close ran:\n%s\nplan:\n%s", got, want)
+	}
+}
+
 // discover runs Discover and renders each chain found as a line.
 func (r *rig) discover(t *testing.T, line func(Discovered) string) string {
 	t.Helper()
