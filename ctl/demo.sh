@@ -39,16 +39,7 @@ dbus-daemon --config-file="$work/bus.conf" --nofork >/dev/null 2>&1 & pids+=($!)
 export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$work/bus.sock"
 qubes-sim serve --socket "$work/qubesd.sock" --state "$work/sim" --demo 2>"$work/sim.log" & pids+=($!)
 mkdir -p "$work/conf/demo"
-cat > "$work/conf/demo/demo.ini" <<INI
-# The demo chain: container in sys-usb, outer layer opened by mediator, inner by work.
-source vm=sys-usb
-source file=/home/user/demo.luks
-key=demo
-destination vm 1=mediator
-destination vm 2=work
-destination mount point=/mnt/demo
-read-only=false
-INI
+qubes-sim demo-chain > "$work/conf/demo/demo.ini"
 cat "$work/conf/demo/demo.ini"
 for _ in $(seq 100); do [ -S "$work/qubesd.sock" ] && [ -S "$work/bus.sock" ] && break; sleep 0.05; done
 qcryptd --config-root "$work/conf" --target demo --qubesd-socket "$work/qubesd.sock" \

@@ -21,6 +21,7 @@ const usage = `usage:
   qubes-sim qrexec-client --socket PATH [--ready] -d VM [-w SECS] USER:CMDLINE
   qubes-sim qrexec-ready --socket PATH -d VM [...]   (before the real qrexec-client; --real-qrexec)
   qubes-sim build-real-qrexec SRC CACHE 4.2|4.3     (builds ../shared/real-qrexec once; prints the build)
+  qubes-sim demo-chain                              (prints the chain file that opens the demo container)
   qubes-sim ctl --socket PATH COMMAND [ARGS]
 
 ctl commands:
@@ -71,6 +72,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		fmt.Fprintln(stdout, out)
+		return 0
+	case "demo-chain":
+		fmt.Fprint(stdout, "# The demo chain: container in sys-usb, outer layer opened by mediator, inner by work.\n"+
+			DemoChain("read-only=false"))
 		return 0
 	case "sandbox-init":
 		return SandboxInit(args[2:])

@@ -14,6 +14,18 @@ const (
 	DemoSize      = 8 << 20
 )
 
+// DemoChain is the chain file that opens the demo world's container, with extra lines
+// appended (a test's "startup interval=0"). make demo writes it (qubes-sim demo-chain),
+// and the tests start from it.
+func DemoChain(extra ...string) string {
+	s := "source vm=sys-usb\nsource file=" + DemoContainer + "\nkey=" + DemoKey + "\n" +
+		"destination vm 1=mediator\ndestination vm 2=work\ndestination mount point=/mnt/demo\n"
+	for _, l := range extra {
+		s += l + "\n"
+	}
+	return s
+}
+
 // SetupDemo builds the demo world: sys-usb (running), mediator and work (halted), all
 // with default user "user", and a ready 2-layer container: DemoContainer in sys-usb,
 // outer layer keyed by mediator's ~/.qcrypt/keys/demo, inner by work's, ext4 inside.
