@@ -32,7 +32,7 @@ const (
 
 // API is what qcryptctl needs of qcryptd (*dbusapi.Client has it).
 type API interface {
-	ListChains(ctx context.Context) ([]dbusapi.ChainEntry, error)
+	Chains(ctx context.Context) ([]dbusapi.ChainInfo, error)
 	Chain(ctx context.Context, name string) (dbusapi.ChainInfo, error)
 	Status(ctx context.Context, name string) (*chains.Status, error)
 	StatusAdhoc(ctx context.Context, spec dbusapi.Spec) (*chains.Status, error)
@@ -118,32 +118,70 @@ func (a *app) main(args []string) int {
 			f.Close()
 		}
 	}()
-	return c.run(a, p)
+	return a.exit(c.run(a, p))
 }
 
-// client connects on first use and maps "not running" to its exit status.
-func (a *app) client() (API, int) {
-	if a.api != nil {
-		return a.api, ExitOK
+// client connects on first use.
+func (a *app) client() (API, error) {
+	if a.api == nil {
+		api, err := a.connect()
+		if err != nil {
+			return nil, err
+		}
+		a.api = api
 	}
-	api, err := a.connect()
-	if err != nil {
-		return nil, a.fail(err)
-	}
-	a.api = api
-	return api, ExitOK
+	return a.api, nil
 }
 
-// fail prints an error and returns the matching exit status.
-func (a *app) fail(err error) int {
-	fmt.Fprintln(a.err, "qcryptctl:", err)
+// exitError carries an exit status other than ExitFailed; with err nil the command
+// has said what there was to say.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return ""
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+// exitCode ends a command with code and nothing more to print.
+func exitCode(code int) error {
+	if code == ExitOK {
+		return nil
+	}
+	return &exitError{code: code}
+}
+
+// usageErr is a wrong command line.
+func usageErr(msg string) error { return &exitError{code: ExitUsage, err: errors.New(msg)} }
+
+// exit prints a command's error and maps it to the exit status: the one place that
+// does. qcryptd not running and a refused caller have their own statuses whatever the
+// command.
+func (a *app) exit(err error) int {
+	if err == nil {
+		return ExitOK
+	}
+	code := ExitFailed
+	var ee *exitError
+	if errors.As(err, &ee) {
+		code = ee.code
+	}
 	switch {
 	case errors.Is(err, dbusapi.ErrNotRunning):
-		return ExitNotRunning
+		code = ExitNotRunning
 	case dbusapi.IsAccessDenied(err):
-		return ExitDenied
+		code = ExitDenied
 	}
-	return ExitFailed
+	if msg := err.Error(); msg != "" {
+		fmt.Fprintln(a.err, "qcryptctl:", msg)
+	}
+	return code
 }
 
 // parsed is a command line after option parsing.

@@ -38,25 +38,9 @@ type chainJSON struct {
 }
 
 func toJSON(c dbusapi.ChainInfo) chainJSON {
-	return chainJSON{Name: c.Name, State: c.State, Waiting: c.Waiting, Step: c.Step, Steps: c.Steps, LastError: c.LastError,
+	return chainJSON{Name: c.Name, State: string(c.State), Waiting: c.Waiting, Step: c.Step, Steps: c.Steps, LastError: c.LastError,
 		Target: c.Target, Layers: c.Layers, MountPoint: c.MountPoint, Managed: c.Managed, ReadOnly: c.ReadOnly, Autostart: c.Autostart,
 		RetryAt: retryAt(c)}
-}
-
-func (a *app) chains(api API) ([]dbusapi.ChainInfo, error) {
-	entries, err := api.ListChains(a.ctx)
-	if err != nil {
-		return nil, err
-	}
-	var out []dbusapi.ChainInfo
-	for _, e := range entries {
-		ci, err := api.Chain(a.ctx, e.Name)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, ci)
-	}
-	return out, nil
 }
 
 func retryAt(c dbusapi.ChainInfo) string {
@@ -68,7 +52,7 @@ func retryAt(c dbusapi.ChainInfo) string {
 
 func info(c dbusapi.ChainInfo) string {
 	switch {
-	case c.State == "opening" || c.State == "closing":
+	case c.State.Busy():
 		return fmt.Sprintf("step %d of %d", c.Step, c.Steps)
 	case !c.RetryAt.IsZero() && c.LastError != "":
 		return c.LastError + "; next attempt " + c.RetryAt.Local().Format("15:04")
@@ -78,23 +62,23 @@ func info(c dbusapi.ChainInfo) string {
 		return c.Waiting
 	case c.LastError != "":
 		return c.LastError
-	case c.State == "open" && c.MountPoint != "":
+	case c.State == dbusapi.ChainOpen && c.MountPoint != "":
 		return "mounted on " + c.MountPoint + " in " + c.Target
 	}
 	return ""
 }
 
-func cmdList(a *app, p *parsed) int {
+func cmdList(a *app, p *parsed) error {
 	if len(p.args) != 0 {
-		return a.usageError("list takes no arguments")
+		return usageErr("list takes no arguments")
 	}
-	api, code := a.client()
-	if api == nil {
-		return code
-	}
-	cs, err := a.chains(api)
+	api, err := a.client()
 	if err != nil {
-		return a.fail(err)
+		return err
+	}
+	cs, err := api.Chains(a.ctx)
+	if err != nil {
+		return err
 	}
 	if p.flags["--json"] {
 		out := []chainJSON{}
@@ -106,15 +90,15 @@ func cmdList(a *app, p *parsed) int {
 		a.chainTable(cs)
 	}
 	if !p.flags["--exit-status"] {
-		return ExitOK
+		return nil
 	}
 	bad := 0
 	for _, c := range cs {
-		if c.State != "open" {
+		if c.State != dbusapi.ChainOpen {
 			bad++
 		}
 	}
-	return min(bad, ExitStatusError-1)
+	return exitCode(min(bad, ExitStatusError-1))
 }
 
 func (a *app) chainTable(cs []dbusapi.ChainInfo) {
@@ -133,18 +117,12 @@ func (a *app) chainTable(cs []dbusapi.ChainInfo) {
 	}
 }
 
-func (a *app) usageError(msg string) int {
-	fmt.Fprintln(a.err, "qcryptctl:", msg)
-	return ExitUsage
-}
-
-func cmdStatus(a *app, p *parsed) int {
-	api, code := a.client()
-	if api == nil {
-		return code
+func cmdStatus(a *app, p *parsed) error {
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	var st *chains.Status
-	var err error
 	switch len(p.args) {
 	case 0:
 		return a.overview(api, p.flags["--json"])
@@ -153,15 +131,12 @@ func cmdStatus(a *app, p *parsed) int {
 	default:
 		spec, serr := p.spec()
 		if serr != nil {
-			return a.usageError(serr.Error())
+			return usageErr(serr.Error())
 		}
 		st, err = api.StatusAdhoc(a.ctx, spec)
 	}
 	if err != nil {
-		if code := a.fail(err); code != ExitFailed {
-			return code // not running, access denied
-		}
-		return ExitStatusError
+		return &exitError{code: ExitStatusError, err: err} // unless not running or denied
 	}
 	if p.flags["--json"] {
 		a.printJSON(st)
@@ -169,9 +144,9 @@ func cmdStatus(a *app, p *parsed) int {
 		a.printStatus(st)
 	}
 	if st.Problem != "" {
-		return ExitStatusError
+		return exitCode(ExitStatusError)
 	}
-	return min(st.Missing, ExitStatusError-1)
+	return exitCode(min(st.Missing, ExitStatusError-1))
 }
 
 func yesno(b bool) string {
@@ -249,14 +224,14 @@ func shellWords(words []string) string {
 	return strings.Join(out, " ")
 }
 
-func (a *app) overview(api API, asJSON bool) int {
-	cs, err := a.chains(api)
+func (a *app) overview(api API, asJSON bool) error {
+	cs, err := api.Chains(a.ctx)
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	found, err := api.Discover(a.ctx)
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	var unmanaged []discoveredJSON
 	for _, d := range found {
@@ -274,7 +249,7 @@ func (a *app) overview(api API, asJSON bool) int {
 		}
 		out.Unmanaged = append(out.Unmanaged, unmanaged...)
 		a.printJSON(out)
-		return ExitOK
+		return nil
 	}
 	a.chainTable(cs)
 	if len(unmanaged) > 0 {
@@ -283,11 +258,11 @@ func (a *app) overview(api API, asJSON bool) int {
 			fmt.Fprintf(a.out, "  %s\n    %s\n", u.Line, u.Command)
 		}
 	}
-	return ExitOK
+	return nil
 }
 
 // job runs a job with progress on a terminal (a bar) or as plain lines.
-func (a *app) job(api API, start dbusapi.Starter, asJSON bool) int {
+func (a *app) job(api API, start dbusapi.Starter, asJSON bool) error {
 	lastStep := -1
 	progress := func(j dbusapi.JobInfo) {
 		if asJSON || j.Steps == 0 || j.Step == 0 {
@@ -308,7 +283,7 @@ func (a *app) job(api API, start dbusapi.Starter, asJSON bool) int {
 		fmt.Fprint(a.out, "\r\033[K")
 	}
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	if asJSON {
 		a.printJSON(struct {
@@ -322,11 +297,11 @@ func (a *app) job(api API, start dbusapi.Starter, asJSON bool) int {
 	}
 	if !res.Success {
 		if a.ctx.Err() != nil {
-			return ExitInterrupted // Ctrl-C: the job was canceled and rolled back
+			return exitCode(ExitInterrupted) // Ctrl-C: the job was canceled and rolled back
 		}
-		return ExitFailed
+		return exitCode(ExitFailed)
 	}
-	return ExitOK
+	return nil
 }
 
 func progressBar(j dbusapi.JobInfo) string {
@@ -344,27 +319,27 @@ func progressBar(j dbusapi.JobInfo) string {
 
 func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
-func cmdOpen(a *app, p *parsed) int {
+func cmdOpen(a *app, p *parsed) error {
 	o := chains.OpenOptions{Force: p.flags["--force"], Autostart: p.flags["--autostart"], BreakLock: p.flags["--break-lock"]}
-	api, code := a.client()
-	if api == nil {
-		return code
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	switch len(p.args) {
 	case 0:
-		return a.usageError("open needs a chain or SOURCE_VM FILE KEY DST...")
+		return usageErr("open needs a chain or SOURCE_VM FILE KEY DST...")
 	case 1:
 		if len(p.values) > 0 || p.flags["--ro"] {
-			return a.usageError("--mp, --ro, --inj and --cy are for ad-hoc chains; a configured chain has them in its file")
+			return usageErr("--mp, --ro, --inj and --cy are for ad-hoc chains; a configured chain has them in its file")
 		}
 		return a.job(api, api.Open(p.args[0], o), p.flags["--json"])
 	}
 	spec, err := p.spec()
 	if err != nil {
-		return a.usageError(err.Error())
+		return usageErr(err.Error())
 	}
 	if err := a.injectFiles(p, &spec); err != nil {
-		return a.fail(err)
+		return err
 	}
 	return a.job(api, api.OpenAdhoc(spec, o), p.flags["--json"])
 }
@@ -373,66 +348,66 @@ func closeOptions(p *parsed) chains.CloseOptions {
 	return chains.CloseOptions{Force: p.flags["--force"], ShutdownTarget: p.flags["--shutdown-target"], Eject: p.flags["--eject"]}
 }
 
-func cmdClose(a *app, p *parsed) int {
-	api, code := a.client()
-	if api == nil {
-		return code
+func cmdClose(a *app, p *parsed) error {
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	switch len(p.args) {
 	case 0:
-		return a.usageError("close needs a chain or SOURCE_VM FILE KEY DST...")
+		return usageErr("close needs a chain or SOURCE_VM FILE KEY DST...")
 	case 1:
 		return a.job(api, api.Close(p.args[0], closeOptions(p)), p.flags["--json"])
 	}
 	spec, err := p.spec()
 	if err != nil {
-		return a.usageError(err.Error())
+		return usageErr(err.Error())
 	}
 	return a.job(api, api.CloseAdhoc(spec, closeOptions(p)), p.flags["--json"])
 }
 
-func cmdLuksInit(a *app, p *parsed) int {
+func cmdLuksInit(a *app, p *parsed) error {
 	spec, err := p.spec()
 	if err != nil {
-		return a.usageError(err.Error())
+		return usageErr(err.Error())
 	}
 	if len(p.values["--inj"]) > 0 {
-		return a.usageError("--inj is for open: luks-init makes the keys")
+		return usageErr("--inj is for open: luks-init makes the keys")
 	}
 	if p.value("--keystore") != "" {
-		return a.usageError("--keystore: the blib key store is not supported; use --bak for key backups")
+		return usageErr("--keystore: the blib key store is not supported; use --bak for key backups")
 	}
 	if v := p.value("--size"); v != "" {
 		n, err := chains.ParseSize(v)
 		if err != nil {
-			return a.usageError("--size: " + err.Error())
+			return usageErr("--size: " + err.Error())
 		}
 		spec.Size = uint64(n)
 	}
 	if v := p.value("--ks"); v != "" {
 		var n uint32
 		if _, err := fmt.Sscan(v, &n); err != nil || n == 0 {
-			return a.usageError("--ks needs a number of bytes")
+			return usageErr("--ks needs a number of bytes")
 		}
 		spec.KeySize = n
 	}
 	spec.FS = p.value("--fs")
-	api, code := a.client()
-	if api == nil {
-		return code
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	backups, err := a.luksInitFiles(p, &spec)
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
-	code = a.job(api, api.LuksInit(spec), p.flags["--json"])
-	if code != ExitOK {
+	err = a.job(api, api.LuksInit(spec), p.flags["--json"])
+	if err != nil {
 		// The keys these would hold open nothing: no half-made backup stays.
 		for _, b := range backups {
 			os.Remove(b)
 		}
 	}
-	return code
+	return err
 }
 
 // luksInitFiles opens luks-init's dom0 files with the caller's own rights: entropy
@@ -496,9 +471,9 @@ func (a *app) luksInitFiles(p *parsed, spec *dbusapi.Spec) ([]string, error) {
 	return made, nil
 }
 
-func cmdPlan(a *app, p *parsed) int {
+func cmdPlan(a *app, p *parsed) error {
 	if len(p.args) < 2 || p.args[0] != "open" && p.args[0] != "close" {
-		return a.usageError("plan needs open|close and a chain or SOURCE_VM FILE KEY DST...")
+		return usageErr("plan needs open|close and a chain or SOURCE_VM FILE KEY DST...")
 	}
 	op := p.args[0]
 	p.args = p.args[1:]
@@ -508,23 +483,22 @@ func cmdPlan(a *app, p *parsed) int {
 	} else {
 		options = dbusapi.CloseOptionsToMap(closeOptions(p))
 	}
-	api, code := a.client()
-	if api == nil {
-		return code
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	var steps []dbusapi.PlanStep
-	var err error
 	if len(p.args) == 1 {
 		steps, err = api.Plan(a.ctx, op, p.args[0], nil, options)
 	} else {
 		spec, serr := p.spec()
 		if serr != nil {
-			return a.usageError(serr.Error())
+			return usageErr(serr.Error())
 		}
 		steps, err = api.Plan(a.ctx, op, "", &spec, options)
 	}
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	if p.flags["--json"] {
 		type step struct {
@@ -536,17 +510,17 @@ func cmdPlan(a *app, p *parsed) int {
 			out = append(out, step{s.VM, s.Desc})
 		}
 		a.printJSON(out)
-		return ExitOK
+		return nil
 	}
 	for i, s := range steps {
 		fmt.Fprintf(a.out, "%2d. [%s] %s\n", i+1, s.VM, s.Desc)
 	}
-	return ExitOK
+	return nil
 }
 
-func cmdCheck(a *app, p *parsed) int {
+func cmdCheck(a *app, p *parsed) error {
 	if len(p.args) > 1 {
-		return a.usageError("check takes at most one TARGET or DIR")
+		return usageErr("check takes at most one TARGET or DIR")
 	}
 	target := ""
 	if len(p.args) == 1 {
@@ -565,7 +539,7 @@ func cmdCheck(a *app, p *parsed) int {
 		a.api = api
 		var err error
 		if _, errs, err = api.Check(a.ctx, target); err != nil {
-			return a.fail(err)
+			return err
 		}
 	} else {
 		errs = chains.CheckTarget(target, a.configDir, os.Geteuid() == 0)
@@ -587,58 +561,58 @@ func cmdCheck(a *app, p *parsed) int {
 		}
 	}
 	if !ok {
-		return ExitFailed
+		return exitCode(ExitFailed)
 	}
-	return ExitOK
+	return nil
 }
 
-func cmdReload(a *app, p *parsed) int {
-	api, code := a.client()
-	if api == nil {
-		return code
+func cmdReload(a *app, p *parsed) error {
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	n, err := api.Reload(a.ctx)
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	if p.flags["--json"] {
 		a.printJSON(map[string]int{"chains": n})
 	} else {
 		fmt.Fprintf(a.out, "Reloaded: %d chains configured.\n", n)
 	}
-	return ExitOK
+	return nil
 }
 
-func cmdCancel(a *app, p *parsed) int {
+func cmdCancel(a *app, p *parsed) error {
 	if len(p.args) != 1 {
-		return a.usageError("cancel needs a chain or a job number")
+		return usageErr("cancel needs a chain or a job number")
 	}
-	api, code := a.client()
-	if api == nil {
-		return code
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	jobs, err := api.Jobs(a.ctx)
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	var hit []dbusapi.JobInfo
 	for _, j := range jobs {
-		if (j.State == "running" || j.State == "queued") && (j.Chain == p.args[0] || strconv.FormatUint(j.ID, 10) == p.args[0]) {
+		if !j.State.Ended() && (j.Chain == p.args[0] || strconv.FormatUint(j.ID, 10) == p.args[0]) {
 			hit = append(hit, j)
 		}
 	}
 	if len(hit) == 0 {
-		return a.fail(fmt.Errorf("cannot cancel %q: no running or queued job of that chain or number", p.args[0]))
+		return fmt.Errorf("cannot cancel %q: no running or queued job of that chain or number", p.args[0])
 	}
 	type canceled struct {
-		Job       uint64 `json:"job"`
-		Operation string `json:"operation"`
-		Chain     string `json:"chain"`
+		Job       uint64               `json:"job"`
+		Operation dbusapi.JobOperation `json:"operation"`
+		Chain     string               `json:"chain"`
 	}
 	var done []canceled
 	for _, j := range hit {
 		if err := api.CancelJob(a.ctx, dbusapi.JobPath(j.ID)); err != nil {
-			return a.fail(err)
+			return err
 		}
 		done = append(done, canceled{j.ID, j.Operation, j.Chain})
 		if !p.flags["--json"] {
@@ -648,13 +622,13 @@ func cmdCancel(a *app, p *parsed) int {
 	if p.flags["--json"] {
 		a.printJSON(done)
 	}
-	return ExitOK
+	return nil
 }
 
-func cmdCloseAll(a *app, p *parsed) int {
-	api, code := a.client()
-	if api == nil {
-		return code
+func cmdCloseAll(a *app, p *parsed) error {
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	var paths []dbus.ObjectPath
 	start := api.CloseAll(closeOptions(p), p.flags["--stop"])
@@ -664,7 +638,7 @@ func cmdCloseAll(a *app, p *parsed) int {
 		return paths, err
 	}, nil)
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
 	type result struct {
 		Job     string `json:"job"`
@@ -686,21 +660,22 @@ func cmdCloseAll(a *app, p *parsed) int {
 		fmt.Fprintf(a.out, "%d chains closed.\n", len(results))
 	}
 	if failed {
-		return ExitFailed
+		return exitCode(ExitFailed)
 	}
-	return ExitOK
+	return nil
 }
 
-func cmdWatch(a *app, p *parsed) int {
-	api, code := a.client()
-	if api == nil {
-		return code
+func cmdWatch(a *app, p *parsed) error {
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	// Chain changes are for root and group qubes: others get a clear refusal, not silence.
-	if _, err := api.ListChains(a.ctx); err != nil {
-		return a.fail(err)
+	if _, err := api.Chains(a.ctx); err != nil {
+		return err
 	}
-	line := func(chain, state, previous, reason string) {
+	// A presence change is a line without a chain, its text in the reason.
+	line := func(ev dbusapi.ChainEvent) {
 		now := a.now()
 		if p.flags["--json"] {
 			out, _ := json.Marshal(struct {
@@ -708,52 +683,51 @@ func cmdWatch(a *app, p *parsed) int {
 				Chain    string `json:"chain"`
 				State    string `json:"state"`
 				Previous string `json:"previous"`
-				Reason   string `json:"reason"`
-			}{now.UTC().Format(time.RFC3339), chain, state, previous, reason})
+				Cause    string `json:"cause"`
+				Detail   string `json:"detail"`
+			}{now.UTC().Format(time.RFC3339), ev.Chain, string(ev.State), string(ev.Previous), string(ev.Reason.Cause), ev.Reason.Text})
 			fmt.Fprintf(a.out, "%s\n", out)
 			return
 		}
-		if chain == "" {
-			fmt.Fprintf(a.out, "%s %s\n", now.Format("15:04:05"), reason)
+		if ev.Chain == "" {
+			fmt.Fprintf(a.out, "%s %s\n", now.Format("15:04:05"), ev.Reason.Text)
 			return
 		}
-		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", now.Format("15:04:05"), chain, previous, state, reason)
+		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", now.Format("15:04:05"), ev.Chain, ev.Previous, ev.State, ev.Reason.Text)
 	}
-	err := api.Watch(a.ctx, func(ev dbusapi.ChainEvent) {
-		line(ev.Chain, ev.State, ev.Previous, ev.Reason)
-	}, func(running bool) {
+	err = api.Watch(a.ctx, line, func(running bool) {
 		if running {
-			line("", "", "", "qcryptd started")
+			line(dbusapi.ChainEvent{Reason: dbusapi.Reason{Text: "qcryptd started"}})
 		} else {
-			line("", "", "", "qcryptd stopped")
+			line(dbusapi.ChainEvent{Reason: dbusapi.Reason{Text: "qcryptd stopped"}})
 		}
 	})
 	if err != nil {
-		return a.fail(err)
+		return err
 	}
-	return ExitOK
+	return nil
 }
 
-func cmdHelp(a *app, p *parsed) int {
+func cmdHelp(a *app, p *parsed) error {
 	if len(p.args) == 1 && p.args[0] == "--markdown" || p.flags["--markdown"] {
 		fmt.Fprint(a.out, Markdown())
-		return ExitOK
+		return nil
 	}
 	if len(p.args) == 0 {
 		a.usage(a.out)
-		return ExitOK
+		return nil
 	}
 	c := lookup(p.args[0])
 	if c == nil {
-		return a.usageError("no command " + p.args[0])
+		return usageErr("no command " + p.args[0])
 	}
 	a.commandHelp(a.out, c)
-	return ExitOK
+	return nil
 }
 
-func cmdCompletion(a *app, p *parsed) int {
+func cmdCompletion(a *app, p *parsed) error {
 	if len(p.args) != 1 {
-		return a.usageError("completion needs bash or zsh")
+		return usageErr("completion needs bash or zsh")
 	}
 	switch p.args[0] {
 	case "bash":
@@ -761,7 +735,7 @@ func cmdCompletion(a *app, p *parsed) int {
 	case "zsh":
 		fmt.Fprint(a.out, zshCompletion())
 	default:
-		return a.usageError("completion needs bash or zsh")
+		return usageErr("completion needs bash or zsh")
 	}
-	return ExitOK
+	return nil
 }

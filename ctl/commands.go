@@ -9,7 +9,7 @@ type command struct {
 	summary string
 	help    string
 	flags   []flagSpec
-	run     func(a *app, p *parsed) int
+	run     func(a *app, p *parsed) error
 }
 
 // flagSpec is an option: arity 0 (switch), 1 or 2 (values); repeatable options collect.

@@ -38,12 +38,8 @@ func (f *fakeAPI) rec(s string, a ...any) error {
 	return f.fail
 }
 
-func (f *fakeAPI) ListChains(context.Context) ([]dbusapi.ChainEntry, error) {
-	var out []dbusapi.ChainEntry
-	for _, c := range fakeChains {
-		out = append(out, dbusapi.ChainEntry{Name: c.Name, Path: dbusapi.ChainPath(c.Name), State: c.State})
-	}
-	return out, f.rec("ListChains")
+func (f *fakeAPI) Chains(context.Context) ([]dbusapi.ChainInfo, error) {
+	return fakeChains, f.rec("Chains")
 }
 
 func (f *fakeAPI) Chain(_ context.Context, name string) (dbusapi.ChainInfo, error) {
@@ -182,8 +178,8 @@ func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress fu
 }
 
 func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presence func(bool)) error {
-	fn(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"})
-	fn(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
+	fn(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseQubeStarted, "work started")})
+	fn(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: dbusapi.Because(dbusapi.CauseDone, "open")})
 	return f.rec("Watch")
 }
 

@@ -94,7 +94,7 @@ const exitAndJSONDocs = "## Exit status\n\n" +
 	"- `open`, `close`, `luks-init`: `{success, message}` when the job ends.\n" +
 	"- `plan`: array of `{vm, step}`.\n" +
 	"- `check`: `{ok, errors[]}`. `reload`: `{chains}`. `close-all`: array of `{job, success, message}`.\n" +
-	"- `watch`: one object per line: `{time, chain, state, previous, reason}`.\n"
+	"- `watch`: one object per line: `{time, chain, state, previous, cause, detail}` (causes: docs/states.md).\n"
 
 func bashCompletion() string {
 	var names []string

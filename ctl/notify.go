@@ -41,19 +41,19 @@ func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error))
 func (n *notifier) describe(ev dbusapi.ChainEvent) *note {
 	chain := ev.Chain
 	switch {
-	case ev.State == "open" && ev.Reason == dbusapi.ReasonFoundOpen:
+	case ev.State == dbusapi.ChainOpen && ev.Reason.Cause == dbusapi.CauseFoundOpen:
 		return nil // qcryptd (re)started and found it open: nothing happened
-	case ev.State == "open":
+	case ev.State == dbusapi.ChainOpen:
 		body := "The chain is open."
 		if ci, err := n.chain(ev.Chain); err == nil && ci.MountPoint != "" {
 			body = fmt.Sprintf("Mounted on %s in %s.", markup(ci.MountPoint), markup(ci.Target))
 		}
 		return &note{summary: "qcrypt: " + chain + " opened", body: body}
-	case ev.State == "failed" || ev.State == "degraded":
-		return &note{summary: "qcrypt: " + chain + " " + ev.State, body: "Details: qcryptctl status " + markup(chain), critical: true}
-	case ev.Previous == "closing" && (ev.State == "closed" || ev.State == "waiting"):
+	case ev.State == dbusapi.ChainFailed || ev.State == dbusapi.ChainDegraded:
+		return &note{summary: "qcrypt: " + chain + " " + string(ev.State), body: "Details: qcryptctl status " + markup(chain), critical: true}
+	case ev.Previous == dbusapi.ChainClosing && (ev.State == dbusapi.ChainClosed || ev.State == dbusapi.ChainWaiting):
 		return &note{summary: "qcrypt: " + chain + " closed", body: "The chain is closed."}
-	case ev.State == "opening" && strings.Contains(ev.Reason, "a device appeared"):
+	case ev.State == dbusapi.ChainOpening && ev.Reason.Cause == dbusapi.CauseDeviceAppeared:
 		return &note{summary: "qcrypt: device for " + chain + " appeared", body: "Opening the chain."}
 	}
 	return nil
@@ -105,14 +105,14 @@ func (n *notifier) send(chain string, nt *note) {
 	n.last[chain] = time.Now()
 }
 
-func cmdNotifyAgent(a *app, p *parsed) int {
-	api, code := a.client()
-	if api == nil {
-		return code
+func cmdNotifyAgent(a *app, p *parsed) error {
+	api, err := a.client()
+	if err != nil {
+		return err
 	}
 	sess, err := a.session()
 	if err != nil {
-		return a.fail(fmt.Errorf("cannot connect to the session bus: %w", err))
+		return fmt.Errorf("cannot connect to the session bus: %w", err)
 	}
 	defer sess.Close()
 	n := newNotifier(sess, func(name string) (dbusapi.ChainInfo, error) {
@@ -121,7 +121,7 @@ func cmdNotifyAgent(a *app, p *parsed) int {
 		return api.Chain(ctx, name)
 	})
 	if err := api.Watch(a.ctx, n.handle, nil); err != nil {
-		return a.fail(err)
+		return err
 	}
-	return ExitOK
+	return nil
 }

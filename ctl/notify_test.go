@@ -103,14 +103,14 @@ func TestNotifyAgent(t *testing.T) {
 	})
 	n.MinGap = 300 * time.Millisecond
 
-	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "opening", Previous: "waiting", Reason: "a device appeared in sys-usb"})
-	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: "work started"})     // not worth a note
-	n.handle(dbusapi.ChainEvent{Chain: "old", State: "open", Previous: "closed", Reason: dbusapi.ReasonFoundOpen}) // qcryptd restarted
-	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: "open"})
-	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "closing", Previous: "open", Reason: "work shut down"})
-	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "waiting", Previous: "closing", Reason: "work shut down"}) // rate-limited: sent later
+	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "opening", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseDeviceAppeared, "a device appeared in sys-usb")})
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseQubeStarted, "work started")}) // not worth a note
+	n.handle(dbusapi.ChainEvent{Chain: "old", State: "open", Previous: "closed", Reason: dbusapi.Because(dbusapi.CauseFoundOpen, "found open")})          // qcryptd restarted
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: dbusapi.Because(dbusapi.CauseDone, "open")})
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "closing", Previous: "open", Reason: dbusapi.Because(dbusapi.CauseQubeShutDown, "work shut down")})
+	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "waiting", Previous: "closing", Reason: dbusapi.Because(dbusapi.CauseQubeShutDown, "work shut down")}) // rate-limited: sent later
 	// A failure's reason may hold a qube's words: never in a notification.
-	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "failed", Previous: "opening", Reason: "<a href='x'>click</a> \x1b]8;;"}) // critical: at once
+	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "failed", Previous: "opening", Reason: dbusapi.Because(dbusapi.CauseError, "<a href='x'>click</a> \x1b]8;;")}) // critical: at once
 	deadline := time.Now().Add(5 * time.Second)
 	for len(fake.get()) < 4 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)

@@ -37,7 +37,7 @@ func (d *Daemon) ListChains() []dbusapi.ChainInfo {
 }
 
 // request queues a job on a chain found (or added) by find, in the loop.
-func (d *Daemon) request(op string, uid uint32, find func() (*chainState, error), set func(*job)) (uint64, error) {
+func (d *Daemon) request(op dbusapi.JobOperation, uid uint32, find func() (*chainState, error), set func(*job)) (uint64, error) {
 	var id uint64
 	var err error
 	d.do(func() {
@@ -48,7 +48,7 @@ func (d *Daemon) request(op string, uid uint32, find func() (*chainState, error)
 		if cs, err = find(); err != nil {
 			return
 		}
-		j := d.newJob(op, cs, uid, false, "requested")
+		j := d.newJob(op, cs, uid, false, dbusapi.Because(dbusapi.CauseRequested, "requested"))
 		set(j)
 		d.enqueue(j)
 		id = j.id
@@ -67,7 +67,7 @@ func (d *Daemon) known(name string) func() (*chainState, error) {
 
 // Open queues an open of a known chain.
 func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, error) {
-	return d.request("open", uid, func() (*chainState, error) {
+	return d.request(dbusapi.OpOpen, uid, func() (*chainState, error) {
 		cs, err := d.known(name)()
 		if err != nil {
 			return nil, err
@@ -93,8 +93,8 @@ func (d *Daemon) refuseHeldMapper(c *chains.Chain) error {
 func (d *Daemon) mapperHeldBy(c *chains.Chain) string {
 	for _, name := range d.sortedNames() {
 		other := d.chains[name]
-		holds := other.state == StateOpen || other.state == StateOpening || other.state == StateClosing || other.state == StateDegraded ||
-			other.running != nil && (other.running.op == "open" || other.running.op == "close")
+		holds := other.state == dbusapi.ChainOpen || other.state == dbusapi.ChainOpening || other.state == dbusapi.ChainClosing || other.state == dbusapi.ChainDegraded ||
+			other.running != nil && (other.running.op == dbusapi.OpOpen || other.running.op == dbusapi.OpClose)
 		if vm := sharedMapper(c, other.c); name != c.Name && holds && vm != "" {
 			return fmt.Sprintf("chain %s (it has mapper %s in %s)", name, c.Key, vm)
 		}
@@ -117,7 +117,7 @@ func sharedMapper(a, b *chains.Chain) string {
 
 // Close queues a close of a known chain.
 func (d *Daemon) Close(uid uint32, name string, o chains.CloseOptions) (uint64, error) {
-	return d.request("close", uid, d.known(name), func(j *job) { j.closeOpts = o })
+	return d.request(dbusapi.OpClose, uid, d.known(name), func(j *job) { j.closeOpts = o })
 }
 
 func (d *Daemon) chain(name string) (*chains.Chain, error) {
@@ -181,7 +181,7 @@ func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 			return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "a configured chain is named %q", c.Name)
 		}
 		if !sameSpec(cs.c, c) {
-			if cs.running != nil || cs.state == StateOpen || cs.state == StateDegraded {
+			if cs.running != nil || cs.state == dbusapi.ChainOpen || cs.state == dbusapi.ChainDegraded {
 				return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "ad-hoc chain %s is %s as %s, not %s: give the spec it was opened with",
 					c.Name, cs.state, specString(cs.c), specString(c))
 			}
@@ -189,11 +189,9 @@ func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 		}
 		return cs, nil
 	}
-	cs := &chainState{c: c, state: StateClosed}
+	cs := &chainState{c: c, state: dbusapi.ChainClosed}
 	d.chains[c.Name] = cs
-	if d.pub != nil {
-		d.pub.ChainAdded(d.info(cs))
-	}
+	d.pub.ChainAdded(d.info(cs))
 	return cs, nil
 }
 
@@ -209,7 +207,7 @@ func specString(c *chains.Chain) string {
 
 // OpenAdhoc opens a chain given as a spec; it exists on the bus while it is open.
 func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error) {
-	return d.request("open", uid, func() (*chainState, error) {
+	return d.request(dbusapi.OpOpen, uid, func() (*chainState, error) {
 		// Refused before adhoc: a refused open must not leave an entry behind.
 		if err := d.refuseHeldMapper(c); err != nil {
 			return nil, err
@@ -220,18 +218,18 @@ func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (u
 
 // CloseAdhoc closes a chain given as a spec (known or not: it converges either way).
 func (d *Daemon) CloseAdhoc(uid uint32, c *chains.Chain, o chains.CloseOptions) (uint64, error) {
-	return d.request("close", uid, func() (*chainState, error) { return d.adhoc(c) }, func(j *job) { j.closeOpts = o })
+	return d.request(dbusapi.OpClose, uid, func() (*chainState, error) { return d.adhoc(c) }, func(j *job) { j.closeOpts = o })
 }
 
 // Plan lists the steps of an open or close.
-func (d *Daemon) Plan(op, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error) {
+func (d *Daemon) Plan(op dbusapi.JobOperation, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error) {
 	if c == nil {
 		var err error
 		if c, err = d.chain(name); err != nil {
 			return nil, err
 		}
 	}
-	if op == "open" {
+	if op == dbusapi.OpOpen {
 		return chains.PlanOpen(c, oo), nil
 	}
 	return chains.PlanClose(c, co), nil
@@ -243,7 +241,7 @@ func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uin
 	if d.o.Dom0 == nil {
 		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
 	}
-	return d.request("luks-init", uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec, j.release = spec, release })
+	return d.request(dbusapi.OpLuksInit, uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec, j.release = spec, release })
 }
 
 // Reload re-reads the config target: unchanged chains are left alone, removed or
@@ -299,8 +297,8 @@ func (d *Daemon) retire(cs *chainState) {
 		d.removeChain(cs)
 		return
 	}
-	if !wanted(cs, "close") {
-		d.enqueue(d.newJob("close", cs, 0, true, "removed from the configuration"))
+	if !wanted(cs, dbusapi.OpClose) {
+		d.enqueue(d.newJob(dbusapi.OpClose, cs, 0, true, dbusapi.Because(dbusapi.CauseConfig, "removed from the configuration")))
 	}
 }
 
@@ -329,16 +327,14 @@ func (d *Daemon) afterRemoval(cs *chainState, f func()) {
 }
 
 func (d *Daemon) addChain(c *chains.Chain) {
-	cs := &chainState{c: c, managed: true, state: StateClosed}
+	cs := &chainState{c: c, managed: true, state: dbusapi.ChainClosed}
 	d.chains[c.Name] = cs
 	// A new or changed chain file is a new chain: a close of the old one does not hold it.
 	d.journalUserClosed(cs, false)
-	if d.pub != nil {
-		d.pub.ChainAdded(d.info(cs))
-	}
+	d.pub.ChainAdded(d.info(cs))
 	d.updateSummary()
 	if d.connected {
-		d.enqueue(d.newJob("reconcile", cs, 0, true, "added by a reload"))
+		d.enqueue(d.newJob(dbusapi.OpReconcile, cs, 0, true, dbusapi.Because(dbusapi.CauseConfig, "added by a reload")))
 	}
 }
 
@@ -362,10 +358,10 @@ func (d *Daemon) CloseAll(uid uint32, o chains.CloseOptions, stop bool) ([]uint6
 		var jobs []*job
 		for _, name := range d.sortedNames() {
 			cs := d.chains[name]
-			if cs.state == StateClosed && cs.running == nil {
+			if cs.state == dbusapi.ChainClosed && cs.running == nil {
 				continue
 			}
-			j := d.newJob("close", cs, uid, false, "close all")
+			j := d.newJob(dbusapi.OpClose, cs, uid, false, dbusapi.Because(dbusapi.CauseRequested, "close all"))
 			j.closeOpts = o
 			d.enqueue(j)
 			jobs = append(jobs, j)
@@ -400,9 +396,9 @@ func (d *Daemon) CancelJob(uid uint32, id uint64) error {
 			return
 		}
 		switch j.state {
-		case "queued":
+		case dbusapi.JobQueued:
 			d.finish(j, context.Canceled, false)
-		case "running":
+		case dbusapi.JobRunning:
 			j.canceled = true
 			j.cancel()
 		}

@@ -132,9 +132,9 @@ func BenchmarkFiftyChains(b *testing.B) {
 		b.Logf("%s: %s", phase, strings.Join(by, " "))
 		return after["admin"] - before["admin"], after["qrexec"] - before["qrexec"]
 	}
-	allSettled := func(c *dbusapi.Client, want func(string) bool) func() bool {
+	allSettled := func(c *dbusapi.Client, want func(dbusapi.ChainState) bool) func() bool {
 		return func() bool {
-			l, err := c.ListChains(bg)
+			l, err := c.Chains(bg)
 			if err != nil || len(l) != n {
 				return false
 			}
@@ -150,13 +150,13 @@ func BenchmarkFiftyChains(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		d := w.startDaemon()
 		c := w.client()
-		w.eventually("all wait", time.Minute, allSettled(c, func(s string) bool { return s == "waiting" }))
+		w.eventually("all wait", time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting }))
 		c0 := calls()
 		t0 := time.Now()
 		if err := w.qubes.Start(bg, "work"); err != nil {
 			b.Fatal(err)
 		}
-		w.eventually("all open", 5*time.Minute, allSettled(c, func(s string) bool { return s == "open" }))
+		w.eventually("all open", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainOpen }))
 		settle := time.Since(t0)
 		c1 := calls()
 		peak := vmKiB(b, d.Process.Pid, "VmHWM:")
@@ -196,7 +196,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 		if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
 			b.Fatal(err)
 		}
-		w.eventually("all wait again", 5*time.Minute, allSettled(c, func(s string) bool { return s == "waiting" || s == "closed" }))
+		w.eventually("all wait again", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting || s == dbusapi.ChainClosed }))
 		if err := w.qubes.Shutdown(bg, "mediator", false, true); err != nil {
 			b.Fatal(err)
 		}

@@ -19,21 +19,10 @@ import (
 	"github.com/qcrypt/qcrypt/qubes"
 )
 
-// Chain states, as the Chain object's State property shows them.
-const (
-	StateClosed   = "closed"
-	StateWaiting  = "waiting"
-	StateOpening  = "opening"
-	StateOpen     = "open"
-	StateClosing  = "closing"
-	StateDegraded = "degraded"
-	StateFailed   = "failed"
-)
-
 // Publisher reflects state on the bus (dbusapi.Server implements it).
 type Publisher interface {
 	ChainAdded(dbusapi.ChainInfo)
-	ChainChanged(c dbusapi.ChainInfo, previous, reason string)
+	ChainChanged(c dbusapi.ChainInfo, previous dbusapi.ChainState, why dbusapi.Reason)
 	ChainRemoved(name string)
 	JobAdded(dbusapi.JobInfo)
 	JobChanged(dbusapi.JobInfo)
@@ -41,6 +30,19 @@ type Publisher interface {
 	JobRemoved(id uint64)
 	SummaryChanged(string)
 }
+
+// noPublisher is the publisher until the bus side is connected (and in tests without
+// one): it shows nothing.
+type noPublisher struct{}
+
+func (noPublisher) ChainAdded(dbusapi.ChainInfo)                                       {}
+func (noPublisher) ChainChanged(dbusapi.ChainInfo, dbusapi.ChainState, dbusapi.Reason) {}
+func (noPublisher) ChainRemoved(string)                                                {}
+func (noPublisher) JobAdded(dbusapi.JobInfo)                                           {}
+func (noPublisher) JobChanged(dbusapi.JobInfo)                                         {}
+func (noPublisher) JobCompleted(dbusapi.JobInfo, bool)                                 {}
+func (noPublisher) JobRemoved(uint64)                                                  {}
+func (noPublisher) SummaryChanged(string)                                              {}
 
 // Qubes is what the daemon needs of the Admin API client.
 type Qubes interface {
@@ -104,7 +106,7 @@ type Daemon struct {
 type chainState struct {
 	c           *chains.Chain
 	managed     bool
-	state       string
+	state       dbusapi.ChainState
 	waiting     string
 	step, steps int
 	lastError   string
@@ -117,7 +119,7 @@ type chainState struct {
 	removed     bool // dropped by a reload: remove once closed
 	// trigger is an event that could open the chain (a qube started) and came while a
 	// close ran or waited; it is evaluated when that close ends, not lost.
-	trigger string
+	trigger dbusapi.Reason
 	// missedResync: qubesd's connection was (re)established while a job ran, so the
 	// chain was not reconciled; if that job ends degraded or failed, it is then.
 	missedResync bool
@@ -125,7 +127,7 @@ type chainState struct {
 
 type job struct {
 	id        uint64
-	op        string // open, close, luks-init, reconcile, check
+	op        dbusapi.JobOperation
 	chain     *chainState
 	auto      bool
 	uid       uint32
@@ -133,8 +135,8 @@ type job struct {
 	closeOpts chains.CloseOptions
 	spec      chains.InitSpec
 	release   func() // closes the caller's files (luks-init)
-	reason    string
-	state     string
+	reason    dbusapi.Reason
+	state     dbusapi.JobState
 	step      int
 	steps     int
 	desc      string
@@ -169,7 +171,7 @@ func New(o Options) (*Daemon, error) {
 	d := &Daemon{o: o, log: o.Log, reqs: make(chan func(), 256), stop: make(chan struct{}), ended: make(chan struct{}),
 		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},
 		debounce: map[string]*time.Timer{}, started: map[string]time.Time{}, jobs: map[uint64]*job{},
-		qrexecWait: 60 * time.Second}
+		qrexecWait: 60 * time.Second, pub: noPublisher{}}
 	d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: &chains.Journal{Dir: o.StateDir},
 		PrivateDir: o.PrivateDir, MachineID: o.MachineID}
 	dir, err := chains.TargetDir(o.Target, o.ConfigRoot)
@@ -181,7 +183,7 @@ func New(o Options) (*Daemon, error) {
 		return nil, fmt.Errorf("cannot load config target %s: %w", dir, err)
 	}
 	for _, c := range loaded {
-		d.chains[c.Name] = &chainState{c: c, managed: true, state: StateClosed, lastChange: time.Now()}
+		d.chains[c.Name] = &chainState{c: c, managed: true, state: dbusapi.ChainClosed, lastChange: time.Now()}
 	}
 	return d, nil
 }
@@ -323,25 +325,27 @@ func (d *Daemon) chainLog(cs *chainState) *logrus.Entry {
 }
 
 // setState changes a chain's state and publishes it.
-func (d *Daemon) setState(cs *chainState, state, waiting, reason string) {
+func (d *Daemon) setState(cs *chainState, state dbusapi.ChainState, waiting string, why dbusapi.Reason) {
 	prev := cs.state
 	if prev == state && cs.waiting == waiting {
-		d.publish(cs, prev, reason)
+		d.publish(cs, prev, why)
 		return
 	}
+	if !allowedTransition(prev, state) {
+		// A bug: docs/states.md and clients' expectations do not know this change.
+		d.chainLog(cs).WithFields(logrus.Fields{"state": state, "previous": prev}).Error("chain state change outside the state machine")
+	}
 	cs.state, cs.waiting, cs.lastChange = state, waiting, time.Now()
-	if state != StateOpening && state != StateClosing {
+	if state != dbusapi.ChainOpening && state != dbusapi.ChainClosing {
 		cs.step, cs.steps = 0, 0
 	}
-	d.chainLog(cs).WithFields(logrus.Fields{"state": state, "previous": prev, "reason": reason, "waiting": waiting}).Info("chain state changed")
-	d.publish(cs, prev, reason)
+	d.chainLog(cs).WithFields(logrus.Fields{"state": state, "previous": prev, "cause": why.Cause, "reason": why.Text, "waiting": waiting}).Info("chain state changed")
+	d.publish(cs, prev, why)
 	d.updateSummary()
 }
 
-func (d *Daemon) publish(cs *chainState, prev, reason string) {
-	if d.pub != nil {
-		d.pub.ChainChanged(d.info(cs), prev, reason)
-	}
+func (d *Daemon) publish(cs *chainState, prev dbusapi.ChainState, why dbusapi.Reason) {
+	d.pub.ChainChanged(d.info(cs), prev, why)
 }
 
 func (d *Daemon) info(cs *chainState) dbusapi.ChainInfo {
@@ -354,20 +358,20 @@ func (d *Daemon) info(cs *chainState) dbusapi.ChainInfo {
 
 // updateSummary sets STATUS= and the Summary property: "3 chains: 2 open, 1 waiting for sys-usb".
 func (d *Daemon) updateSummary() {
-	counts := map[string]int{}
+	counts := map[dbusapi.ChainState]int{}
 	var waits []string
 	for _, name := range d.sortedNames() {
 		cs := d.chains[name]
 		counts[cs.state]++
-		if cs.state == StateWaiting && cs.waiting != "" {
+		if cs.state == dbusapi.ChainWaiting && cs.waiting != "" {
 			waits = append(waits, cs.waiting)
 		}
 	}
 	var parts []string
-	for _, s := range []string{StateOpen, StateOpening, StateClosing, StateWaiting, StateDegraded, StateFailed, StateClosed} {
+	for _, s := range []dbusapi.ChainState{dbusapi.ChainOpen, dbusapi.ChainOpening, dbusapi.ChainClosing, dbusapi.ChainWaiting, dbusapi.ChainDegraded, dbusapi.ChainFailed, dbusapi.ChainClosed} {
 		if n := counts[s]; n > 0 {
 			p := fmt.Sprintf("%d %s", n, s)
-			if s == StateWaiting && len(waits) > 0 {
+			if s == dbusapi.ChainWaiting && len(waits) > 0 {
 				p += " (" + strings.Join(uniq(waits), "; ") + ")"
 			}
 			parts = append(parts, p)
@@ -385,9 +389,7 @@ func (d *Daemon) updateSummary() {
 	}
 	d.summary = summary
 	d.notify("STATUS=" + summary)
-	if d.pub != nil {
-		d.pub.SummaryChanged(summary)
-	}
+	d.pub.SummaryChanged(summary)
 }
 
 func uniq(s []string) []string {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
 )
 
@@ -28,19 +29,19 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 	case qubes.EventDomainStart:
 		d.setVM(vm, qubes.StateRunning)
 		d.started[vm] = time.Now()
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" started") })
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeStarted, vm+" started")) })
 	case qubes.EventDomainStartFailed:
 		d.setVM(vm, qubes.StateHalted)
 		d.log.WithFields(logrus.Fields{"vm": vm, "reason": qubes.Printable(ev.Args["reason"], 200)}).Warn("qube failed to start")
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" failed to start") })
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeFailed, vm+" failed to start")) })
 	case qubes.EventDomainShutdown:
 		d.setVM(vm, qubes.StateHalted)
 		delete(d.devices, vm)
 		d.forChains(vm, func(cs *chainState) {
 			if d.isOpenish(cs) {
-				d.autoClose(cs, vm+" shut down")
+				d.autoClose(cs, dbusapi.Because(dbusapi.CauseQubeShutDown, vm+" shut down"))
 			} else {
-				d.evaluate(cs, vm+" shut down")
+				d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeShutDown, vm+" shut down"))
 			}
 		})
 	case qubes.EventDomainPaused:
@@ -49,7 +50,7 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 		}
 		d.setVM(vm, qubes.StatePaused)
 		d.forChains(vm, func(cs *chainState) {
-			if cs.state == StateOpen && vm != cs.c.Target() {
+			if cs.state == dbusapi.ChainOpen && vm != cs.c.Target() {
 				d.chainLog(cs).WithField("vm", vm).Warn("a qube of an open chain is paused; its layer is unreachable until it is unpaused")
 			}
 		})
@@ -63,22 +64,22 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 		d.setVM(vm, qubes.StateRunning)
 		d.forChains(vm, func(cs *chainState) {
 			if d.isOpenish(cs) && cs.running == nil {
-				d.enqueue(d.newJob("check", cs, 0, true, vm+" unpaused"))
+				d.enqueue(d.newJob(dbusapi.OpCheck, cs, 0, true, dbusapi.Because(dbusapi.CauseQubeUnpaused, vm+" unpaused")))
 			} else {
-				d.evaluate(cs, vm+" unpaused")
+				d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeUnpaused, vm+" unpaused"))
 			}
 		})
 	case qubes.EventDomainAdd:
 		if _, known := d.vms[vm]; !known {
 			d.setVM(vm, qubes.StateHalted) // a new qube is halted
 		}
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" created") })
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeCreated, vm+" created")) })
 	case qubes.EventDomainDelete:
 		delete(d.vms, vm)
 		if d.eventSince != nil {
 			d.eventSince[vm] = true
 		}
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, vm+" deleted") })
+		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeDeleted, vm+" deleted")) })
 	case qubes.EventDeviceAdded:
 		if ev.Device.Backend != "" {
 			d.sourceDevicesChanged(ev.Device.Backend, true, false)
@@ -112,16 +113,16 @@ func (d *Daemon) forChains(vm string, f func(cs *chainState)) {
 }
 
 func (d *Daemon) isOpenish(cs *chainState) bool {
-	return cs.state == StateOpen || cs.state == StateOpening || cs.state == StateDegraded
+	return cs.state == dbusapi.ChainOpen || cs.state == dbusapi.ChainOpening || cs.state == dbusapi.ChainDegraded
 }
 
 // autoClose closes a chain because a qube or device went away. The engine never
 // detaches from a qube that is down (Qubes #4784) and never shuts the target down.
-func (d *Daemon) autoClose(cs *chainState, reason string) {
-	if wanted(cs, "close") {
+func (d *Daemon) autoClose(cs *chainState, reason dbusapi.Reason) {
+	if wanted(cs, dbusapi.OpClose) {
 		return
 	}
-	d.enqueue(d.newJob("close", cs, 0, true, reason))
+	d.enqueue(d.newJob(dbusapi.OpClose, cs, 0, true, reason))
 }
 
 // resync rebuilds the picture after (re)connecting: qubes, then every chain's state
@@ -169,7 +170,7 @@ func (d *Daemon) resync() {
 			for _, name := range d.sortedNames() {
 				cs := d.chains[name]
 				if cs.running == nil && cs.pending == nil {
-					d.enqueue(d.newJob("reconcile", cs, 0, true, "qubesd connection (re)established"))
+					d.enqueue(d.newJob(dbusapi.OpReconcile, cs, 0, true, dbusapi.Because(dbusapi.CauseQubesd, "qubesd connection (re)established")))
 				} else {
 					cs.missedResync = true
 				}
@@ -179,22 +180,22 @@ func (d *Daemon) resync() {
 }
 
 // evaluate opens a managed chain when it becomes eligible, or says what it waits for.
-func (d *Daemon) evaluate(cs *chainState, reason string) { d.consider(cs, reason, true) }
+func (d *Daemon) evaluate(cs *chainState, reason dbusapi.Reason) { d.consider(cs, reason, true) }
 
 // consider updates what a closed chain waits for and, if mayOpen, opens it when eligible.
-func (d *Daemon) consider(cs *chainState, reason string, mayOpen bool) {
-	if mayOpen && (cs.running != nil && cs.running.op == "close" || cs.pending != nil && cs.pending.op == "close") {
+func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, mayOpen bool) {
+	if mayOpen && (cs.running != nil && cs.running.op == dbusapi.OpClose || cs.pending != nil && cs.pending.op == dbusapi.OpClose) {
 		cs.trigger = reason
 	}
 	if !cs.managed || cs.removed || d.stopping || !d.connected || cs.running != nil || cs.pending != nil {
 		return
 	}
 	switch cs.state {
-	case StateOpen, StateDegraded, StateOpening, StateClosing:
+	case dbusapi.ChainOpen, dbusapi.ChainDegraded, dbusapi.ChainOpening, dbusapi.ChainClosing:
 		return
 	}
 	if wait := d.waitingFor(cs); wait != "" {
-		d.setState(cs, StateWaiting, wait, reason)
+		d.setState(cs, dbusapi.ChainWaiting, wait, reason)
 		return
 	}
 	if !mayOpen {
@@ -204,10 +205,10 @@ func (d *Daemon) consider(cs *chainState, reason string, mayOpen bool) {
 		d.scheduleRetry(cs, next)
 		return
 	}
-	if reason == "" {
-		reason = "eligible"
+	if reason.Cause == "" {
+		reason = dbusapi.Because(dbusapi.CauseEligible, "eligible")
 	}
-	d.enqueue(d.newJob("open", cs, 0, true, reason))
+	d.enqueue(d.newJob(dbusapi.OpOpen, cs, 0, true, reason))
 }
 
 // waitingFor says which qube an automatic open waits for ("" = none). With autostart
@@ -246,16 +247,16 @@ func (d *Daemon) scheduleRetry(cs *chainState, at time.Time) {
 		cs.retry.Stop()
 	}
 	cs.retryAt = at
-	if cs.state != StateFailed && cs.state != StateWaiting {
-		d.setState(cs, StateFailed, "", "startup interval")
+	if cs.state != dbusapi.ChainFailed && cs.state != dbusapi.ChainWaiting {
+		d.setState(cs, dbusapi.ChainFailed, "", dbusapi.Because(dbusapi.CauseStartupInterval, "startup interval"))
 	} else {
-		d.publish(cs, cs.state, "retry scheduled")
+		d.publish(cs, cs.state, dbusapi.Because(dbusapi.CauseStartupInterval, "retry scheduled"))
 	}
 	cs.retry = time.AfterFunc(time.Until(at), func() {
 		d.post(func() {
 			cs.retryAt = time.Time{}
 			cs.lastAttempt = time.Time{}
-			d.evaluate(cs, "retry")
+			d.evaluate(cs, dbusapi.Because(dbusapi.CauseRetry, "retry"))
 		})
 	})
 }
@@ -327,10 +328,10 @@ func (d *Daemon) sourceDevicesChanged(vm string, added, removed bool) {
 			continue
 		}
 		switch {
-		case removed && cs.c.SourceDevice != "" && cs.state == StateOpen && cs.running == nil:
-			d.enqueue(d.newJob("check", cs, 0, true, "a device of "+vm+" went away"))
+		case removed && cs.c.SourceDevice != "" && cs.state == dbusapi.ChainOpen && cs.running == nil:
+			d.enqueue(d.newJob(dbusapi.OpCheck, cs, 0, true, dbusapi.Because(dbusapi.CauseDeviceGone, "a device of "+vm+" went away")))
 		case added && cs.c.SourceDevice != "":
-			d.evaluate(cs, "a device appeared in "+vm)
+			d.evaluate(cs, dbusapi.Because(dbusapi.CauseDeviceAppeared, "a device appeared in "+vm))
 		}
 	}
 }

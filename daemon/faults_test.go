@@ -170,7 +170,7 @@ func (w *world) faultCase(t *testing.T, kind string, fs faultStep) string {
 	}
 	w.ctl("clear-faults")
 	ci := w.settle(t)
-	outcome := ci.State
+	outcome := string(ci.State)
 	if ci.Waiting != "" {
 		outcome += " (" + ci.Waiting + ")"
 	}

@@ -211,15 +211,7 @@ func (w *world) writeChain(name, content string) {
 	}
 }
 
-const demoChain = `source vm=sys-usb
-source file=/home/user/demo.luks
-key=demo
-destination vm 1=mediator
-destination vm 2=work
-destination mount point=/mnt/demo
-read-only=false
-startup interval=0
-`
+var demoChain = sim.DemoChain("read-only=false", "startup interval=0")
 
 // startDaemon runs qcryptd on the demo target and waits for its bus name.
 func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
@@ -263,7 +255,7 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 
 // demoDaemon runs qcryptd on the demo chain and waits for the chain's state: "open"
 // starts work first, "waiting" leaves it halted.
-func demoDaemon(t testing.TB, state string) (*world, *exec.Cmd, *dbusapi.Client) {
+func demoDaemon(t testing.TB, state dbusapi.ChainState) (*world, *exec.Cmd, *dbusapi.Client) {
 	t.Helper()
 	w := newWorld(t, "4.2", permissiveBus)
 	w.writeChain("demo", demoChain)
@@ -300,10 +292,10 @@ func (w *world) eventually(what string, timeout time.Duration, ok func() bool) {
 }
 
 // waitState waits until the chain shows state.
-func (w *world) waitState(c *dbusapi.Client, chain, state string, timeout time.Duration) dbusapi.ChainInfo {
+func (w *world) waitState(c *dbusapi.Client, chain string, state dbusapi.ChainState, timeout time.Duration) dbusapi.ChainInfo {
 	w.t.Helper()
 	var ci dbusapi.ChainInfo
-	w.eventually("chain "+chain+" is "+state, timeout, func() bool {
+	w.eventually("chain "+chain+" is "+string(state), timeout, func() bool {
 		var err error
 		ci, err = c.Chain(context.Background(), chain)
 		return err == nil && ci.State == state

@@ -21,13 +21,11 @@ func (j *job) info() dbusapi.JobInfo {
 		StepDescription: j.desc, Bytes: j.bytes, TotalBytes: j.total, Message: j.message, UID: j.uid}
 }
 
-func (d *Daemon) newJob(op string, cs *chainState, uid uint32, auto bool, reason string) *job {
+func (d *Daemon) newJob(op dbusapi.JobOperation, cs *chainState, uid uint32, auto bool, reason dbusapi.Reason) *job {
 	d.nextJob++
-	j := &job{id: d.nextJob, op: op, chain: cs, uid: uid, auto: auto, reason: reason, state: "queued"}
+	j := &job{id: d.nextJob, op: op, chain: cs, uid: uid, auto: auto, reason: reason, state: dbusapi.JobQueued}
 	d.jobs[j.id] = j
-	if d.pub != nil {
-		d.pub.JobAdded(j.info())
-	}
+	d.pub.JobAdded(j.info())
 	return j
 }
 
@@ -47,7 +45,7 @@ func (d *Daemon) enqueue(j *job) {
 }
 
 // wanted reports whether an automatic operation op is already running or pending.
-func wanted(cs *chainState, op string) bool {
+func wanted(cs *chainState, op dbusapi.JobOperation) bool {
 	return cs.running != nil && cs.running.op == op && cs.pending == nil || cs.pending != nil && cs.pending.op == op
 }
 
@@ -63,17 +61,17 @@ func (d *Daemon) start(j *job) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	j.cancel = cancel
-	j.state = "running"
+	j.state = dbusapi.JobRunning
 	d.jobChanged(j)
 	if cs != nil {
 		switch {
-		case j.op == "open" && cs.state != StateOpen: // an open of an open chain changes nothing
-			d.setState(cs, StateOpening, "", j.reason)
+		case j.op == dbusapi.OpOpen && cs.state != dbusapi.ChainOpen: // an open of an open chain changes nothing
+			d.setState(cs, dbusapi.ChainOpening, "", j.reason)
 			if cs.managed {
 				d.journalUserClosed(cs, false)
 			}
-		case j.op == "close":
-			d.setState(cs, StateClosing, "", j.reason)
+		case j.op == dbusapi.OpClose:
+			d.setState(cs, dbusapi.ChainClosing, "", j.reason)
 			if cs.managed && !j.auto {
 				// Recorded before the close: a close cut short (qcryptd killed) is finished
 				// at the restart and the chain stays closed, as the user asked.
@@ -92,131 +90,159 @@ func (d *Daemon) start(j *job) {
 
 // outcome says what a finished job means for its chain.
 type outcome struct {
-	state, waiting, message string
-	attempt                 bool // a failed automatic open: counts for the startup interval
-	userClosed              bool // reconcile: the user closed the chain last; no automatic open before a trigger
+	state            dbusapi.ChainState
+	waiting, message string
+	cause            dbusapi.Cause // why the state changed when the job ended well; "": done
+	attempt          bool          // a failed automatic open: counts for the startup interval
+	userClosed       bool          // reconcile: the user closed the chain last; no automatic open before a trigger
 }
 
-// execute runs in the job's goroutine; it must not touch daemon state.
+// jobRun is one job at work, in its own goroutine: it must not touch daemon state
+// (it posts to the loop instead). Each operation is one method.
+type jobRun struct {
+	d   *Daemon
+	j   *job
+	c   *chains.Chain // nil for luks-init
+	log *logrus.Entry
+}
+
+// execute runs j's operation.
 func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
-	progress := func(p chains.Progress) {
-		d.post(func() {
-			j.step, j.steps, j.desc = p.Step, p.Steps, p.Desc
-			if p.Total > 0 {
-				j.bytes, j.total = uint64(p.Bytes), uint64(p.Total)
-			}
-			d.jobChanged(j)
-			if cs := j.chain; cs != nil && (cs.state == StateOpening || cs.state == StateClosing) && cs.running == j {
-				cs.step, cs.steps = p.Step, p.Steps
-				d.publish(cs, cs.state, j.reason)
-			}
-		})
-	}
-	var c *chains.Chain
+	r := &jobRun{d: d, j: j, log: d.log.WithFields(logrus.Fields{"job": j.id, "op": j.op})}
 	if j.chain != nil {
-		c = j.chain.c
-	}
-	log := d.log.WithFields(logrus.Fields{"job": j.id, "op": j.op})
-	if c != nil {
-		log = log.WithField("chain", c.Name)
+		r.c = j.chain.c
+		r.log = r.log.WithField("chain", r.c.Name)
 	}
 	switch j.op {
-	case "open":
-		if j.auto {
-			present, err := d.engine.SourcePresent(ctx, c)
-			if err != nil {
-				return outcome{state: StateFailed, attempt: true}, err
-			}
-			if !present {
-				return outcome{state: StateWaiting, waiting: "waiting for " + c.SourceDevice + " in " + c.SourceVM, message: "source device absent"}, nil
-			}
-		}
-		if c.PreOpen != "" && j.chain.managed {
-			if err := d.o.Hook(ctx, c.PreOpen, hookEnv(c, "open")); err != nil {
-				return outcome{state: StateFailed, attempt: j.auto}, fmt.Errorf("pre open command vetoed the open: %w", err)
-			}
-		}
-		err := d.engine.Open(ctx, c, j.openOpts, progress)
-		switch {
-		case errors.Is(err, chains.ErrAlreadyOpen):
-			return outcome{state: StateOpen, message: "already open"}, nil
-		case errors.Is(err, chains.ErrCanceled) || errors.Is(err, context.Canceled):
-			return outcome{state: StateClosed}, err // rolled back: nothing of it is left
-		case errors.Is(err, chains.ErrNotRunning) && !j.auto:
-			return outcome{state: StateWaiting}, err // it opens when its qubes run
-		case err != nil:
-			return outcome{state: StateFailed, attempt: j.auto}, err
-		}
-		if c.PostOpen != "" && j.chain.managed {
-			if err := d.o.Hook(ctx, c.PostOpen, hookEnv(c, "open")); err != nil {
-				log.WithError(err).Warn("post open command failed")
-			}
-		}
-		return outcome{state: StateOpen, message: "open"}, nil
-	case "close":
-		if c.PreClose != "" && j.chain.managed {
-			if err := d.o.Hook(ctx, c.PreClose, hookEnv(c, "close")); err != nil {
-				log.WithError(err).Warn("pre close command failed (ignored)")
-			}
-		}
-		if err := d.engine.Close(ctx, c, j.closeOpts, progress); errors.Is(err, chains.ErrOtherChain) {
-			return outcome{state: StateClosed}, err // nothing of this chain is open; nothing was touched
-		} else if err != nil {
-			return outcome{state: StateDegraded}, err
-		}
-		if c.PostClose != "" && j.chain.managed {
-			if err := d.o.Hook(ctx, c.PostClose, hookEnv(c, "close")); err != nil {
-				log.WithError(err).Warn("post close command failed")
-			}
-		}
-		return outcome{state: StateClosed, message: "closed"}, nil
-	case "reconcile", "check":
-		st, err := d.engine.Status(ctx, c)
-		if err != nil {
-			return outcome{state: StateDegraded}, err
-		}
-		var rec *chains.Record
-		var journalErr error
-		if j.op == "reconcile" {
-			if rec, journalErr = d.engine.Journal.Read(c.Name); journalErr != nil {
-				log.WithError(journalErr).Warn("cannot read the journal")
-			}
-		}
-		decision := chains.Reconcile(rec, st)
-		userClosed := j.op == "reconcile" && d.engine.Journal.UserClosed(c.Name)
-		if j.op == "check" && decision == chains.DecideDegraded {
-			// A chain that was open and broke (a qube or device went away): close what is left.
-			decision = chains.DecideFinishClose
-		}
-		log.WithFields(logrus.Fields{"decision": decision.String(), "missing": st.Missing}).Info("reconciled")
-		switch decision {
-		case chains.DecideAdopt:
-			return outcome{state: StateOpen, message: dbusapi.ReasonFoundOpen}, nil
-		case chains.DecideClosed:
-			return outcome{state: StateClosed, message: "closed", userClosed: userClosed}, nil
-		case chains.DecideRollback, chains.DecideFinishClose:
-			// Clients must not see "closed" while devices are still being taken down.
-			d.post(func() {
-				if j.chain.running == j {
-					d.setState(j.chain, StateClosing, "", j.reason+": "+decision.String())
-				}
-			})
-			if err := d.engine.Close(ctx, c, chains.CloseOptions{}, progress); err != nil {
-				return outcome{state: StateDegraded}, err
-			}
-			return outcome{state: StateClosed, message: decision.String() + ": closed", userClosed: userClosed}, nil
-		}
-		if journalErr != nil {
-			return outcome{state: StateDegraded}, fmt.Errorf("partly open (%d steps missing) and its record is unreadable (%w): close it with force", st.Missing, journalErr)
-		}
-		return outcome{state: StateDegraded}, fmt.Errorf("partly open (%d steps missing) with no record of how: close it with force", st.Missing)
-	case "luks-init":
-		if err := d.engine.LuksInit(ctx, j.spec, progress); err != nil {
+	case dbusapi.OpOpen:
+		return r.open(ctx)
+	case dbusapi.OpClose:
+		return r.close(ctx)
+	case dbusapi.OpReconcile, dbusapi.OpCheck:
+		return r.reconcile(ctx)
+	case dbusapi.OpLuksInit:
+		if err := d.engine.LuksInit(ctx, j.spec, r.progress); err != nil {
 			return outcome{}, err
 		}
 		return outcome{message: "container created"}, nil
 	}
 	return outcome{}, fmt.Errorf("unknown operation %s", j.op)
+}
+
+// progress shows a step on the job and, while it opens or closes, on its chain.
+func (r *jobRun) progress(p chains.Progress) {
+	j := r.j
+	r.d.post(func() {
+		j.step, j.steps, j.desc = p.Step, p.Steps, p.Desc
+		if p.Total > 0 {
+			j.bytes, j.total = uint64(p.Bytes), uint64(p.Total)
+		}
+		r.d.jobChanged(j)
+		if cs := j.chain; cs != nil && cs.state.Busy() && cs.running == j {
+			cs.step, cs.steps = p.Step, p.Steps
+			r.d.publish(cs, cs.state, j.reason)
+		}
+	})
+}
+
+// hook runs one of a configured chain's commands (ad-hoc chains have none) and logs a
+// failure; whether it vetoes is the caller's to decide.
+func (r *jobRun) hook(ctx context.Context, name, command string) error {
+	if command == "" || !r.j.chain.managed {
+		return nil
+	}
+	err := r.d.o.Hook(ctx, command, hookEnv(r.c, string(r.j.op)))
+	if err != nil {
+		r.log.WithError(err).WithField("hook", name).Warn("hook command failed")
+	}
+	return err
+}
+
+func (r *jobRun) open(ctx context.Context) (outcome, error) {
+	c, j := r.c, r.j
+	if j.auto {
+		present, err := r.d.engine.SourcePresent(ctx, c)
+		if err != nil {
+			return outcome{state: dbusapi.ChainFailed, attempt: true}, err
+		}
+		if !present {
+			return outcome{state: dbusapi.ChainWaiting, waiting: "waiting for " + c.SourceDevice + " in " + c.SourceVM, message: "source device absent"}, nil
+		}
+	}
+	if err := r.hook(ctx, "pre open", c.PreOpen); err != nil {
+		return outcome{state: dbusapi.ChainFailed, attempt: j.auto}, fmt.Errorf("pre open command vetoed the open: %w", err)
+	}
+	err := r.d.engine.Open(ctx, c, j.openOpts, r.progress)
+	switch {
+	case errors.Is(err, chains.ErrAlreadyOpen):
+		return outcome{state: dbusapi.ChainOpen, message: "already open"}, nil
+	case errors.Is(err, chains.ErrCanceled) || errors.Is(err, context.Canceled):
+		return outcome{state: dbusapi.ChainClosed}, err // rolled back: nothing of it is left
+	case errors.Is(err, chains.ErrNotRunning) && !j.auto:
+		return outcome{state: dbusapi.ChainWaiting}, err // it opens when its qubes run
+	case err != nil:
+		return outcome{state: dbusapi.ChainFailed, attempt: j.auto}, err
+	}
+	_ = r.hook(ctx, "post open", c.PostOpen) // the chain is open either way
+	return outcome{state: dbusapi.ChainOpen, message: "open"}, nil
+}
+
+func (r *jobRun) close(ctx context.Context) (outcome, error) {
+	c := r.c
+	_ = r.hook(ctx, "pre close", c.PreClose) // a close is never vetoed
+	if err := r.d.engine.Close(ctx, c, r.j.closeOpts, r.progress); errors.Is(err, chains.ErrOtherChain) {
+		return outcome{state: dbusapi.ChainClosed}, err // nothing of this chain is open; nothing was touched
+	} else if err != nil {
+		return outcome{state: dbusapi.ChainDegraded}, err
+	}
+	_ = r.hook(ctx, "post close", c.PostClose) // the chain is closed either way
+	return outcome{state: dbusapi.ChainClosed, message: "closed"}, nil
+}
+
+// reconcile compares the chain with its journal (reconcile, at start-up and reconnect)
+// or with what it was (check, after an event), and closes what an interrupted job or a
+// broken chain left.
+func (r *jobRun) reconcile(ctx context.Context) (outcome, error) {
+	c, j, e := r.c, r.j, r.d.engine
+	st, err := e.Status(ctx, c)
+	if err != nil {
+		return outcome{state: dbusapi.ChainDegraded}, err
+	}
+	var rec *chains.Record
+	var journalErr error
+	if j.op == dbusapi.OpReconcile {
+		if rec, journalErr = e.Journal.Read(c.Name); journalErr != nil {
+			r.log.WithError(journalErr).Warn("cannot read the journal")
+		}
+	}
+	decision := chains.Reconcile(rec, st)
+	userClosed := j.op == dbusapi.OpReconcile && e.Journal.UserClosed(c.Name)
+	if j.op == dbusapi.OpCheck && decision == chains.DecideDegraded {
+		// A chain that was open and broke (a qube or device went away): close what is left.
+		decision = chains.DecideFinishClose
+	}
+	r.log.WithFields(logrus.Fields{"decision": decision.String(), "missing": st.Missing}).Info("reconciled")
+	switch decision {
+	case chains.DecideAdopt:
+		return outcome{state: dbusapi.ChainOpen, cause: dbusapi.CauseFoundOpen, message: "found open"}, nil
+	case chains.DecideClosed:
+		return outcome{state: dbusapi.ChainClosed, message: "closed", userClosed: userClosed}, nil
+	case chains.DecideRollback, chains.DecideFinishClose:
+		// Clients must not see "closed" while devices are still being taken down.
+		r.d.post(func() {
+			if j.chain.running == j {
+				r.d.setState(j.chain, dbusapi.ChainClosing, "", dbusapi.Because(j.reason.Cause, j.reason.Text+": "+decision.String()))
+			}
+		})
+		if err := e.Close(ctx, c, chains.CloseOptions{}, r.progress); err != nil {
+			return outcome{state: dbusapi.ChainDegraded}, err
+		}
+		return outcome{state: dbusapi.ChainClosed, message: decision.String() + ": closed", userClosed: userClosed}, nil
+	}
+	if journalErr != nil {
+		return outcome{state: dbusapi.ChainDegraded}, fmt.Errorf("partly open (%d steps missing) and its record is unreadable (%w): close it with force", st.Missing, journalErr)
+	}
+	return outcome{state: dbusapi.ChainDegraded}, fmt.Errorf("partly open (%d steps missing) with no record of how: close it with force", st.Missing)
 }
 
 // completed runs in the loop when a job's goroutine ends.
@@ -226,26 +252,29 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		switch {
 		case res.attempt:
 			cs.lastAttempt = time.Now()
-		case res.state == StateOpen:
+		case res.state == dbusapi.ChainOpen:
 			// The interval spaces failed attempts; after a success the next trigger opens.
 			cs.lastAttempt, cs.retryAt = time.Time{}, time.Time{}
 			if cs.retry != nil {
 				cs.retry.Stop()
 			}
 		}
-		msg := res.message
+		why := dbusapi.Because(dbusapi.CauseDone, res.message)
+		if res.cause != "" {
+			why.Cause = res.cause
+		}
 		if err != nil {
 			cs.lastError = err.Error()
-			msg = err.Error()
+			why = dbusapi.Because(dbusapi.CauseError, err.Error())
 			d.chainLog(cs).WithError(err).WithField("op", j.op).Error("operation failed")
-		} else if res.state == StateOpen || res.state == StateClosed {
+		} else if res.state == dbusapi.ChainOpen || res.state == dbusapi.ChainClosed {
 			cs.lastError = ""
 		}
 		if res.state != "" {
-			d.setState(cs, res.state, res.waiting, msg)
+			d.setState(cs, res.state, res.waiting, why)
 		}
 		cs.running = nil
-		if cs.state == StateClosed || cs.state == StateWaiting || cs.state == StateFailed {
+		if cs.state == dbusapi.ChainClosed || cs.state == dbusapi.ChainWaiting || cs.state == dbusapi.ChainFailed {
 			defer d.wakeSharers(cs)
 		}
 	}
@@ -267,18 +296,18 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	}
 	if cs.missedResync {
 		cs.missedResync = false
-		if cs.state == StateDegraded || cs.state == StateFailed {
+		if cs.state == dbusapi.ChainDegraded || cs.state == dbusapi.ChainFailed {
 			// The job may have failed because qubesd went away: what it left is put
 			// right by the journal, as at any reconnect.
-			d.enqueue(d.newJob("reconcile", cs, 0, true, "qubesd connection re-established during "+j.op))
+			d.enqueue(d.newJob(dbusapi.OpReconcile, cs, 0, true, dbusapi.Because(dbusapi.CauseQubesd, "qubesd connection re-established during "+string(j.op))))
 			return
 		}
 	}
-	if cs.removed && (cs.state == StateClosed || cs.state == StateWaiting || cs.state == StateFailed) {
+	if cs.removed && (cs.state == dbusapi.ChainClosed || cs.state == dbusapi.ChainWaiting || cs.state == dbusapi.ChainFailed) {
 		d.removeChain(cs)
 		return
 	}
-	if !cs.managed && cs.state != StateOpen && cs.state != StateDegraded {
+	if !cs.managed && cs.state != dbusapi.ChainOpen && cs.state != dbusapi.ChainDegraded {
 		// An ad-hoc chain exists while something of it is open: a closed or failed
 		// (rolled back) one goes, so repeated requests cannot grow objects or files.
 		d.removeChain(cs)
@@ -288,26 +317,26 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	// came during a close leads to another automatic attempt here; a chain the user
 	// closed stays closed until a trigger after the close.
 	trigger := cs.trigger
-	cs.trigger = ""
+	cs.trigger = dbusapi.Reason{}
 	switch {
-	case j.op == "close" && !j.auto:
+	case j.op == dbusapi.OpClose && !j.auto:
 		// The user closed it: it stays closed until a trigger after the close.
-	case trigger != "":
+	case trigger.Cause != "":
 		d.evaluate(cs, trigger)
-	case j.op == "reconcile" && res.userClosed:
-		d.consider(cs, "closed by the user before qcryptd restarted", false)
-	case j.op == "reconcile":
-		d.evaluate(cs, "")
-	case j.op == "open" && cs.state == StateWaiting:
+	case j.op == dbusapi.OpReconcile && res.userClosed:
+		d.consider(cs, dbusapi.Because(dbusapi.CauseClosedByUser, "closed by the user before qcryptd restarted"), false)
+	case j.op == dbusapi.OpReconcile:
+		d.evaluate(cs, dbusapi.Reason{})
+	case j.op == dbusapi.OpOpen && cs.state == dbusapi.ChainWaiting:
 		d.consider(cs, j.reason, false) // say what it waits for
-	case j.op == "open" && !j.auto && cs.state == StateClosed:
+	case j.op == dbusapi.OpOpen && !j.auto && cs.state == dbusapi.ChainClosed:
 		d.consider(cs, j.reason, false)
-	case j.op == "open" && j.auto && cs.state == StateFailed:
+	case j.op == dbusapi.OpOpen && j.auto && cs.state == dbusapi.ChainFailed:
 		// Retry after the startup interval; with none, at the next trigger (never in a loop).
 		if cs.c.StartupInterval > 0 {
 			d.scheduleRetry(cs, cs.lastAttempt.Add(cs.c.StartupInterval))
 		}
-	case j.op == "check" && cs.state == StateClosed:
+	case j.op == dbusapi.OpCheck && cs.state == dbusapi.ChainClosed:
 		// What was left of a broken chain is closed: it is a closed chain like any other,
 		// so open it if it can be, else say what it waits for (e.g. the disk that went).
 		d.evaluate(cs, j.reason)
@@ -320,16 +349,16 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 func (d *Daemon) finish(j *job, err error, success bool) {
 	switch {
 	case success:
-		j.state = "done"
+		j.state = dbusapi.JobDone
 	case errors.Is(err, context.Canceled) || errors.Is(err, chains.ErrCanceled):
-		j.state = "canceled"
+		j.state = dbusapi.JobCanceled
 	default:
-		j.state = "failed"
+		j.state = dbusapi.JobFailed
 	}
 	if err != nil {
 		j.message = err.Error()
 	} else if j.message == "" {
-		j.message = j.state
+		j.message = string(j.state)
 	}
 	if j.chain != nil && j.chain.pending == j {
 		j.chain.pending = nil
@@ -342,26 +371,20 @@ func (d *Daemon) finish(j *job, err error, success bool) {
 		j.release()
 		j.release = nil
 	}
-	if d.pub != nil {
-		d.pub.JobCompleted(j.info(), success)
-	}
+	d.pub.JobCompleted(j.info(), success)
 	for _, f := range j.done {
 		f(success)
 	}
 	time.AfterFunc(d.o.JobLinger, func() {
 		d.post(func() {
 			delete(d.jobs, j.id)
-			if d.pub != nil {
-				d.pub.JobRemoved(j.id)
-			}
+			d.pub.JobRemoved(j.id)
 		})
 	})
 }
 
 func (d *Daemon) jobChanged(j *job) {
-	if d.pub != nil {
-		d.pub.JobChanged(j.info())
-	}
+	d.pub.JobChanged(j.info())
 }
 
 func (d *Daemon) removeChain(cs *chainState) {
@@ -374,9 +397,7 @@ func (d *Daemon) removeChain(cs *chainState) {
 			d.chainLog(cs).WithError(err).Warn("cannot remove the journal of an ad-hoc chain")
 		}
 	}
-	if d.pub != nil {
-		d.pub.ChainRemoved(cs.c.Name)
-	}
+	d.pub.ChainRemoved(cs.c.Name)
 	d.updateSummary()
 }
 
@@ -384,8 +405,8 @@ func (d *Daemon) removeChain(cs *chainState) {
 // no longer holds it (consider says again what each still waits for).
 func (d *Daemon) wakeSharers(cs *chainState) {
 	for _, name := range d.sortedNames() {
-		if other := d.chains[name]; other != cs && other.state == StateWaiting && sharedMapper(other.c, cs.c) != "" {
-			d.consider(other, "chain "+cs.c.Name+" let go of mapper "+cs.c.Key, true)
+		if other := d.chains[name]; other != cs && other.state == dbusapi.ChainWaiting && sharedMapper(other.c, cs.c) != "" {
+			d.consider(other, dbusapi.Because(dbusapi.CauseMapperFreed, "chain "+cs.c.Name+" let go of mapper "+cs.c.Key), true)
 		}
 	}
 }

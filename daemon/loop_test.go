@@ -24,20 +24,26 @@ import (
 
 func TestMain(m *testing.M) { simtest.Main(m) }
 
+// recorder is the publisher of the loop tests. It holds every state change against the
+// state machine (docs/states.md), so each test also checks that.
 type recorder struct {
+	t       testing.TB
 	mu      sync.Mutex
-	states  map[string][]string
-	reasons map[string][]string // the reason of each state in states
+	states  map[string][]dbusapi.ChainState
+	reasons map[string][]dbusapi.Reason // the reason of each state in states
 	jobs    map[uint64]bool
 }
 
-func (r *recorder) ChainAdded(c dbusapi.ChainInfo) { r.ChainChanged(c, "", "added") }
-func (r *recorder) ChainChanged(c dbusapi.ChainInfo, prev, reason string) {
+func (r *recorder) ChainAdded(c dbusapi.ChainInfo) { r.ChainChanged(c, "", dbusapi.Reason{}) }
+func (r *recorder) ChainChanged(c dbusapi.ChainInfo, prev dbusapi.ChainState, why dbusapi.Reason) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if prev != "" && !allowedTransition(prev, c.State) {
+		r.t.Errorf("chain %s: %s -> %s (%s: %s) is not in the state machine", c.Name, prev, c.State, why.Cause, why.Text)
+	}
 	if l := r.states[c.Name]; len(l) == 0 || l[len(l)-1] != c.State {
 		r.states[c.Name] = append(r.states[c.Name], c.State)
-		r.reasons[c.Name] = append(r.reasons[c.Name], reason)
+		r.reasons[c.Name] = append(r.reasons[c.Name], why)
 	}
 }
 func (r *recorder) ChainRemoved(string)        {}
@@ -51,7 +57,7 @@ func (r *recorder) JobCompleted(j dbusapi.JobInfo, ok bool) {
 func (r *recorder) JobRemoved(uint64)     {}
 func (r *recorder) SummaryChanged(string) {}
 
-func (r *recorder) last(name string) string {
+func (r *recorder) last(name string) dbusapi.ChainState {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	l := r.states[name]
@@ -61,8 +67,7 @@ func (r *recorder) last(name string) string {
 	return l[len(l)-1]
 }
 
-const loopDemoChain = "source vm=sys-usb\nsource file=/home/user/demo.luks\nkey=demo\n" +
-	"destination vm 1=mediator\ndestination vm 2=work\ndestination mount point=/mnt/demo\nstartup interval=0\n"
+var loopDemoChain = sim.DemoChain("startup interval=0")
 
 // startLoop runs the loop on the demo world; before runs first (faults, delays).
 func startLoop(t *testing.T, before ...func(*simtest.Fixture)) (*simtest.Fixture, *Daemon, *recorder) {
@@ -99,7 +104,7 @@ func runLoop(t *testing.T, f *simtest.Fixture, conf, state string) (*Daemon, *re
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec := &recorder{states: map[string][]string{}, reasons: map[string][]string{}, jobs: map[uint64]bool{}}
+	rec := &recorder{t: t, states: map[string][]dbusapi.ChainState{}, reasons: map[string][]dbusapi.Reason{}, jobs: map[uint64]bool{}}
 	d.SetPublisher(rec)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -128,11 +133,11 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 
 func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 	f, d, rec := startLoop(t)
-	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	// The event stream drops: the loop resyncs and adopts the open chain.
 	f.DropEventStreams()
 	waitFor(t, "resync", func() bool {
@@ -140,13 +145,13 @@ func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 		defer rec.mu.Unlock()
 		return len(rec.jobs) >= 3 // reconcile, open, reconcile
 	})
-	if rec.last("demo") != StateOpen {
+	if rec.last("demo") != dbusapi.ChainOpen {
 		t.Errorf("after resync: %v", rec.states["demo"])
 	}
 	if err := f.Client.Kill(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "closed again", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "closed again", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	ids := d.ListChains()
 	if len(ids) != 1 || ids[0].Name != "demo" {
 		t.Errorf("chains %+v", ids)
@@ -166,7 +171,7 @@ func TestLoopQubeStartsDuringResync(t *testing.T) {
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 }
 
 func TestLoopConcurrentRequests(t *testing.T) {
@@ -174,7 +179,7 @@ func TestLoopConcurrentRequests(t *testing.T) {
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	var wg sync.WaitGroup
 	for i := 0; i < 40; i++ {
 		wg.Add(1)
@@ -200,11 +205,11 @@ func TestLoopConcurrentRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	switch rec.last("demo") {
-	case StateOpen:
+	case dbusapi.ChainOpen:
 		if !st.Open() {
 			t.Errorf("open but %+v", st)
 		}
-	case StateClosed, StateWaiting:
+	case dbusapi.ChainClosed, dbusapi.ChainWaiting:
 		if !st.Closed() {
 			t.Errorf("closed but %+v", st)
 		}
@@ -229,9 +234,9 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	d.Close(0, "demo", chains.CloseOptions{})
-	waitFor(t, "closed", func() bool { return rec.last("demo") == StateClosed })
+	waitFor(t, "closed", func() bool { return rec.last("demo") == dbusapi.ChainClosed })
 	// Slow the second attach down, then cancel the open while it waits there.
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Delay: 500 * time.Millisecond, Count: 1})
 	id, err := d.Open(0, "demo", chains.OpenOptions{})
@@ -249,7 +254,7 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	if err != nil || !st.Closed() {
 		t.Errorf("after cancel: %+v %v", st, err)
 	}
-	if got := rec.last("demo"); got != StateClosed {
+	if got := rec.last("demo"); got != dbusapi.ChainClosed {
 		t.Errorf("a canceled open ends %s, want closed (rolled back)", got)
 	}
 	if err := d.CancelJob(0, 9999); err == nil {
@@ -264,7 +269,7 @@ func TestLoopFailedAdhocChainsAreRemoved(t *testing.T) {
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	const n = 30
 	for i := 0; i < n; i++ {
 		c := &chains.Chain{SourceVM: "sys-usb", SourceFile: "/home/user/nothing.luks", Key: fmt.Sprintf("k%d", i%10),
@@ -298,7 +303,7 @@ func TestLoopSharedMapperOneAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 	// One of them opens, the other waits for it.
-	state := func(name string) (string, string) {
+	state := func(name string) (dbusapi.ChainState, string) {
 		for _, ci := range d.ListChains() {
 			if ci.Name == name {
 				return ci.State, ci.Waiting
@@ -311,9 +316,9 @@ func TestLoopSharedMapperOneAtATime(t *testing.T) {
 		a, _ := state("copy")
 		b, _ := state("demo")
 		switch {
-		case a == StateOpen && b == StateWaiting:
+		case a == dbusapi.ChainOpen && b == dbusapi.ChainWaiting:
 			first, second = "copy", "demo"
-		case b == StateOpen && a == StateWaiting:
+		case b == dbusapi.ChainOpen && a == dbusapi.ChainWaiting:
 			first, second = "demo", "copy"
 		}
 		return first != ""
@@ -327,7 +332,7 @@ func TestLoopSharedMapperOneAtATime(t *testing.T) {
 	if id, err := d.Close(0, first, chains.CloseOptions{}); err != nil || !jobDone(t, rec, id) {
 		t.Fatalf("close of %s: %v", first, err)
 	}
-	waitFor(t, second+" opens", func() bool { return rec.last(second) == StateOpen })
+	waitFor(t, second+" opens", func() bool { return rec.last(second) == dbusapi.ChainOpen })
 	if got := string(f.Sh(t, "work", "cat /proc/mounts | grep -c /mnt/demo").Stdout); got != "1\n" {
 		t.Errorf("mounts of /mnt/demo in work: %q", got)
 	}
@@ -362,7 +367,7 @@ func TestLoopHonestStates(t *testing.T) {
 
 	d, rec, stop := runLoop(t, f, conf, state)
 	// A manual open while the target is halted: a clear error, the chain waits.
-	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	id, err := d.Open(0, "demo", chains.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -370,7 +375,7 @@ func TestLoopHonestStates(t *testing.T) {
 	if jobDone(t, rec, id) {
 		t.Fatal("open with work halted succeeded")
 	}
-	if got := d.ListChains()[0]; got.State != StateWaiting || got.Waiting != "waiting for work" || !strings.Contains(got.LastError, "qube not running") {
+	if got := d.ListChains()[0]; got.State != dbusapi.ChainWaiting || got.Waiting != "waiting for work" || !strings.Contains(got.LastError, "qube not running") {
 		t.Errorf("after a manual open with work halted: %+v", got)
 	}
 	// Started: opens; shut down: closes; started again at once: opens again (the first
@@ -379,12 +384,12 @@ func TestLoopHonestStates(t *testing.T) {
 		if err := f.Client.Start(context.Background(), "work"); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+		waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 		if i == 0 {
 			if err := f.Client.Shutdown(context.Background(), "work", false, true); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, "waiting again", func() bool { return rec.last("demo") == StateWaiting })
+			waitFor(t, "waiting again", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 		}
 	}
 	// An open of the open chain changes nothing.
@@ -401,9 +406,9 @@ func TestLoopHonestStates(t *testing.T) {
 	// Restarted with the chain open: it is found open, not opened.
 	stop()
 	d, rec, stop = runLoop(t, f, conf, state)
-	waitFor(t, "found open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "found open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	rec.mu.Lock()
-	if r := rec.reasons["demo"]; r[len(r)-1] != dbusapi.ReasonFoundOpen {
+	if r := rec.reasons["demo"]; r[len(r)-1].Cause != dbusapi.CauseFoundOpen {
 		t.Errorf("adopted with reason %q", r[len(r)-1])
 	}
 	rec.mu.Unlock()
@@ -416,18 +421,18 @@ func TestLoopHonestStates(t *testing.T) {
 	d, rec, stop = runLoop(t, f, conf, state)
 	var reconcile uint64 = 1 // the first job of a daemon is its chain's reconcile
 	jobDone(t, rec, reconcile)
-	if got := d.ListChains()[0].State; got != StateClosed {
+	if got := d.ListChains()[0].State; got != dbusapi.ChainClosed {
 		t.Fatalf("after a restart the chain the user closed is %s", got)
 	}
 	// A trigger: the target stops and starts again.
 	if err := f.Client.Shutdown(context.Background(), "work", false, true); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open after a trigger", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open after a trigger", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	stop()
 }
 
@@ -443,12 +448,12 @@ func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, rec, _ := runLoop(t, f, conf, t.TempDir())
-	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Empty: true, Count: 1})
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the automatic open failed", func() bool { return rec.last("demo") == StateFailed })
+	waitFor(t, "the automatic open failed", func() bool { return rec.last("demo") == dbusapi.ChainFailed })
 	if got := d.ListChains()[0]; got.RetryAt.IsZero() {
 		t.Errorf("a failed automatic open scheduled no retry: %+v", got)
 	}
@@ -461,12 +466,12 @@ func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 	if err := f.Client.Shutdown(context.Background(), "work", false, true); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting for work", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open at the next start", func() bool { return rec.last("demo") != StateWaiting })
-	if got := d.ListChains()[0]; got.State != StateOpen && got.State != StateOpening {
+	waitFor(t, "open at the next start", func() bool { return rec.last("demo") != dbusapi.ChainWaiting })
+	if got := d.ListChains()[0]; got.State != dbusapi.ChainOpen && got.State != dbusapi.ChainOpening {
 		t.Errorf("after the target started again: %s (%s), retry at %v", got.State, got.LastError, got.RetryAt)
 	}
 }
@@ -475,7 +480,7 @@ func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 // own domain-unpaused of a start comes) is unpaused: its chain opens.
 func TestLoopUnpauseSoonAfterStart(t *testing.T) {
 	f, d, rec := startLoop(t)
-	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	ctx := context.Background()
 	if err := f.Client.Start(ctx, "mediator"); err != nil {
 		t.Fatal(err)
@@ -492,7 +497,7 @@ func TestLoopUnpauseSoonAfterStart(t *testing.T) {
 	if err := f.Client.Unpause(ctx, "mediator"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open after the unpause", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open after the unpause", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 }
 
 // The target is started again while the automatic close after its shutdown runs: when
@@ -503,7 +508,7 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 	if err := f.Client.Start(ctx, "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	reached, hold := make(chan struct{}, 1), make(chan struct{})
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1,
 		Reached: func() { reached <- struct{}{} }, Hold: hold})
@@ -524,7 +529,7 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 		return running
 	})
 	close(hold)
-	waitFor(t, "open again", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open again", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 }
 
 // qubesd reconnects while a close waits in a call that then fails (qubesd went away
@@ -536,7 +541,7 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 	if err := f.Client.Start(ctx, "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	reached, hold := make(chan struct{}, 1), make(chan struct{})
 	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true,
 		Reached: func() { reached <- struct{}{} }, Hold: hold})
@@ -559,7 +564,7 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 	if jobDone(t, rec, id) {
 		t.Fatal("the close succeeded although its detach failed")
 	}
-	waitFor(t, "closed by the reconcile", func() bool { return rec.last("demo") == StateClosed })
+	waitFor(t, "closed by the reconcile", func() bool { return rec.last("demo") == dbusapi.ChainClosed })
 	var c *chains.Chain
 	d.do(func() { c = d.chains["demo"].c })
 	if st, err := d.engine.Status(ctx, c); err != nil || !st.Closed() {
@@ -588,7 +593,7 @@ func openedThenStopped(t *testing.T) (f *simtest.Fixture, conf, state string) {
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	stop()
 	return f, conf, state
 }
@@ -603,8 +608,8 @@ func TestLoopCorruptJournalAtStartup(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, rec, _ := runLoop(t, f, conf, state)
-	waitFor(t, "demo degraded", func() bool { return rec.last("demo") == StateDegraded })
-	waitFor(t, "other waits", func() bool { return rec.last("other") == StateWaiting })
+	waitFor(t, "demo degraded", func() bool { return rec.last("demo") == dbusapi.ChainDegraded })
+	waitFor(t, "other waits", func() bool { return rec.last("other") == dbusapi.ChainWaiting })
 	for _, ci := range d.ListChains() {
 		if ci.Name == "demo" && !strings.Contains(ci.LastError, journal) {
 			t.Errorf("demo's error does not name the journal file: %q", ci.LastError)
@@ -619,7 +624,7 @@ func TestLoopCorruptJournalAtStartup(t *testing.T) {
 // chain ends as the world does: open with work running at the end, nothing left over.
 func TestLoopStartStopFlood(t *testing.T) {
 	f, d, rec := startLoop(t)
-	waitFor(t, "waiting", func() bool { return rec.last("demo") == StateWaiting })
+	waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
 	ctx := context.Background()
 	for i := 0; i < 50; i++ {
 		if err := f.Client.Start(ctx, "work"); err != nil {
@@ -634,7 +639,10 @@ func TestLoopStartStopFlood(t *testing.T) {
 	}
 	waitFor(t, "open at the end", func() bool {
 		var idle bool
-		d.do(func() { cs := d.chains["demo"]; idle = cs.running == nil && cs.pending == nil && cs.state == StateOpen })
+		d.do(func() {
+			cs := d.chains["demo"]
+			idle = cs.running == nil && cs.pending == nil && cs.state == dbusapi.ChainOpen
+		})
 		return idle
 	})
 	var c *chains.Chain
@@ -663,7 +671,7 @@ func TestLoopReloadClearsUserClose(t *testing.T) {
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "open", func() bool { return rec.last("demo") == StateOpen })
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	if id, err := d.Close(0, "demo", chains.CloseOptions{}); err != nil || !jobDone(t, rec, id) {
 		t.Fatalf("close: %v", err)
 	}
@@ -675,7 +683,7 @@ func TestLoopReloadClearsUserClose(t *testing.T) {
 	}
 	waitFor(t, "the changed chain opens", func() bool {
 		cs := d.ListChains()
-		return len(cs) == 1 && cs[0].State == StateOpen && cs[0].MountPoint == "/mnt/other"
+		return len(cs) == 1 && cs[0].State == dbusapi.ChainOpen && cs[0].MountPoint == "/mnt/other"
 	})
 }
 
@@ -719,8 +727,8 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 			spoil(t, state)
 
 			d, rec, _ := runLoop(t, f, conf, state)
-			waitFor(t, "demo found open", func() bool { return rec.last("demo") == StateOpen })
-			waitFor(t, "other waits", func() bool { return rec.last("other") == StateWaiting })
+			waitFor(t, "demo found open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
+			waitFor(t, "other waits", func() bool { return rec.last("other") == dbusapi.ChainWaiting })
 			id, err := d.Close(0, "demo", chains.CloseOptions{})
 			if err != nil || !jobDone(t, rec, id) {
 				t.Fatalf("close without a journal: %v", err)
@@ -742,7 +750,7 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 				switch {
 				case ci.Name == "demo" && !strings.Contains(ci.LastError, "cannot write journal "+journal):
 					t.Errorf("the refused open does not name the journal file: %q", ci.LastError)
-				case ci.Name == "other" && (ci.State != StateWaiting || ci.LastError != ""):
+				case ci.Name == "other" && (ci.State != dbusapi.ChainWaiting || ci.LastError != ""):
 					t.Errorf("other: %+v", ci)
 				}
 			}

@@ -43,16 +43,3 @@ func unsafeRune(r rune) bool {
 	}
 	return false
 }
-
-// cleanAll applies Clean in place.
-func cleanAll(ss ...*string) {
-	for _, s := range ss {
-		*s = Clean(*s)
-	}
-}
-
-func cleanSlice(ss []string) {
-	for i := range ss {
-		ss[i] = Clean(ss[i])
-	}
-}

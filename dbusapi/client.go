@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/godbus/dbus/v5"
 
@@ -127,23 +127,6 @@ func (c *Client) call(ctx context.Context, method string, out []any, args ...any
 	return call.Store(out...)
 }
 
-// ChainEntry is one line of ListChains.
-type ChainEntry struct {
-	Name  string
-	Path  dbus.ObjectPath
-	State string
-}
-
-// ListChains lists the chains the daemon knows.
-func (c *Client) ListChains(ctx context.Context) ([]ChainEntry, error) {
-	var out []ChainEntry
-	err := c.call(ctx, "ListChains", []any{&out})
-	for i := range out {
-		cleanAll(&out[i].Name, &out[i].State)
-	}
-	return out, err
-}
-
 // Chain reads a chain object's properties.
 func (c *Client) Chain(ctx context.Context, name string) (ChainInfo, error) {
 	var all map[string]dbus.Variant
@@ -160,18 +143,7 @@ func (c *Client) Chain(ctx context.Context, name string) (ChainInfo, error) {
 // ChainInfoFromProps decodes a chain object's properties.
 func ChainInfoFromProps(all map[string]dbus.Variant) (ChainInfo, error) {
 	var ci ChainInfo
-	var lastChange, retryAt uint64
-	err := fields(all, map[string]any{"Name": &ci.Name, "State": &ci.State, "Waiting": &ci.Waiting, "Step": &ci.Step,
-		"Steps": &ci.Steps, "LastError": &ci.LastError, "LastChange": &lastChange, "RetryAt": &retryAt, "Managed": &ci.Managed,
-		"Autostart": &ci.Autostart, "ReadOnly": &ci.ReadOnly, "Layers": &ci.Layers, "Target": &ci.Target, "MountPoint": &ci.MountPoint})
-	if lastChange != 0 {
-		ci.LastChange = time.UnixMicro(int64(lastChange))
-	}
-	if retryAt != 0 {
-		ci.RetryAt = time.UnixMicro(int64(retryAt))
-	}
-	cleanAll(&ci.Name, &ci.State, &ci.Waiting, &ci.LastError, &ci.Target, &ci.MountPoint)
-	cleanSlice(ci.Layers)
+	err := chainInfoCodec.read(all, &ci)
 	return ci, err
 }
 
@@ -224,9 +196,7 @@ func (c *Client) Plan(ctx context.Context, op, name string, spec *Spec, options 
 	}
 	var out []PlanStep
 	err := c.call(ctx, "Plan", []any{&out}, op, name, m, options)
-	for i := range out {
-		cleanAll(&out[i].VM, &out[i].Desc)
-	}
+	cleanValue(reflect.ValueOf(out))
 	return out, err
 }
 
@@ -242,7 +212,7 @@ func (c *Client) Check(ctx context.Context, target string) (bool, []string, erro
 	var ok bool
 	var errs []string
 	err := c.call(ctx, "Check", []any{&ok, &errs}, target)
-	cleanSlice(errs)
+	cleanValue(reflect.ValueOf(errs))
 	return ok, errs, err
 }
 
@@ -325,22 +295,45 @@ func jobFromProps(path dbus.ObjectPath, all map[string]dbus.Variant) (JobInfo, e
 	if j.ID, err = strconv.ParseUint(id, 10, 64); err != nil {
 		return j, fmt.Errorf("cannot read job %s: %w", path, err)
 	}
-	err = fields(all, map[string]any{"Operation": &j.Operation, "Chain": &j.Chain, "State": &j.State, "Step": &j.Step,
-		"Steps": &j.Steps, "StepDescription": &j.StepDescription, "Bytes": &j.Bytes, "TotalBytes": &j.TotalBytes,
-		"Message": &j.Message, "StartedByUID": &j.UID})
-	cleanAll(&j.Operation, &j.Chain, &j.State, &j.StepDescription, &j.Message)
+	err = jobInfoCodec.read(all, &j)
 	return j, err
 }
 
-// Jobs lists the jobs qcryptd shows (running, queued, and finished ones for a minute),
-// in the order they were started.
-func (c *Client) Jobs(ctx context.Context) ([]JobInfo, error) {
+// managedObjects reads every chain and job object, with their properties, at once.
+func (c *Client) managedObjects(ctx context.Context) (map[dbus.ObjectPath]map[string]map[string]dbus.Variant, error) {
 	var objs map[dbus.ObjectPath]map[string]map[string]dbus.Variant
 	call := c.conn.Object(BusName, ManagerPath).CallWithContext(ctx, objectManagerInterface+".GetManagedObjects", 0)
 	if call.Err != nil {
 		return nil, remote(call.Err)
 	}
-	if err := call.Store(&objs); err != nil {
+	return objs, call.Store(&objs)
+}
+
+// Chains reads every chain qcryptd knows, sorted by name, in one call.
+func (c *Client) Chains(ctx context.Context) ([]ChainInfo, error) {
+	objs, err := c.managedObjects(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []ChainInfo
+	for path, ifaces := range objs {
+		if props, ok := ifaces[ChainInterface]; ok {
+			ci, err := ChainInfoFromProps(props)
+			if err != nil {
+				return nil, fmt.Errorf("cannot read chain %s: %w", path, err)
+			}
+			out = append(out, ci)
+		}
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].Name < out[b].Name })
+	return out, nil
+}
+
+// Jobs lists the jobs qcryptd shows (running, queued, and finished ones for a minute),
+// in the order they were started.
+func (c *Client) Jobs(ctx context.Context) ([]JobInfo, error) {
+	objs, err := c.managedObjects(ctx)
+	if err != nil {
 		return nil, err
 	}
 	var out []JobInfo
@@ -419,8 +412,8 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 		if progress != nil {
 			progress(j)
 		}
-		if done(j.State) {
-			finish(p, JobResult{Success: j.State == "done", Message: j.Message})
+		if j.State.Ended() {
+			finish(p, JobResult{Success: j.State == JobDone, Message: j.Message})
 		}
 	}
 	canceled := false
@@ -466,11 +459,11 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 	return results, nil
 }
 
-func done(state string) bool { return state == "done" || state == "failed" || state == "canceled" }
-
 // ChainEvent is a state change of a chain.
 type ChainEvent struct {
-	Chain, State, Previous, Reason string
+	Chain           string
+	State, Previous ChainState
+	Reason          Reason
 }
 
 // ownerRule subscribes to changes of qcryptd's name owner, from the bus only.
@@ -517,7 +510,7 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(r
 				continue // forged, or not a chain change
 			}
 			var ev ChainEvent
-			if dbus.Store(s.Body, &ev.State, &ev.Previous, &ev.Reason) != nil {
+			if dbus.Store(s.Body, &ev.State, &ev.Previous, &ev.Reason.Cause, &ev.Reason.Text) != nil {
 				continue
 			}
 			ev.Chain = chainNameOf(s.Path)
@@ -527,7 +520,8 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(r
 }
 
 func (ev ChainEvent) clean() ChainEvent {
-	return ChainEvent{Chain: Clean(ev.Chain), State: Clean(ev.State), Previous: Clean(ev.Previous), Reason: Clean(ev.Reason)}
+	return ChainEvent{Chain: Clean(ev.Chain), State: ChainState(Clean(string(ev.State))), Previous: ChainState(Clean(string(ev.Previous))),
+		Reason: Because(Cause(Clean(string(ev.Reason.Cause))), Clean(ev.Reason.Text))}
 }
 
 // chainNameOf reverses ChainPath.

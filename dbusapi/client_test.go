@@ -46,14 +46,22 @@ func connect(t *testing.T, addr string) *dbus.Conn {
 // as running; jobRead is signalled when the client has read that state.
 type fakeQcryptd struct {
 	jobRead chan struct{}
-	list    []ChainEntry
+	chains  []ChainInfo
 }
 
 func (f *fakeQcryptd) Open(chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
 	return JobPath(1), nil
 }
 
-func (f *fakeQcryptd) ListChains() ([]ChainEntry, *dbus.Error) { return f.list, nil }
+type fakeObjects struct{ f *fakeQcryptd }
+
+func (o fakeObjects) GetManagedObjects() (map[dbus.ObjectPath]map[string]map[string]dbus.Variant, *dbus.Error) {
+	out := map[dbus.ObjectPath]map[string]map[string]dbus.Variant{}
+	for _, c := range o.f.chains {
+		out[ChainPath(c.Name)] = map[string]map[string]dbus.Variant{ChainInterface: chainInfoCodec.encode(&c)}
+	}
+	return out, nil
+}
 
 type fakeJobProps struct{ f *fakeQcryptd }
 
@@ -65,11 +73,14 @@ func (p fakeJobProps) GetAll(iface string) (map[string]dbus.Variant, *dbus.Error
 		"Message": v(""), "StartedByUID": v(uint32(0))}, nil
 }
 
-func startFake(t *testing.T, addr string, list ...ChainEntry) (*dbus.Conn, *fakeQcryptd) {
+func startFake(t *testing.T, addr string, chains ...ChainInfo) (*dbus.Conn, *fakeQcryptd) {
 	t.Helper()
 	conn := connect(t, addr)
-	f := &fakeQcryptd{jobRead: make(chan struct{}, 4), list: list}
+	f := &fakeQcryptd{jobRead: make(chan struct{}, 4), chains: chains}
 	if err := conn.Export(f, ManagerPath, ManagerInterface); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Export(fakeObjects{f}, ManagerPath, objectManagerInterface); err != nil {
 		t.Fatal(err)
 	}
 	if err := conn.Export(fakeJobProps{f}, JobPath(1), propertiesInterface); err != nil {
@@ -109,10 +120,10 @@ func forge(t *testing.T, forger *dbus.Conn, victim string, path dbus.ObjectPath,
 
 // forgeWorld is a private bus with a fake qcryptd owning the name, a forger (any other
 // connection) and a client of the fake.
-func forgeWorld(t *testing.T, list ...ChainEntry) (server *dbus.Conn, fake *fakeQcryptd, forger *dbus.Conn, c *Client) {
+func forgeWorld(t *testing.T, chains ...ChainInfo) (server *dbus.Conn, fake *fakeQcryptd, forger *dbus.Conn, c *Client) {
 	t.Helper()
 	addr := privateBus(t)
-	server, fake = startFake(t, addr, list...)
+	server, fake = startFake(t, addr, chains...)
 	forger = connect(t, addr)
 	c, err := Connect()
 	if err != nil {
@@ -175,9 +186,9 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 	for synced := false; !synced; {
 		select {
 		case ev := <-events:
-			synced = ev.Reason == "sync"
+			synced = ev.Reason.Text == "sync"
 		case <-tick.C:
-			if err := server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "waiting", "closed", "sync"); err != nil {
+			if err := server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "waiting", "closed", "done", "sync"); err != nil {
 				t.Fatal(err)
 			}
 		case <-time.After(time.Minute):
@@ -185,18 +196,18 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 		}
 	}
 	victim := c.Conn().Names()[0]
-	forge(t, forger, victim, ChainPath("demo"), ChainInterface+".StateChanged", "open", "opening", "forged")
+	forge(t, forger, victim, ChainPath("demo"), ChainInterface+".StateChanged", "open", "opening", "done", "forged")
 	forge(t, forger, victim, "/org/freedesktop/DBus", "org.freedesktop.DBus.NameOwnerChanged", BusName, server.Names()[0], "")
-	if err := server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "failed", "opening", "real \x1b]8;;evil\a"); err != nil {
+	if err := server.Emit(ChainPath("demo"), ChainInterface+".StateChanged", "failed", "opening", "error\x1b", "real \x1b]8;;evil\a"); err != nil {
 		t.Fatal(err)
 	}
 	for seen := false; !seen; {
 		select {
 		case ev := <-events:
-			if ev.Reason == "sync" {
+			if ev.Reason.Text == "sync" {
 				continue
 			}
-			if ev != (ChainEvent{Chain: "demo", State: "failed", Previous: "opening", Reason: "real ?]8;;evil?"}) {
+			if ev != (ChainEvent{Chain: "demo", State: "failed", Previous: "opening", Reason: Because("error?", "real ?]8;;evil?")}) {
 				t.Fatalf("event %+v: forged, or not cleaned", ev)
 			}
 			seen = true
@@ -224,10 +235,14 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 }
 
 func TestClientCleansStrings(t *testing.T) {
-	_, _, _, c := forgeWorld(t, ChainEntry{Name: "a\x1b[31mb", Path: ChainPath("x"), State: "open\r\u202eevil"})
-	got, err := c.ListChains(context.Background())
-	if err != nil || len(got) != 1 || got[0].Name != "a?[31mb" || got[0].State != "open ?evil" {
-		t.Errorf("ListChains %q %v", got, err)
+	_, _, _, c := forgeWorld(t, ChainInfo{Name: "a\x1b[31mb", State: "open\r\u202eevil", Layers: []string{"sys-usb", "\x1b]8;;x"},
+		LastError: "bad\tcode"})
+	got, err := c.Chains(context.Background())
+	if err != nil || len(got) != 1 {
+		t.Fatalf("Chains %v %v", got, err)
+	}
+	if g := got[0]; g.Name != "a?[31mb" || g.State != "open ?evil" || g.Layers[1] != "?]8;;x" || g.LastError != "bad code" {
+		t.Errorf("Chains %+v: not cleaned", g)
 	}
 }
 

@@ -42,8 +42,8 @@ func TestIntrospectionMatchesExports(t *testing.T) {
 		props map[string]any
 	}{
 		ManagerInterface: {ManagerXML, &manager{}, map[string]any{"Version": "", "Target": "", "Summary": ""}},
-		ChainInterface:   {ChainXML, &chainObject{}, chainProps(ChainInfo{})},
-		JobInterface:     {JobXML, &jobObject{}, jobProps(JobInfo{})},
+		ChainInterface:   {ChainXML, &chainObject{}, chainInfoCodec.values(&ChainInfo{})},
+		JobInterface:     {JobXML, &jobObject{}, jobInfoCodec.values(&JobInfo{})},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

@@ -34,7 +34,7 @@ func (m *manager) ListChains(sender dbus.Sender) ([]struct {
 			Name  string
 			Path  dbus.ObjectPath
 			State string
-		}{c.Name, ChainPath(c.Name), c.State})
+		}{c.Name, ChainPath(c.Name), string(c.State)})
 	}
 	return out, nil
 }
@@ -190,11 +190,11 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	var oo chains.OpenOptions
 	var co chains.CloseOptions
 	var err error
-	switch operation {
-	case "open":
+	switch JobOperation(operation) {
+	case OpOpen:
 		oo, err = OpenOptionsFromMap(options)
 		oo.InjectKeys = injected
-	case "close":
+	case OpClose:
 		co, _, err = CloseOptionsFromMap(options, false)
 	default:
 		err = Errorf(ReasonInvalidArgs, "operation %q is not open or close", operation)
@@ -202,7 +202,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	if err != nil {
 		return nil, toDBus(err)
 	}
-	plan, err := m.s.backend.Plan(operation, chain, c, oo, co)
+	plan, err := m.s.backend.Plan(JobOperation(operation), chain, c, oo, co)
 	if err != nil {
 		return nil, toDBus(err)
 	}

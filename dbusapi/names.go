@@ -37,10 +37,6 @@ func JobPath(n uint64) godbus.ObjectPath {
 	return godbus.ObjectPath(fmt.Sprintf("%s%d", jobPathPrefix, n))
 }
 
-// ReasonFoundOpen is the reason of a StateChanged to open for a chain that qcryptd found
-// open when it (re)connected: no one opened it now, so no one is told it opened.
-const ReasonFoundOpen = "found open"
-
 // Error reasons (org.qcrypt.Qcryptd1.Error.<Reason>).
 const (
 	ReasonNoSuchChain   = "NoSuchChain"

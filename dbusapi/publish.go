@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"sort"
 	"strings"
-	"time"
 
 	"github.com/godbus/dbus/v5"
 	"github.com/godbus/dbus/v5/introspect"
@@ -67,34 +66,6 @@ func (s *Server) refreshed(fields logrus.Fields) {
 	}
 }
 
-// chainProps is the property map of a chain object.
-func chainProps(c ChainInfo) map[string]any {
-	usec := func(t time.Time) uint64 {
-		if t.IsZero() {
-			return 0
-		}
-		return uint64(t.UnixMicro())
-	}
-	layers := c.Layers
-	if layers == nil {
-		layers = []string{}
-	}
-	return map[string]any{
-		"Name": c.Name, "State": c.State, "Waiting": c.Waiting, "Step": c.Step, "Steps": c.Steps,
-		"LastError": c.LastError, "LastChange": usec(c.LastChange), "RetryAt": usec(c.RetryAt),
-		"Managed": c.Managed, "Autostart": c.Autostart, "ReadOnly": c.ReadOnly, "Layers": layers,
-		"Target": c.Target, "MountPoint": c.MountPoint,
-	}
-}
-
-func jobProps(j JobInfo) map[string]any {
-	return map[string]any{
-		"Operation": j.Operation, "Chain": j.Chain, "State": j.State, "Step": j.Step, "Steps": j.Steps,
-		"StepDescription": j.StepDescription, "Bytes": j.Bytes, "TotalBytes": j.TotalBytes,
-		"Message": j.Message, "StartedByUID": j.UID,
-	}
-}
-
 func propMap(iface string, values map[string]any, constant ...string) prop.Map {
 	m := map[string]*prop.Prop{}
 	for k, v := range values {
@@ -150,7 +121,7 @@ func (s *Server) setProp(p *prop.Properties, iface, name string, v any) {
 // out: the chain runs on and is published again when qcryptd reconnects or reloads.
 func (s *Server) ChainAdded(c ChainInfo) {
 	fields := logrus.Fields{"chain": c.Name}
-	e, err := s.exportObject(ChainPath(c.Name), ChainInterface, ChainXML, &chainObject{s, c.Name}, chainProps(c), "Name", "Managed")
+	e, err := s.exportObject(ChainPath(c.Name), ChainInterface, ChainXML, &chainObject{s, c.Name}, chainInfoCodec.values(&c), "Name", "Managed")
 	if err != nil {
 		s.failed(err, fields, "cannot export the chain")
 		return
@@ -158,7 +129,7 @@ func (s *Server) ChainAdded(c ChainInfo) {
 	s.mu.Lock()
 	s.chains[c.Name] = e
 	s.mu.Unlock()
-	s.added(fields, e, chainProps(c))
+	s.added(fields, e, chainInfoCodec.values(&c))
 }
 
 // exportObject exports methods, properties and introspection at path; on a failure
@@ -189,16 +160,16 @@ func (s *Server) added(fields logrus.Fields, e *exported, values map[string]any)
 }
 
 // ChainChanged updates a chain's properties and, when the state changed, signals it.
-func (s *Server) ChainChanged(c ChainInfo, previous, reason string) {
+func (s *Server) ChainChanged(c ChainInfo, previous ChainState, why Reason) {
 	s.mu.Lock()
 	e := s.chains[c.Name]
 	s.mu.Unlock()
 	if e == nil {
 		return
 	}
-	s.update(e.props, ChainInterface, chainProps(c))
+	s.update(e.props, ChainInterface, chainInfoCodec.values(&c))
 	if previous != c.State {
-		s.emit(logrus.Fields{"chain": c.Name}, e.path, ChainInterface+".StateChanged", c.State, previous, reason)
+		s.emit(logrus.Fields{"chain": c.Name}, e.path, ChainInterface+".StateChanged", c.State, previous, why.Cause, why.Text)
 	}
 }
 
@@ -234,7 +205,7 @@ func (s *Server) unexportAll(path dbus.ObjectPath, iface string) error {
 // JobAdded exports a job object.
 func (s *Server) JobAdded(j JobInfo) {
 	fields := logrus.Fields{"job": j.ID, "chain": j.Chain}
-	e, err := s.exportObject(JobPath(j.ID), JobInterface, JobXML, &jobObject{s, j.ID}, jobProps(j), "Operation", "Chain", "StartedByUID")
+	e, err := s.exportObject(JobPath(j.ID), JobInterface, JobXML, &jobObject{s, j.ID}, jobInfoCodec.values(&j), "Operation", "Chain", "StartedByUID")
 	if err != nil {
 		s.failed(err, fields, "cannot export the job")
 		return
@@ -242,7 +213,7 @@ func (s *Server) JobAdded(j JobInfo) {
 	s.mu.Lock()
 	s.jobs[j.ID] = e
 	s.mu.Unlock()
-	s.added(fields, e, jobProps(j))
+	s.added(fields, e, jobInfoCodec.values(&j))
 }
 
 // JobChanged updates a job's properties.
@@ -251,7 +222,7 @@ func (s *Server) JobChanged(j JobInfo) {
 	e := s.jobs[j.ID]
 	s.mu.Unlock()
 	if e != nil {
-		s.update(e.props, JobInterface, jobProps(j))
+		s.update(e.props, JobInterface, jobInfoCodec.values(&j))
 	}
 }
 

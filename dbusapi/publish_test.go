@@ -16,14 +16,14 @@ func TestPublishFailuresAreLogged(t *testing.T) {
 	s := NewServer(conn, nil, logrus.NewEntry(log))
 
 	s.ChainAdded(ChainInfo{Name: "demo", State: "closed"})
-	s.ChainChanged(ChainInfo{Name: "demo", State: "opening"}, "closed", "asked")
+	s.ChainChanged(ChainInfo{Name: "demo", State: "opening"}, "closed", Because(CauseRequested, "asked"))
 	s.JobAdded(JobInfo{ID: 1, Operation: "open", Chain: "demo", State: "running"})
 	if entries := hook.AllEntries(); len(entries) != 0 {
 		t.Fatalf("on a live bus: %d entries logged, first %q", len(entries), entries[0].Message)
 	}
 
 	conn.Close()
-	s.ChainChanged(ChainInfo{Name: "demo", State: "open"}, "opening", "done")
+	s.ChainChanged(ChainInfo{Name: "demo", State: "open"}, "opening", Because(CauseDone, "open"))
 	s.JobCompleted(JobInfo{ID: 1, Operation: "open", Chain: "demo", State: "done"}, true)
 	s.ChainAdded(ChainInfo{Name: "other", State: "closed"})
 	want := map[string]bool{"demo": false, "other": false}

@@ -14,21 +14,25 @@ import (
 
 // ChainInfo is what the bus shows of a chain.
 type ChainInfo struct {
-	Name, State, Waiting, LastError, Target, MountPoint string
-	Step, Steps                                         uint32
-	LastChange, RetryAt                                 time.Time
-	Managed, Autostart, ReadOnly                        bool
-	Layers                                              []string
+	Name                                   string
+	State                                  ChainState
+	Waiting, LastError, Target, MountPoint string
+	Step, Steps                            uint32
+	LastChange, RetryAt                    time.Time
+	Managed, Autostart, ReadOnly           bool
+	Layers                                 []string
 }
 
 // JobInfo is what the bus shows of a job.
 type JobInfo struct {
-	ID                                       uint64
-	Operation, Chain, State, StepDescription string
-	Message                                  string
-	Step, Steps                              uint32
-	Bytes, TotalBytes                        uint64
-	UID                                      uint32
+	ID                     uint64
+	Operation              JobOperation
+	State                  JobState
+	Chain, StepDescription string
+	Message                string
+	Step, Steps            uint32
+	Bytes, TotalBytes      uint64
+	UID                    uint32
 }
 
 // Discovered is an open chain found on the system and the configured chain it is, if any.
@@ -49,7 +53,7 @@ type Backend interface {
 	OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error)
 	CloseAdhoc(uid uint32, c *chains.Chain, o chains.CloseOptions) (uint64, error)
 	StatusAdhoc(ctx context.Context, c *chains.Chain) (*chains.Status, error)
-	Plan(op, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error)
+	Plan(op JobOperation, name string, c *chains.Chain, oo chains.OpenOptions, co chains.CloseOptions) (chains.Plan, error)
 	// LuksInit owns the caller's files from here: release closes them when done.
 	LuksInit(uid uint32, spec chains.InitSpec, release func()) (uint64, error)
 	Reload() (int, error)
@@ -59,163 +63,196 @@ type Backend interface {
 	Info() (version, target, summary string)
 }
 
-// StatusToMap renders a status for the bus.
-func StatusToMap(st *chains.Status) map[string]dbus.Variant {
-	hops := make([]map[string]dbus.Variant, len(st.Hops))
-	for i, h := range st.Hops {
-		hops[i] = map[string]dbus.Variant{
-			"vm": dbus.MakeVariant(h.VM), "running": dbus.MakeVariant(h.Running), "attached": dbus.MakeVariant(h.Attached),
-			"frontend_dev": dbus.MakeVariant(h.FrontendDev), "key_present": dbus.MakeVariant(h.KeyPresent),
-			"decrypted": dbus.MakeVariant(h.Decrypted), "mounted": dbus.MakeVariant(h.Mounted),
+// chainInfoCodec is a chain object's properties.
+var chainInfoCodec = codec[ChainInfo]{
+	{key: "Name", ref: func(c *ChainInfo) any { return &c.Name }},
+	{key: "State", ref: func(c *ChainInfo) any { return &c.State }},
+	{key: "Waiting", ref: func(c *ChainInfo) any { return &c.Waiting }},
+	{key: "Step", ref: func(c *ChainInfo) any { return &c.Step }},
+	{key: "Steps", ref: func(c *ChainInfo) any { return &c.Steps }},
+	{key: "LastError", ref: func(c *ChainInfo) any { return &c.LastError }},
+	usec("LastChange", func(c *ChainInfo) *time.Time { return &c.LastChange }),
+	usec("RetryAt", func(c *ChainInfo) *time.Time { return &c.RetryAt }),
+	{key: "Managed", ref: func(c *ChainInfo) any { return &c.Managed }},
+	{key: "Autostart", ref: func(c *ChainInfo) any { return &c.Autostart }},
+	{key: "ReadOnly", ref: func(c *ChainInfo) any { return &c.ReadOnly }},
+	{key: "Layers", ref: func(c *ChainInfo) any {
+		if c.Layers == nil {
+			c.Layers = []string{} // "as" even when empty
 		}
-	}
-	return map[string]dbus.Variant{
-		"chain": dbus.MakeVariant(st.Chain), "source_vm": dbus.MakeVariant(st.SourceVM),
-		"source_running": dbus.MakeVariant(st.SourceRunning), "source": dbus.MakeVariant(st.Source),
-		"missing": dbus.MakeVariant(int32(st.Missing)), "problem": dbus.MakeVariant(st.Problem),
-		"other": dbus.MakeVariant(st.Other), "hops": dbus.MakeVariant(hops),
-	}
+		return &c.Layers
+	}},
+	{key: "Target", ref: func(c *ChainInfo) any { return &c.Target }},
+	{key: "MountPoint", ref: func(c *ChainInfo) any { return &c.MountPoint }},
 }
+
+// jobInfoCodec is a job object's properties (its ID is in its path).
+var jobInfoCodec = codec[JobInfo]{
+	{key: "Operation", ref: func(j *JobInfo) any { return &j.Operation }},
+	{key: "Chain", ref: func(j *JobInfo) any { return &j.Chain }},
+	{key: "State", ref: func(j *JobInfo) any { return &j.State }},
+	{key: "Step", ref: func(j *JobInfo) any { return &j.Step }},
+	{key: "Steps", ref: func(j *JobInfo) any { return &j.Steps }},
+	{key: "StepDescription", ref: func(j *JobInfo) any { return &j.StepDescription }},
+	{key: "Bytes", ref: func(j *JobInfo) any { return &j.Bytes }},
+	{key: "TotalBytes", ref: func(j *JobInfo) any { return &j.TotalBytes }},
+	{key: "Message", ref: func(j *JobInfo) any { return &j.Message }},
+	{key: "StartedByUID", ref: func(j *JobInfo) any { return &j.UID }},
+}
+
+var hopStatusCodec = codec[chains.HopStatus]{
+	{key: "vm", ref: func(h *chains.HopStatus) any { return &h.VM }},
+	{key: "running", ref: func(h *chains.HopStatus) any { return &h.Running }},
+	{key: "attached", ref: func(h *chains.HopStatus) any { return &h.Attached }},
+	{key: "frontend_dev", ref: func(h *chains.HopStatus) any { return &h.FrontendDev }},
+	{key: "key_present", ref: func(h *chains.HopStatus) any { return &h.KeyPresent }},
+	{key: "decrypted", ref: func(h *chains.HopStatus) any { return &h.Decrypted }},
+	{key: "mounted", ref: func(h *chains.HopStatus) any { return &h.Mounted }},
+	{key: "mapper_elsewhere", ref: func(h *chains.HopStatus) any { return &h.MapperElsewhere }},
+}
+
+var statusCodec = codec[chains.Status]{
+	{key: "chain", ref: func(s *chains.Status) any { return &s.Chain }},
+	{key: "source_vm", ref: func(s *chains.Status) any { return &s.SourceVM }},
+	{key: "source_running", ref: func(s *chains.Status) any { return &s.SourceRunning }},
+	{key: "source", ref: func(s *chains.Status) any { return &s.Source }},
+	{key: "missing",
+		enc: func(s *chains.Status) any { return int32(s.Missing) },
+		dec: func(s *chains.Status, x dbus.Variant) error {
+			var n int32
+			err := x.Store(&n)
+			s.Missing = int(n)
+			return err
+		}},
+	{key: "problem", ref: func(s *chains.Status) any { return &s.Problem }},
+	{key: "other", ref: func(s *chains.Status) any { return &s.Other }, optional: true},
+	{key: "hops",
+		enc: func(s *chains.Status) any {
+			hops := make([]map[string]dbus.Variant, len(s.Hops))
+			for i := range s.Hops {
+				hops[i] = hopStatusCodec.encode(&s.Hops[i])
+			}
+			return hops
+		},
+		dec: func(s *chains.Status, x dbus.Variant) error {
+			var hops []map[string]dbus.Variant
+			if err := x.Store(&hops); err != nil {
+				return err
+			}
+			s.Hops = make([]chains.HopStatus, len(hops))
+			for i, h := range hops {
+				if err := hopStatusCodec.read(h, &s.Hops[i]); err != nil {
+					return fmt.Errorf("hop %d: %w", i+1, err)
+				}
+			}
+			return nil
+		}},
+}
+
+// StatusToMap renders a status for the bus.
+func StatusToMap(st *chains.Status) map[string]dbus.Variant { return statusCodec.encode(st) }
 
 // StatusFromMap is the client side of StatusToMap.
 func StatusFromMap(m map[string]dbus.Variant) (*chains.Status, error) {
 	st := &chains.Status{}
-	var hops []map[string]dbus.Variant
-	var missing int32
-	if err := fields(m, map[string]any{"chain": &st.Chain, "source_vm": &st.SourceVM, "source_running": &st.SourceRunning,
-		"source": &st.Source, "missing": &missing, "problem": &st.Problem, "hops": &hops}); err != nil {
+	if err := statusCodec.read(m, st); err != nil {
 		return nil, err
-	}
-	st.Missing = int(missing)
-	if err := optional(m, "other", &st.Other); err != nil {
-		return nil, err
-	}
-	cleanAll(&st.Chain, &st.SourceVM, &st.Source, &st.Problem, &st.Other)
-	for _, h := range hops {
-		var hs chains.HopStatus
-		if err := fields(h, map[string]any{"vm": &hs.VM, "running": &hs.Running, "attached": &hs.Attached,
-			"frontend_dev": &hs.FrontendDev, "key_present": &hs.KeyPresent, "decrypted": &hs.Decrypted, "mounted": &hs.Mounted}); err != nil {
-			return nil, err
-		}
-		cleanAll(&hs.VM, &hs.FrontendDev)
-		st.Hops = append(st.Hops, hs)
 	}
 	return st, nil
 }
 
+// discoveredWire is a discovered chain as it travels: its hops as three lists.
+type discoveredWire struct {
+	d                Discovered
+	vms, devs, ports []string
+}
+
+var discoveredCodec = codec[discoveredWire]{
+	{key: "source_vm", ref: func(w *discoveredWire) any { return &w.d.SourceVM }},
+	{key: "source_port", ref: func(w *discoveredWire) any { return &w.d.SourcePort }},
+	{key: "file", ref: func(w *discoveredWire) any { return &w.d.File }},
+	{key: "key", ref: func(w *discoveredWire) any { return &w.d.Key }},
+	{key: "read_only", ref: func(w *discoveredWire) any { return &w.d.ReadOnly }},
+	{key: "hops", ref: func(w *discoveredWire) any { return &w.vms }},
+	{key: "frontend_devs", ref: func(w *discoveredWire) any { return &w.devs }},
+	{key: "ports", ref: func(w *discoveredWire) any { return &w.ports }},
+	{key: "managed", ref: func(w *discoveredWire) any { return &w.d.Managed }},
+}
+
 // DiscoveredToMap renders a discovered chain.
 func DiscoveredToMap(d Discovered) map[string]dbus.Variant {
-	var vms, devs, ports []string
+	w := discoveredWire{d: d, vms: []string{}, devs: []string{}, ports: []string{}}
 	for _, h := range d.Hops {
-		vms, devs, ports = append(vms, h.VM), append(devs, h.FrontendDev), append(ports, h.Port)
+		w.vms, w.devs, w.ports = append(w.vms, h.VM), append(w.devs, h.FrontendDev), append(w.ports, h.Port)
 	}
-	return map[string]dbus.Variant{
-		"source_vm": dbus.MakeVariant(d.SourceVM), "source_port": dbus.MakeVariant(d.SourcePort),
-		"file": dbus.MakeVariant(d.File), "key": dbus.MakeVariant(d.Key), "read_only": dbus.MakeVariant(d.ReadOnly),
-		"hops": dbus.MakeVariant(vms), "frontend_devs": dbus.MakeVariant(devs), "ports": dbus.MakeVariant(ports),
-		"managed": dbus.MakeVariant(d.Managed),
-	}
+	return discoveredCodec.encode(&w)
 }
 
 // DiscoveredFromMap is the client side of DiscoveredToMap.
 func DiscoveredFromMap(m map[string]dbus.Variant) (Discovered, error) {
-	var d Discovered
-	var vms, devs, ports []string
-	if err := fields(m, map[string]any{"source_vm": &d.SourceVM, "source_port": &d.SourcePort, "file": &d.File, "key": &d.Key,
-		"read_only": &d.ReadOnly, "hops": &vms, "frontend_devs": &devs, "ports": &ports, "managed": &d.Managed}); err != nil {
-		return d, err
+	var w discoveredWire
+	if err := discoveredCodec.read(m, &w); err != nil {
+		return Discovered{}, err
 	}
-	if len(devs) != len(vms) || len(ports) != len(vms) {
-		return d, fmt.Errorf("inconsistent discovered chain")
+	if len(w.devs) != len(w.vms) || len(w.ports) != len(w.vms) {
+		return Discovered{}, fmt.Errorf("inconsistent discovered chain")
 	}
-	cleanAll(&d.SourceVM, &d.SourcePort, &d.File, &d.Key, &d.Managed)
-	for i := range vms {
-		d.Hops = append(d.Hops, chains.DiscoveredHop{VM: Clean(vms[i]), FrontendDev: Clean(devs[i]), Port: Clean(ports[i])})
+	w.d.Hops = nil
+	for i := range w.vms {
+		w.d.Hops = append(w.d.Hops, chains.DiscoveredHop{VM: w.vms[i], FrontendDev: w.devs[i], Port: w.ports[i]})
 	}
-	return d, nil
+	return w.d, nil
 }
 
-// fields stores m[k] into each pointer; missing keys are an error, unknown keys are not.
-func fields(m map[string]dbus.Variant, into map[string]any) error {
-	for k, p := range into {
-		v, ok := m[k]
-		if !ok {
-			return fmt.Errorf("field %s is missing", k)
-		}
-		if err := v.Store(p); err != nil {
-			return fmt.Errorf("field %s: %w", k, err)
-		}
-	}
-	return nil
+var openOptionsCodec = codec[chains.OpenOptions]{
+	{key: "force", ref: func(o *chains.OpenOptions) any { return &o.Force }},
+	{key: "autostart", ref: func(o *chains.OpenOptions) any { return &o.Autostart }},
+	{key: "break_lock", ref: func(o *chains.OpenOptions) any { return &o.BreakLock }},
 }
 
-// optional stores m[k] into p when present and reports a type mismatch by name.
-func optional(m map[string]dbus.Variant, k string, p any) error {
-	v, ok := m[k]
-	if !ok {
-		return nil
-	}
-	if err := v.Store(p); err != nil {
-		return Errorf(ReasonInvalidArgs, "option %s: wrong type %s", k, v.Signature())
-	}
-	return nil
+// closeOptions are Close's options and, for CloseAll only, stop.
+type closeOptions struct {
+	o    chains.CloseOptions
+	stop bool
 }
 
-func knownKeys(m map[string]dbus.Variant, what string, known ...string) error {
-	for k := range m {
-		ok := false
-		for _, n := range known {
-			ok = ok || n == k
-		}
-		if !ok {
-			return Errorf(ReasonInvalidArgs, "unknown %s %q", what, qubes.Printable(k, 40))
-		}
-	}
-	return nil
+var closeOptionsCodec = codec[closeOptions]{
+	{key: "force", ref: func(c *closeOptions) any { return &c.o.Force }},
+	{key: "shutdown_target", ref: func(c *closeOptions) any { return &c.o.ShutdownTarget }},
+	{key: "eject", ref: func(c *closeOptions) any { return &c.o.Eject }},
+	{key: "stop", ref: func(c *closeOptions) any { return &c.stop }, omitZero: true},
 }
 
 // OpenOptionsFromMap decodes Open's options.
 func OpenOptionsFromMap(m map[string]dbus.Variant) (chains.OpenOptions, error) {
 	var o chains.OpenOptions
-	if err := knownKeys(m, "option", "force", "autostart", "break_lock"); err != nil {
-		return o, err
-	}
-	if err := optional(m, "force", &o.Force); err != nil {
-		return o, err
-	}
-	if err := optional(m, "break_lock", &o.BreakLock); err != nil {
-		return o, err
-	}
-	return o, optional(m, "autostart", &o.Autostart)
+	err := openOptionsCodec.accept(m, &o, "option")
+	return o, err
 }
 
 // CloseOptionsFromMap decodes Close's options (stop only where allowed).
 func CloseOptionsFromMap(m map[string]dbus.Variant, allowStop bool) (chains.CloseOptions, bool, error) {
-	var o chains.CloseOptions
-	var stop bool
-	known := []string{"force", "shutdown_target", "eject"}
-	if allowStop {
-		known = append(known, "stop")
+	var c closeOptions
+	if _, ok := m["stop"]; ok && !allowStop {
+		return c.o, false, Errorf(ReasonInvalidArgs, "unknown option %q", "stop")
 	}
-	if err := knownKeys(m, "option", known...); err != nil {
-		return o, false, err
-	}
-	for k, p := range map[string]any{"force": &o.Force, "shutdown_target": &o.ShutdownTarget, "eject": &o.Eject, "stop": &stop} {
-		if err := optional(m, k, p); err != nil {
-			return o, false, err
-		}
-	}
-	return o, stop, nil
+	err := closeOptionsCodec.accept(m, &c, "option")
+	return c.o, c.stop, err
 }
 
 // OpenOptionsToMap encodes open options as the a{sv} of Open and OpenAdhoc.
 func OpenOptionsToMap(o chains.OpenOptions) map[string]dbus.Variant {
-	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "autostart": dbus.MakeVariant(o.Autostart), "break_lock": dbus.MakeVariant(o.BreakLock)}
+	return openOptionsCodec.encode(&o)
 }
 
 // CloseOptionsToMap encodes close options as the a{sv} of Close and CloseAdhoc.
 func CloseOptionsToMap(o chains.CloseOptions) map[string]dbus.Variant {
-	return map[string]dbus.Variant{"force": dbus.MakeVariant(o.Force), "shutdown_target": dbus.MakeVariant(o.ShutdownTarget), "eject": dbus.MakeVariant(o.Eject)}
+	return closeOptionsCodec.encode(&closeOptions{o: o})
+}
+
+// CloseAllOptionsToMap encodes CloseAll's options.
+func CloseAllOptionsToMap(o chains.CloseOptions, stop bool) map[string]dbus.Variant {
+	return closeOptionsCodec.encode(&closeOptions{o: o, stop: stop})
 }
 
 // Spec is an ad-hoc chain (and, for luks-init, the container to create). dom0 files
@@ -240,8 +277,24 @@ type Spec struct {
 	InjectKeys map[string][]byte
 }
 
-var specKeys = []string{"source_vm", "file", "key", "destinations", "inject", "crypt_options", "mount_point", "mount_anywhere", "read_only", "autostart",
-	"size", "key_size", "fs", "key_entropy", "container_entropy", "container_file", "backups"}
+// specCodec is a spec's plain fields; its descriptors (specFDKeys) travel apart.
+var specCodec = codec[Spec]{
+	{key: "source_vm", ref: func(s *Spec) any { return &s.SourceVM }},
+	{key: "file", ref: func(s *Spec) any { return &s.File }},
+	{key: "key", ref: func(s *Spec) any { return &s.Key }},
+	{key: "destinations", ref: func(s *Spec) any { return &s.Destinations }},
+	{key: "read_only", ref: func(s *Spec) any { return &s.ReadOnly }},
+	{key: "autostart", ref: func(s *Spec) any { return &s.Autostart }},
+	{key: "crypt_options", ref: func(s *Spec) any { return &s.CryptOptions }, omitZero: true},
+	{key: "mount_point", ref: func(s *Spec) any { return &s.MountPoint }, omitZero: true},
+	{key: "mount_anywhere", ref: func(s *Spec) any { return &s.MountAnywhere }, omitZero: true},
+	{key: "size", ref: func(s *Spec) any { return &s.Size }, omitZero: true},
+	{key: "key_size", ref: func(s *Spec) any { return &s.KeySize }, omitZero: true},
+	{key: "fs", ref: func(s *Spec) any { return &s.FS }, omitZero: true},
+}
+
+// specFDKeys are the spec's keys whose values are descriptors (receiveFDs).
+var specFDKeys = []string{"inject", "backups", "key_entropy", "container_entropy", "container_file"}
 
 func fdVariant(f *os.File) dbus.Variant { return dbus.MakeVariant(dbus.UnixFD(f.Fd())) }
 
@@ -255,9 +308,7 @@ func fdMap(files map[string]*os.File) map[string]dbus.Variant {
 
 // ToMap renders a spec for the bus (empty fields left out).
 func (s Spec) ToMap() map[string]dbus.Variant {
-	m := map[string]dbus.Variant{"source_vm": dbus.MakeVariant(s.SourceVM), "file": dbus.MakeVariant(s.File),
-		"key": dbus.MakeVariant(s.Key), "destinations": dbus.MakeVariant(s.Destinations),
-		"read_only": dbus.MakeVariant(s.ReadOnly), "autostart": dbus.MakeVariant(s.Autostart)}
+	m := specCodec.encode(&s)
 	if len(s.Inject) > 0 {
 		m["inject"] = dbus.MakeVariant(fdMap(s.Inject))
 	}
@@ -268,23 +319,6 @@ func (s Spec) ToMap() map[string]dbus.Variant {
 		if f != nil {
 			m[k] = fdVariant(f)
 		}
-	}
-	if len(s.CryptOptions) > 0 {
-		m["crypt_options"] = dbus.MakeVariant(s.CryptOptions)
-	}
-	if s.MountAnywhere {
-		m["mount_anywhere"] = dbus.MakeVariant(true)
-	}
-	for k, v := range map[string]string{"mount_point": s.MountPoint, "fs": s.FS} {
-		if v != "" {
-			m[k] = dbus.MakeVariant(v)
-		}
-	}
-	if s.Size != 0 {
-		m["size"] = dbus.MakeVariant(s.Size)
-	}
-	if s.KeySize != 0 {
-		m["key_size"] = dbus.MakeVariant(s.KeySize)
 	}
 	return m
 }
@@ -391,7 +425,7 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool)
 // SpecFromMap decodes and validates a spec into a chain (and the luks-init fields).
 func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
 	var s Spec
-	if err := knownKeys(m, "spec field", specKeys...); err != nil {
+	if err := knownKeys(m, "spec field", append(specCodec.keys(), specFDKeys...)...); err != nil {
 		CloseFDs(nil, m)
 		return nil, s, err
 	}
@@ -413,12 +447,8 @@ func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
 
 // chain decodes the plain fields and validates the chain they describe.
 func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
-	for k, p := range map[string]any{"source_vm": &s.SourceVM, "file": &s.File, "key": &s.Key, "destinations": &s.Destinations,
-		"crypt_options": &s.CryptOptions, "mount_point": &s.MountPoint, "mount_anywhere": &s.MountAnywhere, "read_only": &s.ReadOnly,
-		"autostart": &s.Autostart, "size": &s.Size, "key_size": &s.KeySize, "fs": &s.FS} {
-		if err := optional(m, k, p); err != nil {
-			return nil, err
-		}
+	if err := specCodec.acceptKnown(m, s, "spec field"); err != nil {
+		return nil, err
 	}
 	c := &chains.Chain{SourceVM: s.SourceVM, SourceFile: s.File, Key: s.Key, MountPoint: s.MountPoint,
 		MountAnywhere: s.MountAnywhere && s.MountPoint == "", ReadOnly: s.ReadOnly, Autostart: s.Autostart, Type: "luks"}

@@ -267,7 +267,7 @@ func chainInfo(t *testing.T, name string) dbusapi.ChainInfo {
 }
 
 // waitState waits until the chain is in one of states and returns it.
-func waitState(t *testing.T, name string, timeout time.Duration, states ...string) string {
+func waitState(t *testing.T, name string, timeout time.Duration, states ...dbusapi.ChainState) dbusapi.ChainState {
 	t.Helper()
 	var last dbusapi.ChainInfo
 	ok := eventually(timeout, func() bool {
