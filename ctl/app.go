@@ -48,7 +48,7 @@ type API interface {
 	LuksInit(spec dbusapi.Spec) dbusapi.Starter
 	RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error)
 	RunJobs(ctx context.Context, start func(context.Context) ([]dbus.ObjectPath, error), progress func(dbusapi.JobInfo)) ([]dbusapi.JobResult, error)
-	Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presence func(running bool)) error
+	Watch(ctx context.Context, w dbusapi.Watcher) error
 	Jobs(ctx context.Context) ([]dbusapi.JobInfo, error)
 	CancelJob(ctx context.Context, job dbus.ObjectPath) error
 	Disconnect()

@@ -695,13 +695,13 @@ func cmdWatch(a *app, p *parsed) error {
 		}
 		fmt.Fprintf(a.out, "%s %s: %s -> %s (%s)\n", now.Format("15:04:05"), ev.Chain, ev.Previous, ev.State, ev.Reason.Text)
 	}
-	err = api.Watch(a.ctx, line, func(running bool) {
+	err = api.Watch(a.ctx, dbusapi.Watcher{Change: line, Presence: func(running bool) {
 		if running {
 			line(dbusapi.ChainEvent{Reason: dbusapi.Reason{Text: "qcryptd started"}})
 		} else {
 			line(dbusapi.ChainEvent{Reason: dbusapi.Reason{Text: "qcryptd stopped"}})
 		}
-	})
+	}})
 	if err != nil {
 		return err
 	}

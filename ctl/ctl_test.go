@@ -177,7 +177,8 @@ func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress fu
 	return dbusapi.JobResult{Success: true, Message: "open"}, nil
 }
 
-func (f *fakeAPI) Watch(ctx context.Context, fn func(dbusapi.ChainEvent), presence func(bool)) error {
+func (f *fakeAPI) Watch(ctx context.Context, w dbusapi.Watcher) error {
+	fn := w.Change
 	fn(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseQubeStarted, "work started")})
 	fn(dbusapi.ChainEvent{Chain: "demo", State: "open", Previous: "opening", Reason: dbusapi.Because(dbusapi.CauseDone, "open")})
 	return f.rec("Watch")

@@ -120,7 +120,7 @@ func cmdNotifyAgent(a *app, p *parsed) error {
 		defer cancel()
 		return api.Chain(ctx, name)
 	})
-	if err := api.Watch(a.ctx, n.handle, nil); err != nil {
+	if err := api.Watch(a.ctx, dbusapi.Watcher{Change: n.handle}); err != nil {
 		return err
 	}
 	return nil

@@ -280,6 +280,63 @@ func (w *world) client() *dbusapi.Client {
 	return c
 }
 
+// changes collects the chain state changes qcryptd signals, across its restarts.
+type changes struct {
+	mu   sync.Mutex
+	seen []dbusapi.ChainEvent
+	more chan struct{} // a value after each change
+}
+
+// watchChanges subscribes (with a connection of its own) and returns once subscribed:
+// no later change is missed.
+func (w *world) watchChanges() *changes {
+	w.t.Helper()
+	ch := &changes{more: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	w.t.Cleanup(cancel)
+	subscribed, failed := make(chan struct{}), make(chan error, 1)
+	c := w.client()
+	go func() {
+		failed <- c.Watch(ctx, dbusapi.Watcher{Subscribed: func() { close(subscribed) }, Change: func(ev dbusapi.ChainEvent) {
+			ch.mu.Lock()
+			ch.seen = append(ch.seen, ev)
+			ch.mu.Unlock()
+			select {
+			case ch.more <- struct{}{}:
+			default:
+			}
+		}})
+	}()
+	select {
+	case <-subscribed:
+	case err := <-failed:
+		w.t.Fatalf("cannot watch chain changes: %v", err)
+	}
+	return ch
+}
+
+// waitFor waits for a change that ok accepts and returns it.
+func (ch *changes) waitFor(t testing.TB, what string, timeout time.Duration, ok func(dbusapi.ChainEvent) bool) dbusapi.ChainEvent {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		ch.mu.Lock()
+		for _, ev := range ch.seen {
+			if ok(ev) {
+				ch.mu.Unlock()
+				return ev
+			}
+		}
+		seen := append([]dbusapi.ChainEvent(nil), ch.seen...)
+		ch.mu.Unlock()
+		select {
+		case <-ch.more:
+		case <-deadline:
+			t.Fatalf("no change %s within %v; seen: %+v", what, timeout, seen)
+		}
+	}
+}
+
 func (w *world) eventually(what string, timeout time.Duration, ok func() bool) {
 	w.t.Helper()
 	deadline := time.Now().Add(timeout)

@@ -196,15 +196,18 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 			c := w.client()
 			w.waitState(c, "demo", "waiting", 30*time.Second)
 			w.holdAutoOpenInWork()
+			changes := w.watchChanges()
 			d.Process.Signal(syscall.SIGKILL)
 			_ = d.Wait() // ended by a signal we sent; its status is not the point
 			w.ctl("qrexec-fault", "work", "none")
 			w.startDaemon()
 			c = w.client()
+			// The restarted qcryptd rolls the half-open chain back (or, if the held call in
+			// work finished meanwhile, finds it open), then it opens.
+			changes.waitFor(t, "reconciling the interrupted open", time.Minute, func(ev dbusapi.ChainEvent) bool {
+				return ev.Chain == "demo" && (ev.Reason.Cause == dbusapi.CauseRollBack || ev.Reason.Cause == dbusapi.CauseFoundOpen)
+			})
 			w.waitState(c, "demo", "open", time.Minute)
-			if !strings.Contains(w.log(), `decision="roll back"`) && !strings.Contains(w.log(), "decision=adopt") {
-				t.Errorf("no reconcile decision in the log:\n%s", w.log())
-			}
 			st, err := c.Status(bg, "demo")
 			if err != nil || !st.Open() {
 				t.Errorf("status after restart %+v %v", st, err)
@@ -472,24 +475,27 @@ func TestEventToOpenLatency(t *testing.T) {
 		t.Skip("measurement")
 	}
 	w, _, c := demoDaemon(t, "waiting")
+	opened := make(chan time.Time, 64)
+	subscribed := make(chan struct{})
+	ctx, cancel := context.WithCancel(bg)
+	defer cancel()
+	watchErr := make(chan error, 1)
+	go func() {
+		watchErr <- c.Watch(ctx, dbusapi.Watcher{ // ends with ctx
+			Change: func(ev dbusapi.ChainEvent) {
+				if ev.Chain == "demo" && ev.State == dbusapi.ChainOpen {
+					opened <- time.Now()
+				}
+			},
+			Subscribed: func() { close(subscribed) }})
+	}()
+	select {
+	case <-subscribed:
+	case err := <-watchErr:
+		t.Fatalf("watch: %v", err)
+	}
 	var lat []time.Duration
 	for i := 0; i < 20; i++ {
-		opened := make(chan time.Time, 1)
-		ctx, cancel := context.WithCancel(bg)
-		ready := make(chan struct{})
-		go func() {
-			close(ready)
-			_ = c.Watch(ctx, func(ev dbusapi.ChainEvent) { // ends with ctx
-				if ev.Chain == "demo" && ev.State == "open" {
-					select {
-					case opened <- time.Now():
-					default:
-					}
-				}
-			}, nil)
-		}()
-		<-ready
-		time.Sleep(50 * time.Millisecond)
 		if err := w.qubes.Start(bg, "work"); err != nil {
 			t.Fatal(err)
 		}
@@ -497,10 +503,9 @@ func TestEventToOpenLatency(t *testing.T) {
 		select {
 		case t1 := <-opened:
 			lat = append(lat, t1.Sub(t0))
-		case <-time.After(30 * time.Second):
-			t.Fatalf("run %d: no open", i)
+		case <-time.After(time.Minute):
+			t.Fatalf("run %d: no open seen", i)
 		}
-		cancel()
 		if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
 			t.Fatal(err)
 		}

@@ -231,7 +231,11 @@ func (r *jobRun) reconcile(ctx context.Context) (outcome, error) {
 		// Clients must not see "closed" while devices are still being taken down.
 		r.d.post(func() {
 			if j.chain.running == j {
-				r.d.setState(j.chain, dbusapi.ChainClosing, "", dbusapi.Because(j.reason.Cause, j.reason.Text+": "+decision.String()))
+				why := dbusapi.Because(dbusapi.CauseFinishClose, j.reason.Text+": "+decision.String())
+				if decision == chains.DecideRollback {
+					why.Cause = dbusapi.CauseRollBack
+				}
+				r.d.setState(j.chain, dbusapi.ChainClosing, "", why)
 			}
 		})
 		if err := e.Close(ctx, c, chains.CloseOptions{}, r.progress); err != nil {

@@ -69,6 +69,29 @@ func (r *recorder) last(name string) dbusapi.ChainState {
 
 var loopDemoChain = sim.DemoChain("startup interval=0")
 
+// held is a simulated qubesd call stopped where a test wants it.
+type held struct{ reached, hold chan struct{} }
+
+// holding makes fault stop its call until release; it returns the fault to add.
+func holding(fault sim.Fault) (sim.Fault, *held) {
+	h := &held{reached: make(chan struct{}, 1), hold: make(chan struct{})}
+	fault.Reached, fault.Hold = func() { h.reached <- struct{}{} }, h.hold
+	return fault, h
+}
+
+// wait waits until the call is there.
+func (h *held) wait(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case <-h.reached:
+	case <-time.After(time.Minute):
+		t.Fatalf("%s: the call was never made", what)
+	}
+}
+
+// release lets the call be answered.
+func (h *held) release() { close(h.hold) }
+
 // startLoop runs the loop on the demo world; before runs first (faults, delays).
 func startLoop(t *testing.T, before ...func(*simtest.Fixture)) (*simtest.Fixture, *Daemon, *recorder) {
 	t.Helper()
@@ -163,14 +186,15 @@ func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 // after it (the chain then waited for a running qube: found as a flaky
 // TestLoopConcurrentRequests, which starts work while the loop connects).
 func TestLoopQubeStartsDuringResync(t *testing.T) {
-	f, _, rec := startLoop(t, func(f *simtest.Fixture) {
-		// The resync lists the qubes at once, then waits for the device API probe.
-		f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attached", Dest: "dom0", Delay: 1500 * time.Millisecond, Count: 1})
-	})
-	time.Sleep(300 * time.Millisecond) // the listing (work halted) is taken
+	// The resync lists the qubes first, then probes the device API: held there, the
+	// listing (work halted) is taken and its answer not yet used.
+	fault, probe := holding(sim.Fault{Method: "admin.vm.device.block.Attached", Dest: "dom0", Count: 1})
+	f, _, rec := startLoop(t, func(f *simtest.Fixture) { f.AddFault(fault) })
+	probe.wait(t, "the resync's device API probe")
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
+	probe.release()
 	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 }
 
@@ -237,16 +261,18 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 	d.Close(0, "demo", chains.CloseOptions{})
 	waitFor(t, "closed", func() bool { return rec.last("demo") == dbusapi.ChainClosed })
-	// Slow the second attach down, then cancel the open while it waits there.
-	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Delay: 500 * time.Millisecond, Count: 1})
+	// Hold the second attach, then cancel the open while it waits there.
+	fault, attach := holding(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Count: 1})
+	f.AddFault(fault)
 	id, err := d.Open(0, "demo", chains.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
+	attach.wait(t, "the open's second attach")
 	if err := d.CancelJob(0, id); err != nil {
 		t.Fatal(err)
 	}
+	attach.release() // the open sees its cancel after the attach
 	if jobDone(t, rec, id) {
 		t.Error("a canceled job reported success")
 	}
@@ -509,17 +535,12 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
-	reached, hold := make(chan struct{}, 1), make(chan struct{})
-	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1,
-		Reached: func() { reached <- struct{}{} }, Hold: hold})
+	fault, detach := holding(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1})
+	f.AddFault(fault)
 	if err := f.Client.Shutdown(ctx, "work", false, true); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-reached:
-	case <-time.After(time.Minute):
-		t.Fatal("the automatic close did not reach mediator's detach")
-	}
+	detach.wait(t, "the automatic close's detach in mediator")
 	if err := f.Client.Start(ctx, "work"); err != nil {
 		t.Fatal(err)
 	}
@@ -528,7 +549,7 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 		d.do(func() { running = qubes.IsRunning(d.vms["work"]) })
 		return running
 	})
-	close(hold)
+	detach.release()
 	waitFor(t, "open again", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
 }
 
@@ -542,25 +563,20 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
-	reached, hold := make(chan struct{}, 1), make(chan struct{})
-	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true,
-		Reached: func() { reached <- struct{}{} }, Hold: hold})
+	fault, detach := holding(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true})
+	f.AddFault(fault)
 	id, err := d.Close(0, "demo", chains.CloseOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-reached:
-	case <-time.After(time.Minute):
-		t.Fatal("the close did not reach work's detach")
-	}
+	detach.wait(t, "the close's detach in work")
 	f.DropEventStreams()
 	waitFor(t, "the loop reconnected while the close waits", func() bool {
 		var done bool
 		d.do(func() { done = d.resyncGen >= 2 && d.connected && d.eventSince == nil })
 		return done
 	})
-	close(hold)
+	detach.release()
 	if jobDone(t, rec, id) {
 		t.Fatal("the close succeeded although its detach failed")
 	}

@@ -472,9 +472,16 @@ func ownerRule() []dbus.MatchOption {
 		dbus.WithMatchMember("NameOwnerChanged"), dbus.WithMatchArg(0, BusName)}
 }
 
-// Watch calls fn for every chain state change until ctx ends, following qcryptd across
-// restarts; presence (may be nil) hears when qcryptd leaves or comes back.
-func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(running bool)) error {
+// Watcher receives what Watch sees; a nil field is not called.
+type Watcher struct {
+	Change     func(ChainEvent)
+	Presence   func(running bool) // qcryptd left or came back
+	Subscribed func()             // from now on no change is missed
+}
+
+// Watch reports every chain state change until ctx ends, following qcryptd across
+// restarts.
+func (c *Client) Watch(ctx context.Context, w Watcher) error {
 	rules := []dbus.MatchOption{dbus.WithMatchSender(BusName), dbus.WithMatchInterface(ChainInterface), dbus.WithMatchMember("StateChanged")}
 	if err := c.conn.AddMatchSignal(rules...); err != nil {
 		return fmt.Errorf("cannot subscribe to chain changes: %w", err)
@@ -491,6 +498,9 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(r
 	if err != nil {
 		return fmt.Errorf("cannot find qcryptd on the bus: %w", err)
 	}
+	if w.Subscribed != nil {
+		w.Subscribed()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -500,8 +510,8 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(r
 				return errors.New("the connection to the system bus closed")
 			}
 			if newOwner, ok := ownerChange(s); ok {
-				if (newOwner != "") != (owner != "") && presence != nil {
-					presence(newOwner != "")
+				if (newOwner != "") != (owner != "") && w.Presence != nil {
+					w.Presence(newOwner != "")
 				}
 				owner = newOwner
 				continue
@@ -514,7 +524,9 @@ func (c *Client) Watch(ctx context.Context, fn func(ChainEvent), presence func(r
 				continue
 			}
 			ev.Chain = chainNameOf(s.Path)
-			fn(ev.clean())
+			if w.Change != nil {
+				w.Change(ev.clean())
+			}
 		}
 	}
 }

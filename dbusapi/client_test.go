@@ -178,7 +178,9 @@ func TestWatchBelievesOnlyQcryptd(t *testing.T) {
 	presence := make(chan bool, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() { _ = c.Watch(ctx, func(ev ChainEvent) { events <- ev }, func(up bool) { presence <- up }) }()
+	go func() {
+		_ = c.Watch(ctx, Watcher{Change: func(ev ChainEvent) { events <- ev }, Presence: func(up bool) { presence <- up }})
+	}()
 
 	// Until the watch is subscribed nothing arrives: repeat a real change until it does.
 	tick := time.NewTicker(50 * time.Millisecond)

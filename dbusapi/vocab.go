@@ -46,6 +46,8 @@ const (
 	CauseConfig          Cause = "config-changed"
 	CauseMapperFreed     Cause = "mapper-freed"
 	CauseFoundOpen       Cause = "found-open"
+	CauseRollBack        Cause = "roll-back"
+	CauseFinishClose     Cause = "finish-close"
 	CauseClosedByUser    Cause = "closed-by-user"
 	CauseEligible        Cause = "eligible"
 	CauseDone            Cause = "done"
@@ -55,8 +57,8 @@ const (
 // Causes lists every cause, in the order docs show them.
 var Causes = []Cause{CauseRequested, CauseQubeStarted, CauseQubeFailed, CauseQubeShutDown, CauseQubeUnpaused,
 	CauseQubeCreated, CauseQubeDeleted, CauseDeviceAppeared, CauseDeviceGone, CauseQubesd, CauseRetry,
-	CauseStartupInterval, CauseConfig, CauseMapperFreed, CauseFoundOpen, CauseClosedByUser, CauseEligible,
-	CauseDone, CauseError}
+	CauseStartupInterval, CauseConfig, CauseMapperFreed, CauseFoundOpen, CauseRollBack, CauseFinishClose,
+	CauseClosedByUser, CauseEligible, CauseDone, CauseError}
 
 // CauseMeanings says what each cause means, for people (docs/states.md).
 var CauseMeanings = map[Cause]string{
@@ -75,6 +77,8 @@ var CauseMeanings = map[Cause]string{
 	CauseConfig:          "a reload added or removed the chain",
 	CauseMapperFreed:     "a chain sharing its mapper name closed",
 	CauseFoundOpen:       "qcryptd found it open: nobody opened it now",
+	CauseRollBack:        "qcryptd found an open cut short (its journal): what it did is undone",
+	CauseFinishClose:     "qcryptd found a close cut short, or a broken chain: what is left is closed",
 	CauseClosedByUser:    "the user closed it last (before qcryptd restarted): no automatic open before a trigger",
 	CauseEligible:        "everything it needs is there",
 	CauseDone:            "the job of the previous state ended well",

@@ -292,6 +292,36 @@ func waitState(t *testing.T, name string, timeout time.Duration, states ...dbusa
 	return last.State
 }
 
+// watchCauses subscribes to the chain changes of name (across qcryptd's restarts) and
+// returns, once subscribed, the channel of their causes.
+func watchCauses(t *testing.T, name string) <-chan dbusapi.Cause {
+	t.Helper()
+	c, err := dbusapi.Connect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() { cancel(); c.Disconnect() })
+	causes := make(chan dbusapi.Cause, 64)
+	subscribed, failed := make(chan struct{}), make(chan error, 1)
+	go func() {
+		failed <- c.Watch(ctx, dbusapi.Watcher{Subscribed: func() { close(subscribed) }, Change: func(ev dbusapi.ChainEvent) {
+			if ev.Chain == name {
+				select {
+				case causes <- ev.Reason.Cause:
+				default: // the test has what it waits for
+				}
+			}
+		}})
+	}()
+	select {
+	case <-subscribed:
+	case err := <-failed:
+		t.Fatalf("cannot watch chain changes: %v", err)
+	}
+	return causes
+}
+
 func eventually(timeout time.Duration, ok func() bool) bool {
 	deadline := time.Now().Add(timeout)
 	for !ok() {

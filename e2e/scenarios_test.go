@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
 )
@@ -333,30 +334,29 @@ func TestMediatorKilledMidOpen(t *testing.T) {
 func TestDaemonKilledMidOpen(t *testing.T) {
 	ensureClosed(t)
 	holdAutoOpenInWork(t)
+	causes := watchCauses(t, "vault")
 	h.daemon.Process.Signal(syscall.SIGKILL)
 	_ = h.daemon.Wait() // ended by a signal we sent; its status is not the point
 	h.mustSimctl(t, "qrexec-fault", "work", "none")
 	if err := h.startDaemon(); err != nil {
 		t.Fatal(err)
 	}
-	var decision string
-	if !eventually(2*time.Minute, func() bool {
-		log, _ := os.ReadFile(h.daemonLog)
-		_, rest, found := strings.Cut(string(log), "chain=vault decision=")
-		if q, ok := strings.CutPrefix(rest, `"`); ok {
-			decision, _, _ = strings.Cut(q, `"`)
-		} else {
-			decision, _, _ = strings.Cut(rest, " ")
-		}
-		return found
-	}) {
-		t.Fatal("the restarted qcryptd did not reconcile the interrupted open")
-	}
 	// The journal holds an open that stopped after layer 1 and the chain is partly open:
-	// the only right decision is to roll it back. The chain is eligible (sys-usb and work
-	// run), so qcryptd then opens it afresh.
-	if decision != "roll back" {
-		t.Errorf("reconcile decision %q, want \"roll back\"", decision)
+	// the only right decision is to roll it back (not to take it as open, nor to call it
+	// degraded). The chain is eligible (sys-usb and work run), so it then opens afresh.
+	deadline := time.After(2 * time.Minute)
+	for reconciled := false; !reconciled; {
+		select {
+		case cause := <-causes:
+			switch cause {
+			case dbusapi.CauseRollBack:
+				reconciled = true
+			case dbusapi.CauseFoundOpen, dbusapi.CauseFinishClose, dbusapi.CauseError:
+				t.Fatalf("the restarted qcryptd reconciled with %s, want %s", cause, dbusapi.CauseRollBack)
+			}
+		case <-deadline:
+			t.Fatal("the restarted qcryptd did not roll the interrupted open back")
+		}
 	}
 	waitState(t, "vault", 2*time.Minute, "open")
 	checkMarker(t, "on the chain reopened after the roll back")
