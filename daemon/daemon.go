@@ -52,6 +52,18 @@ type Qubes interface {
 	DefaultQrexecTimeout(ctx context.Context) (int, error)
 }
 
+// Engine is what the loop asks of the chain engine (chains.Engine). A loop test may give
+// a fake one: the loop's reactions are then tested without qubes that run anything.
+type Engine interface {
+	Open(ctx context.Context, c *chains.Chain, o chains.OpenOptions, progress chains.ProgressFunc) error
+	Close(ctx context.Context, c *chains.Chain, o chains.CloseOptions, progress chains.ProgressFunc) error
+	Status(ctx context.Context, c *chains.Chain) (*chains.Status, error)
+	SourcePresent(ctx context.Context, c *chains.Chain) (bool, error)
+	Discover(ctx context.Context) ([]chains.Discovered, error)
+	LuksInit(ctx context.Context, s chains.InitSpec, progress chains.ProgressFunc) error
+	CleanPrivateDir(ctx context.Context) error
+}
+
 // Options configure a daemon.
 type Options struct {
 	ConfigRoot, Target, StateDir string
@@ -70,14 +82,18 @@ type Options struct {
 	Backoff                      qubes.Backoff
 	Version                      string
 	MachineID                    string // dom0's machine id for cross-machine locks; "": none
+	// Engine does the chains' work; nil: a chains.Engine on Qubes, Runner and Dom0,
+	// journaling in StateDir.
+	Engine Engine
 }
 
 // Daemon is qcryptd.
 type Daemon struct {
-	o      Options
-	log    *logrus.Entry
-	engine *chains.Engine
-	pub    Publisher
+	o       Options
+	log     *logrus.Entry
+	engine  Engine
+	journal *chains.Journal // the engine's, in StateDir
+	pub     Publisher
 
 	reqs  chan func()
 	stop  chan struct{} // closed to stop Run (CloseAll with stop)
@@ -172,8 +188,12 @@ func New(o Options) (*Daemon, error) {
 		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},
 		debounce: map[string]*time.Timer{}, started: map[string]time.Time{}, jobs: map[uint64]*job{},
 		qrexecWait: 60 * time.Second, pub: noPublisher{}}
-	d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: &chains.Journal{Dir: o.StateDir},
-		PrivateDir: o.PrivateDir, MachineID: o.MachineID}
+	d.journal = &chains.Journal{Dir: o.StateDir}
+	d.engine = o.Engine
+	if d.engine == nil {
+		d.engine = &chains.Engine{Qubes: o.Qubes, Runner: o.Runner, Dom0: o.Dom0, Log: o.Log, Journal: d.journal,
+			PrivateDir: o.PrivateDir, MachineID: o.MachineID}
+	}
 	dir, err := chains.TargetDir(o.Target, o.ConfigRoot)
 	if err != nil {
 		return nil, err

@@ -211,12 +211,12 @@ func (r *jobRun) reconcile(ctx context.Context) (outcome, error) {
 	var rec *chains.Record
 	var journalErr error
 	if j.op == dbusapi.OpReconcile {
-		if rec, journalErr = e.Journal.Read(c.Name); journalErr != nil {
+		if rec, journalErr = r.d.journal.Read(c.Name); journalErr != nil {
 			r.log.WithError(journalErr).Warn("cannot read the journal")
 		}
 	}
 	decision := chains.Reconcile(rec, st)
-	userClosed := j.op == dbusapi.OpReconcile && e.Journal.UserClosed(c.Name)
+	userClosed := j.op == dbusapi.OpReconcile && r.d.journal.UserClosed(c.Name)
 	if j.op == dbusapi.OpCheck && decision == chains.DecideDegraded {
 		// A chain that was open and broke (a qube or device went away): close what is left.
 		decision = chains.DecideFinishClose
@@ -330,7 +330,7 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	case j.op == dbusapi.OpReconcile && res.userClosed:
 		d.consider(cs, dbusapi.Because(dbusapi.CauseClosedByUser, "closed by the user before qcryptd restarted"), false)
 	case j.op == dbusapi.OpReconcile:
-		d.evaluate(cs, dbusapi.Reason{})
+		d.evaluate(cs, j.reason)
 	case j.op == dbusapi.OpOpen && cs.state == dbusapi.ChainWaiting:
 		d.consider(cs, j.reason, false) // say what it waits for
 	case j.op == dbusapi.OpOpen && !j.auto && cs.state == dbusapi.ChainClosed:
@@ -397,7 +397,7 @@ func (d *Daemon) removeChain(cs *chainState) {
 	}
 	delete(d.chains, cs.c.Name)
 	if !cs.managed {
-		if err := d.engine.Journal.Remove(cs.c.Name); err != nil {
+		if err := d.journal.Remove(cs.c.Name); err != nil {
 			d.chainLog(cs).WithError(err).Warn("cannot remove the journal of an ad-hoc chain")
 		}
 	}
@@ -417,7 +417,7 @@ func (d *Daemon) wakeSharers(cs *chainState) {
 
 // journalUserClosed records whether the user closed cs last (see Journal.SetUserClosed).
 func (d *Daemon) journalUserClosed(cs *chainState, closed bool) {
-	if err := d.engine.Journal.SetUserClosed(cs.c.Name, closed); err != nil {
+	if err := d.journal.SetUserClosed(cs.c.Name, closed); err != nil {
 		d.chainLog(cs).WithError(err).Warn("cannot record the user's close")
 	}
 }

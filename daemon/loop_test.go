@@ -41,6 +41,9 @@ func (r *recorder) ChainChanged(c dbusapi.ChainInfo, prev dbusapi.ChainState, wh
 	if prev != "" && !allowedTransition(prev, c.State) {
 		r.t.Errorf("chain %s: %s -> %s (%s: %s) is not in the state machine", c.Name, prev, c.State, why.Cause, why.Text)
 	}
+	if prev != "" && why.Cause == "" {
+		r.t.Errorf("chain %s: %s -> %s (%q) has no cause", c.Name, prev, c.State, why.Text)
+	}
 	if l := r.states[c.Name]; len(l) == 0 || l[len(l)-1] != c.State {
 		r.states[c.Name] = append(r.states[c.Name], c.State)
 		r.reasons[c.Name] = append(r.reasons[c.Name], why)

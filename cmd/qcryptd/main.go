@@ -1,12 +1,12 @@
-// Command qcryptd is qcrypt's dom0 daemon; see daemon.Main.
+// Command qcryptd is qcrypt's dom0 daemon; see cli.Main.
 package main
 
 import (
 	"os"
 
-	"github.com/qcrypt/qcrypt/daemon"
+	"github.com/qcrypt/qcrypt/cmd/qcryptd/cli"
 )
 
 func main() {
-	os.Exit(daemon.Main(os.Args, os.Stdout, os.Stderr))
+	os.Exit(cli.Main(os.Args, os.Stdout, os.Stderr))
 }

@@ -1,4 +1,6 @@
-package daemon
+// Package cli is the qcryptd command: its flags, the wiring of the daemon to qubesd, the
+// system bus and systemd, and its signals. The daemon package holds the loop and state.
+package cli
 
 import (
 	"context"
@@ -18,6 +20,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/daemon"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/systemd"
@@ -45,7 +48,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	dom0Root := fs.String("dom0-root", "", "simulator only: run dom0 work through qrexec-client -d dom0 and read dom0 files under `DIR`")
 	level := fs.String("log-level", "info", "debug, info, warning or error")
 	privateDir := fs.String("luks-init-dir", "", "dom0 directory, root's alone and on a tmpfs, for luks-init's keys and container (default "+chains.DefaultPrivateDir+"; with --dom0-root /tmp/qcryptd-luks-init)")
-	hookTimeout := fs.Duration("hook-timeout", DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
+	hookTimeout := fs.Duration("hook-timeout", daemon.DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
 	cmdTimeout := fs.Duration("command-timeout", 5*time.Minute, "how long one command in a qube may run before it is ended (and its step fails)")
 	maxQrexec := fs.Int("max-qrexec", 4, "how many commands may run in qubes at once (parallel qrexec calls stall on Qubes, QubesOS/qubes-issues#6755)")
 	machineID := fs.String("machine-id", "", "this machine's id in the cross-machine locks beside containers (default: /etc/machine-id)")
@@ -106,14 +109,14 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			*privateDir = "/tmp/qcryptd-luks-init" // the simulated dom0's /run lasts one command
 		}
 	}
-	d, err := New(Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
+	d, err := daemon.New(daemon.Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
 		Dom0: dom0, Log: log, Notify: systemd.Notify, Watchdog: systemd.WatchdogInterval(),
 		AsRoot: os.Geteuid() == 0, Version: Version, MachineID: *machineID, HookTimeout: *hookTimeout, PrivateDir: *privateDir})
 	if err != nil {
 		log.WithError(err).Error("cannot start")
 		return 1
 	}
-	bus, err := connectBus(d)
+	bus, err := connectBus(d, log)
 	if err != nil {
 		log.WithError(err).Error("cannot serve on the system bus")
 		return 1
@@ -167,12 +170,12 @@ type busLink struct {
 
 // connectBus connects, exports d's objects and takes the name (the readiness signal).
 // Call before d runs.
-func connectBus(d *Daemon) (*busLink, error) {
+func connectBus(d *daemon.Daemon, log *logrus.Entry) (*busLink, error) {
 	conn, err := dbus.ConnectSystemBus()
 	if err != nil {
 		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
 	}
-	srv := dbusapi.NewServer(conn, d, d.log)
+	srv := dbusapi.NewServer(conn, d, log)
 	d.SetPublisher(srv)
 	if err := srv.Export(); err != nil {
 		conn.Close()
@@ -189,7 +192,7 @@ func connectBus(d *Daemon) (*busLink, error) {
 // dbus-daemon restarted) it connects again, publishes the current state and takes the
 // name back. Jobs and chains are untouched meanwhile. If the name is taken by then,
 // stop ends the daemon.
-func (b *busLink) keep(ctx context.Context, d *Daemon, log *logrus.Entry, stop func()) {
+func (b *busLink) keep(ctx context.Context, d *daemon.Daemon, log *logrus.Entry, stop func()) {
 	for {
 		b.mu.Lock()
 		conn := b.conn
@@ -202,7 +205,7 @@ func (b *busLink) keep(ctx context.Context, d *Daemon, log *logrus.Entry, stop f
 		log.Warn("lost the system bus; connecting again")
 		delay := 100 * time.Millisecond
 		for {
-			err := b.reconnect(d)
+			err := b.reconnect(d, log)
 			if err == nil {
 				log.Info("back on the system bus")
 				break
@@ -228,12 +231,12 @@ func (b *busLink) keep(ctx context.Context, d *Daemon, log *logrus.Entry, stop f
 
 var errNameTaken = errors.New("the bus name is taken")
 
-func (b *busLink) reconnect(d *Daemon) error {
+func (b *busLink) reconnect(d *daemon.Daemon, log *logrus.Entry) error {
 	conn, err := dbus.ConnectSystemBus()
 	if err != nil {
 		return err
 	}
-	srv := dbusapi.NewServer(conn, d, d.log)
+	srv := dbusapi.NewServer(conn, d, log)
 	if err := d.Republish(srv, srv.Export); err != nil {
 		conn.Close()
 		return err

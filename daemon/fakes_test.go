@@ -1,0 +1,267 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// The loop's reactions against fakes: qubesd is a list of qubes and an event stream the
+// test writes, the engine records what it is asked and answers as told. No simulator,
+// no sandbox: these run anywhere.
+
+type fakeQubes struct {
+	chains.Qubes // the engine's part of the interface: a fake engine never calls it
+	mu           sync.Mutex
+	states       map[string]string
+	events       chan qubes.Event
+}
+
+func newFakeQubes(running ...string) *fakeQubes {
+	f := &fakeQubes{states: map[string]string{"dom0": qubes.StateRunning, "sys-usb": qubes.StateHalted,
+		"mediator": qubes.StateHalted, "work": qubes.StateHalted}, events: make(chan qubes.Event, 64)}
+	for _, vm := range running {
+		f.states[vm] = qubes.StateRunning
+	}
+	f.events <- qubes.Event{Kind: qubes.EventResync}
+	return f
+}
+
+func (f *fakeQubes) ListVMs(context.Context) ([]qubes.VM, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []qubes.VM
+	for name, st := range f.states {
+		class := "AppVM"
+		if name == "dom0" {
+			class = qubes.ClassAdminVM
+		}
+		out = append(out, qubes.VM{Name: name, Class: class, State: st})
+	}
+	return out, nil
+}
+
+func (f *fakeQubes) Events(context.Context, qubes.Backoff) <-chan qubes.Event { return f.events }
+func (f *fakeQubes) DeviceAPI(context.Context) (qubes.DeviceAPI, error) {
+	return qubes.DeviceAPIOld, nil
+}
+func (f *fakeQubes) DefaultQrexecTimeout(context.Context) (int, error) { return 60, nil }
+func (f *fakeQubes) Available(context.Context, string) ([]qubes.BlockDevice, error) {
+	return nil, nil
+}
+
+// set changes a qube's power state and sends the event qubesd would.
+func (f *fakeQubes) set(vm, state string, kind qubes.EventKind) {
+	f.mu.Lock()
+	f.states[vm] = state
+	f.mu.Unlock()
+	f.events <- qubes.Event{Kind: kind, Subject: vm}
+}
+
+// fakeEngine opens and closes chains in memory; openErr, when set, fails the next opens.
+type fakeEngine struct {
+	mu      sync.Mutex
+	open    map[string]bool
+	openErr error
+	calls   []string // "open demo", "close demo", ...
+}
+
+func (e *fakeEngine) record(call string) {
+	e.mu.Lock()
+	e.calls = append(e.calls, call)
+	e.mu.Unlock()
+}
+
+func (e *fakeEngine) Open(_ context.Context, c *chains.Chain, _ chains.OpenOptions, _ chains.ProgressFunc) error {
+	e.record("open " + c.Name)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.openErr != nil {
+		return e.openErr
+	}
+	e.open[c.Name] = true
+	return nil
+}
+
+func (e *fakeEngine) Close(_ context.Context, c *chains.Chain, _ chains.CloseOptions, _ chains.ProgressFunc) error {
+	e.record("close " + c.Name)
+	e.mu.Lock()
+	delete(e.open, c.Name)
+	e.mu.Unlock()
+	return nil
+}
+
+func (e *fakeEngine) Status(_ context.Context, c *chains.Chain) (*chains.Status, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := &chains.Status{Chain: c.Name, SourceVM: c.SourceVM, Missing: 2 * len(c.Hops), Source: chains.SourceFile}
+	for _, h := range c.Hops {
+		st.Hops = append(st.Hops, chains.HopStatus{VM: h.VM})
+	}
+	if e.open[c.Name] {
+		st.Missing, st.Source = 0, chains.SourceLoop
+		for i := range st.Hops {
+			st.Hops[i].Running, st.Hops[i].Attached, st.Hops[i].KeyPresent, st.Hops[i].Decrypted = true, true, true, true
+		}
+	}
+	return st, nil
+}
+
+func (e *fakeEngine) SourcePresent(context.Context, *chains.Chain) (bool, error) { return true, nil }
+func (e *fakeEngine) Discover(context.Context) ([]chains.Discovered, error)      { return nil, nil }
+func (e *fakeEngine) CleanPrivateDir(context.Context) error                      { return nil }
+func (e *fakeEngine) LuksInit(context.Context, chains.InitSpec, chains.ProgressFunc) error {
+	return errors.New("not in the fake")
+}
+
+func (e *fakeEngine) callsSoFar() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]string(nil), e.calls...)
+}
+
+// fakeLoop runs the loop on the demo chain with fakes.
+func fakeLoop(t *testing.T, q *fakeQubes, e *fakeEngine, chain string) (*Daemon, *recorder) {
+	t.Helper()
+	conf := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(chain), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.open = map[string]bool{}
+	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: t.TempDir(), Qubes: q, Engine: e,
+		Backoff: qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}, JobLinger: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{t: t, states: map[string][]dbusapi.ChainState{}, reasons: map[string][]dbusapi.Reason{}, jobs: map[uint64]bool{}}
+	d.SetPublisher(rec)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			t.Errorf("run: %v", err)
+		}
+		close(done)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return d, rec
+}
+
+const fakeChain = "source vm=sys-usb\nsource file=/c.luks\nkey=demo\ndestination vm 1=mediator\n" +
+	"destination vm 2=work\nstartup interval=0\n"
+
+// The loop's reactions to qube events, one story per row: what it asks the engine and
+// the states it passes through with their causes (each change also held against the
+// state machine by the recorder).
+func TestLoopReactsToEvents(t *testing.T) {
+	waiting := func(t *testing.T, rec *recorder) {
+		waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
+	}
+	open := func(t *testing.T, rec *recorder) {
+		waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
+	}
+	tests := map[string]struct {
+		running []string
+		story   func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder)
+		calls   []string
+		changes []string // state/cause
+	}{
+		"the target starts: open": {
+			running: []string{"sys-usb"},
+			story: func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder) {
+				waiting(t, rec)
+				q.set("work", qubes.StateRunning, qubes.EventDomainStart)
+				open(t, rec)
+			},
+			calls:   []string{"open demo"},
+			changes: []string{"waiting/qubesd-connected", "opening/qube-started", "open/done"},
+		},
+		"the target shuts down: close, then wait for it": {
+			running: []string{"sys-usb", "work"},
+			story: func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder) {
+				open(t, rec)
+				q.set("work", qubes.StateHalted, qubes.EventDomainShutdown)
+				waiting(t, rec)
+			},
+			calls: []string{"open demo", "close demo"},
+			changes: []string{"opening/qubesd-connected", "open/done", "closing/qube-shut-down", "closed/done",
+				"waiting/qube-shut-down"},
+		},
+		"an open fails: failed, and the next start tries again": {
+			running: []string{"sys-usb"},
+			story: func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder) {
+				waiting(t, rec)
+				e.mu.Lock()
+				e.openErr = errors.New("the key is wrong")
+				e.mu.Unlock()
+				q.set("work", qubes.StateRunning, qubes.EventDomainStart)
+				waitFor(t, "failed", func() bool { return rec.last("demo") == dbusapi.ChainFailed })
+				e.mu.Lock()
+				e.openErr = nil
+				e.mu.Unlock()
+				q.set("mediator", qubes.StateRunning, qubes.EventDomainStart)
+				open(t, rec)
+			},
+			calls: []string{"open demo", "open demo"},
+			changes: []string{"waiting/qubesd-connected", "opening/qube-started", "failed/error", "opening/qube-started",
+				"open/done"},
+		},
+		"the user closes: closed until a qube of it starts": {
+			running: []string{"sys-usb", "work"},
+			story: func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder) {
+				open(t, rec)
+				id, err := d.Close(0, "demo", chains.CloseOptions{})
+				if err != nil || !jobDone(t, rec, id) {
+					t.Fatalf("close: %v", err)
+				}
+				q.set("mediator", qubes.StateRunning, qubes.EventDomainStart)
+				open(t, rec)
+			},
+			calls: []string{"open demo", "close demo", "open demo"},
+			changes: []string{"opening/qubesd-connected", "open/done", "closing/requested", "closed/done",
+				"opening/qube-started", "open/done"},
+		},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			q, e := newFakeQubes(tc.running...), &fakeEngine{}
+			d, rec := fakeLoop(t, q, e, fakeChain)
+			tc.story(t, q, e, d, rec)
+			if got := e.callsSoFar(); !equal(got, tc.calls) {
+				t.Errorf("engine calls %v, want %v", got, tc.calls)
+			}
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			var got []string
+			for i, st := range rec.states["demo"][1:] { // the first is the chain's addition
+				got = append(got, string(st)+"/"+string(rec.reasons["demo"][i+1].Cause))
+			}
+			if !equal(got, tc.changes) {
+				t.Errorf("changes %v, want %v", got, tc.changes)
+			}
+		})
+	}
+}
+
+func equal[S ~string](a, b []S) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
