@@ -250,6 +250,20 @@ func sysBlock(name string) (devInfo, bool) {
 	return devInfo{name: name, size: sectors * 512, ro: read("ro") == "1", major: uint32(maj), minor: uint32(mnr)}, true
 }
 
+// added: a qube's namespaces are made when it boots.
+func (hk *hostKernel) added(*VM) error { return nil }
+
+// exposed lists the block devices a running qube exposes.
+func (hk *hostKernel) exposed(vm *VM) []devInfo { return hk.devices(vm.Name) }
+
+// commandDone: what a command did to the qube's block devices reaches qubesd as its
+// udev would report it.
+func (hk *hostKernel) commandDone(vm *VM) {
+	if vm.running() {
+		hk.refresh(vm)
+	}
+}
+
 // refresh publishes device changes of a qube as qubesd events, as its udev would.
 func (hk *hostKernel) refresh(vm *VM) {
 	seen, ok := hk.seen[vm.Name]
@@ -310,8 +324,9 @@ func (hk *hostKernel) detach(a *Attachment) error {
 
 // teardown ends a qube: what its kernel held goes (its mounts with its namespaces, then
 // its dm and loop devices), frontends of its devices get I/O errors like a dead Xen
-// backend, its own frontend devices and plugged disks are removed.
-func (hk *hostKernel) teardown(vm *VM) {
+// backend, its own frontend devices and plugged disks are removed. A shutdown and a kill
+// end alike: the real kernel writes a file system's cache back either way.
+func (hk *hostKernel) teardown(vm *VM, _ bool) {
 	h, ok := hk.holders[vm.Name]
 	if !ok {
 		return

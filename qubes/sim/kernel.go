@@ -428,6 +428,31 @@ func (k *kernel) mountOf(b *bdev) *mountEntry {
 	return nil
 }
 
+// exposed lists the block devices the qube exposes, sorted by name.
+func (k *kernel) exposed() []devInfo {
+	var out []devInfo
+	for _, d := range k.sortedDevs() {
+		if d.exposed() {
+			out = append(out, devInfo{name: d.name, desc: d.desc(), size: d.io.Size(), ro: d.ro, parent: d.parent})
+		}
+	}
+	return out
+}
+
+// unplug pulls a disk out: mounts of it are lost (not written back), like yanking a stick.
+func (k *kernel) unplug(port string) error {
+	b, ok := k.devs[port]
+	if !ok || b.kind != kindDisk {
+		return fmt.Errorf("cannot unplug %s:%s: no such disk", k.vm.Name, port)
+	}
+	if m := k.mountOf(b); m != nil {
+		_ = k.umount(m.target, false) // nothing is written back
+	}
+	k.remove(b)
+	b.file.f.Close()
+	return nil
+}
+
 // teardown is the qube's power-off: mounts are written back on a clean shutdown and
 // dropped on a kill; every device goes away.
 func (k *kernel) teardown(clean bool) {

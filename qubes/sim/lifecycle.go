@@ -237,16 +237,12 @@ func (w *World) boot(vm *VM) error {
 	if err := resetRoot(vm); err != nil {
 		return err
 	}
-	if w.hk != nil {
-		if err := w.hk.boot(vm); err != nil {
-			return err
-		}
+	if err := w.backend.boot(vm); err != nil {
+		return err
 	}
 	if w.rq != nil {
 		if err := w.rq.start(vm); err != nil {
-			if w.hk != nil {
-				w.hk.teardown(vm)
-			}
+			w.backend.teardown(vm, false)
 			return err
 		}
 	}
@@ -346,11 +342,7 @@ func (w *World) powerOff(vm *VM, clean bool) {
 	for cmd := range vm.procs {
 		killGroup(cmd)
 	}
-	if w.hk != nil {
-		w.hk.teardown(vm)
-	} else {
-		vm.kernel.teardown(clean)
-	}
+	w.backend.teardown(vm, clean)
 	for _, a := range append([]*Attachment(nil), w.attachments...) {
 		switch {
 		case a.Frontend == vm.Name:
@@ -521,13 +513,8 @@ func (w *World) detach(frontend string, dev qubes.DeviceRef) error {
 // connect gives the frontend its disk over the backend's device b (Xen's part of an
 // attach) and records the attachment.
 func (w *World) connect(a *Attachment, b devInfo) error {
-	if w.hk != nil {
-		if err := w.hk.attach(a, b); err != nil {
-			return err
-		}
-	} else {
-		under := w.vms[a.Backend].kernel.devs[a.Port]
-		w.vms[a.Frontend].kernel.devs[a.FrontendDev] = &bdev{name: a.FrontendDev, kind: kindXVD, att: a, ro: a.ReadOnly, io: &attachedIO{att: a, under: under.io}}
+	if err := w.backend.attach(a, b); err != nil {
+		return err
 	}
 	w.attachments = append(w.attachments, a)
 	return nil
@@ -536,15 +523,8 @@ func (w *World) connect(a *Attachment, b devInfo) error {
 // disconnect takes the disk away from the frontend (Xen's part of a detach); it fails
 // while the frontend still uses the disk.
 func (w *World) disconnect(a *Attachment) error {
-	if w.hk != nil {
-		if err := w.hk.detach(a); err != nil {
-			return err
-		}
-	} else if b, ok := w.vms[a.Frontend].kernel.devs[a.FrontendDev]; ok {
-		if who := w.vms[a.Frontend].kernel.busy(b); who != "" {
-			return fmt.Errorf("%s is in use by %s", a.FrontendDev, who)
-		}
-		delete(w.vms[a.Frontend].kernel.devs, a.FrontendDev)
+	if err := w.backend.detach(a); err != nil {
+		return err
 	}
 	w.removeAttachment(a)
 	return nil

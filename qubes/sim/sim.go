@@ -100,6 +100,7 @@ func Start(cfg Config) (*Sim, error) {
 	s := &Sim{World: w, cfg: cfg, toolsDir: filepath.Join(cfg.Dir, "tools"), kernels: map[string]net.Listener{}}
 	switch cfg.Backend {
 	case BackendSandbox:
+		w.backend = &sandboxBackend{s}
 		if s.bwrap, err = exec.LookPath(cfg.Bwrap); err != nil {
 			return nil, fmt.Errorf("cannot find bubblewrap (apt-get install bubblewrap): %w", err)
 		}
@@ -110,14 +111,16 @@ func Start(cfg Config) (*Sim, error) {
 		if cfg.Demo {
 			return nil, errors.New("cannot build the demo world on the kernel backend: its container is in the fake format")
 		}
-		if w.hk, err = newHostKernel(w, cfg.ToolsBinary, s.toolsDir); err != nil {
+		hk, err := newHostKernel(w, cfg.ToolsBinary, s.toolsDir)
+		if err != nil {
 			return nil, err
 		}
+		w.backend = hk
 		dom0 := w.vms["dom0"]
 		if err := resetRoot(dom0); err != nil {
 			return nil, err
 		}
-		if err := w.hk.boot(dom0); err != nil {
+		if err := hk.boot(dom0); err != nil {
 			return nil, err
 		}
 	default:
@@ -133,7 +136,7 @@ func Start(cfg Config) (*Sim, error) {
 			return nil, err
 		}
 	}
-	if err := s.listenKernel("dom0"); err != nil {
+	if err := w.backend.added(w.vms["dom0"]); err != nil {
 		return nil, err
 	}
 	if cfg.RealQubesd != "" {
@@ -209,10 +212,7 @@ func (s *Sim) Close() error {
 		for cmd := range vm.procs {
 			killGroup(cmd)
 		}
-		if s.World.hk != nil {
-			// Leave nothing in the kernel.
-			s.World.hk.teardown(vm)
-		}
+		s.World.backend.teardown(vm, false) // the kernel backend leaves nothing in the kernel
 	}
 	for s2 := range s.World.subs {
 		s.World.dropSubscriber(s2)
@@ -230,18 +230,17 @@ func (s *Sim) AddVM(name, class, user string) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	return vm, s.listenKernel(name)
+	s.World.mu.Lock()
+	defer s.World.mu.Unlock()
+	return vm, s.World.backend.added(vm)
 }
 
 func (s *Sim) kernelSocket(vm string) string {
 	return filepath.Join(s.cfg.Dir, "run", vm, "kernel.sock")
 }
 
-// listenKernel serves a qube's fake kernel to its sandbox (the kernel backend has none).
+// listenKernel serves a qube's fake kernel to its sandbox.
 func (s *Sim) listenKernel(name string) error {
-	if s.World.hk != nil {
-		return nil
-	}
 	p := s.kernelSocket(name)
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return err
@@ -512,18 +511,7 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 		home = "/home/" + vm.DefaultUser
 	}
 	s.World.mu.Lock()
-	var cmd *exec.Cmd
-	if s.World.hk != nil {
-		cmd = s.World.hk.command(vm, home, argv)
-	} else {
-		var roMounts []string
-		for _, m := range vm.kernel.mounts {
-			if m.ro {
-				roMounts = append(roMounts, m.target)
-			}
-		}
-		cmd = s.sandboxCommand(vm, home, roMounts, argv)
-	}
+	cmd := s.World.backend.command(vm, home, argv)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio[0], stdio[1], stdio[2]
 	if err := cmd.Start(); err != nil {
 		s.World.mu.Unlock()
@@ -545,11 +533,7 @@ func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 	close(done)
 	s.World.mu.Lock()
 	delete(vm.procs, cmd)
-	if s.World.hk != nil && vm.running() {
-		// What the command did to the qube's block devices reaches qubesd as its udev
-		// would report it.
-		s.World.hk.refresh(vm)
-	}
+	s.World.backend.commandDone(vm)
 	s.World.mu.Unlock()
 	select {
 	case <-halted:
@@ -576,31 +560,7 @@ func (s *Sim) Plug(vmName, image, desc string, ro bool) (string, error) {
 	if !ok || !vm.running() {
 		return "", fmt.Errorf("cannot plug a disk into %s: not running", vmName)
 	}
-	if s.World.hk != nil {
-		return s.World.hk.plug(vm, image, desc, ro)
-	}
-	fio, err := newFileIO(image, ro)
-	if err != nil {
-		return "", fmt.Errorf("cannot plug %s: %w", image, err)
-	}
-	port := ""
-	for c := 'a'; c <= 'z'; c++ {
-		if _, used := vm.kernel.devs["sd"+string(c)]; !used {
-			port = "sd" + string(c)
-			break
-		}
-	}
-	if port == "" {
-		return "", errors.New("cannot plug: no free sdX name")
-	}
-	if desc == "" {
-		desc = "QEMU_HARDDISK"
-		if meta, _, err := readFSMeta(fio); err == nil && meta.Label != "" {
-			desc += " (" + meta.Label + ")"
-		}
-	}
-	vm.kernel.add(&bdev{name: port, kind: kindDisk, io: fio, file: fio, ro: ro, diskDesc: desc, diskPath: image})
-	return port, nil
+	return s.World.backend.plug(vm, image, desc, ro)
 }
 
 // Unplug pulls a disk out: mounts of it are lost (not written back), like yanking a stick.
@@ -611,19 +571,7 @@ func (s *Sim) Unplug(vmName, port string) error {
 	if !ok {
 		return fmt.Errorf("cannot unplug from %s: no such qube", vmName)
 	}
-	if s.World.hk != nil {
-		return s.World.hk.unplug(vm, port)
-	}
-	b, ok := vm.kernel.devs[port]
-	if !ok || b.kind != kindDisk {
-		return fmt.Errorf("cannot unplug %s:%s: no such disk", vmName, port)
-	}
-	if m := vm.kernel.mountOf(b); m != nil {
-		_ = vm.kernel.umount(m.target, false) // a pulled disk: nothing is written back
-	}
-	vm.kernel.remove(b)
-	b.file.f.Close()
-	return nil
+	return s.World.backend.unplug(vm, port)
 }
 
 // Flood emits n device-list-change events for a qube (a hostile backend toggling).

@@ -14,7 +14,7 @@ import (
 // real-qubesd's control socket (block-add, block-remove), so the same script can drive
 // either server.
 func (s *Sim) Expose(vmName, port string, size int64, ro bool, desc, parent string) error {
-	if s.World.hk != nil || s.real != nil {
+	if _, sandbox := s.World.backend.(*sandboxBackend); !sandbox || s.real != nil {
 		return fmt.Errorf("cannot expose %s:%s: only the sandbox backend with the own server has bare devices", vmName, port)
 	}
 	dir := filepath.Join(s.cfg.Dir, "udev")

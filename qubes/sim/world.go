@@ -108,8 +108,8 @@ type World struct {
 	release  chan struct{} // closed by Release: held calls go on
 	restarts int           // RestartQubesd calls: a held call of an earlier one is dropped
 
-	hk *hostKernel // the kernel backend; nil for the sandbox backend
-	rq *realQrexec // the real qrexec; nil: the stand-in qrexec-client only
+	backend backend     // how qubes run
+	rq      *realQrexec // the real qrexec; nil: the stand-in qrexec-client only
 }
 
 // NewWorld creates an empty world (only dom0) whose qube trees live under dir.
@@ -254,18 +254,7 @@ func (w *World) description(dev qubes.DeviceRef, own string) string {
 }
 
 // published lists the block devices a running qube exposes, sorted by name.
-func (w *World) published(vm *VM) []devInfo {
-	if w.hk != nil {
-		return w.hk.devices(vm.Name)
-	}
-	var out []devInfo
-	for _, d := range vm.kernel.sortedDevs() {
-		if d.exposed() {
-			out = append(out, devInfo{name: d.name, desc: d.desc(), size: d.io.Size(), ro: d.ro, parent: d.parent})
-		}
-	}
-	return out
-}
+func (w *World) published(vm *VM) []devInfo { return w.backend.exposed(vm) }
 
 // sanitizeOld is R4.1/R4.2 qubesd's per-byte description filter.
 func sanitizeOld(s string) string {
