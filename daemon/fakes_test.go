@@ -3,11 +3,8 @@ package daemon
 import (
 	"context"
 	"errors"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
@@ -131,30 +128,9 @@ func (e *fakeEngine) callsSoFar() []string {
 // fakeLoop runs the loop on the demo chain with fakes.
 func fakeLoop(t *testing.T, q *fakeQubes, e *fakeEngine, chain string) (*Daemon, *recorder) {
 	t.Helper()
-	conf := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(conf, "demo", "demo.ini"), []byte(chain), 0o644); err != nil {
-		t.Fatal(err)
-	}
 	e.open = map[string]bool{}
-	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: t.TempDir(), Qubes: q, Engine: e,
-		Backoff: qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}, JobLinger: time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rec := &recorder{t: t, states: map[string][]dbusapi.ChainState{}, reasons: map[string][]dbusapi.Reason{}, jobs: map[uint64]bool{}}
-	d.SetPublisher(rec)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-			t.Errorf("run: %v", err)
-		}
-		close(done)
-	}()
-	t.Cleanup(func() { cancel(); <-done })
+	d, rec, _ := runLoopWith(t, Options{ConfigRoot: writeConf(t, map[string]string{"demo": chain}), StateDir: t.TempDir(),
+		Qubes: q, Engine: e})
 	return d, rec
 }
 

@@ -108,6 +108,13 @@ func startLoopWith(t *testing.T, files map[string]string, before ...func(*simtes
 	for _, b := range before {
 		b(f)
 	}
+	d, rec, _ := runLoop(t, f, writeConf(t, files), t.TempDir())
+	return f, d, rec
+}
+
+// writeConf writes chain files (name -> content) as the target demo of a new config root.
+func writeConf(t *testing.T, files map[string]string) string {
+	t.Helper()
 	conf := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
 		t.Fatal(err)
@@ -117,16 +124,22 @@ func startLoopWith(t *testing.T, files map[string]string, before ...func(*simtes
 			t.Fatal(err)
 		}
 	}
-	d, rec, _ := runLoop(t, f, conf, t.TempDir())
-	return f, d, rec
+	return conf
 }
 
 // runLoop runs a daemon on a world, a config root and a state dir; stop ends it (also
 // done at the test's end).
 func runLoop(t *testing.T, f *simtest.Fixture, conf, state string) (*Daemon, *recorder, func()) {
 	t.Helper()
-	d, err := New(Options{ConfigRoot: conf, Target: "demo", StateDir: state, Qubes: f.Client, Runner: f.Runner,
-		Backoff: qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}, JobLinger: time.Millisecond})
+	return runLoopWith(t, Options{ConfigRoot: conf, StateDir: state, Qubes: f.Client, Runner: f.Runner})
+}
+
+// runLoopWith runs a daemon with o (target demo, quick backoff added) and a recorder.
+func runLoopWith(t *testing.T, o Options) (*Daemon, *recorder, func()) {
+	t.Helper()
+	o.Target, o.JobLinger = "demo", time.Millisecond
+	o.Backoff = qubes.Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond}
+	d, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}

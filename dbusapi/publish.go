@@ -117,19 +117,26 @@ func (s *Server) setProp(p *prop.Properties, iface, name string, v any) {
 	p.SetMust(iface, name, v)
 }
 
-// ChainAdded exports a chain object. One that cannot be exported is logged and left
-// out: the chain runs on and is published again when qcryptd reconnects or reloads.
+// ChainAdded exports a chain object.
 func (s *Server) ChainAdded(c ChainInfo) {
-	fields := logrus.Fields{"chain": c.Name}
-	e, err := s.exportObject(ChainPath(c.Name), ChainInterface, ChainXML, &chainObject{s, c.Name}, chainInfoCodec.values(&c), "Name", "Managed")
+	s.addObject(logrus.Fields{"chain": c.Name}, ChainPath(c.Name), ChainInterface, ChainXML, &chainObject{s, c.Name},
+		chainInfoCodec.values(&c), func(e *exported) { s.chains[c.Name] = e }, "Name", "Managed")
+}
+
+// addObject exports an object, records it (record runs under the lock) and announces it.
+// One that cannot be exported is logged and left out: what it shows runs on and is
+// published again when qcryptd reconnects or reloads.
+func (s *Server) addObject(fields logrus.Fields, path dbus.ObjectPath, iface, xml string, methods any, values map[string]any,
+	record func(*exported), constant ...string) {
+	e, err := s.exportObject(path, iface, xml, methods, values, constant...)
 	if err != nil {
-		s.failed(err, fields, "cannot export the chain")
+		s.failed(err, fields, "cannot export "+string(path))
 		return
 	}
 	s.mu.Lock()
-	s.chains[c.Name] = e
+	record(e)
 	s.mu.Unlock()
-	s.added(fields, e, chainInfoCodec.values(&c))
+	s.added(fields, e, values)
 }
 
 // exportObject exports methods, properties and introspection at path; on a failure
@@ -204,16 +211,8 @@ func (s *Server) unexportAll(path dbus.ObjectPath, iface string) error {
 
 // JobAdded exports a job object.
 func (s *Server) JobAdded(j JobInfo) {
-	fields := logrus.Fields{"job": j.ID, "chain": j.Chain}
-	e, err := s.exportObject(JobPath(j.ID), JobInterface, JobXML, &jobObject{s, j.ID}, jobInfoCodec.values(&j), "Operation", "Chain", "StartedByUID")
-	if err != nil {
-		s.failed(err, fields, "cannot export the job")
-		return
-	}
-	s.mu.Lock()
-	s.jobs[j.ID] = e
-	s.mu.Unlock()
-	s.added(fields, e, jobInfoCodec.values(&j))
+	s.addObject(logrus.Fields{"job": j.ID, "chain": j.Chain}, JobPath(j.ID), JobInterface, JobXML, &jobObject{s, j.ID},
+		jobInfoCodec.values(&j), func(e *exported) { s.jobs[j.ID] = e }, "Operation", "Chain", "StartedByUID")
 }
 
 // JobChanged updates a job's properties.
