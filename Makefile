@@ -24,16 +24,25 @@ DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES) $(REAL_QUBESD_P
 COMMANDS  := qubes-sim qcryptd qcryptctl
 
 BINDIR    ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
+USERUNITDIR ?= $(PREFIX)/lib/systemd/user
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
+# The system bus reads policies from /usr/share/dbus-1/system.d (and /etc), not from
+# under another prefix.
+POLICYDIR ?= /usr/share/dbus-1/system.d
 
-.PHONY: all build demo e2e check fmt-check vet lint test fuzz bench soak deps install clean vectors
+.PHONY: all build demo e2e check fmt-check vet lint test fuzz bench soak deps install uninstall clean vectors
 
 all: build
 
+# The version both binaries print (--version) and qcryptd shows on the bus.
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.1.0-dev)
+LDFLAGS   := -X github.com/qcrypt/qcrypt/cmd/qcryptd/cli.Version=$(VERSION) -X github.com/qcrypt/qcrypt/ctl.Version=$(VERSION)
+
 build:
 	@mkdir -p $(BIN)
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ $(addprefix ./cmd/,$(COMMANDS))
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ $(addprefix ./cmd/,$(COMMANDS))
 
 # qcrypt's main job on the embedded simulator, step by step (README's first command).
 demo: build
@@ -105,18 +114,32 @@ deps:
 # Installs qcryptd, qcryptctl, the systemd unit, D-Bus policy and activation file, the
 # notification agent's autostart entry and user unit, and shell completions
 # (systemctl enable --now qcryptd afterwards). DESTDIR and PREFIX as usual.
+# Installed files that name a binary say where it is: /usr/bin in the sources, $(BINDIR)
+# once installed (make install PREFIX=/usr/local runs /usr/local/bin/qcryptd).
+SUBST := sed -e 's|/usr/bin/|$(BINDIR)/|g'
+INSTALLED := $(BINDIR)/qcryptd $(BINDIR)/qcryptctl \
+	$(SYSCONFDIR)/xdg/autostart/qcryptctl-notify-agent.desktop $(USERUNITDIR)/qcryptctl-notify-agent.service \
+	$(PREFIX)/share/bash-completion/completions/qcryptctl $(PREFIX)/share/zsh/site-functions/_qcryptctl \
+	$(UNITDIR)/qcryptd.service $(POLICYDIR)/org.qcrypt.Qcryptd1.conf $(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service
+
 install: build
 	install -D -m 0755 $(BIN)/qcryptd $(DESTDIR)$(BINDIR)/qcryptd
 	install -D -m 0755 $(BIN)/qcryptctl $(DESTDIR)$(BINDIR)/qcryptctl
-	install -D -m 0644 systemd/qcryptctl-notify-agent.desktop $(DESTDIR)/etc/xdg/autostart/qcryptctl-notify-agent.desktop
-	install -D -m 0644 systemd/qcryptctl-notify-agent.service $(DESTDIR)$(PREFIX)/lib/systemd/user/qcryptctl-notify-agent.service
-	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/bash-completion/completions $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/xdg/autostart $(DESTDIR)$(USERUNITDIR) $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(POLICYDIR) $(DESTDIR)$(DBUSDIR)/system-services \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+	$(SUBST) systemd/qcryptctl-notify-agent.desktop > $(DESTDIR)$(SYSCONFDIR)/xdg/autostart/qcryptctl-notify-agent.desktop
+	$(SUBST) systemd/qcryptctl-notify-agent.service > $(DESTDIR)$(USERUNITDIR)/qcryptctl-notify-agent.service
+	$(SUBST) systemd/qcryptd.service > $(DESTDIR)$(UNITDIR)/qcryptd.service
+	install -m 0644 systemd/org.qcrypt.Qcryptd1.conf $(DESTDIR)$(POLICYDIR)/org.qcrypt.Qcryptd1.conf
+	install -m 0644 systemd/org.qcrypt.Qcryptd1.service $(DESTDIR)$(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service
 	$(BIN)/qcryptctl completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/qcryptctl
 	$(BIN)/qcryptctl completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_qcryptctl
-	install -D -m 0644 systemd/qcryptd.service $(DESTDIR)$(UNITDIR)/qcryptd.service
-	install -D -m 0644 systemd/org.qcrypt.Qcryptd1.conf $(DESTDIR)$(DBUSDIR)/system.d/org.qcrypt.Qcryptd1.conf
-	install -D -m 0644 systemd/org.qcrypt.Qcryptd1.service $(DESTDIR)$(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service
-	install -d -m 0755 $(DESTDIR)/etc/qcryptd/default
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/qcryptd/default
+
+# Removes what install installed; chain files under /etc/qcryptd stay.
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 
 clean:
 	rm -rf $(BIN)

@@ -65,7 +65,12 @@ type app struct {
 	session   func() (*dbus.Conn, error)
 	now       func() time.Time
 	files     []*os.File // opened for qcryptd, closed at the end
+	json      bool       // --json: a failure is a JSON object on stdout too ...
+	printed   bool       // ... unless the command printed its JSON result already
 }
+
+// Version is set at build time (make: git describe).
+var Version = "0.1.0-dev"
 
 // Main runs qcryptctl.
 func Main(args []string, stdout, stderr io.Writer) int {
@@ -91,17 +96,30 @@ func (a *app) main(args []string) int {
 		a.usage(a.err)
 		return ExitUsage
 	}
-	if args[0] == "-h" || args[0] == "--help" {
+	switch args[0] {
+	case "-h", "--help":
 		a.usage(a.out)
 		return ExitOK
+	case "--version":
+		fmt.Fprintln(a.out, "qcryptctl", Version)
+		return ExitOK
 	}
-	c := lookup(args[0])
+	// Options may come before the command too (qcryptctl --json list): the command is
+	// the first argument that names one.
+	at := 0
+	for at < len(args) && strings.HasPrefix(args[at], "-") && lookup(args[at]) == nil {
+		at++
+	}
+	if at == len(args) {
+		at = 0
+	}
+	c := lookup(args[at])
 	if c == nil {
-		fmt.Fprintf(a.err, "qcryptctl: unknown command %q\n\n", args[0])
+		fmt.Fprintf(a.err, "qcryptctl: unknown command %q\n\n", args[at])
 		a.usage(a.err)
 		return ExitUsage
 	}
-	p, err := parse(c, args[1:])
+	p, err := parse(c, append(append([]string{}, args[:at]...), args[at+1:]...))
 	if err != nil {
 		fmt.Fprintf(a.err, "qcryptctl %s: %v\nusage: qcryptctl %s %s\n", c.name, err, c.name, c.args)
 		return ExitUsage
@@ -110,6 +128,7 @@ func (a *app) main(args []string) int {
 		a.commandHelp(a.out, c)
 		return ExitOK
 	}
+	a.json = p.flags["--json"]
 	defer func() {
 		if a.api != nil {
 			a.api.Disconnect()
@@ -178,7 +197,15 @@ func (a *app) exit(err error) int {
 	case dbusapi.IsAccessDenied(err):
 		code = ExitDenied
 	}
-	if msg := err.Error(); msg != "" {
+	msg := err.Error()
+	if a.json && !a.printed {
+		// Scripts read one JSON document from stdout, whatever happened.
+		a.printJSON(struct {
+			Error string `json:"error"`
+			Exit  int    `json:"exit"`
+		}{msg, code})
+	}
+	if msg != "" {
 		fmt.Fprintln(a.err, "qcryptctl:", msg)
 	}
 	return code
@@ -312,6 +339,7 @@ func (a *app) open(name string, flag int, perm os.FileMode) (*os.File, error) {
 
 // printJSON writes v as indented JSON.
 func (a *app) printJSON(v any) {
+	a.printed = true
 	enc := json.NewEncoder(a.out)
 	enc.SetIndent("", "  ")
 	if err := enc.Encode(v); err != nil {
