@@ -21,6 +21,7 @@ REAL_QUBESD_PACKAGES := python3-lxml python3-libvirt python3-jinja2 python3-docu
 # (QCRYPT_CACHE, default ~/.cache/qcrypt) once and reused.
 REAL_QREXEC_PACKAGES := pkg-config libc6-dev libpam0g-dev
 DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES) $(REAL_QREXEC_PACKAGES)
+DEMO_PACKAGES := bubblewrap dbus
 COMMANDS  := qubes-sim qcryptd qcryptctl
 
 BINDIR    ?= $(PREFIX)/bin
@@ -32,7 +33,7 @@ DBUSDIR   ?= $(PREFIX)/share/dbus-1
 # under another prefix.
 POLICYDIR ?= /usr/share/dbus-1/system.d
 
-.PHONY: all build demo e2e check fmt-check vet lint test fuzz bench soak deps install uninstall clean vectors
+.PHONY: all build demo demo-deps e2e check fmt-check vet lint test fuzz bench soak deps install uninstall clean vectors
 
 all: build
 
@@ -45,7 +46,7 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ $(addprefix ./cmd/,$(COMMANDS))
 
 # qcrypt's main job on the embedded simulator, step by step (README's first command).
-demo: build
+demo: demo-deps build
 	BIN=$(BIN) timeout 180 ./ctl/demo.sh
 
 # The real-kernel end-to-end tests (e2e/): real loop, dm-crypt, mounts and dbus-daemon,
@@ -56,7 +57,7 @@ e2e:
 	if [ -n "$$missing" ]; then echo "e2e: missing Debian packages:$$missing (make deps)"; exit 1; fi
 	./e2e/run.sh
 
-check: fmt-check vet lint test fuzz demo e2e
+check: deps fmt-check vet lint test fuzz demo e2e
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -103,13 +104,23 @@ soak: build
 	E2E_REAL=0 E2E_CYCLES=$(SOAK_E2E_CYCLES) E2E_RUN='^(TestLuksInitOpenWriteReopen|TestCycles)$$' ./e2e/run.sh
 
 # On Debian as root: install what the tests need. Elsewhere: say exactly what is missing.
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -z "$$missing" ]; then echo "deps: all present ($(DEB_PACKAGES))"; \
+# need-packages installs the Debian packages of $(1) that are missing (as root with
+# apt-get) or names them and stops.
+define need-packages
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "deps: all present ($(1))"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "deps: installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else echo "deps: missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi
+endef
+
+deps:
+	$(call need-packages,$(DEB_PACKAGES))
 	$(GO) mod download
+
+# make demo needs only the sandbox and a bus.
+demo-deps:
+	$(call need-packages,$(DEMO_PACKAGES))
 
 # Installs qcryptd, qcryptctl, the systemd unit, D-Bus policy and activation file, the
 # notification agent's autostart entry and user unit, and shell completions

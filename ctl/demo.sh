@@ -7,6 +7,13 @@ work=$(mktemp -d /tmp/qcrypt-demo.XXXXXX)
 chmod 755 "$work"
 pids=()
 cleanup() {
+  status=$?
+  if [ "$status" != 0 ]; then
+    # What went wrong is in the logs of the pieces, not in the step that saw it.
+    for log in sim.log qcryptd.log; do
+      [ -s "$work/$log" ] && { echo "--- $log (last lines):"; tail -n 20 "$work/$log"; } >&2
+    done
+  fi
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -42,10 +49,12 @@ mkdir -p "$work/conf/demo"
 qubes-sim demo-chain > "$work/conf/demo/demo.ini"
 cat "$work/conf/demo/demo.ini"
 for _ in $(seq 100); do [ -S "$work/qubesd.sock" ] && [ -S "$work/bus.sock" ] && break; sleep 0.05; done
+[ -S "$work/qubesd.sock" ] || { echo "the simulator did not start" >&2; exit 1; }
 qcryptd --config-root "$work/conf" --target demo --qubesd-socket "$work/qubesd.sock" \
   --qrexec-client "$BIN/qubes-sim qrexec-client --socket $work/qubesd.sock" \
   --state-dir "$work/state" --dom0-root "$work/sim/qubes/dom0" 2>"$work/qcryptd.log" & pids+=($!)
-until qcryptctl list >/dev/null 2>&1; do sleep 0.05; done
+for _ in $(seq 200); do qcryptctl list >/dev/null 2>&1 && break; sleep 0.05; done
+qcryptctl list >/dev/null || { echo "qcryptd did not come up" >&2; exit 1; }
 run qubes-sim ctl --socket "$work/qubesd.sock" list
 
 step "The chain is configured; work is not running, so qcryptd waits for it"
