@@ -28,6 +28,7 @@ BINDIR    ?= $(PREFIX)/bin
 SYSCONFDIR ?= /etc
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 USERUNITDIR ?= $(PREFIX)/lib/systemd/user
+MANDIR    ?= $(PREFIX)/share/man
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
 # The system bus reads policies from /usr/share/dbus-1/system.d (and /etc), not from
 # under another prefix.
@@ -131,7 +132,8 @@ SUBST := sed -e 's|/usr/bin/|$(BINDIR)/|g'
 INSTALLED := $(BINDIR)/qcryptd $(BINDIR)/qcryptctl \
 	$(SYSCONFDIR)/xdg/autostart/qcryptctl-notify-agent.desktop $(USERUNITDIR)/qcryptctl-notify-agent.service \
 	$(PREFIX)/share/bash-completion/completions/qcryptctl $(PREFIX)/share/zsh/site-functions/_qcryptctl \
-	$(UNITDIR)/qcryptd.service $(POLICYDIR)/org.qcrypt.Qcryptd1.conf $(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service
+	$(UNITDIR)/qcryptd.service $(POLICYDIR)/org.qcrypt.Qcryptd1.conf $(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service \
+	$(MANDIR)/man1/qcryptctl.1 $(MANDIR)/man5/qcrypt.ini.5 $(MANDIR)/man8/qcryptd.8
 
 install: build
 	install -D -m 0755 $(BIN)/qcryptd $(DESTDIR)$(BINDIR)/qcryptd
@@ -147,6 +149,9 @@ install: build
 	$(BIN)/qcryptctl completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/qcryptctl
 	$(BIN)/qcryptctl completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_qcryptctl
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/qcryptd/default
+	install -D -m 0644 docs/man/qcryptctl.1 $(DESTDIR)$(MANDIR)/man1/qcryptctl.1
+	install -D -m 0644 docs/man/qcrypt.ini.5 $(DESTDIR)$(MANDIR)/man5/qcrypt.ini.5
+	install -D -m 0644 docs/man/qcryptd.8 $(DESTDIR)$(MANDIR)/man8/qcryptd.8
 
 # Removes what install installed; chain files under /etc/qcryptd stay.
 uninstall:

@@ -67,8 +67,6 @@ const (
 )
 
 var (
-	plainKeys = []string{keySourceVM, keySourceDevice, keySourceMountPoint, keySourceFile, keyKey, keyMountPoint,
-		keyAutostart, keyReadOnly, keyType, keyInterval, keyPreOpen, keyPostOpen, keyPreClose, keyPostClose}
 	hopKeyRE  = regexp.MustCompile(`^destination (vm|inj|opt) ([1-9][0-9]{0,2})$`)
 	keyLineRE = regexp.MustCompile(`^\s*([^#;=:\[][^=:]*?)\s*[=:]`)
 )

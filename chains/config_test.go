@@ -283,3 +283,15 @@ func TestOneValidator(t *testing.T) {
 		t.Errorf("relative file from a caller: %v", err)
 	}
 }
+
+// docs/qcrypt.ini.md is the reference the loader's key list comes from; its example is
+// a valid chain file.
+func TestReferenceDoc(t *testing.T) {
+	golden.Check(t, "../docs/qcrypt.ini.md", ReferenceMarkdown())
+	if _, errs := loadOne(t, exampleChain, 0o644, false); len(errs) != 0 {
+		t.Errorf("the example: %v", errs)
+	}
+	if len(plainKeys) != 14 {
+		t.Errorf("%d plain keys: %v", len(plainKeys), plainKeys)
+	}
+}

@@ -713,6 +713,14 @@ func cmdHelp(a *app, p *parsed) error {
 		fmt.Fprint(a.out, Markdown())
 		return nil
 	}
+	if page := p.value("--man"); page != "" {
+		out, ok := ManPages()[page]
+		if !ok {
+			return usageErr("--man: qcryptctl or qcrypt.ini")
+		}
+		fmt.Fprint(a.out, out)
+		return nil
+	}
 	if len(p.args) == 0 {
 		a.usage(a.out)
 		return nil

@@ -88,7 +88,8 @@ func init() {
 				"a chain opened (and where), closed, failed (critical) or its device appeared. One notification per chain."},
 		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", run: cmdCompletion},
 		{name: "help", args: "[COMMAND]", summary: "show help", run: cmdHelp,
-			flags: []flagSpec{{long: "--markdown", help: "print docs/qcryptctl.md"}}},
+			flags: []flagSpec{{long: "--markdown", help: "print docs/qcryptctl.md"},
+				{long: "--man", arity: 1, help: "print the man page qcryptctl(1) or qcrypt.ini(5) (docs/man/)"}}},
 	}
 }
 

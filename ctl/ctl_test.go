@@ -322,4 +322,7 @@ func TestAccessDeniedExitStatus(t *testing.T) {
 
 func TestDocsAreGenerated(t *testing.T) {
 	golden.Check(t, "../docs/qcryptctl.md", Markdown())
+	for page, file := range map[string]string{"qcryptctl": "qcryptctl.1", "qcrypt.ini": "qcrypt.ini.5"} {
+		golden.Check(t, "../docs/man/"+file, ManPages()[page])
+	}
 }

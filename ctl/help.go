@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/ctl/man"
 )
 
 func (a *app) usage(w io.Writer) {
@@ -52,6 +55,15 @@ func capitalize(s string) string {
 		return s
 	}
 	return strings.ToUpper(s[:1]) + s[1:]
+}
+
+// ManPages are the man pages qcryptctl makes: qcryptctl(1) from the same text as
+// docs/qcryptctl.md, qcrypt.ini(5) from the chain file reference (docs/qcrypt.ini.md).
+func ManPages() map[string]string {
+	return map[string]string{
+		"qcryptctl":  man.Page("qcryptctl", 1, "control qcryptd, qcrypt's daemon of encrypted chains across qubes", Markdown()),
+		"qcrypt.ini": man.Page("qcrypt.ini", 5, "qcrypt chain files", chains.ReferenceMarkdown()),
+	}
 }
 
 // Markdown is docs/qcryptctl.md: the commands' help, exit statuses and JSON schemas.

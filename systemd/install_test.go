@@ -44,6 +44,9 @@ func TestInstallUnderAPrefix(t *testing.T) {
 		"/usr/local/lib/systemd/user/qcryptctl-notify-agent.service",
 		"/usr/local/share/bash-completion/completions/qcryptctl",
 		"/usr/local/share/dbus-1/system-services/org.qcrypt.Qcryptd1.service",
+		"/usr/local/share/man/man1/qcryptctl.1",
+		"/usr/local/share/man/man5/qcrypt.ini.5",
+		"/usr/local/share/man/man8/qcryptd.8",
 		"/usr/local/share/zsh/site-functions/_qcryptctl",
 		"/usr/share/dbus-1/system.d/org.qcrypt.Qcryptd1.conf", // the bus reads no other prefix
 	}

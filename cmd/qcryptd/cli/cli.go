@@ -35,29 +35,53 @@ const usage = `usage: qcryptd [OPTIONS]              run the daemon
 options:
 `
 
+// flags are qcryptd's options.
+type flags struct {
+	root, target, socket, qrexec, state, dom0Root, level, privateDir, machineID *string
+	hookTimeout, cmdTimeout                                                     *time.Duration
+	maxQrexec                                                                   *int
+	version, man, markdown                                                      *bool
+}
+
+func defineFlags(fs *flag.FlagSet) flags {
+	var f flags
+	f.root = fs.String("config-root", chains.DefaultConfigRoot, "directory holding one directory per config target")
+	f.target = fs.String("target", "default", "config target: the chains of `NAME` under --config-root")
+	f.socket = fs.String("qubesd-socket", qubes.DefaultSocket, "qubesd Admin API socket")
+	f.qrexec = fs.String("qrexec-client", qubes.DefaultQrexecClient, "qrexec-client command line, 'CMD [ARGS]' split on spaces")
+	f.state = fs.String("state-dir", chains.DefaultStateDir, "directory for the journal")
+	f.dom0Root = fs.String("dom0-root", "", "simulator only: run dom0 work through qrexec-client -d dom0 and read dom0 files under `DIR`")
+	f.level = fs.String("log-level", "info", "debug, info, warning or error")
+	f.privateDir = fs.String("luks-init-dir", "", "dom0 directory, root's alone and on a tmpfs, for luks-init's keys and container (default "+chains.DefaultPrivateDir+"; with --dom0-root /tmp/qcryptd-luks-init)")
+	f.hookTimeout = fs.Duration("hook-timeout", daemon.DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
+	f.cmdTimeout = fs.Duration("command-timeout", 5*time.Minute, "how long one command in a qube may run before it is ended (and its step fails)")
+	f.maxQrexec = fs.Int("max-qrexec", 4, "how many commands may run in qubes at once (parallel qrexec calls stall on Qubes, QubesOS/qubes-issues#6755)")
+	f.machineID = fs.String("machine-id", "", "this machine's id in the cross-machine locks beside containers (default: /etc/machine-id)")
+	f.version = fs.Bool("version", false, "print the version and exit")
+	f.man = fs.Bool("man", false, "print the man page qcryptd(8) and exit")
+	f.markdown = fs.Bool("markdown", false, "print docs/qcryptd.md and exit")
+	return f
+}
+
 // Main is the qcryptd command.
 func Main(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("qcryptd", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
-	root := fs.String("config-root", chains.DefaultConfigRoot, "directory holding one directory per config target")
-	target := fs.String("target", "default", "config target: the chains of `NAME` under --config-root")
-	socket := fs.String("qubesd-socket", qubes.DefaultSocket, "qubesd Admin API socket")
-	qrexec := fs.String("qrexec-client", qubes.DefaultQrexecClient, "qrexec-client command line, 'CMD [ARGS]' split on spaces")
-	state := fs.String("state-dir", chains.DefaultStateDir, "directory for the journal")
-	dom0Root := fs.String("dom0-root", "", "simulator only: run dom0 work through qrexec-client -d dom0 and read dom0 files under `DIR`")
-	level := fs.String("log-level", "info", "debug, info, warning or error")
-	privateDir := fs.String("luks-init-dir", "", "dom0 directory, root's alone and on a tmpfs, for luks-init's keys and container (default "+chains.DefaultPrivateDir+"; with --dom0-root /tmp/qcryptd-luks-init)")
-	hookTimeout := fs.Duration("hook-timeout", daemon.DefaultHookTimeout, "how long a pre/post open/close command may run before it is killed")
-	cmdTimeout := fs.Duration("command-timeout", 5*time.Minute, "how long one command in a qube may run before it is ended (and its step fails)")
-	maxQrexec := fs.Int("max-qrexec", 4, "how many commands may run in qubes at once (parallel qrexec calls stall on Qubes, QubesOS/qubes-issues#6755)")
-	machineID := fs.String("machine-id", "", "this machine's id in the cross-machine locks beside containers (default: /etc/machine-id)")
-	version := fs.Bool("version", false, "print the version and exit")
+	f := defineFlags(fs)
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
-	if *version {
+	if *f.version {
 		fmt.Fprintln(stdout, "qcryptd", Version)
+		return 0
+	}
+	if *f.man {
+		fmt.Fprint(stdout, ManPage())
+		return 0
+	}
+	if *f.markdown {
+		fmt.Fprint(stdout, Markdown())
 		return 0
 	}
 	if rest := fs.Args(); len(rest) > 0 {
@@ -69,12 +93,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		if len(rest) == 2 {
 			t = rest[1]
 		}
-		return chains.Check(stdout, t, *root)
+		return chains.Check(stdout, t, *f.root)
 	}
 
 	logger := logrus.New()
 	logger.SetOutput(stderr)
-	lvl, err := logrus.ParseLevel(*level)
+	lvl, err := logrus.ParseLevel(*f.level)
 	if err != nil {
 		fmt.Fprintln(stderr, "qcryptd: --log-level:", err)
 		return 2
@@ -83,35 +107,35 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	systemd.SetupLogging(logger, "qcryptd")
 	log := logrus.NewEntry(logger)
 
-	if *machineID == "" {
+	if *f.machineID == "" {
 		data, err := os.ReadFile("/etc/machine-id")
 		if err != nil {
 			log.WithError(err).Warn("cannot read the machine id: read-write opens write no cross-machine lock")
 		}
-		*machineID = strings.TrimSpace(string(data))
+		*f.machineID = strings.TrimSpace(string(data))
 	}
-	if *machineID != "" && !chains.ValidMachineID(*machineID) {
+	if *f.machineID != "" && !chains.ValidMachineID(*f.machineID) {
 		fmt.Fprintln(stderr, "qcryptd: --machine-id (or /etc/machine-id) is not 32 lower-case hex digits")
 		return 2
 	}
-	client := qubes.NewClient(*socket)
-	if *maxQrexec < 1 {
+	client := qubes.NewClient(*f.socket)
+	if *f.maxQrexec < 1 {
 		fmt.Fprintln(stderr, "qcryptd: --max-qrexec must be at least 1")
 		return 2
 	}
-	runner := qubes.NewRunner(strings.Fields(*qrexec))
-	runner.MaxParallel = *maxQrexec
-	runner.Timeout = *cmdTimeout
+	runner := qubes.NewRunner(strings.Fields(*f.qrexec))
+	runner.MaxParallel = *f.maxQrexec
+	runner.Timeout = *f.cmdTimeout
 	var dom0 chains.Dom0 = qubes.LocalDom0{Runner: runner}
-	if *dom0Root != "" {
-		dom0 = qubes.RemoteDom0{Runner: runner, Root: filepath.Clean(*dom0Root)}
-		if *privateDir == "" {
-			*privateDir = "/tmp/qcryptd-luks-init" // the simulated dom0's /run lasts one command
+	if *f.dom0Root != "" {
+		dom0 = qubes.RemoteDom0{Runner: runner, Root: filepath.Clean(*f.dom0Root)}
+		if *f.privateDir == "" {
+			*f.privateDir = "/tmp/qcryptd-luks-init" // the simulated dom0's /run lasts one command
 		}
 	}
-	d, err := daemon.New(daemon.Options{ConfigRoot: *root, Target: *target, StateDir: *state, Qubes: client, Runner: runner,
+	d, err := daemon.New(daemon.Options{ConfigRoot: *f.root, Target: *f.target, StateDir: *f.state, Qubes: client, Runner: runner,
 		Dom0: dom0, Log: log, Notify: systemd.Notify, Watchdog: systemd.WatchdogInterval(),
-		AsRoot: os.Geteuid() == 0, Version: Version, MachineID: *machineID, HookTimeout: *hookTimeout, PrivateDir: *privateDir})
+		AsRoot: os.Geteuid() == 0, Version: Version, MachineID: *f.machineID, HookTimeout: *f.hookTimeout, PrivateDir: *f.privateDir})
 	if err != nil {
 		log.WithError(err).Error("cannot start")
 		return 1
@@ -124,7 +148,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if err := systemd.Notify("READY=1"); err != nil {
 		log.WithError(err).Warn("cannot notify systemd")
 	}
-	log.WithFields(logrus.Fields{"target": *target, "version": Version}).Info("qcryptd ready")
+	log.WithFields(logrus.Fields{"target": *f.target, "version": Version}).Info("qcryptd ready")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
