@@ -54,7 +54,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 		if i > 0 {
 			prev = c.Hops[i-1].VM
 		}
-		closeStep := Step{"close", h.VM, "unmount and close " + c.Key}
+		closeStep := Step{"close", h.VM, "unmount and close " + c.Key + " in " + h.VM}
 		if mayShutdown {
 			closeStep.Desc += "; if that fails, shut " + h.VM + " down"
 		}
@@ -98,7 +98,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			return err
 		}})
 	}
-	srcStep := Step{"loop-detach", c.SourceVM, "detach the loop devices of " + c.Container()}
+	srcStep := Step{"loop-detach", c.SourceVM, "detach the loop devices of " + c.Container() + " in " + c.SourceVM}
 	if o.Eject && c.SourceDevice != "" {
 		srcStep.Desc += ", unmount " + c.SourceMountPoint
 	}

@@ -264,11 +264,19 @@ func (a *app) overview(api API, asJSON bool) error {
 // job runs a job with progress on a terminal (a bar) or as plain lines.
 func (a *app) job(api API, start dbusapi.Starter, asJSON bool) error {
 	lastStep := -1
+	var lastDraw time.Time
 	progress := func(j dbusapi.JobInfo) {
 		if asJSON || j.Steps == 0 || j.Step == 0 {
 			return
 		}
 		if a.tty {
+			// A bar redrawn for every byte count costs more than it shows: ~10 per second,
+			// and always when the step changes.
+			now := a.now()
+			if int(j.Step) == lastStep && now.Sub(lastDraw) < 100*time.Millisecond {
+				return
+			}
+			lastStep, lastDraw = int(j.Step), now
 			bar := progressBar(j)
 			fmt.Fprintf(a.out, "\r\033[K%s", bar)
 			return
@@ -631,17 +639,19 @@ func cmdCloseAll(a *app, p *parsed) error {
 		return err
 	}
 	var paths []dbus.ObjectPath
+	chainOf := map[dbus.ObjectPath]string{} // from each job's first report
 	start := api.CloseAll(closeOptions(p), p.flags["--stop"])
 	res, err := api.RunJobs(a.ctx, func(ctx context.Context) ([]dbus.ObjectPath, error) {
 		var err error
 		paths, err = start(ctx)
 		return paths, err
-	}, nil)
+	}, func(j dbusapi.JobInfo) { chainOf[dbusapi.JobPath(j.ID)] = j.Chain })
 	if err != nil {
 		return err
 	}
 	type result struct {
 		Job     string `json:"job"`
+		Chain   string `json:"chain"`
 		Success bool   `json:"success"`
 		Message string `json:"message"`
 	}
@@ -649,13 +659,17 @@ func cmdCloseAll(a *app, p *parsed) error {
 	failed := false
 	for i, r := range res {
 		failed = failed || !r.Success
-		results = append(results, result{string(paths[i]), r.Success, r.Message})
+		results = append(results, result{string(paths[i]), chainOf[paths[i]], r.Success, r.Message})
 	}
 	if p.flags["--json"] {
 		a.printJSON(results)
 	} else {
 		for _, r := range results {
-			fmt.Fprintf(a.out, "%s: %s\n", r.Job, r.Message)
+			name := r.Chain
+			if name == "" {
+				name = r.Job // ended before it could be read
+			}
+			fmt.Fprintf(a.out, "%s: %s\n", name, r.Message)
 		}
 		fmt.Fprintf(a.out, "%d chains closed.\n", len(results))
 	}

@@ -8,8 +8,10 @@ import (
 	"golang.org/x/sys/unix"
 	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -102,7 +104,7 @@ func (f *fakeAPI) Check(_ context.Context, target string) (bool, []string, error
 
 func (f *fakeAPI) CloseAll(o chains.CloseOptions, stop bool) func(context.Context) ([]dbus.ObjectPath, error) {
 	return func(context.Context) ([]dbus.ObjectPath, error) {
-		return []dbus.ObjectPath{dbusapi.JobPath(7)}, f.rec("CloseAll %+v stop=%v", o, stop)
+		return []dbus.ObjectPath{dbusapi.JobPath(7), dbusapi.JobPath(8)}, f.rec("CloseAll %+v stop=%v", o, stop)
 	}
 }
 
@@ -112,7 +114,11 @@ func (f *fakeAPI) RunJobs(ctx context.Context, start func(context.Context) ([]db
 		return nil, err
 	}
 	out := make([]dbusapi.JobResult, len(paths))
-	for i := range out {
+	for i, p := range paths {
+		// As the real client: each job's state is read (and reported) once first.
+		if id, err := strconv.ParseUint(path.Base(string(p)), 10, 64); err == nil && progress != nil {
+			progress(dbusapi.JobInfo{ID: id, Operation: dbusapi.OpClose, Chain: fmt.Sprintf("chain%d", id), State: dbusapi.JobRunning})
+		}
 		out[i] = dbusapi.JobResult{Success: true, Message: "closed"}
 	}
 	return out, nil
@@ -172,6 +178,9 @@ func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress fu
 	if progress != nil {
 		for i := uint32(0); i <= 3; i++ {
 			progress(dbusapi.JobInfo{Step: i, Steps: 3, StepDescription: fmt.Sprintf("step %d", i), Bytes: uint64(i) << 20, TotalBytes: 3 << 20})
+			// More bytes within the step, at once (the clock stands): a terminal is not
+			// redrawn for them.
+			progress(dbusapi.JobInfo{Step: i, Steps: 3, StepDescription: fmt.Sprintf("step %d", i), Bytes: uint64(i)<<20 + 1<<19, TotalBytes: 3 << 20})
 		}
 	}
 	return dbusapi.JobResult{Success: true, Message: "open"}, nil

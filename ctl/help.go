@@ -105,7 +105,7 @@ const exitAndJSONDocs = "## Exit status\n\n" +
 	"- `status CHAIN`: `{chain, source_vm, source_running, source (loop|file|missing|unknown), hops: [{vm, running, attached, frontend_dev?, key_present, decrypted, mounted, mapper_elsewhere?}], missing, problem?}`.\n" +
 	"- `open`, `close`, `luks-init`: `{success, message}` when the job ends.\n" +
 	"- `plan`: array of `{vm, step}`.\n" +
-	"- `check`: `{ok, errors[]}`. `reload`: `{chains}`. `close-all`: array of `{job, success, message}`.\n" +
+	"- `check`: `{ok, errors[]}`. `reload`: `{chains}`. `close-all`: array of `{job, chain, success, message}`.\n" +
 	"- `watch`: one object per line: `{time, chain, state, previous, cause, detail}` (causes: docs/states.md).\n"
 
 func bashCompletion() string {

@@ -403,12 +403,15 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 			delete(pending, p)
 		}
 	}
-	// A job may have ended before anything was seen: read the state of each.
+	// A job may have ended before anything was seen: read the state of each. From then
+	// on its changes come with their values: each step is seen, without a round trip.
+	latest := map[dbus.ObjectPath]JobInfo{}
 	for _, p := range paths {
 		j, err := c.Job(context.Background(), p)
 		if err != nil {
 			continue // gone already: its Completed signal is queued
 		}
+		latest[p] = j
 		if progress != nil {
 			progress(j)
 		}
@@ -448,10 +451,15 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 					finish(s.Path, r)
 				}
 			case propertiesInterface + ".PropertiesChanged":
-				if _, mine := pending[s.Path]; mine && progress != nil {
-					if j, err := c.Job(context.Background(), s.Path); err == nil {
-						progress(j)
-					}
+				j, mine := latest[s.Path]
+				var iface string
+				var changed map[string]dbus.Variant
+				if !mine || progress == nil || len(s.Body) < 2 || dbus.Store(s.Body[:2], &iface, &changed) != nil || iface != JobInterface {
+					continue
+				}
+				if jobInfoCodec.update(changed, &j) == nil {
+					latest[s.Path] = j
+					progress(j)
 				}
 			}
 		}

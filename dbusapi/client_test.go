@@ -2,9 +2,11 @@ package dbusapi
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -169,6 +171,59 @@ func TestRunJobBelievesOnlyQcryptd(t *testing.T) {
 		}
 	case <-time.After(time.Minute):
 		t.Fatal("the real Completed was not seen")
+	}
+}
+
+// Progress comes from the values the change signals carry: every step is seen, in
+// order, without reading the job again (qcryptctl printed only the steps a read caught).
+func TestRunJobProgressFromSignals(t *testing.T) {
+	server, fake, _, c := forgeWorld(t)
+	var mu sync.Mutex
+	var seen []string
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.RunJob(context.Background(), c.Open("demo", openOpts()), func(j JobInfo) {
+			mu.Lock()
+			seen = append(seen, fmt.Sprintf("%d/%d %s", j.Step, j.Steps, j.StepDescription))
+			mu.Unlock()
+		})
+		done <- err
+	}()
+	select {
+	case <-fake.jobRead:
+	case <-time.After(time.Minute):
+		t.Fatal("the client never read the job's state")
+	}
+	v := dbus.MakeVariant
+	for _, changed := range []map[string]dbus.Variant{
+		{"StepDescription": v("attach \x1b[31m")}, {"Step": v(uint32(2))},
+		{"StepDescription": v("decrypt")}, {"Step": v(uint32(3))},
+	} {
+		if err := server.Emit(JobPath(1), propertiesInterface+".PropertiesChanged", JobInterface, changed, []string{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := server.Emit(JobPath(1), JobInterface+".Completed", true, "open"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the job's end was not seen")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"1/5 x", "1/5 attach ?[31m", "2/5 attach ?[31m", "2/5 decrypt", "3/5 decrypt"}
+	if strings.Join(seen, "|") != strings.Join(want, "|") {
+		t.Errorf("progress %q, want %q", seen, want)
+	}
+	select {
+	case <-fake.jobRead:
+		t.Error("the job was read again")
+	default:
 	}
 }
 

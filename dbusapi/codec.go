@@ -75,12 +75,19 @@ func (c codec[T]) keys() []string {
 // a missing key is an error unless optional, and every string is made safe to print.
 func (c codec[T]) read(m map[string]dbus.Variant, v *T) error {
 	for _, f := range c {
+		if _, ok := m[f.key]; !ok && !f.optional {
+			return fmt.Errorf("field %s is missing", f.key)
+		}
+	}
+	return c.update(m, v)
+}
+
+// update applies the keys present in m (a PropertiesChanged signal's), as read does.
+func (c codec[T]) update(m map[string]dbus.Variant, v *T) error {
+	for _, f := range c {
 		x, ok := m[f.key]
 		if !ok {
-			if f.optional {
-				continue
-			}
-			return fmt.Errorf("field %s is missing", f.key)
+			continue
 		}
 		if err := f.store(v, x); err != nil {
 			return fmt.Errorf("field %s: %w", f.key, err)
