@@ -27,7 +27,6 @@ COMMANDS  := qubes-sim qcryptd qcryptctl
 BINDIR    ?= $(PREFIX)/bin
 SYSCONFDIR ?= /etc
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
-USERUNITDIR ?= $(PREFIX)/lib/systemd/user
 MANDIR    ?= $(PREFIX)/share/man
 DBUSDIR   ?= $(PREFIX)/share/dbus-1
 # The system bus reads policies from /usr/share/dbus-1/system.d (and /etc), not from
@@ -124,13 +123,13 @@ demo-deps:
 	$(call need-packages,$(DEMO_PACKAGES))
 
 # Installs qcryptd, qcryptctl, the systemd unit, D-Bus policy and activation file, the
-# notification agent's autostart entry and user unit, and shell completions
+# notification agent's autostart entry, shell completions and man pages
 # (systemctl enable --now qcryptd afterwards). DESTDIR and PREFIX as usual.
 # Installed files that name a binary say where it is: /usr/bin in the sources, $(BINDIR)
 # once installed (make install PREFIX=/usr/local runs /usr/local/bin/qcryptd).
 SUBST := sed -e 's|/usr/bin/|$(BINDIR)/|g'
 INSTALLED := $(BINDIR)/qcryptd $(BINDIR)/qcryptctl \
-	$(SYSCONFDIR)/xdg/autostart/qcryptctl-notify-agent.desktop $(USERUNITDIR)/qcryptctl-notify-agent.service \
+	$(SYSCONFDIR)/xdg/autostart/qcryptctl-notify-agent.desktop \
 	$(PREFIX)/share/bash-completion/completions/qcryptctl $(PREFIX)/share/zsh/site-functions/_qcryptctl \
 	$(UNITDIR)/qcryptd.service $(POLICYDIR)/org.qcrypt.Qcryptd1.conf $(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service \
 	$(MANDIR)/man1/qcryptctl.1 $(MANDIR)/man5/qcrypt.ini.5 $(MANDIR)/man8/qcryptd.8
@@ -138,11 +137,10 @@ INSTALLED := $(BINDIR)/qcryptd $(BINDIR)/qcryptctl \
 install: build
 	install -D -m 0755 $(BIN)/qcryptd $(DESTDIR)$(BINDIR)/qcryptd
 	install -D -m 0755 $(BIN)/qcryptctl $(DESTDIR)$(BINDIR)/qcryptctl
-	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/xdg/autostart $(DESTDIR)$(USERUNITDIR) $(DESTDIR)$(UNITDIR) \
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/xdg/autostart $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(POLICYDIR) $(DESTDIR)$(DBUSDIR)/system-services \
 		$(DESTDIR)$(PREFIX)/share/bash-completion/completions $(DESTDIR)$(PREFIX)/share/zsh/site-functions
 	$(SUBST) systemd/qcryptctl-notify-agent.desktop > $(DESTDIR)$(SYSCONFDIR)/xdg/autostart/qcryptctl-notify-agent.desktop
-	$(SUBST) systemd/qcryptctl-notify-agent.service > $(DESTDIR)$(USERUNITDIR)/qcryptctl-notify-agent.service
 	$(SUBST) systemd/qcryptd.service > $(DESTDIR)$(UNITDIR)/qcryptd.service
 	install -m 0644 systemd/org.qcrypt.Qcryptd1.conf $(DESTDIR)$(POLICYDIR)/org.qcrypt.Qcryptd1.conf
 	install -m 0644 systemd/org.qcrypt.Qcryptd1.service $(DESTDIR)$(DBUSDIR)/system-services/org.qcrypt.Qcryptd1.service

@@ -63,6 +63,7 @@ type app struct {
 	ctx       context.Context
 	configDir string // for check without a daemon
 	session   func() (*dbus.Conn, error)
+	watcher   func() (API, error) // the system bus, qcryptd running or not
 	now       func() time.Time
 	files     []*os.File // opened for qcryptd, closed at the end
 	json      bool       // --json: a failure is a JSON object on stdout too ...
@@ -78,7 +79,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	a := &app{out: stdout, err: stderr, ctx: ctx, configDir: chains.DefaultConfigRoot, tty: isTerminal(stdout),
 		connect: func() (API, error) { return dbusapi.Connect() }, session: func() (*dbus.Conn, error) { return dbus.ConnectSessionBus() },
-		now: time.Now}
+		watcher: func() (API, error) { return dbusapi.ConnectBus() },
+		now:     time.Now}
 	return a.main(args[1:])
 }
 

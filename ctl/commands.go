@@ -85,7 +85,9 @@ func init() {
 		{name: "watch", summary: "follow chain state changes", run: cmdWatch, flags: []flagSpec{fJSON}, help: "Prints one line per change until interrupted."},
 		{name: "notify-agent", summary: "post desktop notifications for chain events (run in the desktop session)", run: cmdNotifyAgent,
 			help: "Listens to qcryptd on the system bus and notifies through org.freedesktop.Notifications on the session bus:\n" +
-				"a chain opened (and where), closed, failed (critical) or its device appeared. One notification per chain."},
+				"a chain opened (and where), closed, failed (critical) or its device appeared. One notification per chain.\n" +
+				"Started by its XDG autostart entry; one runs per session (a second leaves); it waits for qcryptd and follows\n" +
+				"it across restarts. Failed notifications are told on stderr."},
 		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", run: cmdCompletion},
 		{name: "help", args: "[COMMAND]", summary: "show help", run: cmdHelp,
 			flags: []flagSpec{{long: "--markdown", help: "print docs/qcryptctl.md"},

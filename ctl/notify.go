@@ -3,6 +3,7 @@ package ctl
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +19,7 @@ import (
 type notifier struct {
 	conn   *dbus.Conn
 	chain  func(name string) (dbusapi.ChainInfo, error)
+	errs   io.Writer // failed Notify calls are told here
 	MinGap time.Duration
 
 	mu      sync.Mutex
@@ -31,8 +33,8 @@ type note struct {
 	critical      bool
 }
 
-func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error)) *notifier {
-	return &notifier{conn: conn, chain: chain, MinGap: 2 * time.Second, ids: map[string]uint32{}, last: map[string]time.Time{}, pending: map[string]*time.Timer{}}
+func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error), errs io.Writer) *notifier {
+	return &notifier{conn: conn, chain: chain, errs: errs, MinGap: 2 * time.Second, ids: map[string]uint32{}, last: map[string]time.Time{}, pending: map[string]*time.Timer{}}
 }
 
 // describe turns a state change into a notification, or nil for changes not worth one.
@@ -41,6 +43,8 @@ func newNotifier(conn *dbus.Conn, chain func(string) (dbusapi.ChainInfo, error))
 func (n *notifier) describe(ev dbusapi.ChainEvent) *note {
 	chain := ev.Chain
 	switch {
+	case ev.State == ev.Previous:
+		return nil // a new step or waiting text: nothing to tell
 	case ev.State == dbusapi.ChainOpen && ev.Reason.Cause == dbusapi.CauseFoundOpen:
 		return nil // qcryptd (re)started and found it open: nothing happened
 	case ev.State == dbusapi.ChainOpen:
@@ -99,29 +103,40 @@ func (n *notifier) send(chain string, nt *note) {
 	err := n.conn.Object("org.freedesktop.Notifications", "/org/freedesktop/Notifications").Call(
 		"org.freedesktop.Notifications.Notify", 0, "qcrypt", n.ids[chain], "drive-harddisk", nt.summary, nt.body,
 		[]string{}, hints, timeout).Store(&id)
-	if err == nil {
+	if err != nil {
+		fmt.Fprintf(n.errs, "qcryptctl notify-agent: cannot notify %q: %v\n", nt.summary, err)
+	} else {
 		n.ids[chain] = id
 	}
 	n.last[chain] = time.Now()
 }
 
+// agentName is the session bus name the notification agent owns: one per session.
+const agentName = "org.qcrypt.NotifyAgent"
+
+// cmdNotifyAgent runs for the whole desktop session (XDG autostart): it waits for
+// qcryptd, follows it across restarts and ends with the session or a signal.
 func cmdNotifyAgent(a *app, p *parsed) error {
-	api, err := a.client()
-	if err != nil {
-		return err
-	}
 	sess, err := a.session()
 	if err != nil {
 		return fmt.Errorf("cannot connect to the session bus: %w", err)
 	}
 	defer sess.Close()
+	if r, err := sess.RequestName(agentName, dbus.NameFlagDoNotQueue); err != nil {
+		return fmt.Errorf("cannot own %s on the session bus: %w", agentName, err)
+	} else if r != dbus.RequestNameReplyPrimaryOwner {
+		fmt.Fprintln(a.err, "qcryptctl notify-agent: another one runs in this session")
+		return nil
+	}
+	api, err := a.watcher()
+	if err != nil {
+		return err
+	}
+	defer api.Disconnect()
 	n := newNotifier(sess, func(name string) (dbusapi.ChainInfo, error) {
 		ctx, cancel := context.WithTimeout(a.ctx, 5*time.Second)
 		defer cancel()
 		return api.Chain(ctx, name)
-	})
-	if err := api.Watch(a.ctx, dbusapi.Watcher{Change: n.handle}); err != nil {
-		return err
-	}
-	return nil
+	}, a.err)
+	return api.Watch(a.ctx, dbusapi.Watcher{Change: n.handle})
 }

@@ -2,6 +2,8 @@ package ctl
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +16,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 )
 
 // fakeNotifications records Notify calls, as a desktop's notification server would get them.
@@ -100,10 +103,12 @@ func TestNotifyAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer agentConn.Close()
+	var errs bytes.Buffer
 	n := newNotifier(agentConn, func(name string) (dbusapi.ChainInfo, error) {
 		return dbusapi.ChainInfo{Name: name, Target: "work", MountPoint: "/mnt/" + name + "<b>&"}, nil
-	})
+	}, &errs)
 	n.MinGap = 300 * time.Millisecond
+	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "waiting", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseDeviceGone, "a new waiting text")}) // no change of state
 
 	n.handle(dbusapi.ChainEvent{Chain: "usb", State: "opening", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseDeviceAppeared, "a device appeared in sys-usb")})
 	n.handle(dbusapi.ChainEvent{Chain: "demo", State: "opening", Previous: "waiting", Reason: dbusapi.Because(dbusapi.CauseQubeStarted, "work started")}) // not worth a note
@@ -138,7 +143,7 @@ func TestNotifyAgent(t *testing.T) {
 }
 
 func TestDesktopFiles(t *testing.T) {
-	for _, f := range []string{"../systemd/qcryptctl-notify-agent.desktop", "../systemd/qcryptctl-notify-agent.service"} {
+	for _, f := range []string{"../systemd/qcryptctl-notify-agent.desktop"} {
 		data, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
@@ -146,5 +151,85 @@ func TestDesktopFiles(t *testing.T) {
 		if !strings.Contains(string(data), "qcryptctl notify-agent") {
 			t.Errorf("%s does not run the agent", f)
 		}
+	}
+}
+
+// The agent started before qcryptd waits for it, and a second agent in the session
+// leaves at once: one notification per event.
+func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
+	session := sessionBus(t)
+	system, stop, err := dbustest.Start(t.TempDir(), dbustest.Permissive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", system)
+	server, err := dbus.Connect(session)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	fake := &fakeNotifications{called: make(chan struct{}, 64)}
+	if err := server.Export(fake, "/org/freedesktop/Notifications", "org.freedesktop.Notifications"); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := server.RequestName("org.freedesktop.Notifications", dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
+		t.Fatalf("name: %v %v", r, err)
+	}
+	agent := func(ctx context.Context) (int, string) {
+		var out, errb bytes.Buffer
+		a := &app{out: &out, err: &errb, ctx: ctx, now: time.Now,
+			session: func() (*dbus.Conn, error) { return dbus.Connect(session) },
+			watcher: func() (API, error) { return dbusapi.ConnectBus() }}
+		return a.main([]string{"notify-agent"}), errb.String()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ended := make(chan int, 1)
+	go func() { code, _ := agent(ctx); ended <- code }()
+	defer func() { cancel(); <-ended }()
+
+	// Once the first owns its name, a second one leaves.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var owned bool
+		if err := server.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, agentName).Store(&owned); err != nil {
+			t.Fatal(err)
+		}
+		if owned {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the agent never owned its name")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if code, errs := agent(context.Background()); code != 0 || !strings.Contains(errs, "another one runs") {
+		t.Errorf("second agent: exit %d, %q", code, errs)
+	}
+	// qcryptd comes after the agent: its changes are notified.
+	qcryptd, err := dbus.Connect(system)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer qcryptd.Close()
+	if r, err := qcryptd.RequestName(dbusapi.BusName, dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
+		t.Fatalf("name: %v %v", r, err)
+	}
+	tick := time.NewTicker(100 * time.Millisecond) // until the agent's watch hears one
+	defer tick.Stop()
+	for notified := false; !notified; {
+		select {
+		case <-fake.called:
+			notified = true
+		case <-tick.C:
+			if err := qcryptd.Emit(dbusapi.ChainPath("demo"), dbusapi.ChainInterface+".StateChanged", "failed", "opening", "error", "x"); err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("no notification after qcryptd came")
+		}
+	}
+	if got := fake.get(); got[0].Summary != "qcrypt: demo failed" {
+		t.Errorf("notification %+v", got[0])
 	}
 }

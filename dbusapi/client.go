@@ -29,16 +29,25 @@ type Client struct {
 // Connect dials the system bus (DBUS_SYSTEM_BUS_ADDRESS if set) and checks that
 // qcryptd is there.
 func Connect() (*Client, error) {
+	c, err := ConnectBus()
+	if err != nil {
+		return nil, err
+	}
+	if owner, err := c.owner(); err != nil || owner == "" {
+		c.Disconnect()
+		return nil, ErrNotRunning
+	}
+	return c, nil
+}
+
+// ConnectBus connects to the system bus whether qcryptd runs or not: for a Watch that
+// waits for it (the notification agent).
+func ConnectBus() (*Client, error) {
 	conn, err := dbus.ConnectSystemBus()
 	if err != nil {
 		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
 	}
-	c := &Client{conn: conn, obj: conn.Object(BusName, ManagerPath)}
-	if owner, err := c.owner(); err != nil || owner == "" {
-		conn.Close()
-		return nil, ErrNotRunning
-	}
-	return c, nil
+	return &Client{conn: conn, obj: conn.Object(BusName, ManagerPath)}, nil
 }
 
 // busDriver is the bus itself, the only sender of NameOwnerChanged.

@@ -41,7 +41,6 @@ func TestInstallUnderAPrefix(t *testing.T) {
 		"/usr/local/bin/qcryptctl",
 		"/usr/local/bin/qcryptd",
 		"/usr/local/lib/systemd/system/qcryptd.service",
-		"/usr/local/lib/systemd/user/qcryptctl-notify-agent.service",
 		"/usr/local/share/bash-completion/completions/qcryptctl",
 		"/usr/local/share/dbus-1/system-services/org.qcrypt.Qcryptd1.service",
 		"/usr/local/share/man/man1/qcryptctl.1",
@@ -54,9 +53,8 @@ func TestInstallUnderAPrefix(t *testing.T) {
 		t.Errorf("installed:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 	for file, line := range map[string]string{
-		"/usr/local/lib/systemd/system/qcryptd.service":              "ExecStart=/usr/local/bin/qcryptd",
-		"/usr/local/lib/systemd/user/qcryptctl-notify-agent.service": "ExecStart=/usr/local/bin/qcryptctl notify-agent",
-		"/etc/xdg/autostart/qcryptctl-notify-agent.desktop":          "Exec=/usr/local/bin/qcryptctl notify-agent",
+		"/usr/local/lib/systemd/system/qcryptd.service":     "ExecStart=/usr/local/bin/qcryptd",
+		"/etc/xdg/autostart/qcryptctl-notify-agent.desktop": "Exec=/usr/local/bin/qcryptctl notify-agent",
 	} {
 		data, err := os.ReadFile(filepath.Join(dest, file))
 		if err != nil || !strings.Contains(string(data), line+"\n") || strings.Contains(string(data), "/usr/bin/") {
