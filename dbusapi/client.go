@@ -28,12 +28,22 @@ type Client struct {
 
 // Connect dials the system bus (DBUS_SYSTEM_BUS_ADDRESS if set) and checks that
 // qcryptd is there.
+//
+// When qcryptd is not running the bus is asked to start it (D-Bus activation: the
+// activation file hands it to systemd); where it cannot, the error is ErrNotRunning.
 func Connect() (*Client, error) {
 	c, err := ConnectBus()
 	if err != nil {
 		return nil, err
 	}
-	if owner, err := c.owner(); err != nil || owner == "" {
+	owner, err := c.owner()
+	if err == nil && owner == "" {
+		var reply uint32
+		if c.conn.BusObject().Call(busDriver+".StartServiceByName", 0, BusName, uint32(0)).Store(&reply) == nil {
+			owner, err = c.owner()
+		}
+	}
+	if err != nil || owner == "" {
 		c.Disconnect()
 		return nil, ErrNotRunning
 	}
