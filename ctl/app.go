@@ -107,13 +107,16 @@ func (a *app) main(args []string) int {
 		return ExitOK
 	}
 	// Options may come before the command too (qcryptctl --json list): the command is
-	// the first argument that names one.
+	// the first argument that names one, before any "--".
 	at := 0
-	for at < len(args) && strings.HasPrefix(args[at], "-") && lookup(args[at]) == nil {
-		at++
-	}
-	if at == len(args) {
-		at = 0
+	for i, arg := range args {
+		if arg == "--" {
+			break
+		}
+		if lookup(arg) != nil {
+			at = i
+			break
+		}
 	}
 	c := lookup(args[at])
 	if c == nil {

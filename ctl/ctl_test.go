@@ -233,6 +233,7 @@ func TestGoldenOutput(t *testing.T) {
 		{"list-json", []string{"list", "--json"}, 0, false},
 		{"list-exit-status", []string{"list", "-e"}, 2, false},
 		{"json-before-command", []string{"--json", "list"}, 0, false},
+		{"value-before-command", []string{"--mp", "/mnt/demo", "status", "demo"}, 0, false},
 		{"version", []string{"--version"}, 0, false},
 		{"status", []string{"status"}, 0, false},
 		{"status-json", []string{"status", "--json"}, 0, false},
