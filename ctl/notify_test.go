@@ -1,13 +1,10 @@
 package ctl
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -58,30 +55,13 @@ func (f *fakeNotifications) get() []notifyCall {
 
 func sessionBus(t *testing.T) string {
 	t.Helper()
-	if _, err := exec.LookPath("dbus-daemon"); err != nil {
-		if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
-			t.Fatal("dbus-daemon is needed (make deps)")
-		}
-		t.Skip("no dbus-daemon")
-	}
-	dir := t.TempDir()
-	cfg := filepath.Join(dir, "session.conf")
-	if err := os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>session</type><listen>unix:path=`+dir+`/bus</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>`), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); _ = cmd.Wait() })
-	addr, err := bufio.NewReader(out).ReadString('\n')
+	dbustest.Need(t)
+	addr, stop, err := dbustest.StartConfig(t.TempDir(), dbustest.Config{Type: "session", Policy: dbustest.Permissive})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return strings.TrimSpace(addr)
+	t.Cleanup(stop)
+	return addr
 }
 
 func TestNotifyAgent(t *testing.T) {

@@ -1,13 +1,11 @@
 package dbusapi
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
+	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/godbus/dbus/v5"
@@ -37,12 +35,7 @@ func TestMain(m *testing.M) {
 // (exec: how the bus hands it to systemd on a dom0, without systemd here).
 func activatingBus(t *testing.T, starter string) {
 	t.Helper()
-	if _, err := exec.LookPath("dbus-daemon"); err != nil {
-		if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
-			t.Fatal("dbus-daemon is needed (make deps)")
-		}
-		t.Skip("no dbus-daemon")
-	}
+	dbustest.Need(t)
 	dir := t.TempDir()
 	services := filepath.Join(dir, "services")
 	if err := os.Mkdir(services, 0o755); err != nil {
@@ -54,27 +47,13 @@ func activatingBus(t *testing.T, starter string) {
 			t.Fatal(err)
 		}
 	}
-	cfg := filepath.Join(dir, "bus.conf")
-	conf := `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>session</type><listen>unix:path=` + dir + `/bus.sock</listen><auth>EXTERNAL</auth><servicedir>` + services + `</servicedir>
-<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/></policy></busconfig>`
-	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	bus := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
-	out, err := bus.StdoutPipe()
+	// A session-type bus starts services itself (a system one through a setuid helper).
+	addr, stop, err := dbustest.StartConfig(dir, dbustest.Config{Type: "session", Policy: dbustest.Permissive, ServiceDir: services})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bus.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bus.Process.Kill(); _ = bus.Wait() })
-	addr, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", strings.TrimSpace(addr))
+	t.Cleanup(stop)
+	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", addr)
 }
 
 // qcryptctl starts qcryptd through the bus when it is not running; where the bus cannot,

@@ -3,8 +3,6 @@ package dbusapi
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -19,12 +17,7 @@ import (
 // privateBus starts a dbus-daemon for one test and points the client at it.
 func privateBus(t *testing.T) string {
 	t.Helper()
-	if _, err := exec.LookPath("dbus-daemon"); err != nil {
-		if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
-			t.Fatal("dbus-daemon is needed (make deps)")
-		}
-		t.Skip("no dbus-daemon")
-	}
+	dbustest.Need(t)
 	addr, stop, err := dbustest.Start(t.TempDir(), dbustest.Permissive)
 	if err != nil {
 		t.Fatal(err)

@@ -1,5 +1,5 @@
-// Package dbustest runs a private dbus-daemon with a system-bus configuration, for tests
-// that talk to qcryptd over a real bus.
+// Package dbustest runs a private dbus-daemon (system-bus configuration unless told
+// otherwise), for tests that talk to qcryptd, or act as it, over a real bus.
 package dbustest
 
 import (
@@ -9,18 +9,49 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"testing"
 )
 
 // Permissive is a bus policy that lets everyone own and call everything.
 const Permissive = `<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/></policy>`
 
-// Start runs dbus-daemon with policy (busconfig elements), its socket and configuration
-// in dir. It returns the bus address and a function that stops the daemon.
+// Config is one private bus: its type (default system), its policy (busconfig
+// elements) and, for D-Bus activation, a directory of service files.
+type Config struct {
+	Type, Policy, ServiceDir string
+}
+
+// Need skips t where there is no dbus-daemon, or fails it under make check
+// (QCRYPT_REQUIRE_SANDBOX=1).
+func Need(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath("dbus-daemon"); err != nil {
+		if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
+			t.Fatal("dbus-daemon is needed (make deps)")
+		}
+		t.Skip("no dbus-daemon")
+	}
+}
+
+// Start runs a system-type dbus-daemon with policy, its socket and configuration in dir.
+// It returns the bus address and a function that stops the daemon.
 func Start(dir, policy string) (addr string, stop func(), err error) {
+	return StartConfig(dir, Config{Policy: policy})
+}
+
+// StartConfig runs a dbus-daemon as c says, its socket and configuration in dir.
+func StartConfig(dir string, c Config) (addr string, stop func(), err error) {
+	if c.Type == "" {
+		c.Type = "system"
+	}
+	services := ""
+	if c.ServiceDir != "" {
+		services = "<servicedir>" + c.ServiceDir + "</servicedir>"
+	}
 	cfg := filepath.Join(dir, "bus.conf")
 	busSock := filepath.Join(dir, "bus.sock")
 	err = os.WriteFile(cfg, []byte(`<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path=`+busSock+`</listen><auth>EXTERNAL</auth>`+policy+`</busconfig>`), 0o644)
+<busconfig><type>`+c.Type+`</type><listen>unix:path=`+busSock+`</listen><auth>EXTERNAL</auth>`+services+c.Policy+`</busconfig>`), 0o644)
 	if err != nil {
 		return "", nil, fmt.Errorf("cannot write the bus configuration: %w", err)
 	}
