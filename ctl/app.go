@@ -17,6 +17,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes"
 )
 
 // Exit statuses (docs/qcryptctl.md). status CHAIN exits with the number of missing steps.
@@ -63,7 +64,8 @@ type app struct {
 	ctx       context.Context
 	configDir string // for check without a daemon
 	session   func() (*dbus.Conn, error)
-	watcher   func() (API, error) // the system bus, qcryptd running or not
+	watcher   func() (API, error)                       // the system bus, qcryptd running or not
+	qubes     func(context.Context) ([]qubes.VM, error) // qubesd's qubes, for completion
 	now       func() time.Time
 	files     []*os.File // opened for qcryptd, closed at the end
 	json      bool       // --json: a failure is a JSON object on stdout too ...
@@ -80,6 +82,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	a := &app{out: stdout, err: stderr, ctx: ctx, configDir: chains.DefaultConfigRoot, tty: isTerminal(stdout),
 		connect: func() (API, error) { return dbusapi.Connect() }, session: func() (*dbus.Conn, error) { return dbus.ConnectSessionBus() },
 		watcher: func() (API, error) { return dbusapi.ConnectBus() },
+		qubes:   qubes.NewClient(qubes.DefaultSocket).ListVMs,
 		now:     time.Now}
 	return a.main(args[1:])
 }
@@ -105,6 +108,8 @@ func (a *app) main(args []string) int {
 	case "--version":
 		fmt.Fprintln(a.out, "qcryptctl", Version)
 		return ExitOK
+	case completeCommand:
+		return a.printCompletions(args[1:])
 	}
 	// Options may come before the command too (qcryptctl --json list): the command is
 	// the first argument that names one, before any "--".

@@ -109,45 +109,28 @@ const exitAndJSONDocs = "## Exit status\n\n" +
 	"- `watch`: one object per line: `{time, chain, state, previous, cause, detail}` (causes: docs/states.md).\n"
 
 func bashCompletion() string {
-	var names []string
-	var b strings.Builder
-	for _, c := range commands {
-		names = append(names, c.name)
-	}
-	b.WriteString("# bash completion for qcryptctl (qcryptctl completion bash)\n_qcryptctl() {\n")
-	b.WriteString("  local cur=${COMP_WORDS[COMP_CWORD]} cmd=${COMP_WORDS[1]}\n")
-	fmt.Fprintf(&b, "  if [ \"$COMP_CWORD\" -eq 1 ]; then COMPREPLY=($(compgen -W %q -- \"$cur\")); return; fi\n", strings.Join(names, " "))
-	b.WriteString("  case $cmd in\n")
-	for _, c := range commands {
-		var opts []string
-		for _, f := range c.flags {
-			opts = append(opts, f.long)
-		}
-		opts = append(opts, "--help")
-		fmt.Fprintf(&b, "    %s) COMPREPLY=($(compgen -W %q -- \"$cur\"))", c.name, strings.Join(opts, " "))
-		if c.name == "open" || c.name == "close" || c.name == "status" {
-			b.WriteString("; [[ $cur != -* ]] && COMPREPLY+=($(compgen -W \"$(qcryptctl list --json 2>/dev/null | sed -n 's/^    \"name\": \"\\(.*\\)\",$/\\1/p')\" -- \"$cur\"))")
-		}
-		b.WriteString(";;\n")
-	}
-	b.WriteString("  esac\n}\ncomplete -F _qcryptctl qcryptctl\n")
-	return b.String()
+	return `# bash completion for qcryptctl (qcryptctl completion bash): qcryptctl itself lists
+# the candidates (commands, options, option values, chains, qubes).
+_qcryptctl() {
+  local cur=${COMP_WORDS[COMP_CWORD]} IFS=$'\n'
+  local cands=($(qcryptctl ` + completeCommand + ` "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null))
+  if [ "${cands[0]}" = ` + filesCandidate + ` ]; then COMPREPLY=($(compgen -f -- "$cur")); return; fi
+  COMPREPLY=($(compgen -W "${cands[*]}" -- "$cur"))
+}
+complete -F _qcryptctl qcryptctl
+`
 }
 
 func zshCompletion() string {
-	var b strings.Builder
-	b.WriteString("#compdef qcryptctl\n# zsh completion for qcryptctl (qcryptctl completion zsh)\n_qcryptctl() {\n  local -a cmds\n  cmds=(\n")
-	for _, c := range commands {
-		fmt.Fprintf(&b, "    '%s:%s'\n", c.name, strings.ReplaceAll(c.summary, "'", ""))
-	}
-	b.WriteString("  )\n  if (( CURRENT == 2 )); then _describe command cmds; return; fi\n  case $words[2] in\n")
-	for _, c := range commands {
-		var opts []string
-		for _, f := range c.flags {
-			opts = append(opts, "'"+f.long+"["+strings.ReplaceAll(strings.ReplaceAll(f.help, "'", ""), "]", ")")+"]'")
-		}
-		fmt.Fprintf(&b, "    %s) _arguments %s '*:argument:_files' ;;\n", c.name, strings.Join(opts, " "))
-	}
-	b.WriteString("  esac\n}\n_qcryptctl \"$@\"\n")
-	return b.String()
+	return `#compdef qcryptctl
+# zsh completion for qcryptctl (qcryptctl completion zsh): qcryptctl itself lists the
+# candidates (commands, options, option values, chains, qubes).
+_qcryptctl() {
+  local -a cands
+  cands=("${(@f)$(qcryptctl ` + completeCommand + ` "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+  if [[ ${cands[1]} == ` + filesCandidate + ` ]]; then _files; return; fi
+  compadd -a cands
+}
+_qcryptctl "$@"
+`
 }
