@@ -64,6 +64,7 @@ type app struct {
 	ctx       context.Context
 	configDir string // for check without a daemon
 	session   func() (*dbus.Conn, error)
+	running   func() (API, error)                       // qcryptd if it runs: never started for the question
 	watcher   func() (API, error)                       // the system bus, qcryptd running or not
 	qubes     func(context.Context) ([]qubes.VM, error) // qubesd's qubes, for completion
 	now       func() time.Time
@@ -81,6 +82,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	a := &app{out: stdout, err: stderr, ctx: ctx, configDir: chains.DefaultConfigRoot, tty: isTerminal(stdout),
 		connect: func() (API, error) { return dbusapi.Connect() }, session: func() (*dbus.Conn, error) { return dbus.ConnectSessionBus() },
+		running: func() (API, error) { return dbusapi.ConnectRunning() },
 		watcher: func() (API, error) { return dbusapi.ConnectBus() },
 		qubes:   qubes.NewClient(qubes.DefaultSocket).ListVMs,
 		now:     time.Now}

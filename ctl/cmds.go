@@ -536,10 +536,11 @@ func cmdCheck(a *app, p *parsed) error {
 	}
 	var errs []string
 	// A directory is read with the caller's own rights, here; qcryptd reads only its
-	// config root for others than root. Without qcryptd, the same checks run here.
+	// config root for others than root. Without qcryptd, the same checks run here (it is
+	// not started for them: it would open its chains).
 	var api API
 	if local := strings.Contains(target, "/") && os.Geteuid() != 0; !local {
-		if c, err := a.connect(); err == nil {
+		if c, err := a.running(); err == nil {
 			api = c
 		}
 	}

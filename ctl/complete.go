@@ -113,12 +113,13 @@ func flagOf(c *command, word string) *flagSpec {
 	return nil
 }
 
-// chainNames asks qcryptd; without it there are none to offer.
+// chainNames asks qcryptd if it runs (a Tab key does not start it); else there are none.
 func (a *app) chainNames() []string {
-	api, err := a.client()
+	api, err := a.running()
 	if err != nil {
 		return nil
 	}
+	defer api.Disconnect()
 	cs, err := api.Chains(a.ctx)
 	if err != nil {
 		return nil

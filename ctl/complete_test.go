@@ -41,7 +41,7 @@ func TestComplete(t *testing.T) {
 	for _, tc := range tests {
 		var out bytes.Buffer
 		a := &app{out: &out, err: &out, ctx: context.Background(), qubes: qubesd,
-			connect: func() (API, error) { return &fakeAPI{}, nil }}
+			running: func() (API, error) { return &fakeAPI{}, nil }}
 		if code := a.main(append([]string{completeCommand}, tc.words...)); code != 0 {
 			t.Errorf("%q: exit %d", tc.words, code)
 		}

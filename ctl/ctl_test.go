@@ -210,14 +210,15 @@ func (f *fakeAPI) CancelJob(_ context.Context, job dbus.ObjectPath) error {
 // run runs qcryptctl against api and returns stdout, stderr and the exit status.
 func run(api API, tty bool, args ...string) (string, string, int) {
 	var out, errb bytes.Buffer
+	connect := func() (API, error) {
+		if api == nil {
+			return nil, dbusapi.ErrNotRunning
+		}
+		return api, nil
+	}
 	a := &app{out: &out, err: &errb, ctx: context.Background(), tty: tty, configDir: "../chains/testdata/check",
-		now: func() time.Time { return time.Date(2026, 11, 27, 9, 30, 0, 0, time.UTC) },
-		connect: func() (API, error) {
-			if api == nil {
-				return nil, dbusapi.ErrNotRunning
-			}
-			return api, nil
-		}}
+		now:     func() time.Time { return time.Date(2026, 11, 27, 9, 30, 0, 0, time.UTC) },
+		connect: connect, running: connect}
 	code := a.main(args)
 	return out.String(), errb.String(), code
 }

@@ -71,6 +71,10 @@ func TestConnectActivates(t *testing.T) {
 			t.Fatal(err)
 		}
 		activatingBus(t, script)
+		// A question that must not start it (completion, an offline-able check) does not.
+		if _, err := ConnectRunning(); !errors.Is(err, ErrNotRunning) {
+			t.Fatalf("ConnectRunning: %v, want ErrNotRunning (qcryptd started?)", err)
+		}
 		c, err := Connect()
 		if err != nil {
 			t.Fatalf("connect: %v", err)

@@ -31,13 +31,19 @@ type Client struct {
 //
 // When qcryptd is not running the bus is asked to start it (D-Bus activation: the
 // activation file hands it to systemd); where it cannot, the error is ErrNotRunning.
-func Connect() (*Client, error) {
+func Connect() (*Client, error) { return dial(true) }
+
+// ConnectRunning is Connect without starting qcryptd: for questions that must not have
+// it start (and open its chains), as a completion or a check that can run offline.
+func ConnectRunning() (*Client, error) { return dial(false) }
+
+func dial(activate bool) (*Client, error) {
 	c, err := ConnectBus()
 	if err != nil {
 		return nil, err
 	}
 	owner, err := c.owner()
-	if err == nil && owner == "" {
+	if err == nil && owner == "" && activate {
 		var reply uint32
 		if c.conn.BusObject().Call(busDriver+".StartServiceByName", 0, BusName, uint32(0)).Store(&reply) == nil {
 			owner, err = c.owner()
