@@ -64,20 +64,27 @@ func sessionBus(t *testing.T) string {
 	return addr
 }
 
-func TestNotifyAgent(t *testing.T) {
-	addr := sessionBus(t)
+// notificationServer is a desktop's notification server on the session bus at addr.
+func notificationServer(t *testing.T, addr string) (*fakeNotifications, *dbus.Conn) {
+	t.Helper()
 	server, err := dbus.Connect(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer server.Close()
-	fake := &fakeNotifications{called: make(chan struct{}, 16)}
+	t.Cleanup(func() { server.Close() })
+	fake := &fakeNotifications{called: make(chan struct{}, 64)}
 	if err := server.Export(fake, "/org/freedesktop/Notifications", "org.freedesktop.Notifications"); err != nil {
 		t.Fatal(err)
 	}
 	if r, err := server.RequestName("org.freedesktop.Notifications", dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
 		t.Fatalf("name: %v %v", r, err)
 	}
+	return fake, server
+}
+
+func TestNotifyAgent(t *testing.T) {
+	addr := sessionBus(t)
+	fake, _ := notificationServer(t, addr)
 	agentConn, err := dbus.Connect(addr)
 	if err != nil {
 		t.Fatal(err)
@@ -134,8 +141,8 @@ func TestDesktopFiles(t *testing.T) {
 	}
 }
 
-// The agent started before qcryptd waits for it, and a second agent in the session
-// leaves at once: one notification per event.
+// The agent started before qcryptd waits for it and notifies its changes; a second agent
+// in the session leaves at once (two doubled every notification).
 func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
 	session := sessionBus(t)
 	system, stop, err := dbustest.Start(t.TempDir(), dbustest.Permissive)
@@ -144,18 +151,14 @@ func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
 	}
 	t.Cleanup(stop)
 	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", system)
-	server, err := dbus.Connect(session)
-	if err != nil {
+	fake, server := notificationServer(t, session)
+	// Subscribed before the agent starts: its taking its name is not missed.
+	if err := server.AddMatchSignal(dbus.WithMatchSender("org.freedesktop.DBus"), dbus.WithMatchMember("NameOwnerChanged"),
+		dbus.WithMatchArg(0, agentName)); err != nil {
 		t.Fatal(err)
 	}
-	defer server.Close()
-	fake := &fakeNotifications{called: make(chan struct{}, 64)}
-	if err := server.Export(fake, "/org/freedesktop/Notifications", "org.freedesktop.Notifications"); err != nil {
-		t.Fatal(err)
-	}
-	if r, err := server.RequestName("org.freedesktop.Notifications", dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
-		t.Fatalf("name: %v %v", r, err)
-	}
+	owners := make(chan *dbus.Signal, 8)
+	server.Signal(owners)
 	agent := func(ctx context.Context) (int, string) {
 		var out, errb bytes.Buffer
 		a := &app{out: &out, err: &errb, ctx: ctx, now: time.Now,
@@ -169,19 +172,13 @@ func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
 	defer func() { cancel(); <-ended }()
 
 	// Once the first owns its name, a second one leaves.
-	deadline := time.Now().Add(time.Minute)
-	for {
-		var owned bool
-		if err := server.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, agentName).Store(&owned); err != nil {
-			t.Fatal(err)
-		}
-		if owned {
-			break
-		}
-		if time.Now().After(deadline) {
+	for owned := false; !owned; {
+		select {
+		case sig := <-owners:
+			owned = sig.Name == "org.freedesktop.DBus.NameOwnerChanged" && len(sig.Body) == 3 && sig.Body[0] == agentName && sig.Body[2] != ""
+		case <-time.After(time.Minute):
 			t.Fatal("the agent never owned its name")
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
 	if code, errs := agent(context.Background()); code != 0 || !strings.Contains(errs, "another one runs") {
 		t.Errorf("second agent: exit %d, %q", code, errs)
