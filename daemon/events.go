@@ -191,7 +191,16 @@ func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, mayOpen bool) {
 		return
 	}
 	switch cs.state {
-	case dbusapi.ChainOpen, dbusapi.ChainDegraded, dbusapi.ChainOpening, dbusapi.ChainClosing:
+	case dbusapi.ChainDegraded:
+		if mayOpen && reason.Cause == dbusapi.CauseQubeStarted {
+			// A close that failed because a qube went down under it (or stopped and
+			// started again) left the chain degraded. A qube that just started holds
+			// none of its layers: look again; the check closes what is left, and a
+			// closed chain opens as any other.
+			d.enqueue(d.newJob(dbusapi.OpCheck, cs, 0, true, reason))
+		}
+		return
+	case dbusapi.ChainOpen, dbusapi.ChainOpening, dbusapi.ChainClosing:
 		return
 	}
 	if wait := d.waitingFor(cs); wait != "" {

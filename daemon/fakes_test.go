@@ -63,12 +63,16 @@ func (f *fakeQubes) set(vm, state string, kind qubes.EventKind) {
 	f.events <- qubes.Event{Kind: kind, Subject: vm}
 }
 
-// fakeEngine opens and closes chains in memory; openErr, when set, fails the next opens.
+// fakeEngine opens and closes chains in memory; openErr, when set, fails the next opens;
+// closeErr fails the next closes as a close fails when a qube goes down under it (its
+// layers are gone all the same); closing, when set, runs inside the next close.
 type fakeEngine struct {
-	mu      sync.Mutex
-	open    map[string]bool
-	openErr error
-	calls   []string // "open demo", "close demo", ...
+	mu       sync.Mutex
+	open     map[string]bool
+	openErr  error
+	closeErr error
+	closing  func()
+	calls    []string // "open demo", "close demo", ...
 }
 
 func (e *fakeEngine) record(call string) {
@@ -92,8 +96,13 @@ func (e *fakeEngine) Close(_ context.Context, c *chains.Chain, _ chains.CloseOpt
 	e.record("close " + c.Name)
 	e.mu.Lock()
 	delete(e.open, c.Name)
+	err, closing := e.closeErr, e.closing
+	e.closeErr, e.closing = nil, nil
 	e.mu.Unlock()
-	return nil
+	if closing != nil {
+		closing()
+	}
+	return err
 }
 
 func (e *fakeEngine) Status(_ context.Context, c *chains.Chain) (*chains.Status, error) {
@@ -207,6 +216,46 @@ func TestLoopReactsToEvents(t *testing.T) {
 			calls: []string{"open demo", "close demo", "open demo"},
 			changes: []string{"opening/qubesd-connected", "open/done", "closing/requested", "closed/done",
 				"opening/qube-started", "open/done"},
+		},
+		// A qube that stops and starts fast (TestLoopStartStopFlood found it): the close
+		// after its shutdown fails, the chain is degraded; its start must not leave it so.
+		"a close fails as the target flaps: its start checks and opens": {
+			running: []string{"sys-usb", "work"},
+			story: func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder) {
+				open(t, rec)
+				e.mu.Lock()
+				e.closeErr = errors.New("cannot connect to work: domain not running?")
+				e.mu.Unlock()
+				q.set("work", qubes.StateHalted, qubes.EventDomainShutdown)
+				waitFor(t, "degraded", func() bool { return rec.last("demo") == dbusapi.ChainDegraded })
+				q.set("work", qubes.StateRunning, qubes.EventDomainStart)
+				waitFor(t, "open again", func() bool { return rec.times("demo", dbusapi.ChainOpen) == 2 })
+			},
+			calls: []string{"open demo", "close demo", "open demo"},
+			changes: []string{"opening/qubesd-connected", "open/done", "closing/qube-shut-down", "degraded/error",
+				"closed/done", "opening/qube-started", "open/done"},
+		},
+		"the target starts during a close that fails: checked after it": {
+			running: []string{"sys-usb", "work"},
+			story: func(t *testing.T, q *fakeQubes, e *fakeEngine, d *Daemon, rec *recorder) {
+				open(t, rec)
+				e.mu.Lock()
+				e.closeErr = errors.New("cannot connect to work: domain not running?")
+				e.closing = func() {
+					q.set("work", qubes.StateRunning, qubes.EventDomainStart)
+					waitFor(t, "the start seen during the close", func() bool {
+						var seen bool
+						d.do(func() { seen = d.vms["work"] == qubes.StateRunning })
+						return seen
+					})
+				}
+				e.mu.Unlock()
+				q.set("work", qubes.StateHalted, qubes.EventDomainShutdown)
+				waitFor(t, "open again", func() bool { return rec.times("demo", dbusapi.ChainOpen) == 2 })
+			},
+			calls: []string{"open demo", "close demo", "open demo"},
+			changes: []string{"opening/qubesd-connected", "open/done", "closing/qube-shut-down", "degraded/error",
+				"closed/done", "opening/qube-started", "open/done"},
 		},
 	}
 	for name, tc := range tests {

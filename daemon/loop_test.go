@@ -60,6 +60,19 @@ func (r *recorder) JobCompleted(j dbusapi.JobInfo, ok bool) {
 func (r *recorder) JobRemoved(uint64)     {}
 func (r *recorder) SummaryChanged(string) {}
 
+// times counts how often the chain entered state.
+func (r *recorder) times(name string, state dbusapi.ChainState) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, s := range r.states[name] {
+		if s == state {
+			n++
+		}
+	}
+	return n
+}
+
 func (r *recorder) last(name string) dbusapi.ChainState {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -25,8 +25,8 @@ var transitions = map[dbusapi.ChainState][]dbusapi.ChainState{
 	dbusapi.ChainOpen: {dbusapi.ChainClosing, dbusapi.ChainClosed, dbusapi.ChainDegraded},
 	// A close ends closed, or degraded when a step failed.
 	dbusapi.ChainClosing: {dbusapi.ChainClosed, dbusapi.ChainDegraded},
-	// A degraded chain needs a decision: a forced close or open, or a check that finds
-	// it whole again.
+	// A degraded chain needs a decision (a forced close or open) or a check, run when a
+	// qube of it is unpaused or starts: it closes what is left or finds it whole again.
 	dbusapi.ChainDegraded: {dbusapi.ChainOpening, dbusapi.ChainClosing, dbusapi.ChainOpen, dbusapi.ChainClosed},
 	dbusapi.ChainFailed: {dbusapi.ChainWaiting, dbusapi.ChainOpening, dbusapi.ChainClosing, dbusapi.ChainOpen,
 		dbusapi.ChainClosed, dbusapi.ChainDegraded},
