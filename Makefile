@@ -11,7 +11,8 @@ GOLANGCI := $(CURDIR)/.tools/golangci-lint-$(GOLANGCI_VERSION)/golangci-lint
 # deadline (go.dev/issue/75804, fixed in Go 1.27) and fails a clean run now and then.
 FUZZTIME  ?= 100000x
 # Debian packages the tests need: bubblewrap (the simulator's qube sandboxes), gcc (-race),
-# dbus (a private dbus-daemon for the D-Bus tests), systemd (busctl, systemd-analyze), and
+# dbus (a private dbus-daemon for the D-Bus tests), dbus-broker (the same tests under
+# dom0's bus), systemd (busctl, systemd-analyze), and
 # for the real-kernel tests: qemu and busybox (the guest), cpio and kmod (its initramfs),
 # bc, and the real block tools (cryptsetup-bin, dmsetup, e2fsprogs, btrfs-progs).
 E2E_PACKAGES := qemu-system-x86 busybox-static cpio kmod bc cryptsetup-bin dmsetup e2fsprogs btrfs-progs
@@ -20,7 +21,9 @@ REAL_QUBESD_PACKAGES := python3-lxml python3-libvirt python3-jinja2 python3-docu
 # The real qrexec (../shared/real-qrexec): built by the tests into the cache directory
 # (QCRYPT_CACHE, default ~/.cache/qcrypt) once and reused.
 REAL_QREXEC_PACKAGES := pkg-config libc6-dev libpam0g-dev
-DEB_PACKAGES := bubblewrap gcc make dbus systemd $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES) $(REAL_QREXEC_PACKAGES)
+# make rpm and its test: rpmbuild (Debian's rpm), rpm2cpio.
+RPM_PACKAGES := rpm rpm2cpio
+DEB_PACKAGES := bubblewrap gcc make dbus systemd $(RPM_PACKAGES) $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES) $(REAL_QREXEC_PACKAGES)
 DEMO_PACKAGES := bubblewrap dbus
 COMMANDS  := qubes-sim qcryptd qcryptctl
 
@@ -33,7 +36,7 @@ DBUSDIR   ?= $(PREFIX)/share/dbus-1
 # under another prefix.
 POLICYDIR ?= /usr/share/dbus-1/system.d
 
-.PHONY: all build demo demo-deps e2e check fmt-check vet lint test fuzz bench soak deps install uninstall clean vectors
+.PHONY: rpm all build demo demo-deps e2e check fmt-check vet lint test fuzz bench soak deps install uninstall clean vectors
 
 all: build
 
@@ -155,5 +158,23 @@ install: build
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 
+# The dom0 package (systemd/qcrypt.spec), built with rpmbuild from the tracked files of
+# this tree as they are now (uncommitted changes included) into RPMDIR. --nodeps: the
+# Go toolchain need not come from an RPM (and Debian's rpmbuild has no RPM database).
+RPMDIR    ?= $(CURDIR)/rpmbuild
+RPM_VERSION := $(shell sed -n 's/^Version: *//p' systemd/qcrypt.spec)
+# A release tag v$(RPM_VERSION) at HEAD is release 1; any other commit sorts before it.
+RPM_RELEASE ?= $(shell git describe --tags --exact-match --match 'v$(RPM_VERSION)' >/dev/null 2>&1 && echo 1 || \
+	echo 0.$$(git rev-list --count HEAD).git$$(git rev-parse --short HEAD))
+rpm:
+	@command -v rpmbuild >/dev/null || { echo "rpm: rpmbuild is missing (Debian: apt-get install rpm; Fedora: dnf install rpm-build)"; exit 1; }
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "rpm: needs a git tree (the tarball holds its tracked files)"; exit 1; }
+	rm -rf $(RPMDIR) && mkdir -p $(RPMDIR)/SOURCES
+	git ls-files -z | tar --null -T - --ignore-failed-read --transform 's|^|qcrypt-$(RPM_VERSION)/|' \
+		-czf $(RPMDIR)/SOURCES/qcrypt-$(RPM_VERSION).tar.gz
+	rpmbuild -bb --nodeps --define "_topdir $(RPMDIR)" --define "qcrypt_version $(VERSION)" \
+		--define "qcrypt_release $(RPM_RELEASE)" systemd/qcrypt.spec
+	@ls $(RPMDIR)/RPMS/*/qcrypt-*.rpm
+
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) $(RPMDIR)
