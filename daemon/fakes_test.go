@@ -70,9 +70,11 @@ type fakeEngine struct {
 	mu       sync.Mutex
 	open     map[string]bool
 	openErr  error
+	opening  func() // runs inside the next open
 	closeErr error
 	closing  func()
-	calls    []string // "open demo", "close demo", ...
+	calls    []string       // "open demo", "close demo", ...
+	statuses map[string]int // Status calls per chain (reconciles and checks)
 }
 
 func (e *fakeEngine) record(call string) {
@@ -83,6 +85,13 @@ func (e *fakeEngine) record(call string) {
 
 func (e *fakeEngine) Open(_ context.Context, c *chains.Chain, _ chains.OpenOptions, _ chains.ProgressFunc) error {
 	e.record("open " + c.Name)
+	e.mu.Lock()
+	opening := e.opening
+	e.opening = nil
+	e.mu.Unlock()
+	if opening != nil {
+		opening()
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.openErr != nil {
@@ -108,6 +117,10 @@ func (e *fakeEngine) Close(_ context.Context, c *chains.Chain, _ chains.CloseOpt
 func (e *fakeEngine) Status(_ context.Context, c *chains.Chain) (*chains.Status, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.statuses == nil {
+		e.statuses = map[string]int{}
+	}
+	e.statuses[c.Name]++
 	st := &chains.Status{Chain: c.Name, SourceVM: c.SourceVM, Missing: 2 * len(c.Hops), Source: chains.SourceFile}
 	for _, h := range c.Hops {
 		st.Hops = append(st.Hops, chains.HopStatus{VM: h.VM})
@@ -289,4 +302,45 @@ func equal[S ~string](a, b []S) bool {
 		}
 	}
 	return true
+}
+
+// An ad-hoc open that fails while qcryptd reconnects to qubesd (the resync reached the
+// chain during the job) leaves nothing behind, as any failed ad-hoc open: no reconcile
+// keeps the entry, so the user's next open with another spec is not refused (the
+// integration test TestAdhocIdentity found it under dbus-broker's timing).
+func TestLoopFailedAdhocOpenDuringResync(t *testing.T) {
+	q, e := newFakeQubes("sys-usb", "work"), &fakeEngine{}
+	d, rec := fakeLoop(t, q, e, fakeChain)
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
+	c := &chains.Chain{SourceVM: "sys-usb", SourceFile: "/c.luks", Key: "other", Hops: []chains.Hop{{VM: "mediator"}, {VM: "nope"}},
+		Type: "luks"}
+	c.Name = chains.AdhocName(c)
+	e.mu.Lock()
+	e.openErr = errors.New("cannot open: qube nope does not exist")
+	e.opening = func() {
+		q.events <- qubes.Event{Kind: qubes.EventResync}
+		waitFor(t, "the resync reached the running open", func() bool {
+			var missed bool
+			d.do(func() { missed = d.chains[c.Name] != nil && d.chains[c.Name].missedResync })
+			return missed
+		})
+	}
+	e.mu.Unlock()
+	id, err := d.OpenAdhoc(0, c, chains.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if jobDone(t, rec, id) {
+		t.Fatal("the open succeeded")
+	}
+	var left bool
+	d.do(func() { _, left = d.chains[c.Name] })
+	if left {
+		t.Error("the failed ad-hoc chain is still there after its open ended")
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if n := e.statuses[c.Name]; n != 0 {
+		t.Errorf("the failed ad-hoc chain was reconciled %d times", n)
+	}
 }

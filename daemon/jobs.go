@@ -300,7 +300,9 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	}
 	if cs.missedResync {
 		cs.missedResync = false
-		if cs.state == dbusapi.ChainDegraded || cs.state == dbusapi.ChainFailed {
+		// A failed ad-hoc open goes below like any other: no record of it stays for a
+		// reconcile to work on, and its entry would refuse the user's next spec.
+		if cs.state == dbusapi.ChainDegraded || cs.state == dbusapi.ChainFailed && cs.managed {
 			// The job may have failed because qubesd went away: what it left is put
 			// right by the journal, as at any reconnect.
 			d.enqueue(d.newJob(dbusapi.OpReconcile, cs, 0, true, dbusapi.Because(dbusapi.CauseQubesd, "qubesd connection re-established during "+string(j.op))))
