@@ -131,8 +131,10 @@ func remote(err error) error {
 		case "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner":
 			return ErrNotRunning
 		case accessDenied:
-			if strings.HasPrefix(msg, "Rejected") {
-				// The bus policy's refusal lists the rules matched; say what it means.
+			if !strings.HasPrefix(msg, "access denied") {
+				// The bus policy refused, not qcryptd: dbus-daemon lists the rules matched,
+				// dbus-broker (dom0's bus) says "Sender is not authorized to send
+				// message". Say what it means.
 				msg = ErrAccessDenied.Error()
 			}
 		}

@@ -1,5 +1,6 @@
-// Package dbustest runs a private dbus-daemon (system-bus configuration unless told
-// otherwise), for tests that talk to qcryptd, or act as it, over a real bus.
+// Package dbustest runs a private bus (system-bus configuration unless told otherwise),
+// for tests that talk to qcryptd, or act as it, over a real bus. The bus is dbus-daemon,
+// or dbus-broker (dom0's bus) when QCRYPT_TEST_BUS=dbus-broker.
 package dbustest
 
 import (
@@ -16,20 +17,43 @@ import (
 const Permissive = `<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/></policy>`
 
 // Config is one private bus: its type (default system), its policy (busconfig
-// elements) and, for D-Bus activation, a directory of service files.
+// elements) and, for D-Bus activation, a directory of service files. With
+// SystemdActivation, dbus-daemon hands activations to systemd (a Systemd stand-in) as
+// on a systemd machine; dbus-broker always does.
 type Config struct {
 	Type, Policy, ServiceDir string
+	SystemdActivation        bool
 }
 
-// Need skips t where there is no dbus-daemon, or fails it under make check
+// The bus implementations; QCRYPT_TEST_BUS picks one (default DBusDaemon).
+const (
+	DBusDaemon = "dbus-daemon"
+	DBusBroker = "dbus-broker"
+)
+
+// Implementation is the bus the tests of this process run.
+func Implementation() string {
+	if os.Getenv("QCRYPT_TEST_BUS") == DBusBroker {
+		return DBusBroker
+	}
+	return DBusDaemon
+}
+
+// Need skips t where the bus cannot run, or fails it under make check
 // (QCRYPT_REQUIRE_SANDBOX=1).
 func Need(t testing.TB) {
 	t.Helper()
-	if _, err := exec.LookPath("dbus-daemon"); err != nil {
-		if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
-			t.Fatal("dbus-daemon is needed (make deps)")
+	tools := []string{"dbus-daemon"}
+	if Implementation() == DBusBroker {
+		tools = []string{"dbus-broker-launch", "bwrap"}
+	}
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
+				t.Fatalf("%s is needed (make deps)", tool)
+			}
+			t.Skipf("no %s", tool)
 		}
-		t.Skip("no dbus-daemon")
 	}
 }
 
@@ -55,7 +79,14 @@ func StartConfig(dir string, c Config) (addr string, stop func(), err error) {
 	if err != nil {
 		return "", nil, fmt.Errorf("cannot write the bus configuration: %w", err)
 	}
-	bus := exec.Command("dbus-daemon", "--config-file="+cfg, "--nofork", "--print-address")
+	if Implementation() == DBusBroker {
+		return startBroker(dir, cfg, busSock, c.Type)
+	}
+	args := []string{"--config-file=" + cfg, "--nofork", "--print-address"}
+	if c.SystemdActivation {
+		args = append(args, "--systemd-activation")
+	}
+	bus := exec.Command("dbus-daemon", args...)
 	out, err := bus.StdoutPipe()
 	if err != nil {
 		return "", nil, err
