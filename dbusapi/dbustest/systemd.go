@@ -56,9 +56,13 @@ func StartSystemd(addr string, units map[string]func() *exec.Cmd) (*Systemd, err
 			}
 		}
 	}()
-	if reply, err := conn.RequestName(systemdName, dbus.NameFlagDoNotQueue); err != nil || reply != dbus.RequestNameReplyPrimaryOwner {
+	reply, err := conn.RequestName(systemdName, dbus.NameFlagDoNotQueue)
+	if err == nil && reply != dbus.RequestNameReplyPrimaryOwner {
+		err = fmt.Errorf("the bus answered %d", reply)
+	}
+	if err != nil {
 		_ = conn.Close()
-		return nil, fmt.Errorf("cannot own %s: %v (reply %d)", systemdName, err, reply)
+		return nil, fmt.Errorf("cannot own %s: %w", systemdName, err)
 	}
 	return s, nil
 }
