@@ -479,7 +479,11 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		decryptStep := Step{"decrypt", h.VM, d}
 		prev = h.VM
 		acts = append(acts, action{step: attachStep, layer: i + 1, do: func(ctx context.Context) error {
-			if err := e.Qubes.Attach(ctx, h.VM, s.dev[i], c.ReadOnly); err != nil {
+			// qubesd finishes an attach whose client hung up, possibly after the rollback
+			// detached: the device would stay attached and the layer below busy. So an
+			// attach is not interrupted; a cancel takes effect when qubesd has answered
+			// (the Admin API client's own timeout still bounds the wait).
+			if err := e.Qubes.Attach(context.WithoutCancel(ctx), h.VM, s.dev[i], c.ReadOnly); err != nil {
 				return err
 			}
 			atts, err := e.Qubes.Attached(ctx, h.VM)

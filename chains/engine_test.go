@@ -1037,3 +1037,61 @@ func TestParseStatusCodes(t *testing.T) {
 		}
 	}
 }
+
+// lateAttach is qubesd as it is when its client hangs up during an attach: the attach
+// is still carried out. The user's cancel comes while the attach to the target is under
+// way; an attach given up by the engine lands after the rollback's detach of it, the
+// worst moment (the layer below is still open).
+type lateAttach struct {
+	Qubes
+	cancel func()
+	mu     sync.Mutex
+	late   func()
+}
+
+func (l *lateAttach) Attach(ctx context.Context, vm string, d qubes.DeviceRef, ro bool) error {
+	if vm != "work" {
+		return l.Qubes.Attach(ctx, vm, d, ro)
+	}
+	l.cancel()
+	if err := ctx.Err(); err != nil {
+		l.mu.Lock()
+		l.late = func() { _ = l.Qubes.Attach(bg, vm, d, ro) }
+		l.mu.Unlock()
+		return err
+	}
+	return l.Qubes.Attach(ctx, vm, d, ro)
+}
+
+func (l *lateAttach) Detach(ctx context.Context, vm string, d qubes.DeviceRef) error {
+	err := l.Qubes.Detach(ctx, vm, d)
+	l.mu.Lock()
+	late := l.late
+	l.late = nil
+	l.mu.Unlock()
+	if late != nil {
+		late()
+	}
+	return err
+}
+
+// A cancel during an attach ends the open after qubesd answered it, so the rollback
+// detaches what was attached and nothing is left (it was: the device attached, the
+// layer below busy, "rollback ... failed too").
+func TestCancelDuringAttachRollsBackAll(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	ctx, cancel := context.WithCancel(bg)
+	defer cancel()
+	r.e.Qubes = &lateAttach{Qubes: r.Client, cancel: cancel}
+	err := r.e.Open(ctx, demoChain(), OpenOptions{Autostart: true}, nil)
+	if !errors.Is(err, ErrCanceled) && !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v", err)
+	}
+	if strings.Contains(err.Error(), "failed too") {
+		t.Errorf("the rollback failed: %v", err)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
+	}
+}

@@ -80,7 +80,8 @@ func init() {
 			help: "Unchanged open chains are left alone; removed ones are closed."},
 		{name: "cancel", args: "CHAIN | JOB", summary: "cancel the running or queued jobs of a chain, or one job", run: cmdCancel, flags: []flagSpec{fJSON},
 			help: "Also jobs qcryptd started itself, e.g. an automatic open that hangs in a qube. A job stops at once (a qrexec\n" +
-				"call in progress is ended) and what it did is rolled back; the chain then stays closed until the next trigger."},
+				"call in progress is ended; a device attach qubesd is doing is waited for, since qubesd finishes it anyway) and\n" +
+				"what it did is rolled back; the chain then stays closed until the next trigger."},
 		{name: "close-all", summary: "close every open chain", run: cmdCloseAll, flags: []flagSpec{fJSON, fSD, fShutdown, fStop}},
 		{name: "watch", summary: "follow chain state changes", run: cmdWatch, flags: []flagSpec{fJSON}, help: "Prints one line per change until interrupted."},
 		{name: "notify-agent", summary: "post desktop notifications for chain events (run in the desktop session)", run: cmdNotifyAgent,

@@ -301,14 +301,12 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	if err := d.CancelJob(0, id); err != nil {
 		t.Fatal(err)
 	}
-	// The cancel ends the open's wait for the attach at once and the open is rolled back.
-	// The held call is released only then: qubesd finishes a call whose client gave up,
-	// and an attach landing during the rollback would leave a device attached (the
-	// limit in docs/security.md, Known limits).
+	// qubesd finishes an attach whose client gave up, so the cancel takes effect when it
+	// has answered; then the open is rolled back, the attach included.
+	attach.release()
 	if jobDone(t, rec, id) {
 		t.Error("a canceled job reported success")
 	}
-	attach.release()
 	st, err := d.Status(context.Background(), "demo")
 	if err != nil || !st.Closed() {
 		t.Errorf("after cancel: %+v %v", st, err)
