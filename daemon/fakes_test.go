@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
@@ -256,7 +257,7 @@ func TestLoopReactsToEvents(t *testing.T) {
 				e.closeErr = errors.New("cannot connect to work: domain not running?")
 				e.closing = func() {
 					q.set("work", qubes.StateRunning, qubes.EventDomainStart)
-					waitFor(t, "the start seen during the close", func() bool {
+					waitOffTest(t, "the start seen during the close", func() bool {
 						var seen bool
 						d.do(func() { seen = d.vms["work"] == qubes.StateRunning })
 						return seen
@@ -292,6 +293,19 @@ func TestLoopReactsToEvents(t *testing.T) {
 	}
 }
 
+// waitOffTest is waitFor for a goroutine other than the test's (a fake engine's call):
+// it reports a timeout with Errorf, since only the test's goroutine may stop the test.
+func waitOffTest(t *testing.T, what string, ok func() bool) {
+	deadline := time.Now().Add(30 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Errorf("timed out: %s", what)
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func equal[S ~string](a, b []S) bool {
 	if len(a) != len(b) {
 		return false
@@ -319,7 +333,7 @@ func TestLoopFailedAdhocOpenDuringResync(t *testing.T) {
 	e.openErr = errors.New("cannot open: qube nope does not exist")
 	e.opening = func() {
 		q.events <- qubes.Event{Kind: qubes.EventResync}
-		waitFor(t, "the resync reached the running open", func() bool {
+		waitOffTest(t, "the resync reached the running open", func() bool {
 			var missed bool
 			d.do(func() { missed = d.chains[c.Name] != nil && d.chains[c.Name].missedResync })
 			return missed

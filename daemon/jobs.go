@@ -300,8 +300,8 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 	}
 	if cs.missedResync {
 		cs.missedResync = false
-		// A failed ad-hoc open goes below like any other: no record of it stays for a
-		// reconcile to work on, and its entry would refuse the user's next spec.
+		// A failed ad-hoc chain is removed below as without a resync: no record of it
+		// stays for a reconcile to work on, and its entry would refuse the next spec.
 		if cs.state == dbusapi.ChainDegraded || cs.state == dbusapi.ChainFailed && cs.managed {
 			// The job may have failed because qubesd went away: what it left is put
 			// right by the journal, as at any reconnect.

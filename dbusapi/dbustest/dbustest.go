@@ -57,13 +57,13 @@ func Need(t testing.TB) {
 	}
 }
 
-// Start runs a system-type dbus-daemon with policy, its socket and configuration in dir.
-// It returns the bus address and a function that stops the daemon.
+// Start runs a system-type bus with policy, its socket and configuration in dir. It
+// returns the bus address and a function that stops the bus.
 func Start(dir, policy string) (addr string, stop func(), err error) {
 	return StartConfig(dir, Config{Policy: policy})
 }
 
-// StartConfig runs a dbus-daemon as c says, its socket and configuration in dir.
+// StartConfig runs a bus as c says, its socket and configuration in dir.
 func StartConfig(dir string, c Config) (addr string, stop func(), err error) {
 	if c.Type == "" {
 		c.Type = "system"
