@@ -58,11 +58,14 @@ type ProgressFunc func(Progress)
 type Engine struct {
 	Qubes  Qubes
 	Runner Runner
-	Dom0   Dom0 // luks-init only
+	Dom0   Dom0 // luks-init and the key store only
 	// PrivateDir is luks-init's directory in dom0 (default DefaultPrivateDir).
 	PrivateDir string
-	Journal    *Journal // nil: no journal
-	Log        *logrus.Entry
+	// KeystoreMounts is where unlocked key stores are mounted in dom0 (default
+	// DefaultKeystoreMounts).
+	KeystoreMounts string
+	Journal        *Journal // nil: no journal
+	Log            *logrus.Entry
 	// MachineID is dom0's /etc/machine-id, written into the cross-machine lock of a
 	// read-write open ("": no locks).
 	MachineID string

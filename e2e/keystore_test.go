@@ -1,0 +1,159 @@
+package e2e_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/qcrypt/qcrypt/chains"
+	"github.com/qcrypt/qcrypt/qubes"
+)
+
+// TestKeystore: the blib key store on the real kernel, in dom0 (here: the machine the
+// tests run on). A store made the original's way (blib's createLuks and keys add, done
+// here with the real tools: the password as a here-string, cryptsetup's defaults, ext4,
+// qcrypt/QUBE_KEY.key) refuses a wrong password and changes nothing, unlocks with the
+// right one, serves its key and stays read-only; keys added here are read back by the
+// original's way; a store created here is opened the original's way. Nothing is left
+// open.
+func TestKeystore(t *testing.T) {
+	ctx := context.Background()
+	runner := qubes.NewRunner(nil)
+	runner.Timeout = 5 * time.Minute
+	mounts := t.TempDir()
+	e := &chains.Engine{Dom0: qubes.LocalDom0{Runner: runner}, KeystoreMounts: mounts}
+	const password = "correct horse battery"
+	original := func(t *testing.T, script string, args ...string) string {
+		t.Helper()
+		cmd := exec.Command("bash", append([]string{"-c", "set -e\n" + script, "bash"}, args...)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("the original's way: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	state := func(t *testing.T, k chains.Keystore) chains.KeystoreState {
+		t.Helper()
+		st, err := e.KeystoreStatus(ctx, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	lock := func(t *testing.T, k chains.Keystore) {
+		t.Helper()
+		if err := e.KeystoreLock(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+		if st := state(t, k); st.Open || st.Unlocked {
+			t.Fatalf("after lock: %+v", st)
+		}
+	}
+
+	t.Run("a store the original made", func(t *testing.T) {
+		k := chains.Keystore{Dir: filepath.Join(t.TempDir(), "keys")}
+		defer func() { _ = e.KeystoreLock(ctx, k) }()
+		original(t, `mkdir -p "$1/mnt/rw"
+head -c 20M < /dev/urandom > "$1/keys.lks"
+cryptsetup -q luksFormat "$1/keys.lks" <<< "$2"
+cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
+mkfs -t ext4 "/dev/mapper/$3" > /dev/null 2>&1
+mount "/dev/mapper/$3" "$1/mnt/rw"
+mkdir -p "$1/mnt/rw/qcrypt"
+printf %s "$4" > "$1/mnt/rw/qcrypt/work_vault.key"
+umount "$1/mnt/rw"
+cryptsetup close "$3"`, k.Dir, password, k.MapperName(), "the key of work")
+
+		if err := e.KeystoreUnlock(ctx, k, []byte("wrong password")); !errors.Is(err, chains.ErrWrongPassword) {
+			t.Fatalf("a wrong password: %v", err)
+		}
+		if st := state(t, k); !st.Exists || st.Open || st.Unlocked {
+			t.Fatalf("after a wrong password: %+v", st)
+		}
+		if _, err := e.KeystoreKey(ctx, k, "work", "vault"); !errors.Is(err, chains.ErrKeystoreLocked) {
+			t.Errorf("a key of a locked store: %v", err)
+		}
+		if err := e.KeystoreUnlock(ctx, k, []byte(password)); err != nil {
+			t.Fatal(err)
+		}
+		if st := state(t, k); !st.Open || !st.Unlocked {
+			t.Fatalf("after unlock: %+v", st)
+		}
+		key, err := e.KeystoreKey(ctx, k, "work", "vault")
+		if err != nil || string(key) != "the key of work" {
+			t.Fatalf("key: %q %v", key, err)
+		}
+		if _, err := e.KeystoreKey(ctx, k, "mediator", "vault"); !errors.Is(err, chains.ErrKeystoreNoKey) {
+			t.Errorf("a missing key: %v", err)
+		}
+		mnt := filepath.Join(mounts, k.MapperName())
+		if err := os.WriteFile(filepath.Join(mnt, "qcrypt", "x.key"), []byte("x"), 0o600); err == nil {
+			t.Error("the unlocked store is writable")
+		}
+
+		added := map[string][]byte{"mediator": []byte("key one\x00\xff"), "work": bytes.Repeat([]byte{7}, 4096)}
+		if err := e.KeystoreAdd(ctx, k, "other", added); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.KeystoreAdd(ctx, k, "other", map[string][]byte{"sys-usb": []byte("new"), "work": []byte("again")}); !errors.Is(err, chains.ErrKeystoreHasKey) {
+			t.Errorf("adding a key that is there: %v", err)
+		}
+		if _, err := os.Stat(filepath.Join(mnt, "qcrypt", "sys-usb_other.key")); err == nil {
+			t.Error("a refused add wrote a key")
+		}
+		if err := os.WriteFile(filepath.Join(mnt, "qcrypt", "x.key"), []byte("x"), 0o600); err == nil {
+			t.Error("the store stayed writable after the add")
+		}
+		lock(t, k)
+		got := original(t, `cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
+mount -o ro "/dev/mapper/$3" "$1/mnt/rw"
+cat "$1/mnt/rw/qcrypt/mediator_other.key"
+umount "$1/mnt/rw"
+cryptsetup close "$3"`, k.Dir, password, k.MapperName())
+		if got != string(added["mediator"]) {
+			t.Errorf("the original reads %q, want %q", got, added["mediator"])
+		}
+	})
+
+	t.Run("a store made here", func(t *testing.T) {
+		k := chains.Keystore{Dir: filepath.Join(t.TempDir(), "new", "keys")}
+		defer func() { _ = e.KeystoreLock(ctx, k) }()
+		if err := e.KeystoreInit(ctx, k, []byte(password)); err != nil {
+			t.Fatal(err)
+		}
+		if st := state(t, k); !st.Unlocked {
+			t.Fatalf("after init: %+v", st)
+		}
+		if err := e.KeystoreInit(ctx, k, []byte("another")); !errors.Is(err, chains.ErrKeystoreExists) {
+			t.Errorf("init over a store: %v", err)
+		}
+		if err := e.KeystoreAdd(ctx, k, "vault", map[string][]byte{"work": []byte("k")}); err != nil {
+			t.Fatal(err)
+		}
+		lock(t, k)
+		if err := e.KeystoreUnlock(ctx, k, []byte(password)); err != nil {
+			t.Fatal(err)
+		}
+		if key, err := e.KeystoreKey(ctx, k, "work", "vault"); err != nil || string(key) != "k" {
+			t.Errorf("key after relock: %q %v", key, err)
+		}
+		lock(t, k)
+		if info, err := os.Stat(k.Container()); err != nil || info.Size() != 20<<20 {
+			t.Errorf("the container: %v %v", info, err)
+		}
+		got := original(t, `mkdir -p "$1/mnt/rw"
+cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
+mount -o ro "/dev/mapper/$3" "$1/mnt/rw"
+cat "$1/mnt/rw/qcrypt/work_vault.key"
+umount "$1/mnt/rw"
+cryptsetup close "$3"`, k.Dir, password, k.MapperName())
+		if got != "k" {
+			t.Errorf("the original reads %q", got)
+		}
+	})
+}
