@@ -278,9 +278,13 @@ func (c *Chain) problems() []problem {
 			add(vmKey, "the source qube must not decrypt")
 		}
 		seen[h.VM] = true
-		if h.Inject != "" && !strings.HasPrefix(h.Inject, "keystore://") {
-			if err := validatePath(h.Inject, true); err != nil {
+		if h.Inject != "" {
+			if _, isStore, err := ParseKeystoreRef(h.Inject); isStore && err != nil {
 				add(fmt.Sprintf("destination inj %d", i+1), "%v", err)
+			} else if !isStore {
+				if err := validatePath(h.Inject, true); err != nil {
+					add(fmt.Sprintf("destination inj %d", i+1), "%v", err)
+				}
 			}
 		}
 	}

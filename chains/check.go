@@ -48,7 +48,37 @@ func CheckTarget(arg, root string, asRoot bool) []string {
 	case len(chains) == 0:
 		return []string{fmt.Sprintf("%s has no chain files (*.ini)", dir)}
 	}
-	return nil
+	var out []string
+	for _, c := range chains {
+		for i, h := range c.Hops {
+			if store, isStore, _ := ParseKeystoreRef(h.Inject); isStore {
+				if msg := checkKeystore(Keystore{Dir: store}, asRoot); msg != "" {
+					out = append(out, fmt.Sprintf("%s: destination inj %d: %s", c.File, i+1, msg))
+				}
+			}
+		}
+	}
+	return out
+}
+
+// checkKeystore says what is wrong with a key store a chain names: it must exist and,
+// for root, be root's alone (qcryptd opens it and reads keys from it).
+func checkKeystore(k Keystore, asRoot bool) string {
+	st, err := os.Lstat(k.Container())
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Sprintf("no key store in %s (%s is missing)", k.Dir, filepath.Base(k.Container()))
+	case err != nil:
+		return fmt.Sprintf("cannot check the key store: %v", err)
+	case !st.Mode().IsRegular():
+		return fmt.Sprintf("key store %s is not a regular file", k.Container())
+	}
+	if asRoot {
+		if msg := unsafeForRoot(st, false); msg != "" {
+			return fmt.Sprintf("cannot trust key store %s: %s", k.Container(), msg)
+		}
+	}
+	return ""
 }
 
 // Check validates a target offline, as `qcryptd check`: "All good." and 0, or every

@@ -1,7 +1,9 @@
 package chains
 
 import (
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -56,5 +58,58 @@ func TestKeystoreKeyNamesAreChecked(t *testing.T) {
 		if _, err := e.KeystoreKey(bg, Keystore{Dir: "/s"}, n[0], n[1]); err == nil {
 			t.Errorf("%q accepted", n)
 		}
+	}
+}
+
+// The check holds key store references to a store that is there, and, for root, root's
+// alone; a reference that is not a path is a config error of its line.
+func TestCheckKeystores(t *testing.T) {
+	stores := t.TempDir()
+	present := filepath.Join(stores, "present")
+	if err := os.MkdirAll(present, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(present, "keys.lks"), []byte("luks"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	chain := func(inj1, inj2 string) string {
+		s := "source vm=sys-usb\nsource file=/c.luks\nkey=k\ndestination vm 1=mediator\ndestination inj 1=" + inj1 +
+			"\ndestination vm 2=work\n"
+		if inj2 != "" {
+			s += "destination inj 2=" + inj2 + "\n"
+		}
+		return s
+	}
+	tests := map[string]struct {
+		chain, want string
+		root        bool
+	}{
+		"present and missing": {chain: chain("keystore://"+present, "keystore://"+stores+"/missing"),
+			want: "c.ini: destination inj 2: no key store in " + stores + "/missing (keys.lks is missing)"},
+		"not a path": {chain: chain("keystore://relative/x", "keystore://"+present),
+			want: "c.ini:5: destination inj 1: key store directory \"relative/x\""},
+		"writable by others": {root: true, chain: chain("keystore://"+present, ""),
+			want: "destination inj 1: cannot trust key store " + present + "/keys.lks: group or world writable (mode 0666)"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if tc.root {
+				if os.Geteuid() != 0 {
+					t.Skip("needs root: the ownership rules are root's")
+				}
+				if err := os.Chmod(filepath.Join(present, "keys.lks"), 0o666); err != nil {
+					t.Fatal(err)
+				}
+				defer func() { _ = os.Chmod(filepath.Join(present, "keys.lks"), 0o600) }() // for the next case
+			}
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, "c.ini"), []byte(tc.chain), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			got := CheckTarget(dir, "/", tc.root)
+			if len(got) != 1 || !strings.Contains(got[0], tc.want) {
+				t.Errorf("got %q, want one problem with %q", got, tc.want)
+			}
+		})
 	}
 }
