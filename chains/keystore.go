@@ -115,6 +115,7 @@ const (
 	ksHasKey     = 16
 	ksExists     = 17
 	ksWrite      = 18
+	ksClose      = 19
 )
 
 func keystoreError(code int, stderr []byte) error {
@@ -137,6 +138,8 @@ func keystoreError(code int, stderr []byte) error {
 		return fmt.Errorf("cannot mount the key store: %s", qubes.Printable(string(stderr), 300))
 	case ksWrite:
 		return fmt.Errorf("cannot write to the key store: %s", qubes.Printable(string(stderr), 300))
+	case ksClose:
+		return fmt.Errorf("cannot close the key store (mounted elsewhere?): %s", qubes.Printable(string(stderr), 300))
 	}
 	return fmt.Errorf("the key store script failed (exit %d): %s", code, qubes.Printable(string(stderr), 300))
 }
@@ -179,30 +182,40 @@ echo 1 $o $u`, nil)
 	}
 	var exists, open, unlocked int
 	if _, err := fmt.Sscanf(string(res.Stdout), "%d %d %d", &exists, &open, &unlocked); err != nil {
-		return st, fmt.Errorf("key store %s: cannot read its state %q", k.Dir, qubes.Printable(string(res.Stdout), 40))
+		return st, fmt.Errorf("cannot read the state of key store %s: %q", k.Dir, qubes.Printable(string(res.Stdout), 40))
 	}
 	st.Exists, st.Open, st.Unlocked = exists == 1, open == 1, unlocked == 1
 	return st, nil
 }
 
 // openAndMount opens the container with the password that follows on stdin (when
-// closed: one the original left open needs none) and mounts it read-only.
+// closed: one the original left open needs none) and mounts it read-only. Read-only
+// per mount, as blib's own read-only view: the file system may be mounted read-write
+// by the original, and one file system cannot be both at once.
 const openAndMount = `if ! cryptsetup status "$m" >/dev/null 2>&1; then
+  [ "$plen" -gt 0 ] || exit 14
   cryptsetup open --type luks --key-file=- --keyfile-size="$plen" "$c" "$m"; r=$?
   [ $r = 2 ] && exit 11
   [ $r = 0 ] || exit 12
 fi
 mkdir -p -m 0700 "$mp" || exit 13
-mountpoint -q "$mp" || mount -o ro,nodev,nosuid,noexec "/dev/mapper/$m" "$mp" || exit 13
+if ! mountpoint -q "$mp"; then
+  mount -o nodev,nosuid,noexec "/dev/mapper/$m" "$mp" || exit 13
+  mount -o remount,bind,` + roFlags + ` "$mp" || { umount "$mp"; exit 13; }
+fi
 `
+
+// The per-mount flags of an unlocked store; a bind remount sets all of them at once.
+const (
+	roFlags = "ro,nodev,nosuid,noexec"
+	rwFlags = "rw,nodev,nosuid,noexec"
+)
 
 // KeystoreUnlock opens and mounts the store with password. A wrong password changes
 // nothing (ErrWrongPassword). A store open already (the original opened it) is only
-// mounted. The password is not kept.
+// mounted and needs no password; without one, a closed store is ErrKeystoreLocked.
+// The password is not kept.
 func (e *Engine) KeystoreUnlock(ctx context.Context, k Keystore, password []byte) error {
-	if len(password) == 0 {
-		return ErrKeystorePassword
-	}
 	_, err := e.runKeystore(ctx, k, fmt.Sprintf("plen=%d\n[ -f \"$c\" ] || exit 10\n", len(password))+openAndMount, password)
 	return err
 }
@@ -211,7 +224,7 @@ func (e *Engine) KeystoreUnlock(ctx context.Context, k Keystore, password []byte
 func (e *Engine) KeystoreLock(ctx context.Context, k Keystore) error {
 	_, err := e.runKeystore(ctx, k, `if mountpoint -q "$mp" 2>/dev/null; then umount "$mp" || exit 13; fi
 rmdir "$mp" 2>/dev/null
-if cryptsetup status "$m" >/dev/null 2>&1; then cryptsetup close "$m" || exit 12; fi
+if cryptsetup status "$m" >/dev/null 2>&1; then cryptsetup close "$m" || exit 19; fi
 exit 0`, nil)
 	return err
 }
@@ -254,7 +267,7 @@ func (e *Engine) KeystoreAdd(ctx context.Context, k Keystore, key string, keys m
 		fmt.Fprintf(&b, "[ -e \"$mp\"/%s ] && exit 16\n", q(KeyFile(vm, key)))
 	}
 	// Each write is checked; a failure still puts the store back read-only.
-	b.WriteString(`mount -o remount,rw "$mp" || exit 13
+	b.WriteString(`mount -o remount,bind,` + rwFlags + ` "$mp" || exit 13
 add() {
   mkdir -p -m 0700 "$mp"/` + keystoreAppID + ` || return 1
 `)
@@ -268,7 +281,7 @@ add() {
 	b.WriteString(`  sync
 }
 add; r=$?
-mount -o remount,ro "$mp" || exit 13
+mount -o remount,bind,` + roFlags + ` "$mp" || exit 13
 [ $r = 0 ] || exit 18
 exit 0`)
 	defer clear(input)
@@ -294,12 +307,12 @@ create() {
   mkdir -p -m 0700 "$mp" || return 1
   mount -o nodev,nosuid,noexec "/dev/mapper/$m" "$mp" || return 1
   mkdir -m 0700 "$mp"/%s || return 1
-  mount -o remount,ro "$mp"
+  mount -o remount,bind,%s "$mp"
 }
 if ! create; then
   umount "$mp" 2>/dev/null; cryptsetup close "$m" 2>/dev/null; rm -f "$c"; exit 18
 fi
-exit 0`, len(password), keystoreSize, keystoreAppID)
+exit 0`, len(password), keystoreSize, keystoreAppID, roFlags)
 	// The password twice: luksFormat reads it, then the open.
 	input := append(append([]byte{}, password...), password...)
 	defer clear(input)

@@ -19,8 +19,9 @@ import (
 // here with the real tools: the password as a here-string, cryptsetup's defaults, ext4,
 // qcrypt/QUBE_KEY.key) refuses a wrong password and changes nothing, unlocks with the
 // right one, serves its key and stays read-only; keys added here are read back by the
-// original's way; a store created here is opened the original's way. Nothing is left
-// open.
+// original's way; a store the original has open and mounted is used without a password
+// and not closed under it; a store created here is opened the original's way. Nothing
+// is left open.
 func TestKeystore(t *testing.T) {
 	ctx := context.Background()
 	runner := qubes.NewRunner(nil)
@@ -117,6 +118,45 @@ umount "$1/mnt/rw"
 cryptsetup close "$3"`, k.Dir, password, k.MapperName())
 		if got != string(added["mediator"]) {
 			t.Errorf("the original reads %q, want %q", got, added["mediator"])
+		}
+	})
+
+	t.Run("a store the original has open", func(t *testing.T) {
+		k := chains.Keystore{Dir: filepath.Join(t.TempDir(), "keys")}
+		defer func() { _ = e.KeystoreLock(ctx, k) }()
+		if err := e.KeystoreInit(ctx, k, []byte(password)); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.KeystoreAdd(ctx, k, "vault", map[string][]byte{"work": []byte("k")}); err != nil {
+			t.Fatal(err)
+		}
+		lock(t, k)
+		// As blib leaves it: open, mounted read-write at DIR/mnt/rw.
+		original(t, `mkdir -p "$1/mnt/rw"
+cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
+mount "/dev/mapper/$3" "$1/mnt/rw"`, k.Dir, password, k.MapperName())
+		defer func() { _ = exec.Command("umount", filepath.Join(k.Dir, "mnt", "rw")).Run() }()
+		if err := e.KeystoreUnlock(ctx, k, nil); err != nil {
+			t.Fatalf("unlock of a store open already, without a password: %v", err)
+		}
+		if key, err := e.KeystoreKey(ctx, k, "work", "vault"); err != nil || string(key) != "k" {
+			t.Errorf("key: %q %v", key, err)
+		}
+		if err := os.WriteFile(filepath.Join(mounts, k.MapperName(), "qcrypt", "x.key"), []byte("x"), 0o600); err == nil {
+			t.Error("the store is writable through qcryptd's mount")
+		}
+		if err := e.KeystoreAdd(ctx, k, "vault", map[string][]byte{"mediator": []byte("m")}); err != nil {
+			t.Errorf("add while the original has it open: %v", err)
+		}
+		if err := e.KeystoreLock(ctx, k); err == nil {
+			t.Error("closing a store the original has mounted succeeded")
+		}
+		if err := exec.Command("umount", filepath.Join(k.Dir, "mnt", "rw")).Run(); err != nil {
+			t.Fatal(err)
+		}
+		lock(t, k)
+		if err := e.KeystoreUnlock(ctx, k, nil); !errors.Is(err, chains.ErrKeystoreLocked) {
+			t.Errorf("unlock of a closed store without a password: %v", err)
 		}
 	})
 
