@@ -322,7 +322,7 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 	keys := make([][]byte, len(c.Hops))
 	for i, h := range c.Hops {
 		if h.Inject != "" {
-			if keys[i], err = readInjectedKey(h.Inject); err != nil {
+			if keys[i], err = e.injectedKey(ctx, c, h); err != nil {
 				return fmt.Errorf("cannot open %s: %w", c.Name, err)
 			}
 		} else {
@@ -612,11 +612,21 @@ func (e *Engine) detachIfAlive(ctx context.Context, frontend string, dev qubes.D
 	return err
 }
 
+// injectedKey reads the key a chain file injects into hop h: from a dom0 key file, or
+// from the blib key store (ErrKeystoreLocked while it is locked).
+func (e *Engine) injectedKey(ctx context.Context, c *Chain, h Hop) ([]byte, error) {
+	dir, isStore, err := ParseKeystoreRef(h.Inject)
+	switch {
+	case err != nil:
+		return nil, err
+	case isStore:
+		return e.KeystoreKey(ctx, Keystore{Dir: dir}, h.VM, c.Key)
+	}
+	return readInjectedKey(h.Inject)
+}
+
 // readInjectedKey reads a dom0 key file for injection.
 func readInjectedKey(p string) ([]byte, error) {
-	if strings.HasPrefix(p, "keystore://") {
-		return nil, fmt.Errorf("cannot inject %s: the blib key store is not supported; give a key file", p)
-	}
 	f, err := os.Open(p)
 	if err != nil {
 		return nil, fmt.Errorf("cannot read key to inject: %w", err)

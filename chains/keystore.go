@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"path"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -83,6 +84,17 @@ func (k Keystore) Container() string { return path.Join(k.Dir, "keys.lks") }
 func (k Keystore) MapperName() string {
 	sum := md5.Sum([]byte(path.Clean(k.Container()) + "\n"))
 	return "blib-dmcrypt-" + hex.EncodeToString(sum[:])
+}
+
+// KeystoreDirs lists the stores the chain injects keys from, each once.
+func (c *Chain) KeystoreDirs() []string {
+	var out []string
+	for _, h := range c.Hops {
+		if dir, ok, err := ParseKeystoreRef(h.Inject); ok && err == nil && !slices.Contains(out, dir) {
+			out = append(out, dir)
+		}
+	}
+	return out
 }
 
 // KeyFile is a qube's key inside the store, relative to its root.

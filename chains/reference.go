@@ -20,7 +20,7 @@ var Reference = []KeyDoc{
 	{keySourceFile, "PATH", "(required)", "the container file in the source qube, relative to `source mount point` (`/` without one)"},
 	{keyKey, "KEY_ID", "(required)", "the key id: each destination reads `~/.qcrypt/keys/KEY_ID` and names its mapper KEY_ID"},
 	{"destination vm N", "QUBE", "(N=1 required)", "the qube that decrypts layer N, numbered 1, 2, ... without gaps; the last one sees the plaintext"},
-	{"destination inj N", "/PATH or keystore://", "none", "a dom0 key file injected into destination N when it has no key (keystore://[DIR], blib's key store, default /etc/blib/keys: the check requires the store to exist and be root's; an open still refuses it, qcryptd cannot unlock stores yet)"},
+	{"destination inj N", "/PATH or keystore://", "none", "a dom0 key file injected into destination N when it has no key (keystore://[DIR]: from blib's key store, default /etc/blib/keys, as the original's QUBE_KEY.key; the check requires the store to exist and be root's; while it is locked the chain waits: qcryptctl keystore unlock)"},
 	{"destination opt N", "OPTIONS", "none", "extra cryptsetup options for destination N (a safe subset: --type, --cipher, --key-size, --hash, --offset, ...)"},
 	{keyMountPoint, "/PATH", "none", "where the last destination mounts the plaintext"},
 	{keyAutostart, "BOOL", "false", "also start the source and the target to open the chain (intermediates are always started)"},

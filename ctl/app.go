@@ -18,6 +18,7 @@ import (
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/systemd"
 )
 
 // Exit statuses (docs/qcryptctl.md). status CHAIN exits with the number of missing steps.
@@ -52,6 +53,9 @@ type API interface {
 	Watch(ctx context.Context, w dbusapi.Watcher) error
 	Jobs(ctx context.Context) ([]dbusapi.JobInfo, error)
 	CancelJob(ctx context.Context, job dbus.ObjectPath) error
+	KeystoreUnlock(dir string) dbusapi.Starter
+	KeystoreLock(dir string) dbusapi.Starter
+	KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error)
 	Disconnect()
 }
 
@@ -71,6 +75,8 @@ type app struct {
 	files     []*os.File // opened for qcryptd, closed at the end
 	json      bool       // --json: a failure is a JSON object on stdout too ...
 	printed   bool       // ... unless the command printed its JSON result already
+	askDir    string     // where qcryptd asks for passwords (systemd's directory)
+	password  func(ctx context.Context, prompt string) ([]byte, error)
 }
 
 // Version is set at build time (make: git describe).
@@ -85,7 +91,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		running: func() (API, error) { return dbusapi.ConnectRunning() },
 		watcher: func() (API, error) { return dbusapi.ConnectBus() },
 		qubes:   qubes.NewClient(qubes.DefaultSocket).ListVMs,
-		now:     time.Now}
+		now:     time.Now, askDir: systemd.AskPasswordDir, password: readPassword}
 	return a.main(args[1:])
 }
 

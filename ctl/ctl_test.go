@@ -140,6 +140,16 @@ func (f *fakeAPI) OpenAdhoc(s dbusapi.Spec, o chains.OpenOptions) dbusapi.Starte
 func (f *fakeAPI) CloseAdhoc(s dbusapi.Spec, o chains.CloseOptions) dbusapi.Starter {
 	return f.starter(fmt.Sprintf("CloseAdhoc %s %+v", describe(s), o))
 }
+func (f *fakeAPI) KeystoreUnlock(dir string) dbusapi.Starter {
+	return f.starter("KeystoreUnlock " + dir)
+}
+func (f *fakeAPI) KeystoreLock(dir string) dbusapi.Starter { return f.starter("KeystoreLock " + dir) }
+func (f *fakeAPI) KeystoreStatus(_ context.Context, dir string) (chains.KeystoreState, error) {
+	if dir == "" {
+		dir = chains.DefaultKeystoreDir
+	}
+	return chains.KeystoreState{Dir: dir, Exists: true, Open: true}, f.rec("KeystoreStatus %s", dir)
+}
 func (f *fakeAPI) LuksInit(s dbusapi.Spec) dbusapi.Starter {
 	return f.starter(fmt.Sprintf("LuksInit %s", describe(s)))
 }

@@ -55,6 +55,8 @@ func (n *notifier) describe(ev dbusapi.ChainEvent) *note {
 		return &note{summary: "qcrypt: " + chain + " opened", body: body}
 	case ev.State == dbusapi.ChainFailed || ev.State == dbusapi.ChainDegraded:
 		return &note{summary: "qcrypt: " + chain + " " + string(ev.State), body: "Details: qcryptctl status " + markup(chain), critical: true}
+	case ev.State == dbusapi.ChainWaiting && ev.Reason.Cause == dbusapi.CauseKeystoreLocked:
+		return &note{summary: "qcrypt: " + chain + " needs the key store", body: "It opens once the key store is unlocked: qcryptctl keystore unlock"}
 	case ev.Previous == dbusapi.ChainClosing && (ev.State == dbusapi.ChainClosed || ev.State == dbusapi.ChainWaiting):
 		return &note{summary: "qcrypt: " + chain + " closed", body: "The chain is closed."}
 	case ev.State == dbusapi.ChainOpening && ev.Reason.Cause == dbusapi.CauseDeviceAppeared:

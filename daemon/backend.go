@@ -244,6 +244,45 @@ func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uin
 	return d.request(dbusapi.OpLuksInit, uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec, j.release = spec, release })
 }
 
+// keystoreDir resolves a key store argument: "" is the default store.
+func keystoreDir(dir string) (string, error) {
+	if dir == "" {
+		return chains.DefaultKeystoreDir, nil
+	}
+	clean, err := chains.CleanKeystoreDir(dir)
+	if err != nil {
+		return "", dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "%v", err)
+	}
+	return clean, nil
+}
+
+// KeystoreUnlock queues an unlock of a key store; its job asks for the password.
+func (d *Daemon) KeystoreUnlock(uid uint32, dir string) (uint64, error) {
+	return d.keystoreJob(dbusapi.OpKeystoreUnlock, uid, dir)
+}
+
+// KeystoreLock queues a lock of a key store.
+func (d *Daemon) KeystoreLock(uid uint32, dir string) (uint64, error) {
+	return d.keystoreJob(dbusapi.OpKeystoreLock, uid, dir)
+}
+
+func (d *Daemon) keystoreJob(op dbusapi.JobOperation, uid uint32, dir string) (uint64, error) {
+	store, err := keystoreDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	return d.request(op, uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.keystore = store })
+}
+
+// KeystoreStatus reads a key store's state in dom0.
+func (d *Daemon) KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error) {
+	store, err := keystoreDir(dir)
+	if err != nil {
+		return chains.KeystoreState{}, err
+	}
+	return d.engine.KeystoreStatus(ctx, chains.Keystore{Dir: store})
+}
+
 // Reload re-reads the config target: unchanged chains are left alone, removed or
 // changed ones are closed (if open) and dropped, new ones added and evaluated. A
 // target with errors changes nothing.

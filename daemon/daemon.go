@@ -62,6 +62,9 @@ type Engine interface {
 	Discover(ctx context.Context) ([]chains.Discovered, error)
 	LuksInit(ctx context.Context, s chains.InitSpec, progress chains.ProgressFunc) error
 	CleanPrivateDir(ctx context.Context) error
+	KeystoreStatus(ctx context.Context, k chains.Keystore) (chains.KeystoreState, error)
+	KeystoreUnlock(ctx context.Context, k chains.Keystore, password []byte) error
+	KeystoreLock(ctx context.Context, k chains.Keystore) error
 }
 
 // Options configure a daemon.
@@ -82,6 +85,9 @@ type Options struct {
 	Backoff                      qubes.Backoff
 	Version                      string
 	MachineID                    string // dom0's machine id for cross-machine locks; "": none
+	// AskPasswordDir is where key store unlocks put their password questions;
+	// "": systemd's (/run/systemd/ask-password).
+	AskPasswordDir string
 	// Engine does the chains' work; nil: a chains.Engine on Qubes, Runner and Dom0,
 	// journaling in StateDir.
 	Engine Engine
@@ -151,6 +157,7 @@ type job struct {
 	closeOpts chains.CloseOptions
 	spec      chains.InitSpec
 	release   func() // closes the caller's files (luks-init)
+	keystore  string // the store of a keystore-unlock or -lock
 	reason    dbusapi.Reason
 	state     dbusapi.JobState
 	step      int

@@ -3,6 +3,9 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -10,6 +13,7 @@ import (
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/systemd"
 )
 
 // The loop's reactions against fakes: qubesd is a list of qubes and an event stream the
@@ -76,6 +80,9 @@ type fakeEngine struct {
 	closing  func()
 	calls    []string       // "open demo", "close demo", ...
 	statuses map[string]int // Status calls per chain (reconciles and checks)
+	// stores are the key stores (directory -> password); unlocked, those unlocked.
+	stores   map[string]string
+	unlocked map[string]bool
 }
 
 func (e *fakeEngine) record(call string) {
@@ -97,6 +104,11 @@ func (e *fakeEngine) Open(_ context.Context, c *chains.Chain, _ chains.OpenOptio
 	defer e.mu.Unlock()
 	if e.openErr != nil {
 		return e.openErr
+	}
+	for _, dir := range c.KeystoreDirs() {
+		if !e.unlocked[dir] {
+			return fmt.Errorf("cannot open %s: key store %s: %w", c.Name, dir, chains.ErrKeystoreLocked)
+		}
 	}
 	e.open[c.Name] = true
 	return nil
@@ -142,6 +154,32 @@ func (e *fakeEngine) LuksInit(context.Context, chains.InitSpec, chains.ProgressF
 	return errors.New("not in the fake")
 }
 
+func (e *fakeEngine) KeystoreStatus(_ context.Context, k chains.Keystore) (chains.KeystoreState, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, exists := e.stores[k.Dir]
+	return chains.KeystoreState{Dir: k.Dir, Exists: exists, Open: e.unlocked[k.Dir], Unlocked: e.unlocked[k.Dir]}, nil
+}
+
+func (e *fakeEngine) KeystoreUnlock(_ context.Context, k chains.Keystore, password []byte) error {
+	e.record("unlock " + k.Dir)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if want, ok := e.stores[k.Dir]; !ok || string(password) != want {
+		return fmt.Errorf("key store %s: %w", k.Dir, chains.ErrWrongPassword)
+	}
+	e.unlocked[k.Dir] = true
+	return nil
+}
+
+func (e *fakeEngine) KeystoreLock(_ context.Context, k chains.Keystore) error {
+	e.record("lock " + k.Dir)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.unlocked, k.Dir)
+	return nil
+}
+
 func (e *fakeEngine) callsSoFar() []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -151,9 +189,9 @@ func (e *fakeEngine) callsSoFar() []string {
 // fakeLoop runs the loop on the demo chain with fakes.
 func fakeLoop(t *testing.T, q *fakeQubes, e *fakeEngine, chain string) (*Daemon, *recorder) {
 	t.Helper()
-	e.open = map[string]bool{}
+	e.open, e.unlocked = map[string]bool{}, map[string]bool{}
 	d, rec, _ := runLoopWith(t, Options{ConfigRoot: writeConf(t, map[string]string{"demo": chain}), StateDir: t.TempDir(),
-		Qubes: q, Engine: e})
+		Qubes: q, Engine: e, AskPasswordDir: t.TempDir()})
 	return d, rec
 }
 
@@ -357,4 +395,73 @@ func TestLoopFailedAdhocOpenDuringResync(t *testing.T) {
 	if n := e.statuses[c.Name]; n != 0 {
 		t.Errorf("the failed ad-hoc chain was reconciled %d times", n)
 	}
+}
+
+// A chain that injects a key from a locked key store waits for it, with its own cause
+// (the notification asks to unlock); an unlock asks for the password through the
+// password agent protocol, refuses a wrong one without a change, and lets the chain
+// open with the right one.
+func TestLoopWaitsForTheKeystore(t *testing.T) {
+	const store = "/srv/keys"
+	q, e := newFakeQubes("sys-usb", "work"), &fakeEngine{stores: map[string]string{store: "right"}}
+	d, rec := fakeLoop(t, q, e, fakeChain+"destination inj 2=keystore://"+store+"\n")
+	waitFor(t, "waiting for the store", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
+	if ci := d.ListChains()[0]; !strings.Contains(ci.Waiting, "key store /srv/keys") {
+		t.Errorf("waiting: %q", ci.Waiting)
+	}
+	unlock := func(password string) bool {
+		t.Helper()
+		id, err := d.KeystoreUnlock(uint32(os.Getuid()), store)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := passwordQuestion(t, d.o.AskPasswordDir, dbusapi.PasswordQuestionID(id))
+		if !strings.Contains(r.Message, store) {
+			t.Errorf("question %q does not name the store", r.Message)
+		}
+		if err := r.Answer([]byte(password)); err != nil {
+			t.Fatal(err)
+		}
+		return jobDone(t, rec, id)
+	}
+	if unlock("wrong") {
+		t.Fatal("a wrong password unlocked the store")
+	}
+	if got := rec.last("demo"); got != dbusapi.ChainWaiting {
+		t.Fatalf("after a wrong password: %s", got)
+	}
+	if !unlock("right") {
+		t.Fatal("the right password did not unlock the store")
+	}
+	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	var got []string
+	for i, st := range rec.states["demo"][1:] {
+		got = append(got, string(st)+"/"+string(rec.reasons["demo"][i+1].Cause))
+	}
+	want := []string{"opening/qubesd-connected", "waiting/keystore-locked", "opening/keystore-unlocked", "open/done"}
+	if !equal(got, want) {
+		t.Errorf("changes %v, want %v", got, want)
+	}
+}
+
+// passwordQuestion waits until the password question with id is asked in dir.
+func passwordQuestion(t *testing.T, dir, id string) systemd.PasswordRequest {
+	t.Helper()
+	var found systemd.PasswordRequest
+	waitFor(t, "the password question "+id, func() bool {
+		reqs, err := systemd.PendingPasswordRequests(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range reqs {
+			if r.ID == id {
+				found = r
+				return true
+			}
+		}
+		return false
+	})
+	return found
 }

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/systemd"
 )
 
 func (j *job) info() dbusapi.JobInfo {
@@ -125,6 +128,13 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 			return outcome{}, err
 		}
 		return outcome{message: "container created"}, nil
+	case dbusapi.OpKeystoreUnlock:
+		return r.keystoreUnlock(ctx)
+	case dbusapi.OpKeystoreLock:
+		if err := d.engine.KeystoreLock(ctx, chains.Keystore{Dir: j.keystore}); err != nil {
+			return outcome{}, err
+		}
+		return outcome{message: "locked"}, nil
 	}
 	return outcome{}, fmt.Errorf("unknown operation %s", j.op)
 }
@@ -180,6 +190,10 @@ func (r *jobRun) open(ctx context.Context) (outcome, error) {
 		return outcome{state: dbusapi.ChainClosed}, err // rolled back: nothing of it is left
 	case errors.Is(err, chains.ErrNotRunning) && !j.auto:
 		return outcome{state: dbusapi.ChainWaiting}, err // it opens when its qubes run
+	case errors.Is(err, chains.ErrKeystoreLocked):
+		// Nothing was touched (keys are read first); an unlock opens it.
+		return outcome{state: dbusapi.ChainWaiting, cause: dbusapi.CauseKeystoreLocked,
+			waiting: "waiting for key store " + strings.Join(c.KeystoreDirs(), ", ") + " to be unlocked (qcryptctl keystore unlock)"}, err
 	case err != nil:
 		return outcome{state: dbusapi.ChainFailed, attempt: j.auto}, err
 	}
@@ -270,6 +284,9 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		if err != nil {
 			cs.lastError = err.Error()
 			why = dbusapi.Because(dbusapi.CauseError, err.Error())
+			if res.cause != "" {
+				why.Cause = res.cause // a failure that has its own cause (a locked key store)
+			}
 			d.chainLog(cs).WithError(err).WithField("op", j.op).Error("operation failed")
 		} else if res.state == dbusapi.ChainOpen || res.state == dbusapi.ChainClosed {
 			cs.lastError = ""
@@ -289,6 +306,9 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		j.message = res.message
 	}
 	d.finish(j, err, err == nil)
+	if j.op == dbusapi.OpKeystoreUnlock && err == nil {
+		d.keystoreUnlocked(j.keystore)
+	}
 	if cs == nil {
 		return
 	}
@@ -421,5 +441,52 @@ func (d *Daemon) wakeSharers(cs *chainState) {
 func (d *Daemon) journalUserClosed(cs *chainState, closed bool) {
 	if err := d.journal.SetUserClosed(cs.c.Name, closed); err != nil {
 		d.chainLog(cs).WithError(err).Warn("cannot record the user's close")
+	}
+}
+
+// keystoreUnlock unlocks a key store: without a password when another tool has it
+// open, else with the one an agent gives (the caller may answer its own question).
+func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
+	k, e := chains.Keystore{Dir: r.j.keystore}, r.d.engine
+	st, err := e.KeystoreStatus(ctx, k)
+	switch {
+	case err != nil:
+		return outcome{}, err
+	case !st.Exists:
+		return outcome{}, fmt.Errorf("cannot unlock %s: %w", k.Dir, chains.ErrKeystoreMissing)
+	case st.Unlocked:
+		return outcome{message: "unlocked already"}, nil
+	case st.Open:
+		if err := e.KeystoreUnlock(ctx, k, nil); err != nil {
+			return outcome{}, err
+		}
+		return outcome{message: "unlocked (another tool had it open)"}, nil
+	}
+	answerer := int(r.j.uid)
+	if r.j.uid == 0 {
+		answerer = -1 // root answers anyway
+	}
+	password, err := systemd.Ask(ctx, systemd.Question{Dir: r.d.o.AskPasswordDir, Message: "Password for the qcrypt key store " + k.Dir,
+		Icon: "dialog-password", ID: dbusapi.PasswordQuestionID(r.j.id), Timeout: keystorePasswordWait, AnswerUID: answerer})
+	if err != nil {
+		return outcome{}, fmt.Errorf("cannot unlock %s: %w", k.Dir, err)
+	}
+	defer clear(password)
+	if err := e.KeystoreUnlock(ctx, k, password); err != nil {
+		return outcome{}, err
+	}
+	return outcome{message: "unlocked"}, nil
+}
+
+// keystorePasswordWait is how long an unlock waits for a password.
+const keystorePasswordWait = 5 * time.Minute
+
+// keystoreUnlocked lets the chains that wait for the store open.
+func (d *Daemon) keystoreUnlocked(dir string) {
+	for _, name := range d.sortedNames() {
+		cs := d.chains[name]
+		if (cs.state == dbusapi.ChainWaiting || cs.state == dbusapi.ChainFailed) && slices.Contains(cs.c.KeystoreDirs(), dir) {
+			d.evaluate(cs, dbusapi.Because(dbusapi.CauseKeystoreOpened, "key store "+dir+" unlocked"))
+		}
 	}
 }

@@ -282,6 +282,24 @@ func (c *Client) starter(method string, args ...any) Starter {
 	}
 }
 
+// KeystoreUnlock returns the Starter of a key store unlock (dir "" is the default store);
+// the job asks for the password through systemd's password agents.
+func (c *Client) KeystoreUnlock(dir string) Starter { return c.starter("KeystoreUnlock", dir) }
+
+// KeystoreLock returns the Starter of a key store lock.
+func (c *Client) KeystoreLock(dir string) Starter { return c.starter("KeystoreLock", dir) }
+
+// KeystoreStatus reads a key store's state.
+func (c *Client) KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error) {
+	var m map[string]dbus.Variant
+	var st chains.KeystoreState
+	if err := c.call(ctx, "KeystoreStatus", []any{&m}, dir); err != nil {
+		return st, err
+	}
+	err := keystoreCodec.read(m, &st)
+	return st, err
+}
+
 // CloseAll closes every open chain; with stop, the daemon exits afterwards. Pass it to
 // RunJobs to wait for the closes.
 func (c *Client) CloseAll(o chains.CloseOptions, stop bool) func(context.Context) ([]dbus.ObjectPath, error) {

@@ -286,6 +286,27 @@ func (m *manager) CloseAll(sender dbus.Sender, options map[string]dbus.Variant) 
 	return paths, toDBus(err)
 }
 
+func (m *manager) KeystoreUnlock(sender dbus.Sender, store string) (dbus.ObjectPath, *dbus.Error) {
+	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreUnlock(uid, store) })
+}
+
+func (m *manager) KeystoreLock(sender dbus.Sender, store string) (dbus.ObjectPath, *dbus.Error) {
+	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreLock(uid, store) })
+}
+
+func (m *manager) KeystoreStatus(sender dbus.Sender, store string) (map[string]dbus.Variant, *dbus.Error) {
+	if _, err := m.s.caller(sender); err != nil {
+		return nil, err
+	}
+	ctx, cancel := m.s.ctx()
+	defer cancel()
+	st, err := m.s.backend.KeystoreStatus(ctx, store)
+	if err != nil {
+		return nil, toDBus(err)
+	}
+	return keystoreCodec.encode(&st), nil
+}
+
 // chainObject carries the Chain interface's methods.
 type chainObject struct {
 	s    *Server

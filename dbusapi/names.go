@@ -6,6 +6,8 @@ package dbusapi
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 
 	"github.com/coreos/go-systemd/v22/dbus"
 	godbus "github.com/godbus/dbus/v5"
@@ -35,6 +37,16 @@ func ChainPath(name string) godbus.ObjectPath {
 // JobPath is the object of job n.
 func JobPath(n uint64) godbus.ObjectPath {
 	return godbus.ObjectPath(fmt.Sprintf("%s%d", jobPathPrefix, n))
+}
+
+// JobID is the number of a job object; false for a path that is not one.
+func JobID(p godbus.ObjectPath) (uint64, bool) {
+	rest, ok := strings.CutPrefix(string(p), jobPathPrefix)
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(rest, 10, 64)
+	return n, err == nil
 }
 
 // Error reasons (org.qcrypt.Qcryptd1.Error.<Reason>).
@@ -78,3 +90,7 @@ func toDBus(err error) *godbus.Error {
 	}
 	return godbus.NewError(ErrorPrefix+ReasonFailed, []any{err.Error()})
 }
+
+// PasswordQuestionID is the Id= of the password question a job puts to systemd's
+// password agents: qcryptctl answers the question of its own job only.
+func PasswordQuestionID(job uint64) string { return fmt.Sprintf("qcrypt:job:%d", job) }

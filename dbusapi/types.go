@@ -61,6 +61,10 @@ type Backend interface {
 	CloseAll(uid uint32, o chains.CloseOptions, stop bool) ([]uint64, error)
 	CancelJob(uid uint32, id uint64) error
 	Info() (version, target, summary string)
+	// The blib key store, named by its directory ("" is the default store).
+	KeystoreUnlock(uid uint32, dir string) (uint64, error)
+	KeystoreLock(uid uint32, dir string) (uint64, error)
+	KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error)
 }
 
 // chainInfoCodec is a chain object's properties.
@@ -147,6 +151,13 @@ var statusCodec = codec[chains.Status]{
 			}
 			return nil
 		}},
+}
+
+var keystoreCodec = codec[chains.KeystoreState]{
+	{key: "dir", ref: func(k *chains.KeystoreState) any { return &k.Dir }},
+	{key: "exists", ref: func(k *chains.KeystoreState) any { return &k.Exists }},
+	{key: "open", ref: func(k *chains.KeystoreState) any { return &k.Open }},
+	{key: "unlocked", ref: func(k *chains.KeystoreState) any { return &k.Unlocked }},
 }
 
 // StatusToMap renders a status for the bus.

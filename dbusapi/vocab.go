@@ -50,6 +50,8 @@ const (
 	CauseFinishClose     Cause = "finish-close"
 	CauseClosedByUser    Cause = "closed-by-user"
 	CauseEligible        Cause = "eligible"
+	CauseKeystoreLocked  Cause = "keystore-locked"
+	CauseKeystoreOpened  Cause = "keystore-unlocked"
 	CauseDone            Cause = "done"
 	CauseError           Cause = "error"
 )
@@ -58,7 +60,7 @@ const (
 var Causes = []Cause{CauseRequested, CauseQubeStarted, CauseQubeFailed, CauseQubeShutDown, CauseQubeUnpaused,
 	CauseQubeCreated, CauseQubeDeleted, CauseDeviceAppeared, CauseDeviceGone, CauseQubesd, CauseRetry,
 	CauseStartupInterval, CauseConfig, CauseMapperFreed, CauseFoundOpen, CauseRollBack, CauseFinishClose,
-	CauseClosedByUser, CauseEligible, CauseDone, CauseError}
+	CauseClosedByUser, CauseEligible, CauseKeystoreLocked, CauseKeystoreOpened, CauseDone, CauseError}
 
 // CauseMeanings says what each cause means, for people (docs/states.md).
 var CauseMeanings = map[Cause]string{
@@ -81,6 +83,8 @@ var CauseMeanings = map[Cause]string{
 	CauseFinishClose:     "qcryptd found a close cut short, or a broken chain: what is left is closed",
 	CauseClosedByUser:    "the user closed it last (before qcryptd restarted): no automatic open before a trigger",
 	CauseEligible:        "everything it needs is there",
+	CauseKeystoreLocked:  "it injects a key from a key store that is locked: it waits for an unlock",
+	CauseKeystoreOpened:  "a key store it injects a key from was unlocked",
 	CauseDone:            "the job of the previous state ended well",
 	CauseError:           "the job of the previous state failed",
 }
@@ -99,15 +103,17 @@ type JobOperation string
 
 // The job operations.
 const (
-	OpOpen      JobOperation = "open"
-	OpClose     JobOperation = "close"
-	OpLuksInit  JobOperation = "luks-init"
-	OpCheck     JobOperation = "check"     // qcryptd checks an open chain after an event
-	OpReconcile JobOperation = "reconcile" // qcryptd compares a chain with its journal
+	OpOpen           JobOperation = "open"
+	OpClose          JobOperation = "close"
+	OpLuksInit       JobOperation = "luks-init"
+	OpCheck          JobOperation = "check"     // qcryptd checks an open chain after an event
+	OpReconcile      JobOperation = "reconcile" // qcryptd compares a chain with its journal
+	OpKeystoreUnlock JobOperation = "keystore-unlock"
+	OpKeystoreLock   JobOperation = "keystore-lock"
 )
 
 // JobOperations lists every job operation.
-var JobOperations = []JobOperation{OpOpen, OpClose, OpLuksInit, OpCheck, OpReconcile}
+var JobOperations = []JobOperation{OpOpen, OpClose, OpLuksInit, OpCheck, OpReconcile, OpKeystoreUnlock, OpKeystoreLock}
 
 // JobState is where a job is: the Job interface's State property.
 type JobState string

@@ -1,0 +1,182 @@
+package ctl
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/godbus/dbus/v5"
+	"golang.org/x/sys/unix"
+
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/systemd"
+)
+
+// cmdKeystore is qcryptctl keystore unlock|lock|status [DIR].
+func cmdKeystore(a *app, p *parsed) error {
+	if len(p.args) < 1 || len(p.args) > 2 {
+		return usageErr("keystore needs unlock, lock or status, and at most the store's directory")
+	}
+	dir := ""
+	if len(p.args) == 2 {
+		dir = p.args[1]
+	}
+	asJSON := p.flags["--json"]
+	switch p.args[0] {
+	case "status":
+		api, err := a.client()
+		if err != nil {
+			return err
+		}
+		st, err := api.KeystoreStatus(a.ctx, dir)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			a.printJSON(st)
+			return nil
+		}
+		state := "no key store there"
+		switch {
+		case st.Unlocked:
+			state = "unlocked"
+		case st.Open:
+			state = "locked for qcryptd, open by another tool (an unlock needs no password)"
+		case st.Exists:
+			state = "locked"
+		}
+		fmt.Fprintf(a.out, "%s: %s\n", st.Dir, state)
+		return nil
+	case "lock":
+		api, err := a.client()
+		if err != nil {
+			return err
+		}
+		return a.job(api, api.KeystoreLock(dir), asJSON)
+	case "unlock":
+		api, err := a.client()
+		if err != nil {
+			return err
+		}
+		start, stop := a.answeringOwnQuestion(api.KeystoreUnlock(dir))
+		defer stop()
+		return a.job(api, start, asJSON)
+	}
+	return usageErr("keystore needs unlock, lock or status, not " + p.args[0])
+}
+
+// answeringOwnQuestion wraps a job's start: once the job exists, the password question
+// qcryptd puts for it (and for no other job) is answered with a password read from the
+// user. stop ends the answering when the job has ended, and waits for it.
+func (a *app) answeringOwnQuestion(start dbusapi.Starter) (wrapped dbusapi.Starter, stop func()) {
+	ctx, cancel := context.WithCancel(a.ctx)
+	var wg sync.WaitGroup
+	wrapped = func(jctx context.Context) (dbus.ObjectPath, error) {
+		path, err := start(jctx)
+		if id, ok := dbusapi.JobID(path); err == nil && ok {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := a.answer(ctx, dbusapi.PasswordQuestionID(id)); err != nil {
+					fmt.Fprintln(a.err, "qcryptctl:", err)
+				}
+			}()
+		}
+		return path, err
+	}
+	return wrapped, func() { cancel(); wg.Wait() }
+}
+
+// answer waits for the question with id and answers it. Only root can put a question
+// in systemd's directory; elsewhere (tests) the directory is the caller's.
+func (a *app) answer(ctx context.Context, id string) error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		reqs, err := systemd.PendingPasswordRequests(a.askDir)
+		if err != nil {
+			return err
+		}
+		for _, r := range reqs {
+			if r.ID != id || a.askDir == systemd.AskPasswordDir && r.Owner != 0 {
+				continue
+			}
+			password, err := a.password(ctx, r.Message+": ")
+			if err != nil {
+				_ = r.Decline()
+				return fmt.Errorf("cannot read the password: %w", err)
+			}
+			defer clear(password)
+			return r.Answer(password)
+		}
+		select {
+		case <-ctx.Done():
+			return nil // the job ended without a question (the store was open already)
+		case <-tick.C:
+		}
+	}
+}
+
+// readPassword reads one line from the terminal without echo, or from standard input
+// when there is no terminal (a script piping it in). It gives up when ctx ends (the job
+// ended), with the terminal's echo back on.
+func readPassword(ctx context.Context, prompt string) ([]byte, error) {
+	in := os.Stdin
+	if tty, err := os.OpenFile("/dev/tty", os.O_RDWR, 0); err == nil {
+		defer tty.Close()
+		fd := int(tty.Fd())
+		if old, err := unix.IoctlGetTermios(fd, unix.TCGETS); err == nil {
+			quiet := *old
+			quiet.Lflag &^= unix.ECHO
+			if err := unix.IoctlSetTermios(fd, unix.TCSETS, &quiet); err != nil {
+				return nil, fmt.Errorf("cannot turn the terminal's echo off: %w", err)
+			}
+			defer func() { _ = unix.IoctlSetTermios(fd, unix.TCSETS, old); fmt.Fprintln(tty) }()
+			fmt.Fprint(tty, prompt)
+			in = tty
+		}
+	}
+	return readLine(ctx, int(in.Fd()))
+}
+
+// readLine reads up to a newline, a byte at a time so that nothing after it is taken
+// from the descriptor, polling so that ctx can end the wait.
+func readLine(ctx context.Context, fd int) ([]byte, error) {
+	line := make([]byte, 0, 1024) // no reallocation leaves a copy behind
+	one := make([]byte, 1)
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		if err := ctx.Err(); err != nil {
+			clear(line)
+			return nil, err
+		}
+		n, err := unix.Poll(fds, 200)
+		if errors.Is(err, unix.EINTR) || err == nil && n == 0 {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		k, err := unix.Read(fd, one)
+		switch {
+		case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			clear(line)
+			return nil, err
+		case k == 1 && one[0] != '\n':
+			line = append(line, one[0])
+			continue
+		}
+		// A newline, or the end of the input.
+		line = bytes.TrimSuffix(line, []byte{'\r'})
+		if len(line) == 0 {
+			return nil, errors.New("an empty password")
+		}
+		return line, nil
+	}
+}
