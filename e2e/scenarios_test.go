@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -424,4 +425,91 @@ func TestLuksInitBtrfsOneLayer(t *testing.T) {
 	}
 	mustCtl(t, append([]string{"close"}, adhoc...)...)
 	requireClean(t, "at the end")
+}
+
+// TestKeystoreInjection: work lost its key; the chain file injects it from a blib key
+// store in dom0, made the original's way with the real tools. While the store is
+// locked the chain waits with the cause keystore-locked; `qcryptctl keystore unlock`
+// (the password on its standard input, as qcryptd's question is answered) refuses a
+// wrong password and changes nothing, and with the right one the chain opens by itself
+// and work reads its data. The store is locked and work's key put back at the end.
+func TestKeystoreInjection(t *testing.T) {
+	if _, err := os.Stat(filepath.Join(h.conf, target, "vault.ini")); err != nil {
+		t.Skip("needs the vault chain of TestLuksInitOpenWriteReopen")
+	}
+	ensureClosed(t)
+	const store, password = "/srv/qcrypt-keys", "master password"
+	keyPath := filepath.Join(h.vmRoot("work"), "home/user/.qcrypt/keys/vault")
+	key, err := os.ReadFile(keyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The store as the original makes it (dom0's file system is the simulator's dom0 root).
+	dir := filepath.Join(h.vmRoot("dom0"), store)
+	mk := exec.Command("bash", "-c", `set -e
+mkdir -p "$1/mnt/rw"
+head -c 20M < /dev/urandom > "$1/keys.lks"
+cryptsetup -q luksFormat --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "$1/keys.lks" <<< "$2"
+cryptsetup --type luks open "$1/keys.lks" qcrypt-e2e-store <<< "$2"
+mkfs -t ext4 /dev/mapper/qcrypt-e2e-store > /dev/null 2>&1
+mount /dev/mapper/qcrypt-e2e-store "$1/mnt/rw"
+mkdir -p "$1/mnt/rw/qcrypt"
+cat > "$1/mnt/rw/qcrypt/work_vault.key"
+umount "$1/mnt/rw"
+cryptsetup close qcrypt-e2e-store`, "bash", dir, password)
+	mk.Stdin = bytes.NewReader(key)
+	if out, err := mk.CombinedOutput(); err != nil {
+		t.Fatalf("the original's way: %v\n%s", err, out)
+	}
+	if err := os.Remove(keyPath); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		mustCtl(t, "keystore", "lock", store)
+		if err := os.WriteFile(keyPath, key, 0o600); err != nil {
+			t.Errorf("cannot put work's key back: %v", err)
+		}
+		// The restored file is a new chain: with its qubes running it opens; close it.
+		writeChain(t, "vault", vaultChain)
+		waitState(t, "vault", 2*time.Minute, dbusapi.ChainOpen)
+		mustCtl(t, "close", "vault")
+		requireClean(t, "at the end")
+	}()
+
+	if st, err := h.q.CurrentState(context.Background(), "work"); err != nil || st != "Running" {
+		if err := h.q.Start(context.Background(), "work"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeChain(t, "vault", vaultChain+"destination inj 2=keystore://"+store+"\n")
+	if !eventually(2*time.Minute, func() bool { return strings.Contains(chainInfo(t, "vault").Waiting, "key store "+store) }) {
+		ci := chainInfo(t, "vault")
+		t.Fatalf("vault: %s %q (%s), want waiting for the key store", ci.State, ci.Waiting, ci.LastError)
+	}
+	unlock := func(password string) (string, int) {
+		// A session of its own: no terminal to ask on, so the password comes from stdin.
+		cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), "keystore", "unlock", store)
+		cmd.Stdin = strings.NewReader(password + "\n")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		out, err := cmd.CombinedOutput()
+		if cmd.ProcessState == nil {
+			t.Fatalf("qcryptctl keystore unlock: %v", err)
+		}
+		return string(out), cmd.ProcessState.ExitCode()
+	}
+	if out, code := unlock("wrong"); code == 0 || !strings.Contains(out, "wrong password") {
+		t.Errorf("unlock with a wrong password: exit %d %q", code, out)
+	}
+	if out := mustCtl(t, "keystore", "status", store); !strings.Contains(out, store+": locked") {
+		t.Errorf("after a wrong password: %q", out)
+	}
+	if out, code := unlock(password); code != 0 {
+		t.Fatalf("unlock: exit %d %q", code, out)
+	}
+	waitState(t, "vault", 2*time.Minute, dbusapi.ChainOpen)
+	checkMarker(t, "opened with the injected key")
+	if got, err := os.ReadFile(keyPath); err != nil || !bytes.Equal(got, key) {
+		t.Errorf("work's key after the injection: %v", err)
+	}
+	mustCtl(t, "close", "vault")
 }
