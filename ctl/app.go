@@ -55,6 +55,7 @@ type API interface {
 	CancelJob(ctx context.Context, job dbus.ObjectPath) error
 	KeystoreUnlock(dir string) dbusapi.Starter
 	KeystoreLock(dir string) dbusapi.Starter
+	KeystoreInit(dir string) dbusapi.Starter
 	KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error)
 	Disconnect()
 }

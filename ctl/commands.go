@@ -82,12 +82,13 @@ func init() {
 			help: "Also jobs qcryptd started itself, e.g. an automatic open that hangs in a qube. A job stops at once (a qrexec\n" +
 				"call in progress is ended; a device attach qubesd is doing is waited for, since qubesd finishes it anyway) and\n" +
 				"what it did is rolled back; the chain then stays closed until the next trigger."},
-		{name: "keystore", args: "unlock|lock|status [DIR]", summary: "unlock, lock or show a blib key store", run: cmdKeystore, flags: []flagSpec{fJSON},
+		{name: "keystore", args: "unlock|lock|status|init [DIR]", summary: "unlock, lock, show or create a blib key store", run: cmdKeystore, flags: []flagSpec{fJSON},
 			help: "The original's key store (DIR, default /etc/blib/keys), from which chain files inject keys\n" +
 				"(destination inj N=keystore://[DIR]). unlock: qcryptd asks for the store's password through systemd's password\n" +
 				"agents and this command answers its own question on the terminal (or reads a line from standard input);\n" +
 				"chains waiting for the store open. The store stays unlocked until lock or the next boot. A store the original\n" +
-				"opened is used without a password. lock: unmount and close it; open chains stay open."},
+				"opened is used without a password. lock: unmount and close it; open chains stay open. init: create a store\n" +
+				"as the original does (20 MiB, LUKS, ext4; the new password asked twice) and leave it unlocked."},
 		{name: "close-all", summary: "close every open chain", run: cmdCloseAll, flags: []flagSpec{fJSON, fSD, fShutdown, fStop}},
 		{name: "watch", summary: "follow chain state changes", run: cmdWatch, flags: []flagSpec{fJSON}, help: "Prints one line per change until interrupted."},
 		{name: "notify-agent", summary: "post desktop notifications for chain events (run in the desktop session)", run: cmdNotifyAgent,

@@ -144,6 +144,7 @@ func (f *fakeAPI) KeystoreUnlock(dir string) dbusapi.Starter {
 	return f.starter("KeystoreUnlock " + dir)
 }
 func (f *fakeAPI) KeystoreLock(dir string) dbusapi.Starter { return f.starter("KeystoreLock " + dir) }
+func (f *fakeAPI) KeystoreInit(dir string) dbusapi.Starter { return f.starter("KeystoreInit " + dir) }
 func (f *fakeAPI) KeystoreStatus(_ context.Context, dir string) (chains.KeystoreState, error) {
 	if dir == "" {
 		dir = chains.DefaultKeystoreDir

@@ -16,10 +16,10 @@ import (
 	"github.com/qcrypt/qcrypt/systemd"
 )
 
-// cmdKeystore is qcryptctl keystore unlock|lock|status [DIR].
+// cmdKeystore is qcryptctl keystore unlock|lock|status|init [DIR].
 func cmdKeystore(a *app, p *parsed) error {
 	if len(p.args) < 1 || len(p.args) > 2 {
-		return usageErr("keystore needs unlock, lock or status, and at most the store's directory")
+		return usageErr("keystore needs unlock, lock, status or init, and at most the store's directory")
 	}
 	dir := ""
 	if len(p.args) == 2 {
@@ -62,38 +62,47 @@ func cmdKeystore(a *app, p *parsed) error {
 		if err != nil {
 			return err
 		}
-		start, stop := a.answeringOwnQuestion(api.KeystoreUnlock(dir))
-		defer stop()
-		return a.job(api, start, asJSON)
+		return a.answeredJob(api, api.KeystoreUnlock(dir), false, asJSON)
+	case "init":
+		api, err := a.client()
+		if err != nil {
+			return err
+		}
+		return a.answeredJob(api, api.KeystoreInit(dir), true, asJSON)
 	}
-	return usageErr("keystore needs unlock, lock or status, not " + p.args[0])
+	return usageErr("keystore needs unlock, lock, status or init, not " + p.args[0])
 }
 
-// answeringOwnQuestion wraps a job's start: once the job exists, the password question
-// qcryptd puts for it (and for no other job) is answered with a password read from the
-// user. stop ends the answering when the job has ended, and waits for it.
-func (a *app) answeringOwnQuestion(start dbusapi.Starter) (wrapped dbusapi.Starter, stop func()) {
+// answeredJob runs a job that asks for a password and answers the question qcryptd
+// puts for it (and for no other job) with a password read from the user (twice, the
+// same, with confirm: a new password), until the job ends.
+func (a *app) answeredJob(api API, start dbusapi.Starter, confirm, asJSON bool) error {
 	ctx, cancel := context.WithCancel(a.ctx)
 	var wg sync.WaitGroup
-	wrapped = func(jctx context.Context) (dbus.ObjectPath, error) {
+	var answerErr error
+	wrapped := func(jctx context.Context) (dbus.ObjectPath, error) {
 		path, err := start(jctx)
 		if id, ok := dbusapi.JobID(path); err == nil && ok {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := a.answer(ctx, dbusapi.PasswordQuestionID(id)); err != nil {
-					fmt.Fprintln(a.err, "qcryptctl:", err)
-				}
+				answerErr = a.answer(ctx, dbusapi.PasswordQuestionID(id), confirm)
 			}()
 		}
 		return path, err
 	}
-	return wrapped, func() { cancel(); wg.Wait() }
+	err := a.job(api, wrapped, asJSON)
+	cancel()
+	wg.Wait()
+	if answerErr != nil {
+		fmt.Fprintln(a.err, "qcryptctl:", answerErr)
+	}
+	return err
 }
 
 // answer waits for the question with id and answers it. Only root can put a question
 // in systemd's directory; elsewhere (tests) the directory is the caller's.
-func (a *app) answer(ctx context.Context, id string) error {
+func (a *app) answer(ctx context.Context, id string, confirm bool) error {
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -111,6 +120,15 @@ func (a *app) answer(ctx context.Context, id string) error {
 				return fmt.Errorf("cannot read the password: %w", err)
 			}
 			defer clear(password)
+			if confirm {
+				again, err := a.password(ctx, "Repeat it: ")
+				same := err == nil && bytes.Equal(again, password)
+				clear(again)
+				if !same {
+					_ = r.Decline()
+					return errors.New("the two passwords differ (or the second could not be read): nothing was created")
+				}
+			}
 			return r.Answer(password)
 		}
 		select {

@@ -108,3 +108,30 @@ func TestReadLine(t *testing.T) {
 		t.Error("an empty line at the end was taken as a password")
 	}
 }
+
+// keystore init asks for the new password twice and answers only when both agree; else
+// it declines, and qcryptd creates nothing.
+func TestKeystoreInitConfirmsThePassword(t *testing.T) {
+	for _, tc := range []struct {
+		second string
+		code   int
+	}{{"s3cret", 0}, {"other", ExitFailed}} {
+		api := &unlockingAPI{dir: t.TempDir()}
+		var out, errb bytes.Buffer
+		answers := []string{"s3cret", tc.second}
+		a := &app{out: &out, err: &errb, ctx: context.Background(), askDir: api.dir,
+			connect: func() (API, error) { return api, nil },
+			password: func(context.Context, string) ([]byte, error) {
+				p := answers[0]
+				answers = answers[1:]
+				return []byte(p), nil
+			}}
+		code := a.main([]string{"keystore", "init", "/srv/keys"})
+		if code != tc.code || len(answers) != 0 {
+			t.Errorf("second %q: exit %d, %d answers unread, %q %q", tc.second, code, len(answers), out.String(), errb.String())
+		}
+		if tc.code != 0 && !strings.Contains(errb.String(), "differ") {
+			t.Errorf("second %q: %q", tc.second, errb.String())
+		}
+	}
+}

@@ -266,6 +266,11 @@ func (d *Daemon) KeystoreLock(uid uint32, dir string) (uint64, error) {
 	return d.keystoreJob(dbusapi.OpKeystoreLock, uid, dir)
 }
 
+// KeystoreInit queues the creation of a key store; its job asks for the new password.
+func (d *Daemon) KeystoreInit(uid uint32, dir string) (uint64, error) {
+	return d.keystoreJob(dbusapi.OpKeystoreInit, uid, dir)
+}
+
 func (d *Daemon) keystoreJob(op dbusapi.JobOperation, uid uint32, dir string) (uint64, error) {
 	store, err := keystoreDir(dir)
 	if err != nil {

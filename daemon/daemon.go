@@ -65,6 +65,7 @@ type Engine interface {
 	KeystoreStatus(ctx context.Context, k chains.Keystore) (chains.KeystoreState, error)
 	KeystoreUnlock(ctx context.Context, k chains.Keystore, password []byte) error
 	KeystoreLock(ctx context.Context, k chains.Keystore) error
+	KeystoreInit(ctx context.Context, k chains.Keystore, password []byte) error
 }
 
 // Options configure a daemon.

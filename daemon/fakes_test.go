@@ -172,6 +172,15 @@ func (e *fakeEngine) KeystoreUnlock(_ context.Context, k chains.Keystore, passwo
 	return nil
 }
 
+func (e *fakeEngine) KeystoreInit(_ context.Context, k chains.Keystore, password []byte) error {
+	e.record("init " + k.Dir)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.stores[k.Dir] = string(password)
+	e.unlocked[k.Dir] = true
+	return nil
+}
+
 func (e *fakeEngine) KeystoreLock(_ context.Context, k chains.Keystore) error {
 	e.record("lock " + k.Dir)
 	e.mu.Lock()

@@ -130,6 +130,8 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 		return outcome{message: "container created"}, nil
 	case dbusapi.OpKeystoreUnlock:
 		return r.keystoreUnlock(ctx)
+	case dbusapi.OpKeystoreInit:
+		return r.keystoreInit(ctx)
 	case dbusapi.OpKeystoreLock:
 		if err := d.engine.KeystoreLock(ctx, chains.Keystore{Dir: j.keystore}); err != nil {
 			return outcome{}, err
@@ -462,12 +464,7 @@ func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
 		}
 		return outcome{message: "unlocked (another tool had it open)"}, nil
 	}
-	answerer := int(r.j.uid)
-	if r.j.uid == 0 {
-		answerer = -1 // root answers anyway
-	}
-	password, err := systemd.Ask(ctx, systemd.Question{Dir: r.d.o.AskPasswordDir, Message: "Password for the qcrypt key store " + k.Dir,
-		Icon: "dialog-password", ID: dbusapi.PasswordQuestionID(r.j.id), Timeout: keystorePasswordWait, AnswerUID: answerer})
+	password, err := r.askPassword(ctx, "Password for the qcrypt key store "+k.Dir)
 	if err != nil {
 		return outcome{}, fmt.Errorf("cannot unlock %s: %w", k.Dir, err)
 	}
@@ -476,6 +473,38 @@ func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
 		return outcome{}, err
 	}
 	return outcome{message: "unlocked"}, nil
+}
+
+// keystoreInit creates a store, as blib does, with a password an agent gives.
+func (r *jobRun) keystoreInit(ctx context.Context) (outcome, error) {
+	k := chains.Keystore{Dir: r.j.keystore}
+	st, err := r.d.engine.KeystoreStatus(ctx, k)
+	if err != nil {
+		return outcome{}, err
+	}
+	if st.Exists {
+		return outcome{}, fmt.Errorf("cannot create a key store in %s: %w", k.Dir, chains.ErrKeystoreExists)
+	}
+	password, err := r.askPassword(ctx, "New password for the qcrypt key store "+k.Dir)
+	if err != nil {
+		return outcome{}, fmt.Errorf("cannot create %s: %w", k.Dir, err)
+	}
+	defer clear(password)
+	if err := r.d.engine.KeystoreInit(ctx, k, password); err != nil {
+		return outcome{}, err
+	}
+	return outcome{message: "created and unlocked"}, nil
+}
+
+// askPassword asks systemd's password agents; besides root, the user who started the
+// job may answer its question (qcryptctl answers its own).
+func (r *jobRun) askPassword(ctx context.Context, message string) ([]byte, error) {
+	answerer := int(r.j.uid)
+	if r.j.uid == 0 {
+		answerer = -1 // root answers anyway
+	}
+	return systemd.Ask(ctx, systemd.Question{Dir: r.d.o.AskPasswordDir, Message: message, Icon: "dialog-password",
+		ID: dbusapi.PasswordQuestionID(r.j.id), Timeout: keystorePasswordWait, AnswerUID: answerer})
 }
 
 // keystorePasswordWait is how long an unlock waits for a password.

@@ -289,6 +289,10 @@ func (c *Client) KeystoreUnlock(dir string) Starter { return c.starter("Keystore
 // KeystoreLock returns the Starter of a key store lock.
 func (c *Client) KeystoreLock(dir string) Starter { return c.starter("KeystoreLock", dir) }
 
+// KeystoreInit returns the Starter of a key store's creation; the job asks for the new
+// password through systemd's password agents.
+func (c *Client) KeystoreInit(dir string) Starter { return c.starter("KeystoreInit", dir) }
+
 // KeystoreStatus reads a key store's state.
 func (c *Client) KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error) {
 	var m map[string]dbus.Variant

@@ -294,6 +294,10 @@ func (m *manager) KeystoreLock(sender dbus.Sender, store string) (dbus.ObjectPat
 	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreLock(uid, store) })
 }
 
+func (m *manager) KeystoreInit(sender dbus.Sender, store string) (dbus.ObjectPath, *dbus.Error) {
+	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreInit(uid, store) })
+}
+
 func (m *manager) KeystoreStatus(sender dbus.Sender, store string) (map[string]dbus.Variant, *dbus.Error) {
 	if _, err := m.s.caller(sender); err != nil {
 		return nil, err

@@ -64,6 +64,7 @@ type Backend interface {
 	// The blib key store, named by its directory ("" is the default store).
 	KeystoreUnlock(uid uint32, dir string) (uint64, error)
 	KeystoreLock(uid uint32, dir string) (uint64, error)
+	KeystoreInit(uid uint32, dir string) (uint64, error)
 	KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error)
 }
 

@@ -110,10 +110,11 @@ const (
 	OpReconcile      JobOperation = "reconcile" // qcryptd compares a chain with its journal
 	OpKeystoreUnlock JobOperation = "keystore-unlock"
 	OpKeystoreLock   JobOperation = "keystore-lock"
+	OpKeystoreInit   JobOperation = "keystore-init"
 )
 
 // JobOperations lists every job operation.
-var JobOperations = []JobOperation{OpOpen, OpClose, OpLuksInit, OpCheck, OpReconcile, OpKeystoreUnlock, OpKeystoreLock}
+var JobOperations = []JobOperation{OpOpen, OpClose, OpLuksInit, OpCheck, OpReconcile, OpKeystoreUnlock, OpKeystoreLock, OpKeystoreInit}
 
 // JobState is where a job is: the Job interface's State property.
 type JobState string

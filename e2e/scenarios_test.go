@@ -486,17 +486,7 @@ cryptsetup close qcrypt-e2e-store`, "bash", dir, password)
 		ci := chainInfo(t, "vault")
 		t.Fatalf("vault: %s %q (%s), want waiting for the key store", ci.State, ci.Waiting, ci.LastError)
 	}
-	unlock := func(password string) (string, int) {
-		// A session of its own: no terminal to ask on, so the password comes from stdin.
-		cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), "keystore", "unlock", store)
-		cmd.Stdin = strings.NewReader(password + "\n")
-		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-		out, err := cmd.CombinedOutput()
-		if cmd.ProcessState == nil {
-			t.Fatalf("qcryptctl keystore unlock: %v", err)
-		}
-		return string(out), cmd.ProcessState.ExitCode()
-	}
+	unlock := func(password string) (string, int) { return keystoreCtl(t, password+"\n", "unlock", store) }
 	if out, code := unlock("wrong"); code == 0 || !strings.Contains(out, "wrong password") {
 		t.Errorf("unlock with a wrong password: exit %d %q", code, out)
 	}
@@ -512,4 +502,53 @@ cryptsetup close qcrypt-e2e-store`, "bash", dir, password)
 		t.Errorf("work's key after the injection: %v", err)
 	}
 	mustCtl(t, "close", "vault")
+}
+
+// keystoreCtl runs qcryptctl keystore ARGS... in a session of its own (no terminal to
+// ask on), so the passwords it answers qcryptd's questions with come from input.
+func keystoreCtl(t *testing.T, input string, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), append([]string{"keystore"}, args...)...)
+	cmd.Stdin = strings.NewReader(input)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	out, err := cmd.CombinedOutput()
+	if cmd.ProcessState == nil {
+		t.Fatalf("qcryptctl keystore %v: %v", args, err)
+	}
+	return string(out), cmd.ProcessState.ExitCode()
+}
+
+// TestKeystoreInit: qcryptctl keystore init makes a store in dom0 with the new password
+// given twice (a differing second one makes nothing), leaves it unlocked, refuses to
+// make one over it, and the store opens the original's way with that password.
+func TestKeystoreInit(t *testing.T) {
+	const store = "/srv/qcrypt-new-store"
+	dir := filepath.Join(h.vmRoot("dom0"), store)
+	if out, code := keystoreCtl(t, "one\ntwo\n", "init", store); code == 0 || !strings.Contains(out, "differ") {
+		t.Errorf("init with two different passwords: exit %d %q", code, out)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "keys.lks")); err == nil {
+		t.Fatal("a store was made although the passwords differed")
+	}
+	if out, code := keystoreCtl(t, "new pass\nnew pass\n", "init", store); code != 0 {
+		t.Fatalf("init: exit %d %q", code, out)
+	}
+	defer mustCtl(t, "keystore", "lock", store)
+	if out := mustCtl(t, "keystore", "status", store); !strings.Contains(out, store+": unlocked") {
+		t.Errorf("after init: %q", out)
+	}
+	if out, code := keystoreCtl(t, "", "init", store); code == 0 || !strings.Contains(out, "exists") {
+		t.Errorf("init over a store: exit %d %q", code, out)
+	}
+	mustCtl(t, "keystore", "lock", store)
+	out, err := exec.Command("bash", "-c", `set -e
+mkdir -p "$1/mnt/rw"
+cryptsetup --type luks open "$1/keys.lks" qcrypt-e2e-new <<< "$2"
+mount -o ro /dev/mapper/qcrypt-e2e-new "$1/mnt/rw"
+ls "$1/mnt/rw"
+umount "$1/mnt/rw"
+cryptsetup close qcrypt-e2e-new`, "bash", dir, "new pass").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "qcrypt") {
+		t.Errorf("the original's way: %v %q", err, out)
+	}
 }
