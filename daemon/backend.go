@@ -244,14 +244,29 @@ func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uin
 	return d.request(dbusapi.OpLuksInit, uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec, j.release = spec, release })
 }
 
-// keystoreDir resolves a key store argument: "" is the default store.
-func keystoreDir(dir string) (string, error) {
-	if dir == "" {
-		return chains.DefaultKeystoreDir, nil
+// keystoreDir resolves a caller's key store argument: "" is the default store. Any
+// other directory is a dom0 path the caller names, in which qcryptd (root) would open,
+// create and write files: only root may name one, others only the stores that root's
+// chain files name.
+func (d *Daemon) keystoreDir(uid uint32, dir string) (string, error) {
+	clean := chains.DefaultKeystoreDir
+	if dir != "" {
+		var err error
+		if clean, err = chains.CleanKeystoreDir(dir); err != nil {
+			return "", dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "%v", err)
+		}
 	}
-	clean, err := chains.CleanKeystoreDir(dir)
-	if err != nil {
-		return "", dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "%v", err)
+	if uid == 0 || clean == chains.DefaultKeystoreDir {
+		return clean, nil
+	}
+	named := false
+	d.do(func() {
+		for _, cs := range d.chains {
+			named = named || cs.managed && slices.Contains(cs.c.KeystoreDirs(), clean)
+		}
+	})
+	if !named {
+		return "", fmt.Errorf("%w: only root may name a key store that no chain file names (%s)", dbusapi.ErrAccessDenied, clean)
 	}
 	return clean, nil
 }
@@ -272,7 +287,7 @@ func (d *Daemon) KeystoreInit(uid uint32, dir string) (uint64, error) {
 }
 
 func (d *Daemon) keystoreJob(op dbusapi.JobOperation, uid uint32, dir string) (uint64, error) {
-	store, err := keystoreDir(dir)
+	store, err := d.keystoreDir(uid, dir)
 	if err != nil {
 		return 0, err
 	}
@@ -280,8 +295,8 @@ func (d *Daemon) keystoreJob(op dbusapi.JobOperation, uid uint32, dir string) (u
 }
 
 // KeystoreStatus reads a key store's state in dom0.
-func (d *Daemon) KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error) {
-	store, err := keystoreDir(dir)
+func (d *Daemon) KeystoreStatus(ctx context.Context, uid uint32, dir string) (chains.KeystoreState, error) {
+	store, err := d.keystoreDir(uid, dir)
 	if err != nil {
 		return chains.KeystoreState{}, err
 	}

@@ -474,3 +474,28 @@ func passwordQuestion(t *testing.T, dir, id string) systemd.PasswordRequest {
 	})
 	return found
 }
+
+// A key store directory is a dom0 path: only root may name any; other callers the
+// default store and the stores root's chain files name (a caller-named directory would
+// have root create and open files there).
+func TestKeystoreDirsOthersMayName(t *testing.T) {
+	q, e := newFakeQubes(), &fakeEngine{stores: map[string]string{"/srv/keys": "pw"}}
+	d, _ := fakeLoop(t, q, e, fakeChain+"destination inj 2=keystore:///srv/keys\n")
+	const user = 1000
+	for _, tc := range []struct {
+		uid  uint32
+		dir  string
+		deny bool
+	}{
+		{user, "", false}, {user, chains.DefaultKeystoreDir, false}, {user, "/srv/keys/", false},
+		{user, "/etc/cron.d", true}, {user, "/srv", true}, {0, "/etc/cron.d", false},
+	} {
+		_, err := d.KeystoreStatus(context.Background(), tc.uid, tc.dir)
+		_, jerr := d.KeystoreInit(tc.uid, tc.dir)
+		for what, err := range map[string]error{"status": err, "init": jerr} {
+			if got := errors.Is(err, dbusapi.ErrAccessDenied); got != tc.deny {
+				t.Errorf("uid %d %s %q: %v, want denied=%v", tc.uid, what, tc.dir, err, tc.deny)
+			}
+		}
+	}
+}

@@ -299,12 +299,13 @@ func (m *manager) KeystoreInit(sender dbus.Sender, store string) (dbus.ObjectPat
 }
 
 func (m *manager) KeystoreStatus(sender dbus.Sender, store string) (map[string]dbus.Variant, *dbus.Error) {
-	if _, err := m.s.caller(sender); err != nil {
-		return nil, err
+	uid, derr := m.s.caller(sender)
+	if derr != nil {
+		return nil, derr
 	}
 	ctx, cancel := m.s.ctx()
 	defer cancel()
-	st, err := m.s.backend.KeystoreStatus(ctx, store)
+	st, err := m.s.backend.KeystoreStatus(ctx, uid, store)
 	if err != nil {
 		return nil, toDBus(err)
 	}

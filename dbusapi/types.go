@@ -65,7 +65,7 @@ type Backend interface {
 	KeystoreUnlock(uid uint32, dir string) (uint64, error)
 	KeystoreLock(uid uint32, dir string) (uint64, error)
 	KeystoreInit(uid uint32, dir string) (uint64, error)
-	KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error)
+	KeystoreStatus(ctx context.Context, uid uint32, dir string) (chains.KeystoreState, error)
 }
 
 // chainInfoCodec is a chain object's properties.
