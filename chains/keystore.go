@@ -301,6 +301,23 @@ exit 0`)
 	return err
 }
 
+// keystoreCanTake checks, before anything is made, that the store is unlocked and has
+// no key of the chain's destinations.
+func (e *Engine) keystoreCanTake(ctx context.Context, k Keystore, c *Chain) error {
+	var b strings.Builder
+	b.WriteString(`mountpoint -q "$mp" 2>/dev/null || exit 14
+`)
+	for _, h := range c.Hops {
+		if err := checkKeyName(h.VM, c.Key); err != nil {
+			return err
+		}
+		fmt.Fprintf(&b, "[ -e \"$mp\"/%s ] && exit 16\n", q(KeyFile(h.VM, c.Key)))
+	}
+	b.WriteString("exit 0")
+	_, err := e.runKeystore(ctx, k, b.String(), nil)
+	return err
+}
+
 // KeystoreInit creates a store as blib does (20 MiB of random bytes, LUKS with the
 // password, ext4, qcrypt's directory) and leaves it unlocked. It refuses a directory
 // that holds a store already.

@@ -32,6 +32,9 @@ type InitSpec struct {
 	ContainerEntropy io.Reader            // nil: /dev/urandom
 	Container        *os.File             // an empty file to build in (needs Size free); nil: a file in the engine's private directory
 	Backups          map[string]io.Writer // qube -> where a backup of its key goes
+	// Keystore, when set, gets a copy of every key (QUBE_KEY.key), as the original's
+	// luks-init --keystore; it must be unlocked and hold none of them.
+	Keystore *Keystore
 }
 
 // DefaultPrivateDir is where luks-init keeps its keys and, unless the caller gives a
@@ -144,6 +147,9 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	c := s.Chain
 	log := e.log().WithFields(logrus.Fields{"chain": c.Name, "op": "luks-init"})
 	steps := 4 + len(c.Hops) // check, build, one key per destination, container, done
+	if s.Keystore != nil {
+		steps++ // the keys into the key store
+	}
 	step := 0
 	report := func(desc string, bytes, total int64) {
 		if progress != nil {
@@ -184,6 +190,11 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	}
 	if err := e.expectAbsent(ctx, c.SourceVM, c.Container(), exitFileExists); err != nil {
 		return err
+	}
+	if s.Keystore != nil {
+		if err := e.keystoreCanTake(ctx, *s.Keystore, c); err != nil {
+			return fmt.Errorf("cannot create the container: %w", err)
+		}
 	}
 
 	next("build the container in dom0")
@@ -289,6 +300,16 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		return err
 	}
 	written = append(written, struct{ vm, path string }{c.SourceVM, c.Container()})
+	if s.Keystore != nil {
+		next("add the keys to the key store " + s.Keystore.Dir)
+		add := map[string][]byte{}
+		for i, h := range c.Hops {
+			add[h.VM] = keys[i]
+		}
+		if err := e.KeystoreAdd(ctx, *s.Keystore, c.Key, add); err != nil {
+			return err // what was copied into the qubes goes again
+		}
+	}
 	next("done")
 	log.Info("container created")
 	return nil

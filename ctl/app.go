@@ -323,7 +323,7 @@ func (p *parsed) spec() (dbusapi.Spec, error) {
 	s.CryptOptions = pairs("--cy")
 	for vm, f := range pairs("--inj") {
 		if strings.HasPrefix(f, "keystore://") {
-			return s, fmt.Errorf("--inj %s: the blib key store is not supported yet; give a key file", vm)
+			return s, fmt.Errorf("--inj %s: keystore:// is not supported for ad-hoc chains yet; give a key file, or inject from the store in a chain file (destination inj N=keystore://)", vm)
 		}
 	}
 	return s, nil

@@ -382,8 +382,15 @@ func cmdLuksInit(a *app, p *parsed) error {
 	if len(p.values["--inj"]) > 0 {
 		return usageErr("--inj is for open: luks-init makes the keys")
 	}
-	if p.value("--keystore") != "" {
-		return usageErr("--keystore: the blib key store is not supported; use --bak for key backups")
+	switch store := p.value("--keystore"); store {
+	case "":
+	case "//": // the original's name for the default store
+		spec.Keystore = chains.DefaultKeystoreDir
+	default:
+		if !strings.HasPrefix(store, "/") {
+			return usageErr("--keystore needs the store's directory (an absolute path) or // for " + chains.DefaultKeystoreDir)
+		}
+		spec.Keystore = store
 	}
 	if v := p.value("--size"); v != "" {
 		n, err := chains.ParseSize(v)
@@ -408,7 +415,15 @@ func cmdLuksInit(a *app, p *parsed) error {
 	if err != nil {
 		return err
 	}
-	err = a.job(api, api.LuksInit(spec), p.flags["--json"])
+	if spec.Keystore == "" {
+		err = a.job(api, api.LuksInit(spec), p.flags["--json"])
+	} else {
+		// qcryptd asks for the store's password, or a new one (asked twice here) to create it.
+		var st chains.KeystoreState
+		if st, err = api.KeystoreStatus(a.ctx, spec.Keystore); err == nil {
+			err = a.answeredJob(api, api.LuksInit(spec), !st.Exists, p.flags["--json"])
+		}
+	}
 	if err != nil {
 		// The keys these would hold open nothing: no half-made backup stays.
 		for _, b := range backups {

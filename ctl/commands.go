@@ -64,7 +64,7 @@ func init() {
 				{long: "--wd", arity: 1, help: "build the container in this dom0 directory, made if missing (default: qcryptd's /run)"},
 				{long: "--ks", arity: 1, help: "key size in bytes (default 100)"},
 				{long: "--bak", arity: 1, help: "keep key backups <VM>_<KEY> in this dom0 directory (made if missing; files 0600, never overwritten)"},
-				{long: "--keystore", arity: 1, help: "not supported: the blib key store"},
+				{long: "--keystore", arity: 1, help: "DIR: also keep every key in this blib key store (// = /etc/blib/keys), creating it if there is none; qcryptd asks for its password"},
 				{long: "--fs", arity: 1, help: "btrfs (default, zstd compression) or ext4"},
 				{long: "--enkey", arity: 1, help: "entropy for keys (default /dev/random)"},
 				{long: "--encon", arity: 1, help: "entropy for the container (default /dev/urandom)"}},

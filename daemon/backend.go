@@ -241,6 +241,13 @@ func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uin
 	if d.o.Dom0 == nil {
 		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
 	}
+	if spec.Keystore != nil {
+		dir, err := d.keystoreDir(uid, spec.Keystore.Dir)
+		if err != nil {
+			return 0, err
+		}
+		spec.Keystore = &chains.Keystore{Dir: dir}
+	}
 	return d.request(dbusapi.OpLuksInit, uid, func() (*chainState, error) { return nil, nil }, func(j *job) { j.spec, j.release = spec, release })
 }
 

@@ -124,6 +124,11 @@ func (d *Daemon) execute(ctx context.Context, j *job) (outcome, error) {
 	case dbusapi.OpReconcile, dbusapi.OpCheck:
 		return r.reconcile(ctx)
 	case dbusapi.OpLuksInit:
+		if j.spec.Keystore != nil {
+			if err := r.readyKeystore(ctx, *j.spec.Keystore); err != nil {
+				return outcome{}, err
+			}
+		}
 		if err := d.engine.LuksInit(ctx, j.spec, r.progress); err != nil {
 			return outcome{}, err
 		}
@@ -308,8 +313,13 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		j.message = res.message
 	}
 	d.finish(j, err, err == nil)
-	if j.op == dbusapi.OpKeystoreUnlock && err == nil {
-		d.keystoreUnlocked(j.keystore)
+	if err == nil {
+		switch {
+		case j.op == dbusapi.OpKeystoreUnlock || j.op == dbusapi.OpKeystoreInit:
+			d.keystoreUnlocked(j.keystore)
+		case j.op == dbusapi.OpLuksInit && j.spec.Keystore != nil:
+			d.keystoreUnlocked(j.spec.Keystore.Dir)
+		}
 	}
 	if cs == nil {
 		return
@@ -446,11 +456,32 @@ func (d *Daemon) journalUserClosed(cs *chainState, closed bool) {
 	}
 }
 
+// readyKeystore unlocks the store luks-init adds keys to, or creates it when there is
+// none, as the original's luks-init --keystore did.
+func (r *jobRun) readyKeystore(ctx context.Context, k chains.Keystore) error {
+	st, err := r.d.engine.KeystoreStatus(ctx, k)
+	switch {
+	case err != nil:
+		return err
+	case !st.Exists:
+		password, err := r.askPassword(ctx, "New password for the qcrypt key store "+k.Dir)
+		if err != nil {
+			return fmt.Errorf("cannot create %s: %w", k.Dir, err)
+		}
+		defer clear(password)
+		return r.d.engine.KeystoreInit(ctx, k, password)
+	case st.Unlocked:
+		return nil
+	}
+	_, err = r.unlock(ctx, k, st)
+	return err
+}
+
 // keystoreUnlock unlocks a key store: without a password when another tool has it
 // open, else with the one an agent gives (the caller may answer its own question).
 func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
-	k, e := chains.Keystore{Dir: r.j.keystore}, r.d.engine
-	st, err := e.KeystoreStatus(ctx, k)
+	k := chains.Keystore{Dir: r.j.keystore}
+	st, err := r.d.engine.KeystoreStatus(ctx, k)
 	switch {
 	case err != nil:
 		return outcome{}, err
@@ -458,21 +489,29 @@ func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
 		return outcome{}, fmt.Errorf("cannot unlock %s: %w", k.Dir, chains.ErrKeystoreMissing)
 	case st.Unlocked:
 		return outcome{message: "unlocked already"}, nil
-	case st.Open:
-		if err := e.KeystoreUnlock(ctx, k, nil); err != nil {
-			return outcome{}, err
+	}
+	msg, err := r.unlock(ctx, k, st)
+	return outcome{message: msg}, err
+}
+
+// unlock unlocks an existing, locked store: without a password when another tool has
+// it open, else with the one an agent gives.
+func (r *jobRun) unlock(ctx context.Context, k chains.Keystore, st chains.KeystoreState) (string, error) {
+	if st.Open {
+		if err := r.d.engine.KeystoreUnlock(ctx, k, nil); err != nil {
+			return "", err
 		}
-		return outcome{message: "unlocked (another tool had it open)"}, nil
+		return "unlocked (another tool had it open)", nil
 	}
 	password, err := r.askPassword(ctx, "Password for the qcrypt key store "+k.Dir)
 	if err != nil {
-		return outcome{}, fmt.Errorf("cannot unlock %s: %w", k.Dir, err)
+		return "", fmt.Errorf("cannot unlock %s: %w", k.Dir, err)
 	}
 	defer clear(password)
-	if err := e.KeystoreUnlock(ctx, k, password); err != nil {
-		return outcome{}, err
+	if err := r.d.engine.KeystoreUnlock(ctx, k, password); err != nil {
+		return "", err
 	}
-	return outcome{message: "unlocked"}, nil
+	return "unlocked", nil
 }
 
 // keystoreInit creates a store, as blib does, with a password an agent gives.

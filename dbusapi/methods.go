@@ -227,6 +227,9 @@ func (m *manager) LuksInit(sender dbus.Sender, spec map[string]dbus.Variant) (db
 		}
 		is := chains.InitSpec{Chain: c, Size: int64(sp.Size), KeySize: int(sp.KeySize), FS: sp.FS, Autostart: sp.Autostart,
 			Container: sp.Container, Backups: map[string]io.Writer{}}
+		if sp.Keystore != "" {
+			is.Keystore = &chains.Keystore{Dir: sp.Keystore} // checked by the daemon, for the caller
+		}
 		if sp.KeyEntropy != nil {
 			is.KeyEntropy = sp.KeyEntropy
 		}

@@ -284,6 +284,7 @@ type Spec struct {
 	KeyEntropy, ContainerEntropy *os.File            // nil: qcryptd's /dev/random, /dev/urandom
 	Container                    *os.File            // a new empty file to build in; nil: qcryptd's private tmpfs
 	Backups                      map[string]*os.File // qube -> new empty file for its key's backup
+	Keystore                     string              // key store directory that gets the keys; "": none
 
 	// InjectKeys is what qcryptd read from Inject (server side).
 	InjectKeys map[string][]byte
@@ -303,6 +304,7 @@ var specCodec = codec[Spec]{
 	{key: "size", ref: func(s *Spec) any { return &s.Size }, omitZero: true},
 	{key: "key_size", ref: func(s *Spec) any { return &s.KeySize }, omitZero: true},
 	{key: "fs", ref: func(s *Spec) any { return &s.FS }, omitZero: true},
+	{key: "keystore", ref: func(s *Spec) any { return &s.Keystore }, omitZero: true},
 }
 
 // specFDKeys are the spec's keys whose values are descriptors (receiveFDs).

@@ -504,16 +504,22 @@ cryptsetup close qcrypt-e2e-store`, "bash", dir, password)
 	mustCtl(t, "close", "vault")
 }
 
-// keystoreCtl runs qcryptctl keystore ARGS... in a session of its own (no terminal to
-// ask on), so the passwords it answers qcryptd's questions with come from input.
+// keystoreCtl runs qcryptctl keystore ARGS....
 func keystoreCtl(t *testing.T, input string, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), append([]string{"keystore"}, args...)...)
+	return ctlWithInput(t, input, append([]string{"keystore"}, args...)...)
+}
+
+// ctlWithInput runs qcryptctl in a session of its own (no terminal to ask on), so the
+// passwords it answers qcryptd's questions with come from input.
+func ctlWithInput(t *testing.T, input string, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), args...)
 	cmd.Stdin = strings.NewReader(input)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	out, err := cmd.CombinedOutput()
 	if cmd.ProcessState == nil {
-		t.Fatalf("qcryptctl keystore %v: %v", args, err)
+		t.Fatalf("qcryptctl %v: %v", args, err)
 	}
 	return string(out), cmd.ProcessState.ExitCode()
 }
@@ -551,4 +557,51 @@ cryptsetup close qcrypt-e2e-new`, "bash", dir, "new pass").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "qcrypt") {
 		t.Errorf("the original's way: %v %q", err, out)
 	}
+}
+
+// TestLuksInitKeystore: luks-init --keystore DIR with no store there creates it (the new
+// password given twice) and keeps each destination's key in it under the original's
+// names: the store, opened the original's way, holds the very keys the qubes got.
+func TestLuksInitKeystore(t *testing.T) {
+	const store = "/srv/qcrypt-luks-init-store"
+	adhoc := []string{"sys-usb", "/home/user/li.luks", "likey", "mediator", "work"}
+	out, code := ctlWithInput(t, "store pass\nstore pass\n", append([]string{"luks-init", "--autostart", "--size", "48M", "--fs", "ext4",
+		"--cy", "mediator", fastKDF, "--cy", "work", fastKDF, "--keystore", store}, adhoc...)...)
+	if code != 0 {
+		t.Fatalf("luks-init --keystore: exit %d %q", code, out)
+	}
+	defer func() {
+		for vm, p := range map[string]string{"sys-usb": "home/user/li.luks", "mediator": "home/user/.qcrypt/keys/likey", "work": "home/user/.qcrypt/keys/likey"} {
+			_ = os.Remove(filepath.Join(h.vmRoot(vm), p))
+		}
+	}()
+	mustCtl(t, "keystore", "lock", store)
+	got, err := exec.Command("bash", "-c", `set -e
+mkdir -p "$1/mnt/rw"
+cryptsetup --type luks open "$1/keys.lks" qcrypt-e2e-li <<< "$2"
+mount -o ro /dev/mapper/qcrypt-e2e-li "$1/mnt/rw"
+sha256sum < "$1/mnt/rw/qcrypt/mediator_likey.key"; sha256sum < "$1/mnt/rw/qcrypt/work_likey.key"
+umount "$1/mnt/rw"
+cryptsetup close qcrypt-e2e-li`, "bash", filepath.Join(h.vmRoot("dom0"), store), "store pass").CombinedOutput()
+	if err != nil {
+		t.Fatalf("the original's way: %v %q", err, got)
+	}
+	var want string
+	for _, vm := range []string{"mediator", "work"} {
+		key, err := os.ReadFile(filepath.Join(h.vmRoot(vm), "home/user/.qcrypt/keys/likey"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := exec.Command("sha256sum")
+		c.Stdin = bytes.NewReader(key)
+		line, err := c.Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want += string(line)
+	}
+	if string(got) != want {
+		t.Errorf("the store holds %q, the qubes %q", got, want)
+	}
+	requireClean(t, "at the end")
 }
