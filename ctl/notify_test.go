@@ -210,3 +210,19 @@ func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
 		t.Errorf("notification %+v", got[0])
 	}
 }
+
+// A chain that waits for a locked key store asks for the unlock; one that waits after a
+// close is still just closed.
+func TestNotifyKeystoreLocked(t *testing.T) {
+	n := &notifier{}
+	nt := n.describe(dbusapi.ChainEvent{Chain: "vault", State: dbusapi.ChainWaiting, Previous: dbusapi.ChainOpening,
+		Reason: dbusapi.Because(dbusapi.CauseKeystoreLocked, "cannot open vault: key store /etc/blib/keys: the key store is locked")})
+	if nt == nil || nt.summary != "qcrypt: vault needs the key store" || !strings.Contains(nt.body, "qcryptctl keystore unlock") || nt.critical {
+		t.Errorf("locked store: %+v", nt)
+	}
+	nt = n.describe(dbusapi.ChainEvent{Chain: "vault", State: dbusapi.ChainWaiting, Previous: dbusapi.ChainClosing,
+		Reason: dbusapi.Because(dbusapi.CauseQubeShutDown, "work shut down")})
+	if nt == nil || nt.summary != "qcrypt: vault closed" {
+		t.Errorf("after a close: %+v", nt)
+	}
+}
