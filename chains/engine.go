@@ -83,6 +83,9 @@ type OpenOptions struct {
 	// InjectKeys are keys the caller passed (read from descriptors it opened with its
 	// own rights), per destination, injected when the qube has none.
 	InjectKeys map[string][]byte
+	// InjectStores names, per destination, a key store to inject its key from (an
+	// ad-hoc --inj VM keystore://DIR), when the qube has none.
+	InjectStores map[string]string
 }
 
 // CloseOptions modify a close.
@@ -321,12 +324,16 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 	}
 	keys := make([][]byte, len(c.Hops))
 	for i, h := range c.Hops {
-		if h.Inject != "" {
-			if keys[i], err = e.injectedKey(ctx, c, h); err != nil {
-				return fmt.Errorf("cannot open %s: %w", c.Name, err)
-			}
-		} else {
+		switch store := o.InjectStores[h.VM]; {
+		case h.Inject != "":
+			keys[i], err = e.injectedKey(ctx, c, h)
+		case store != "":
+			keys[i], err = e.KeystoreKey(ctx, Keystore{Dir: store}, h.VM, c.Key)
+		default:
 			keys[i] = o.InjectKeys[h.VM]
+		}
+		if err != nil {
+			return fmt.Errorf("cannot open %s: %w", c.Name, err)
 		}
 	}
 
@@ -475,6 +482,8 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			d = "inject key " + h.Inject + " if missing, " + d
 		} else if len(o.InjectKeys[h.VM]) > 0 {
 			d = "inject the given key if missing, " + d
+		} else if store := o.InjectStores[h.VM]; store != "" {
+			d = "inject the key from key store " + store + " if missing, " + d
 		}
 		if i == len(c.Hops)-1 && c.MountPoint != "" {
 			d += ", mount the plaintext on " + c.MountPoint + roWord(c.ReadOnly)

@@ -322,8 +322,15 @@ func (p *parsed) spec() (dbusapi.Spec, error) {
 	}
 	s.CryptOptions = pairs("--cy")
 	for vm, f := range pairs("--inj") {
-		if strings.HasPrefix(f, "keystore://") {
-			return s, fmt.Errorf("--inj %s: keystore:// is not supported for ad-hoc chains yet; give a key file, or inject from the store in a chain file (destination inj N=keystore://)", vm)
+		dir, isStore, err := chains.ParseKeystoreRef(f)
+		switch {
+		case err != nil:
+			return s, fmt.Errorf("--inj %s: %w", vm, err)
+		case isStore:
+			if s.InjectKeystore == nil {
+				s.InjectKeystore = map[string]string{}
+			}
+			s.InjectKeystore[vm] = dir
 		}
 	}
 	return s, nil
@@ -334,6 +341,9 @@ func (p *parsed) spec() (dbusapi.Spec, error) {
 func (a *app) injectFiles(p *parsed, s *dbusapi.Spec) error {
 	v := p.values["--inj"]
 	for i := 0; i+1 < len(v); i += 2 {
+		if _, isStore := s.InjectKeystore[v[i]]; isStore {
+			continue // qcryptd reads it from the key store
+		}
 		f, err := a.open(v[i+1], os.O_RDONLY, 0)
 		if err != nil {
 			return fmt.Errorf("--inj %s: %w", v[i], err)

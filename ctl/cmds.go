@@ -349,6 +349,18 @@ func cmdOpen(a *app, p *parsed) error {
 	if err := a.injectFiles(p, &spec); err != nil {
 		return err
 	}
+	// As the original asked for the store's password at the open: unlock it first.
+	for _, dir := range sortedValues(spec.InjectKeystore) {
+		st, err := api.KeystoreStatus(a.ctx, dir)
+		if err != nil {
+			return err
+		}
+		if !st.Unlocked {
+			if err := a.answeredJob(api, api.KeystoreUnlock(dir), false, p.flags["--json"]); err != nil {
+				return err
+			}
+		}
+	}
 	return a.job(api, api.OpenAdhoc(spec, o), p.flags["--json"])
 }
 

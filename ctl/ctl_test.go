@@ -177,9 +177,9 @@ func describe(s dbusapi.Spec) string {
 		return "{" + strings.Join(parts, " ") + "}"
 	}
 	return fmt.Sprintf("{SourceVM:%s File:%s Key:%s Destinations:%v CryptOptions:%v MountPoint:%s ReadOnly:%v Autostart:%v "+
-		"Inject:%s Size:%d KeySize:%d FS:%s KeyEntropy:%s ContainerEntropy:%s Container:%s Backups:%s}",
+		"Inject:%s InjectKeystore:%v Size:%d KeySize:%d FS:%s KeyEntropy:%s ContainerEntropy:%s Container:%s Backups:%s Keystore:%s}",
 		s.SourceVM, s.File, s.Key, s.Destinations, s.CryptOptions, s.MountPoint, s.ReadOnly, s.Autostart,
-		files(s.Inject), s.Size, s.KeySize, s.FS, file(s.KeyEntropy), file(s.ContainerEntropy), file(s.Container), files(s.Backups))
+		files(s.Inject), s.InjectKeystore, s.Size, s.KeySize, s.FS, file(s.KeyEntropy), file(s.ContainerEntropy), file(s.Container), files(s.Backups), s.Keystore)
 }
 
 func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error) {
@@ -229,7 +229,7 @@ func run(api API, tty bool, args ...string) (string, string, int) {
 	}
 	a := &app{out: &out, err: &errb, ctx: context.Background(), tty: tty, configDir: "../chains/testdata/check",
 		now:     func() time.Time { return time.Date(2026, 11, 27, 9, 30, 0, 0, time.UTC) },
-		connect: connect, running: connect}
+		connect: connect, running: connect, askDir: "/nonexistent"}
 	code := a.main(args)
 	return out.String(), errb.String(), code
 }
@@ -260,6 +260,9 @@ func TestGoldenOutput(t *testing.T) {
 		{"open-tty", []string{"open", "demo"}, 0, true},
 		{"open-json", []string{"open", "demo", "--json"}, 0, false},
 		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "testdata/inject.key", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		// The store is locked (the fake says open by another tool): unlocked first, then
+		// the open names it for work's key; mediator's key comes from a file.
+		{"open-adhoc-keystore", []string{"open", "--inj", "work", "keystore://", "--inj", "mediator", "testdata/inject.key", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		{"close", []string{"close", "--force", "--eject", "demo"}, 0, false},
 		{"close-sd", []string{"close", "--sd", "demo"}, 0, false},
 		{"close-adhoc-json", []string{"close", "--json", "sys-usb", "/c.luks", "k", "work"}, 0, false},

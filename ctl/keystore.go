@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -197,4 +198,16 @@ func readLine(ctx context.Context, fd int) ([]byte, error) {
 		}
 		return line, nil
 	}
+}
+
+// sortedValues lists a map's distinct values in order.
+func sortedValues(m map[string]string) []string {
+	var out []string
+	for _, v := range m {
+		if !slices.Contains(out, v) {
+			out = append(out, v)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

@@ -207,6 +207,13 @@ func specString(c *chains.Chain) string {
 
 // OpenAdhoc opens a chain given as a spec; it exists on the bus while it is open.
 func (d *Daemon) OpenAdhoc(uid uint32, c *chains.Chain, o chains.OpenOptions) (uint64, error) {
+	for vm, dir := range o.InjectStores {
+		clean, err := d.keystoreDir(uid, dir)
+		if err != nil {
+			return 0, err
+		}
+		o.InjectStores[vm] = clean
+	}
 	return d.request(dbusapi.OpOpen, uid, func() (*chainState, error) {
 		// Refused before adhoc: a refused open must not leave an entry behind.
 		if err := d.refuseHeldMapper(c); err != nil {

@@ -492,7 +492,10 @@ func TestKeystoreDirsOthersMayName(t *testing.T) {
 	} {
 		_, err := d.KeystoreStatus(context.Background(), tc.uid, tc.dir)
 		_, jerr := d.KeystoreInit(tc.uid, tc.dir)
-		for what, err := range map[string]error{"status": err, "init": jerr} {
+		c := &chains.Chain{SourceVM: "sys-usb", SourceFile: "/c.luks", Key: "k", Hops: []chains.Hop{{VM: "mediator"}, {VM: "work"}}, Type: "luks"}
+		c.Name = chains.AdhocName(c)
+		_, oerr := d.OpenAdhoc(tc.uid, c, chains.OpenOptions{InjectStores: map[string]string{"work": tc.dir}})
+		for what, err := range map[string]error{"status": err, "init": jerr, "ad-hoc open": oerr} {
 			if got := errors.Is(err, dbusapi.ErrAccessDenied); got != tc.deny {
 				t.Errorf("uid %d %s %q: %v, want denied=%v", tc.uid, what, tc.dir, err, tc.deny)
 			}

@@ -112,7 +112,7 @@ func TestCodecsRoundTrip(t *testing.T) {
 			}
 			return &out
 		}, func() any { return &Discovered{} }},
-		"OpenOptions": {map[string]bool{"InjectKeys": true}, func(t *testing.T, in any) any {
+		"OpenOptions": {map[string]bool{"InjectKeys": true, "InjectStores": true}, func(t *testing.T, in any) any {
 			out, err := OpenOptionsFromMap(roundTrip(t, OpenOptionsToMap(*in.(*chains.OpenOptions))))
 			if err != nil {
 				t.Fatal(err)

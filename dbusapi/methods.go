@@ -124,7 +124,7 @@ func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Va
 			sp.Close()
 			return 0, err
 		}
-		o.InjectKeys = sp.InjectKeys
+		o.InjectKeys, o.InjectStores = sp.InjectKeys, sp.InjectKeystore
 		id, err := m.s.backend.OpenAdhoc(uid, c, o)
 		if err != nil {
 			sp.Close()
@@ -176,6 +176,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	}
 	var c *chains.Chain
 	var injected map[string][]byte
+	var stores map[string]string
 	if chain == "" {
 		var sp Spec
 		var err error
@@ -183,7 +184,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 			return nil, toDBus(err)
 		}
 		defer sp.Close()
-		injected = sp.InjectKeys
+		injected, stores = sp.InjectKeys, sp.InjectKeystore
 	} else {
 		CloseFDs(nil, spec)
 	}
@@ -193,7 +194,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	switch JobOperation(operation) {
 	case OpOpen:
 		oo, err = OpenOptionsFromMap(options)
-		oo.InjectKeys = injected
+		oo.InjectKeys, oo.InjectStores = injected, stores
 	case OpClose:
 		co, _, err = CloseOptionsFromMap(options, false)
 	default:

@@ -273,6 +273,7 @@ type Spec struct {
 	SourceVM, File, Key string
 	Destinations        []string
 	Inject              map[string]*os.File // qube -> dom0 key file to inject if it has none
+	InjectKeystore      map[string]string   // qube -> key store directory to inject its key from if it has none
 	CryptOptions        map[string]string   // qube -> cryptsetup options
 	MountPoint          string
 	MountAnywhere       bool // status: mounted anywhere counts (the original's --mp "")
@@ -299,6 +300,7 @@ var specCodec = codec[Spec]{
 	{key: "read_only", ref: func(s *Spec) any { return &s.ReadOnly }},
 	{key: "autostart", ref: func(s *Spec) any { return &s.Autostart }},
 	{key: "crypt_options", ref: func(s *Spec) any { return &s.CryptOptions }, omitZero: true},
+	{key: "inject_keystore", ref: func(s *Spec) any { return &s.InjectKeystore }, omitZero: true},
 	{key: "mount_point", ref: func(s *Spec) any { return &s.MountPoint }, omitZero: true},
 	{key: "mount_anywhere", ref: func(s *Spec) any { return &s.MountAnywhere }, omitZero: true},
 	{key: "size", ref: func(s *Spec) any { return &s.Size }, omitZero: true},
@@ -477,7 +479,13 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 		}
 		c.Hops = append(c.Hops, h)
 	}
-	for what, vms := range map[string][]string{"inject": keysOf(s.InjectKeys), "backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions)} {
+	for vm := range s.InjectKeystore {
+		if _, both := s.InjectKeys[vm]; both {
+			return nil, Errorf(ReasonInvalidArgs, "inject and inject_keystore both name %s", qubes.Printable(vm, 40))
+		}
+	}
+	for what, vms := range map[string][]string{"inject": keysOf(s.InjectKeys), "inject_keystore": keysOf(s.InjectKeystore),
+		"backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions)} {
 		for _, vm := range vms {
 			if !c.Involves(vm) || vm == c.SourceVM {
 				return nil, Errorf(ReasonInvalidArgs, "%s: %s is not a destination", what, qubes.Printable(vm, 40))

@@ -432,7 +432,8 @@ func TestLuksInitBtrfsOneLayer(t *testing.T) {
 // locked the chain waits with the cause keystore-locked; `qcryptctl keystore unlock`
 // (the password on its standard input, as qcryptd's question is answered) refuses a
 // wrong password and changes nothing, and with the right one the chain opens by itself
-// and work reads its data. The store is locked and work's key put back at the end.
+// and work reads its data; an ad-hoc open with --inj work keystore://DIR does the same.
+// The store is locked and work's key put back at the end.
 func TestKeystoreInjection(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(h.conf, target, "vault.ini")); err != nil {
 		t.Skip("needs the vault chain of TestLuksInitOpenWriteReopen")
@@ -502,6 +503,18 @@ cryptsetup close qcrypt-e2e-store`, "bash", dir, password)
 		t.Errorf("work's key after the injection: %v", err)
 	}
 	mustCtl(t, "close", "vault")
+
+	// Ad hoc, as the original's --inj VM keystore://DIR (the store is unlocked: no question).
+	if err := os.Remove(keyPath); err != nil {
+		t.Fatal(err)
+	}
+	adhoc := []string{"sys-usb", "/home/user/vault.luks", "vault", "mediator", "work"}
+	mustCtl(t, append([]string{"open", "--inj", "work", "keystore://" + store, "--mp", "/mnt/vault"}, adhoc...)...)
+	checkMarker(t, "opened ad hoc with the injected key")
+	if got, err := os.ReadFile(keyPath); err != nil || !bytes.Equal(got, key) {
+		t.Errorf("work's key after the ad-hoc injection: %v", err)
+	}
+	mustCtl(t, append([]string{"close"}, adhoc...)...)
 }
 
 // keystoreCtl runs qcryptctl keystore ARGS....
