@@ -241,13 +241,15 @@ exit 0`, nil)
 	return err
 }
 
-// KeystoreKey reads vm's key for key id key from an unlocked store.
+// KeystoreKey reads vm's key for key id key from an unlocked store. A store still open
+// since an unlock this boot (qcryptd restarted since, and its mount went with its mount
+// namespace; or the original opened it) is mounted again without a password: it is
+// unlocked until someone locks it.
 func (e *Engine) KeystoreKey(ctx context.Context, k Keystore, vm, key string) ([]byte, error) {
 	if err := checkKeyName(vm, key); err != nil {
 		return nil, err
 	}
-	res, err := e.runKeystore(ctx, k, fmt.Sprintf(`mountpoint -q "$mp" 2>/dev/null || exit 14
-f="$mp"/%s
+	res, err := e.runKeystore(ctx, k, "plen=0\n"+openAndMount+fmt.Sprintf(`f="$mp"/%s
 [ -f "$f" ] || exit 15
 [ "$(wc -c < "$f")" -le %d ] || exit 15
 cat "$f"`, q(KeyFile(vm, key)), maxKeystoreKey), nil)
