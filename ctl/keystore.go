@@ -46,7 +46,7 @@ func cmdKeystore(a *app, p *parsed) error {
 		case st.Unlocked:
 			state = "unlocked"
 		case st.Open:
-			state = "locked for qcryptd, open by another tool (an unlock needs no password)"
+			state = "open but not mounted for qcryptd (an unlock needs no password; a read mounts it)"
 		case st.Exists:
 			state = "locked"
 		}

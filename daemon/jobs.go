@@ -477,8 +477,9 @@ func (r *jobRun) readyKeystore(ctx context.Context, k chains.Keystore) error {
 	return err
 }
 
-// keystoreUnlock unlocks a key store: without a password when another tool has it
-// open, else with the one an agent gives (the caller may answer its own question).
+// keystoreUnlock unlocks a key store: without a password when it is open already (an
+// earlier unlock this boot, or the original), else with the one an agent gives (the
+// caller may answer its own question).
 func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
 	k := chains.Keystore{Dir: r.j.keystore}
 	st, err := r.d.engine.KeystoreStatus(ctx, k)
@@ -494,14 +495,14 @@ func (r *jobRun) keystoreUnlock(ctx context.Context) (outcome, error) {
 	return outcome{message: msg}, err
 }
 
-// unlock unlocks an existing, locked store: without a password when another tool has
-// it open, else with the one an agent gives.
+// unlock unlocks an existing, locked store: without a password when it is open
+// already, else with the one an agent gives.
 func (r *jobRun) unlock(ctx context.Context, k chains.Keystore, st chains.KeystoreState) (string, error) {
 	if st.Open {
 		if err := r.d.engine.KeystoreUnlock(ctx, k, nil); err != nil {
 			return "", err
 		}
-		return "unlocked (another tool had it open)", nil
+		return "unlocked (it was open already: no password needed)", nil
 	}
 	password, err := r.askPassword(ctx, "Password for the qcrypt key store "+k.Dir)
 	if err != nil {
