@@ -262,6 +262,9 @@ func TestGoldenOutput(t *testing.T) {
 		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "testdata/inject.key", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		// The store is locked (the fake says open by another tool): unlocked first, then
 		// the open names it for work's key; mediator's key comes from a file.
+		{"keystore-status", []string{"keystore", "status"}, 0, false},
+		{"keystore-status-json", []string{"keystore", "status", "--json", "/srv/keys"}, 0, false},
+		{"keystore-usage", []string{"keystore", "open"}, ExitUsage, false},
 		{"open-adhoc-keystore", []string{"open", "--inj", "work", "keystore://", "--inj", "mediator", "testdata/inject.key", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		{"close", []string{"close", "--force", "--eject", "demo"}, 0, false},
 		{"close-sd", []string{"close", "--sd", "demo"}, 0, false},

@@ -19,7 +19,7 @@ import (
 
 // cmdKeystore is qcryptctl keystore unlock|lock|status|init [DIR].
 func cmdKeystore(a *app, p *parsed) error {
-	if len(p.args) < 1 || len(p.args) > 2 {
+	if len(p.args) < 1 || len(p.args) > 2 || !slices.Contains([]string{"unlock", "lock", "status", "init"}, p.args[0]) {
 		return usageErr("keystore needs unlock, lock, status or init, and at most the store's directory")
 	}
 	dir := ""
@@ -27,51 +27,37 @@ func cmdKeystore(a *app, p *parsed) error {
 		dir = p.args[1]
 	}
 	asJSON := p.flags["--json"]
+	api, err := a.client()
+	if err != nil {
+		return err
+	}
 	switch p.args[0] {
-	case "status":
-		api, err := a.client()
-		if err != nil {
-			return err
-		}
-		st, err := api.KeystoreStatus(a.ctx, dir)
-		if err != nil {
-			return err
-		}
-		if asJSON {
-			a.printJSON(st)
-			return nil
-		}
-		state := "no key store there"
-		switch {
-		case st.Unlocked:
-			state = "unlocked"
-		case st.Open:
-			state = "open but not mounted for qcryptd (an unlock needs no password; a read mounts it)"
-		case st.Exists:
-			state = "locked"
-		}
-		fmt.Fprintf(a.out, "%s: %s\n", st.Dir, state)
-		return nil
 	case "lock":
-		api, err := a.client()
-		if err != nil {
-			return err
-		}
 		return a.job(api, api.KeystoreLock(dir), asJSON)
 	case "unlock":
-		api, err := a.client()
-		if err != nil {
-			return err
-		}
 		return a.answeredJob(api, api.KeystoreUnlock(dir), false, asJSON)
 	case "init":
-		api, err := a.client()
-		if err != nil {
-			return err
-		}
 		return a.answeredJob(api, api.KeystoreInit(dir), true, asJSON)
 	}
-	return usageErr("keystore needs unlock, lock, status or init, not " + p.args[0])
+	st, err := api.KeystoreStatus(a.ctx, dir)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		a.printJSON(st)
+		return nil
+	}
+	state := "no key store there"
+	switch {
+	case st.Unlocked:
+		state = "unlocked"
+	case st.Open:
+		state = "open but not mounted for qcryptd (an unlock needs no password; a read mounts it)"
+	case st.Exists:
+		state = "locked"
+	}
+	fmt.Fprintf(a.out, "%s: %s\n", st.Dir, state)
+	return nil
 }
 
 // answeredJob runs a job that asks for a password and answers the question qcryptd
