@@ -77,6 +77,11 @@ func (a *app) complete(words []string) []string {
 		return a.qubeNames() // qubes; the key id (position 2) has no list
 	case "cancel":
 		return a.chainNames()
+	case "keystore":
+		if positional == 0 {
+			return []string{"unlock", "lock", "status", "init"}
+		}
+		return nil // a directory in dom0: not this user's to list
 	}
 	return nil
 }

@@ -22,6 +22,7 @@ func TestComplete(t *testing.T) {
 		{[]string{"help", ""}, strings.Join(commandNames(), " ")},
 		{[]string{"completion", ""}, "bash zsh"},
 		{[]string{"plan", ""}, "open close"},
+		{[]string{"keystore", ""}, "unlock lock status init"},
 		{[]string{"plan", "open", ""}, "demo usb vault@work sys-usb work"},
 		{[]string{"open", ""}, "demo usb vault@work sys-usb work"},
 		{[]string{"open", "--mp", "/mnt/x", ""}, "demo usb vault@work sys-usb work"},
