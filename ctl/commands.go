@@ -29,7 +29,7 @@ var (
 	fAuto     = flagSpec{long: "--autostart", short: "-a", help: "start every qube of the chain (default: intermediates only)"}
 	fMP       = flagSpec{long: "--mp", arity: 1, help: "mount the plaintext at this path in the target"}
 	fRO       = flagSpec{long: "--ro", help: "read-only everywhere (ad-hoc chains are read-write by default, as the original)"}
-	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none (read with your rights)"}
+	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none (read with your rights); KEYFILE keystore://[DIR]: VM's key from the key store"}
 	fCy       = flagSpec{long: "--cy", arity: 2, repeat: true, help: "VM OPTIONS: extra cryptsetup options for VM"}
 	fStop     = flagSpec{long: "--stop", help: "close-all: stop qcryptd afterwards"}
 	fBreak    = flagSpec{long: "--break-lock", help: "open read-write although another machine's lock is beside the container (a stale lock; logged)"}
