@@ -3,9 +3,9 @@ package dbustest
 import (
 	"fmt"
 	"os/exec"
-	"strings"
 	"sync"
 
+	sdbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
 )
 
@@ -130,15 +130,7 @@ func (m manager) StartUnit(unit, mode string) (dbus.ObjectPath, *dbus.Error) {
 	return m.s.start(unit)
 }
 
-// unitPath is systemd's object path of a unit (bus_label_escape).
+// unitPath is systemd's object path of a unit.
 func unitPath(unit string) dbus.ObjectPath {
-	var b strings.Builder
-	for _, r := range []byte(unit) {
-		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
-			b.WriteByte(r)
-		} else {
-			fmt.Fprintf(&b, "_%02x", r)
-		}
-	}
-	return systemdPath + "/unit/" + dbus.ObjectPath(b.String())
+	return systemdPath + "/unit/" + dbus.ObjectPath(sdbus.PathBusEscape(unit))
 }
