@@ -1,11 +1,15 @@
 package chains
 
 import (
+	"context"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/qcrypt/qcrypt/qubes"
 )
 
 func TestParseKeystoreRef(t *testing.T) {
@@ -52,11 +56,27 @@ func TestKeystoreMapperNameIsBlibs(t *testing.T) {
 	}
 }
 
+// noDom0 fails the test if a script reaches dom0.
+type noDom0 struct{ t *testing.T }
+
+func (d noDom0) Run(context.Context, string, io.Reader, ...*os.File) (qubes.Result, error) {
+	d.t.Error("a script ran in dom0")
+	return qubes.Result{ExitCode: 1}, nil
+}
+func (d noDom0) Open(string) (io.ReadCloser, error) {
+	d.t.Error("a dom0 file was opened")
+	return nil, os.ErrNotExist
+}
+
+// Qube and key names are checked before a key file path is made of them: nothing runs.
 func TestKeystoreKeyNamesAreChecked(t *testing.T) {
-	e := &Engine{}
-	for _, n := range [][2]string{{"../x", "k"}, {"work", "a/b"}, {"work", ""}, {"", "k"}} {
-		if _, err := e.KeystoreKey(bg, Keystore{Dir: "/s"}, n[0], n[1]); err == nil {
-			t.Errorf("%q accepted", n)
+	e := &Engine{Dom0: noDom0{t}}
+	for _, n := range [][2]string{{"../x", "k"}, {"work", "a/b"}, {"work", ""}, {"", "k"}, {"work", "../../etc/shadow"}} {
+		if _, err := e.KeystoreKey(bg, Keystore{Dir: "/s"}, n[0], n[1]); err == nil || !strings.Contains(err.Error(), "invalid") {
+			t.Errorf("%q: %v, want it refused as invalid", n, err)
+		}
+		if err := e.KeystoreAdd(bg, Keystore{Dir: "/s"}, n[1], map[string][]byte{n[0]: []byte("k")}); err == nil || !strings.Contains(err.Error(), "invalid") {
+			t.Errorf("add %q: %v, want it refused as invalid", n, err)
 		}
 	}
 }
