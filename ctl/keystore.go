@@ -8,7 +8,6 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"time"
 
 	"github.com/godbus/dbus/v5"
 	"golang.org/x/sys/unix"
@@ -90,40 +89,32 @@ func (a *app) answeredJob(api API, start dbusapi.Starter, confirm, asJSON bool) 
 // answer waits for the question with id and answers it. Only root can put a question
 // in systemd's directory; elsewhere (tests) the directory is the caller's.
 func (a *app) answer(ctx context.Context, id string, confirm bool) error {
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		reqs, err := systemd.PendingPasswordRequests(a.askDir)
-		if err != nil {
-			return err
-		}
-		for _, r := range reqs {
-			if r.ID != id || a.askDir == systemd.AskPasswordDir && r.Owner != 0 {
-				continue
-			}
-			password, err := a.password(ctx, r.Message+": ")
-			if err != nil {
-				_ = r.Decline()
-				return fmt.Errorf("cannot read the password: %w", err)
-			}
-			defer clear(password)
-			if confirm {
-				again, err := a.password(ctx, "Repeat it: ")
-				same := err == nil && bytes.Equal(again, password)
-				clear(again)
-				if !same {
-					_ = r.Decline()
-					return errors.New("the two passwords differ (or the second could not be read): nothing was created")
-				}
-			}
-			return r.Answer(password)
-		}
-		select {
-		case <-ctx.Done():
+	r, err := systemd.WaitPasswordRequest(ctx, a.askDir, id)
+	if err != nil {
+		if ctx.Err() != nil {
 			return nil // the job ended without a question (the store was open already)
-		case <-tick.C:
+		}
+		return err
+	}
+	if a.askDir == systemd.AskPasswordDir && r.Owner != 0 {
+		return fmt.Errorf("the password question %s is not root's: not answered", id)
+	}
+	password, err := a.password(ctx, r.Message+": ")
+	if err != nil {
+		_ = r.Decline()
+		return fmt.Errorf("cannot read the password: %w", err)
+	}
+	defer clear(password)
+	if confirm {
+		again, err := a.password(ctx, "Repeat it: ")
+		same := err == nil && bytes.Equal(again, password)
+		clear(again)
+		if !same {
+			_ = r.Decline()
+			return errors.New("the two passwords differ (or the second could not be read): nothing was created")
 		}
 	}
+	return r.Answer(password)
 }
 
 // readPassword reads one line from the terminal without echo, or from standard input

@@ -458,21 +458,13 @@ func TestLoopWaitsForTheKeystore(t *testing.T) {
 // passwordQuestion waits until the password question with id is asked in dir.
 func passwordQuestion(t *testing.T, dir, id string) systemd.PasswordRequest {
 	t.Helper()
-	var found systemd.PasswordRequest
-	waitFor(t, "the password question "+id, func() bool {
-		reqs, err := systemd.PendingPasswordRequests(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, r := range reqs {
-			if r.ID == id {
-				found = r
-				return true
-			}
-		}
-		return false
-	})
-	return found
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r, err := systemd.WaitPasswordRequest(ctx, dir, id)
+	if err != nil {
+		t.Fatalf("the password question %s: %v", id, err)
+	}
+	return r
 }
 
 // A key store directory is a dom0 path: only root may name any; other callers the

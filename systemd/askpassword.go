@@ -274,6 +274,30 @@ func readRequest(dir, path string) (PasswordRequest, bool) {
 	return r, true
 }
 
+// WaitPasswordRequest waits until the question with Id id is asked in dir
+// (AskPasswordDir when empty), or ctx ends. Agents are told of new files by inotify;
+// a look every 50 ms serves the one question waited for as well.
+func WaitPasswordRequest(ctx context.Context, dir, id string) (PasswordRequest, error) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		reqs, err := PendingPasswordRequests(dir)
+		if err != nil {
+			return PasswordRequest{}, err
+		}
+		for _, r := range reqs {
+			if r.ID == id {
+				return r, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return PasswordRequest{}, ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
 // Answer sends the password to the asker.
 func (r PasswordRequest) Answer(password []byte) error {
 	msg := make([]byte, 0, len(password)+1)

@@ -49,21 +49,13 @@ func TestMain(m *testing.M) {
 // question waits until the question with id is in dir (an agent's view of it).
 func question(t *testing.T, dir, id string) PasswordRequest {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) {
-		reqs, err := PendingPasswordRequests(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, r := range reqs {
-			if r.ID == id {
-				return r
-			}
-		}
-		time.Sleep(10 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r, err := WaitPasswordRequest(ctx, dir, id)
+	if err != nil {
+		t.Fatalf("question %s: %v", id, err)
 	}
-	t.Fatalf("question %s never appeared", id)
-	return PasswordRequest{}
+	return r
 }
 
 type asked struct {
