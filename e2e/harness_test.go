@@ -209,17 +209,21 @@ func (hs *harness) vmRoot(vm string) string { return filepath.Join(hs.simDir, "q
 // ctl runs qcryptctl and returns its output and exit status.
 func ctl(t *testing.T, args ...string) (string, int) {
 	t.Helper()
+	return ctlWithInput(t, "", args...)
+}
+
+// ctlWithInput runs qcryptctl with input on stdin, in a session of its own: no terminal
+// to ask on, so the passwords it answers qcryptd's questions with come from input.
+func ctlWithInput(t *testing.T, input string, args ...string) (string, int) {
+	t.Helper()
 	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), args...)
+	cmd.Stdin = strings.NewReader(input)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	out, err := cmd.CombinedOutput()
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-		return string(out), 0
-	case errors.As(err, &ee):
-		return string(out), ee.ExitCode()
+	if cmd.ProcessState == nil {
+		t.Fatalf("qcryptctl %s: %v", strings.Join(args, " "), err)
 	}
-	t.Fatalf("qcryptctl %s: %v", strings.Join(args, " "), err)
-	return "", 0
+	return string(out), cmd.ProcessState.ExitCode()
 }
 
 // mustCtl runs qcryptctl and fails the test unless it succeeds.

@@ -523,20 +523,6 @@ func keystoreCtl(t *testing.T, input string, args ...string) (string, int) {
 	return ctlWithInput(t, input, append([]string{"keystore"}, args...)...)
 }
 
-// ctlWithInput runs qcryptctl in a session of its own (no terminal to ask on), so the
-// passwords it answers qcryptd's questions with come from input.
-func ctlWithInput(t *testing.T, input string, args ...string) (string, int) {
-	t.Helper()
-	cmd := exec.Command(filepath.Join(h.bin, "qcryptctl"), args...)
-	cmd.Stdin = strings.NewReader(input)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	out, err := cmd.CombinedOutput()
-	if cmd.ProcessState == nil {
-		t.Fatalf("qcryptctl %v: %v", args, err)
-	}
-	return string(out), cmd.ProcessState.ExitCode()
-}
-
 // TestKeystoreInit: qcryptctl keystore init makes a store in dom0 with the new password
 // given twice (a differing second one makes nothing), leaves it unlocked, refuses to
 // make one over it, and the store opens the original's way with that password.
