@@ -343,13 +343,8 @@ func TestLoopReactsToEvents(t *testing.T) {
 // waitOffTest is waitFor for a goroutine other than the test's (a fake engine's call):
 // it reports a timeout with Errorf, since only the test's goroutine may stop the test.
 func waitOffTest(t *testing.T, what string, ok func() bool) {
-	deadline := time.Now().Add(30 * time.Second)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Errorf("timed out: %s", what)
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !within(30*time.Second, ok) {
+		t.Errorf("timed out: %s", what)
 	}
 }
 

@@ -174,13 +174,21 @@ func runLoopWith(t *testing.T, o Options) (*Daemon, *recorder, func()) {
 
 func waitFor(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	if !within(30*time.Second, ok) {
+		t.Fatalf("timed out: %s", what)
+	}
+}
+
+// within reports whether ok became true before d passed, looking every 10 ms.
+func within(d time.Duration, ok func() bool) bool {
+	deadline := time.Now().Add(d)
 	for !ok() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out: %s", what)
+			return false
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	return true
 }
 
 func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
