@@ -99,7 +99,7 @@ func (a *app) answer(ctx context.Context, id string, confirm bool) error {
 	if a.askDir == systemd.AskPasswordDir && r.Owner != 0 {
 		return fmt.Errorf("the password question %s is not root's: not answered", id)
 	}
-	password, err := a.password(ctx, r.Message+": ")
+	password, err := a.password(ctx, dbusapi.Clean(r.Message)+": ")
 	if err != nil {
 		_ = r.Decline()
 		return fmt.Errorf("cannot read the password: %w", err)

@@ -479,10 +479,15 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 		}
 		c.Hops = append(c.Hops, h)
 	}
-	for vm := range s.InjectKeystore {
+	for vm, dir := range s.InjectKeystore {
 		if _, both := s.InjectKeys[vm]; both {
 			return nil, Errorf(ReasonInvalidArgs, "inject and inject_keystore both name %s", qubes.Printable(vm, 40))
 		}
+		clean, err := chains.CleanKeystoreDir(dir)
+		if err != nil {
+			return nil, Errorf(ReasonInvalidArgs, "inject_keystore of %s: %v", qubes.Printable(vm, 40), err)
+		}
+		s.InjectKeystore[vm] = clean
 	}
 	for what, vms := range map[string][]string{"inject": keysOf(s.InjectKeys), "inject_keystore": keysOf(s.InjectKeystore),
 		"backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions)} {

@@ -21,6 +21,9 @@ func TestSpecFromMapRefuses(t *testing.T) {
 		"relative file":          {func(s *Spec) { s.File = "c.luks" }, "must be absolute"},
 		"bad key id":             {func(s *Spec) { s.Key = "../k" }, "must match"},
 		"crypt options of other": {func(s *Spec) { s.CryptOptions = map[string]string{"sys-usb": "--type plain"} }, "not a destination"},
+		"key store of other":     {func(s *Spec) { s.InjectKeystore = map[string]string{"sys-usb": "/etc/blib/keys"} }, "not a destination"},
+		"key store not a path":   {func(s *Spec) { s.InjectKeystore = map[string]string{"work": "keys"} }, "inject_keystore of work: key store directory"},
+		"key store above":        {func(s *Spec) { s.InjectKeystore = map[string]string{"work": "/srv/../etc"} }, "inject_keystore of work"},
 	}
 	if _, _, err := SpecFromMap(good.ToMap()); err != nil {
 		t.Fatalf("good spec refused: %v", err)
