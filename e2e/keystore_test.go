@@ -29,15 +29,6 @@ func TestKeystore(t *testing.T) {
 	mounts := t.TempDir()
 	e := &chains.Engine{Dom0: qubes.LocalDom0{Runner: runner}, KeystoreMounts: mounts}
 	const password = "correct horse battery"
-	original := func(t *testing.T, script string, args ...string) string {
-		t.Helper()
-		cmd := exec.Command("bash", append([]string{"-c", "set -e\n" + script, "bash"}, args...)...)
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("the original's way: %v\n%s", err, out)
-		}
-		return string(out)
-	}
 	state := func(t *testing.T, k chains.Keystore) chains.KeystoreState {
 		t.Helper()
 		st, err := e.KeystoreStatus(ctx, k)
@@ -59,16 +50,7 @@ func TestKeystore(t *testing.T) {
 	t.Run("a store the original made", func(t *testing.T) {
 		k := chains.Keystore{Dir: filepath.Join(t.TempDir(), "keys")}
 		defer func() { _ = e.KeystoreLock(ctx, k) }()
-		original(t, `mkdir -p "$1/mnt/rw"
-head -c 20M < /dev/urandom > "$1/keys.lks"
-cryptsetup -q luksFormat "$1/keys.lks" <<< "$2"
-cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
-mkfs -t ext4 "/dev/mapper/$3" > /dev/null 2>&1
-mount "/dev/mapper/$3" "$1/mnt/rw"
-mkdir -p "$1/mnt/rw/qcrypt"
-printf %s "$4" > "$1/mnt/rw/qcrypt/work_vault.key"
-umount "$1/mnt/rw"
-cryptsetup close "$3"`, k.Dir, password, k.MapperName(), "the key of work")
+		originalMakeStore(t, k.Dir, password, "", map[string][]byte{"work_vault.key": []byte("the key of work")})
 
 		if err := e.KeystoreUnlock(ctx, k, []byte("wrong password")); !errors.Is(err, chains.ErrWrongPassword) {
 			t.Fatalf("a wrong password: %v", err)
@@ -111,12 +93,7 @@ cryptsetup close "$3"`, k.Dir, password, k.MapperName(), "the key of work")
 			t.Error("the store stayed writable after the add")
 		}
 		lock(t, k)
-		got := original(t, `cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
-mount -o ro "/dev/mapper/$3" "$1/mnt/rw"
-cat "$1/mnt/rw/qcrypt/mediator_other.key"
-umount "$1/mnt/rw"
-cryptsetup close "$3"`, k.Dir, password, k.MapperName())
-		if got != string(added["mediator"]) {
+		if got := originalReadKey(t, k.Dir, password, "mediator_other.key"); string(got) != string(added["mediator"]) {
 			t.Errorf("the original reads %q, want %q", got, added["mediator"])
 		}
 	})
@@ -190,14 +167,70 @@ mount "/dev/mapper/$3" "$1/mnt/rw"`, k.Dir, password, k.MapperName())
 		if info, err := os.Stat(k.Container()); err != nil || info.Size() != 20<<20 {
 			t.Errorf("the container: %v %v", info, err)
 		}
-		got := original(t, `mkdir -p "$1/mnt/rw"
-cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
-mount -o ro "/dev/mapper/$3" "$1/mnt/rw"
-cat "$1/mnt/rw/qcrypt/work_vault.key"
-umount "$1/mnt/rw"
-cryptsetup close "$3"`, k.Dir, password, k.MapperName())
-		if got != "k" {
+		if got := string(originalReadKey(t, k.Dir, password, "work_vault.key")); got != "k" {
 			t.Errorf("the original reads %q", got)
 		}
 	})
+}
+
+// The original's key store, made and read as blib does with the real tools: the
+// password as a here-string, LUKS with cryptsetup's defaults (plus formatOpts), ext4,
+// mounted at DIR/mnt/rw, blib's mapper name.
+
+// original runs a bash script (set -e) with args and fails the test when it fails.
+func original(t *testing.T, script string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command("bash", append([]string{"-c", "set -e\n" + script, "bash"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("the original's way: %v\n%s", err, out)
+	}
+	return string(out)
+}
+
+// originalMakeStore makes a store in dir holding keys (file name in qcrypt/ -> key).
+func originalMakeStore(t *testing.T, dir, password, formatOpts string, keys map[string][]byte) {
+	t.Helper()
+	mapper := chains.Keystore{Dir: dir}.MapperName()
+	original(t, `mkdir -p "$1/mnt/rw"
+head -c 20M < /dev/urandom > "$1/keys.lks"
+cryptsetup -q luksFormat $4 "$1/keys.lks" <<< "$2"
+cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
+mkfs -t ext4 "/dev/mapper/$3" > /dev/null 2>&1
+mount "/dev/mapper/$3" "$1/mnt/rw"
+mkdir -p "$1/mnt/rw/qcrypt"`, dir, password, mapper, formatOpts)
+	var werr error
+	for name, key := range keys {
+		if err := os.WriteFile(filepath.Join(dir, "mnt/rw/qcrypt", name), key, 0o600); err != nil {
+			werr = err
+		}
+	}
+	original(t, `umount "$1/mnt/rw"; cryptsetup close "$2"`, dir, mapper)
+	if werr != nil {
+		t.Fatal(werr)
+	}
+}
+
+// withOriginalStore opens the store in dir with password, mounts it read-only, calls
+// f with its root and closes it again.
+func withOriginalStore(t *testing.T, dir, password string, f func(root string)) {
+	t.Helper()
+	mapper := chains.Keystore{Dir: dir}.MapperName()
+	original(t, `mkdir -p "$1/mnt/rw"
+cryptsetup --type luks open "$1/keys.lks" "$3" <<< "$2"
+mount -o ro "/dev/mapper/$3" "$1/mnt/rw"`, dir, password, mapper)
+	defer original(t, `umount "$1/mnt/rw"; cryptsetup close "$2"`, dir, mapper)
+	f(filepath.Join(dir, "mnt/rw"))
+}
+
+// originalReadKey reads qcrypt/name from the store in dir the original's way.
+func originalReadKey(t *testing.T, dir, password, name string) []byte {
+	t.Helper()
+	var key []byte
+	var err error
+	withOriginalStore(t, dir, password, func(root string) { key, err = os.ReadFile(filepath.Join(root, "qcrypt", name)) })
+	if err != nil {
+		t.Fatalf("the original's way: %v", err)
+	}
+	return key
 }

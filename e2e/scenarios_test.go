@@ -447,21 +447,7 @@ func TestKeystoreInjection(t *testing.T) {
 	}
 	// The store as the original makes it (dom0's file system is the simulator's dom0 root).
 	dir := filepath.Join(h.vmRoot("dom0"), store)
-	mk := exec.Command("bash", "-c", `set -e
-mkdir -p "$1/mnt/rw"
-head -c 20M < /dev/urandom > "$1/keys.lks"
-cryptsetup -q luksFormat --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "$1/keys.lks" <<< "$2"
-cryptsetup --type luks open "$1/keys.lks" qcrypt-e2e-store <<< "$2"
-mkfs -t ext4 /dev/mapper/qcrypt-e2e-store > /dev/null 2>&1
-mount /dev/mapper/qcrypt-e2e-store "$1/mnt/rw"
-mkdir -p "$1/mnt/rw/qcrypt"
-cat > "$1/mnt/rw/qcrypt/work_vault.key"
-umount "$1/mnt/rw"
-cryptsetup close qcrypt-e2e-store`, "bash", dir, password)
-	mk.Stdin = bytes.NewReader(key)
-	if out, err := mk.CombinedOutput(); err != nil {
-		t.Fatalf("the original's way: %v\n%s", err, out)
-	}
+	originalMakeStore(t, dir, password, fastKDF, map[string][]byte{"work_vault.key": key})
 	if err := os.Remove(keyPath); err != nil {
 		t.Fatal(err)
 	}
@@ -546,16 +532,12 @@ func TestKeystoreInit(t *testing.T) {
 		t.Errorf("init over a store: exit %d %q", code, out)
 	}
 	mustCtl(t, "keystore", "lock", store)
-	out, err := exec.Command("bash", "-c", `set -e
-mkdir -p "$1/mnt/rw"
-cryptsetup --type luks open "$1/keys.lks" qcrypt-e2e-new <<< "$2"
-mount -o ro /dev/mapper/qcrypt-e2e-new "$1/mnt/rw"
-ls "$1/mnt/rw"
-umount "$1/mnt/rw"
-cryptsetup close qcrypt-e2e-new`, "bash", dir, "new pass").CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "qcrypt") {
-		t.Errorf("the original's way: %v %q", err, out)
-	}
+	// The original's way opens it with that password and finds qcrypt's directory.
+	withOriginalStore(t, dir, "new pass", func(root string) {
+		if st, err := os.Stat(filepath.Join(root, "qcrypt")); err != nil || !st.IsDir() {
+			t.Errorf("qcrypt/ in the store: %v", err)
+		}
+	})
 }
 
 // TestLuksInitKeystore: luks-init --keystore DIR with no store there creates it (the new
@@ -575,32 +557,14 @@ func TestLuksInitKeystore(t *testing.T) {
 		}
 	}()
 	mustCtl(t, "keystore", "lock", store)
-	got, err := exec.Command("bash", "-c", `set -e
-mkdir -p "$1/mnt/rw"
-cryptsetup --type luks open "$1/keys.lks" qcrypt-e2e-li <<< "$2"
-mount -o ro /dev/mapper/qcrypt-e2e-li "$1/mnt/rw"
-sha256sum < "$1/mnt/rw/qcrypt/mediator_likey.key"; sha256sum < "$1/mnt/rw/qcrypt/work_likey.key"
-umount "$1/mnt/rw"
-cryptsetup close qcrypt-e2e-li`, "bash", filepath.Join(h.vmRoot("dom0"), store), "store pass").CombinedOutput()
-	if err != nil {
-		t.Fatalf("the original's way: %v %q", err, got)
-	}
-	var want string
 	for _, vm := range []string{"mediator", "work"} {
 		key, err := os.ReadFile(filepath.Join(h.vmRoot(vm), "home/user/.qcrypt/keys/likey"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := exec.Command("sha256sum")
-		c.Stdin = bytes.NewReader(key)
-		line, err := c.Output()
-		if err != nil {
-			t.Fatal(err)
+		if got := originalReadKey(t, filepath.Join(h.vmRoot("dom0"), store), "store pass", vm+"_likey.key"); !bytes.Equal(got, key) {
+			t.Errorf("the store's key of %s differs from the one the qube got", vm)
 		}
-		want += string(line)
-	}
-	if string(got) != want {
-		t.Errorf("the store holds %q, the qubes %q", got, want)
 	}
 	requireClean(t, "at the end")
 }
