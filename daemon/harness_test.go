@@ -54,7 +54,7 @@ func bin(t testing.TB, name string) string {
 			return
 		}
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim", "github.com/qcrypt/qcrypt/cmd/qcryptctl",
-			"github.com/qcrypt/qcrypt/daemon/testdata/sigprobe")
+			"github.com/qcrypt/qcrypt/daemon/testdata/sigprobe", "github.com/qcrypt/qcrypt/daemon/testdata/fdflood")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			binErr = fmt.Errorf("%w: %s", err, out)

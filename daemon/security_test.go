@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -315,5 +316,62 @@ func TestCallerFilesAreOpenedByTheClient(t *testing.T) {
 	out, code := w.qcryptctl("luks-init", "-a", "--size", "48M", "--bak", bak, "sys-usb", "/home/user/c.luks", "b", "mediator", "work")
 	if code != 1 || !strings.Contains(out, "exists already (never overwritten)") {
 		t.Errorf("luks-init over backups: exit %d %s", code, out)
+	}
+}
+
+// openDescriptors counts the descriptors of process pid.
+func openDescriptors(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// TestDescriptorFloods: every descriptor a message brings qcryptd is closed, whatever
+// the message (a ping, introspection, an unknown or refused call, a wrong signature, a
+// descriptor named twice, a signal): after thousands of them, sent by a user in no group
+// (on a bus that lets it through) and by a user in group qubes (the shipped policy),
+// qcryptd holds as many descriptors as before and opens a chain for root.
+func TestDescriptorFloods(t *testing.T) {
+	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
+	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+	tests := map[string]struct {
+		bus  string
+		cred *syscall.Credential
+	}{
+		"a user in no group":                        {bus: permissiveBus, cred: qsec},
+		"a user in group qubes, the shipped policy": {bus: realPolicyBus(policy), cred: quser},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			w := newWorld(t, "4.2", tc.bus)
+			w.writeChain("other", strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks").Replace(demoChain))
+			d := w.startDaemon()
+			pid := d.Process.Pid
+			base := openDescriptors(t, pid)
+			out, code := w.as(tc.cred, bin(t, "fdflood"), "200")
+			if code != 0 || !strings.Contains(out, "sent 3000 messages with 16 descriptors each") {
+				t.Fatalf("fdflood: exit %d %s", code, out)
+			}
+			t.Logf("fdflood: %s", strings.TrimSpace(out))
+			// Each is closed before its answer goes out; the daemon's own work may hold a
+			// descriptor or two for a moment.
+			n := openDescriptors(t, pid)
+			for deadline := time.Now().Add(time.Minute); n > base && time.Now().Before(deadline); n = openDescriptors(t, pid) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if n > base {
+				t.Fatalf("qcryptd holds %d descriptors after the flood, %d before", n, base)
+			}
+			adhoc := []string{"sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}
+			if out, code := w.qcryptctl(append([]string{"open", "-a"}, adhoc...)...); code != 0 {
+				t.Fatalf("root's open after the flood: exit %d %s", code, out)
+			}
+			if out, code := w.qcryptctl(append([]string{"close"}, adhoc...)...); code != 0 {
+				t.Fatalf("root's close after the flood: exit %d %s", code, out)
+			}
+		})
 	}
 }

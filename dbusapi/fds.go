@@ -12,6 +12,9 @@ import (
 // Files from callers. qcryptd never opens a dom0 path a caller named: qcryptctl opens
 // it with the caller's own rights and passes the descriptor (type h, udisks'
 // convention), so what qcryptd can do with it is what the caller could.
+//
+// A received descriptor belongs to the bus connection (fdguard.go), which closes it
+// when the call is answered: a handler reads it while it runs, or keeps a duplicate.
 
 // maxInjectedKey bounds a key passed for injection.
 const maxInjectedKey = 64 << 10
@@ -26,23 +29,18 @@ const (
 	fdContainer               // a work file for the container: an empty regular file, readable and writable
 )
 
-// checkFD wraps a received descriptor after checking it is of the kind wanted; the
-// descriptor is closed when it is not.
-func checkFD(fd dbus.UnixFD, kind fdKind, what string) (*os.File, error) {
-	if kind == fdRead {
-		// Non-blocking, the runtime polls it where it can (a terminal, a device), so a
-		// canceled job's read deadline ends a read that would block for good.
-		if err := unix.SetNonblock(int(fd), true); err != nil {
-			unix.Close(int(fd))
-			return nil, Errorf(ReasonInvalidArgs, "%s: cannot make it non-blocking: %v", what, err)
-		}
-	}
-	f := os.NewFile(uintptr(fd), what)
-	if f == nil {
-		return nil, Errorf(ReasonInvalidArgs, "%s: not a file descriptor", what)
-	}
+// fileID is a file's identity, to refuse one file passed under two descriptors.
+type fileID struct{ dev, ino uint64 }
+
+// receivedFiles takes a call's descriptors: each is checked for its kind and
+// duplicated, and one regular file is taken once only.
+type receivedFiles struct {
+	seen map[fileID]string
+}
+
+// take checks a received descriptor and returns a duplicate the caller owns.
+func (r *receivedFiles) take(fd dbus.UnixFD, kind fdKind, what string) (*os.File, error) {
 	fail := func(format string, a ...any) (*os.File, error) {
-		f.Close()
 		return nil, Errorf(ReasonInvalidArgs, "%s: %s", what, fmt.Sprintf(format, a...))
 	}
 	var st unix.Stat_t
@@ -74,45 +72,45 @@ func checkFD(fd dbus.UnixFD, kind fdKind, what string) (*os.File, error) {
 			return fail("must be a new, empty regular file opened for reading and writing")
 		}
 	}
-	return f, nil
+	// A regular file under two descriptors would be written twice (two backups, a backup
+	// and the work file) or read as something else; a device (entropy) may be read twice.
+	if regular {
+		id := fileID{dev: st.Dev, ino: st.Ino}
+		if r.seen == nil {
+			r.seen = map[fileID]string{}
+		}
+		if other, ok := r.seen[id]; ok {
+			return fail("the same file is passed as %s", other)
+		}
+		r.seen[id] = what
+	}
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return fail("cannot duplicate it: %v", err)
+	}
+	if kind == fdRead {
+		// Non-blocking, the runtime polls it where it can (a terminal, a device), so a
+		// canceled job's read deadline ends a read that would block for good.
+		if err := unix.SetNonblock(dup, true); err != nil {
+			unix.Close(dup)
+			return fail("cannot make it non-blocking: %v", err)
+		}
+	}
+	return os.NewFile(uintptr(dup), what), nil
 }
 
-// readKey reads and closes a key passed for injection.
-func readKey(fd dbus.UnixFD, vm string) ([]byte, error) {
-	f, err := checkFD(fd, fdKeyFile, "inject key for "+vm)
+// readKey reads a key passed for injection.
+func (r *receivedFiles) readKey(fd dbus.UnixFD, vm string) ([]byte, error) {
+	f, err := r.take(fd, fdKeyFile, "inject key for "+vm)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	key, err := io.ReadAll(io.LimitReader(f, maxInjectedKey+1))
+	// From its start, whatever the offset the caller shares with us.
+	key, err := io.ReadAll(io.NewSectionReader(f, 0, maxInjectedKey+1))
 	if err != nil || len(key) == 0 || len(key) > maxInjectedKey {
+		clear(key)
 		return nil, Errorf(ReasonInvalidArgs, "inject key for %s: cannot read 1 byte to 64 KiB", vm)
 	}
 	return key, nil
-}
-
-// CloseFDs closes the descriptors in a message's arguments, except those taken, each
-// once (a caller may send them anywhere, and one twice; left open they would fill
-// qcryptd's table).
-func CloseFDs(taken map[dbus.UnixFD]bool, vs ...any) {
-	if taken == nil {
-		taken = map[dbus.UnixFD]bool{}
-	}
-	for _, v := range vs {
-		switch x := v.(type) {
-		case dbus.UnixFD:
-			if !taken[x] {
-				unix.Close(int(x))
-				taken[x] = true
-			}
-		case dbus.Variant:
-			CloseFDs(taken, x.Value())
-		case map[string]dbus.Variant:
-			for _, e := range x {
-				CloseFDs(taken, e)
-			}
-		case []any:
-			CloseFDs(taken, x...)
-		}
-	}
 }

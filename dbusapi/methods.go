@@ -39,12 +39,10 @@ func (m *manager) ListChains(sender dbus.Sender) ([]struct {
 	return out, nil
 }
 
-// job checks the caller, starts a job and answers with its path. A refused caller's
-// descriptors (in fds, a spec) are closed here; start owns them otherwise.
-func (m *manager) job(sender dbus.Sender, fds map[string]dbus.Variant, start func(uid uint32) (uint64, error)) (dbus.ObjectPath, *dbus.Error) {
+// job checks the caller, starts a job and answers with its path.
+func (m *manager) job(sender dbus.Sender, start func(uid uint32) (uint64, error)) (dbus.ObjectPath, *dbus.Error) {
 	uid, derr := m.s.caller(sender)
 	if derr != nil {
-		CloseFDs(nil, fds)
 		return "", derr
 	}
 	id, err := start(uid)
@@ -55,8 +53,7 @@ func (m *manager) job(sender dbus.Sender, fds map[string]dbus.Variant, start fun
 }
 
 func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	defer CloseFDs(nil, options)
-	return m.job(sender, nil, func(uid uint32) (uint64, error) {
+	return m.job(sender, func(uid uint32) (uint64, error) {
 		o, err := OpenOptionsFromMap(options)
 		if err != nil {
 			return 0, err
@@ -66,8 +63,7 @@ func (m *manager) Open(sender dbus.Sender, chain string, options map[string]dbus
 }
 
 func (m *manager) Close(sender dbus.Sender, chain string, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	defer CloseFDs(nil, options)
-	return m.job(sender, nil, func(uid uint32) (uint64, error) {
+	return m.job(sender, func(uid uint32) (uint64, error) {
 		o, _, err := CloseOptionsFromMap(options, false)
 		if err != nil {
 			return 0, err
@@ -109,8 +105,7 @@ func (m *manager) Discover(sender dbus.Sender) ([]map[string]dbus.Variant, *dbus
 // OpenAdhoc opens a chain given as a spec; keys to inject come as descriptors and are
 // the daemon's to wipe once the job ends.
 func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	defer CloseFDs(nil, options)
-	return m.job(sender, spec, func(uid uint32) (uint64, error) {
+	return m.job(sender, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
@@ -134,8 +129,7 @@ func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Va
 }
 
 func (m *manager) CloseAdhoc(sender dbus.Sender, spec, options map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	defer CloseFDs(nil, options)
-	return m.job(sender, spec, func(uid uint32) (uint64, error) {
+	return m.job(sender, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
@@ -151,7 +145,6 @@ func (m *manager) CloseAdhoc(sender dbus.Sender, spec, options map[string]dbus.V
 
 func (m *manager) StatusAdhoc(sender dbus.Sender, spec map[string]dbus.Variant) (map[string]dbus.Variant, *dbus.Error) {
 	if _, err := m.s.caller(sender); err != nil {
-		CloseFDs(nil, spec)
 		return nil, err
 	}
 	c, sp, err := SpecFromMap(spec)
@@ -169,9 +162,7 @@ func (m *manager) StatusAdhoc(sender dbus.Sender, spec map[string]dbus.Variant) 
 }
 
 func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, options map[string]dbus.Variant) ([]struct{ VM, Desc string }, *dbus.Error) {
-	defer CloseFDs(nil, options)
 	if _, err := m.s.caller(sender); err != nil {
-		CloseFDs(nil, spec)
 		return nil, err
 	}
 	var c *chains.Chain
@@ -185,8 +176,6 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 		}
 		defer sp.Close()
 		injected, stores = sp.InjectKeys, sp.InjectKeystore
-	} else {
-		CloseFDs(nil, spec)
 	}
 	var oo chains.OpenOptions
 	var co chains.CloseOptions
@@ -217,7 +206,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 // LuksInit creates a container; the caller's files (entropy, work file, backups) are
 // the daemon's to close once the job ends.
 func (m *manager) LuksInit(sender dbus.Sender, spec map[string]dbus.Variant) (dbus.ObjectPath, *dbus.Error) {
-	return m.job(sender, spec, func(uid uint32) (uint64, error) {
+	return m.job(sender, func(uid uint32) (uint64, error) {
 		c, sp, err := SpecFromMap(spec)
 		if err != nil {
 			return 0, err
@@ -273,7 +262,6 @@ func (m *manager) Check(sender dbus.Sender, target string) (bool, []string, *dbu
 }
 
 func (m *manager) CloseAll(sender dbus.Sender, options map[string]dbus.Variant) ([]dbus.ObjectPath, *dbus.Error) {
-	defer CloseFDs(nil, options)
 	uid, derr := m.s.caller(sender)
 	if derr != nil {
 		return nil, derr
@@ -291,15 +279,15 @@ func (m *manager) CloseAll(sender dbus.Sender, options map[string]dbus.Variant) 
 }
 
 func (m *manager) KeystoreUnlock(sender dbus.Sender, store string) (dbus.ObjectPath, *dbus.Error) {
-	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreUnlock(uid, store) })
+	return m.job(sender, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreUnlock(uid, store) })
 }
 
 func (m *manager) KeystoreLock(sender dbus.Sender, store string) (dbus.ObjectPath, *dbus.Error) {
-	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreLock(uid, store) })
+	return m.job(sender, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreLock(uid, store) })
 }
 
 func (m *manager) KeystoreInit(sender dbus.Sender, store string) (dbus.ObjectPath, *dbus.Error) {
-	return m.job(sender, nil, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreInit(uid, store) })
+	return m.job(sender, func(uid uint32) (uint64, error) { return m.s.backend.KeystoreInit(uid, store) })
 }
 
 func (m *manager) KeystoreStatus(sender dbus.Sender, store string) (map[string]dbus.Variant, *dbus.Error) {

@@ -355,18 +355,14 @@ func (s *Spec) Close() {
 }
 
 // receiveFDs takes the descriptors of a spec: keys to inject are read at once, the
-// luks-init files are checked and kept.
-func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool) error {
-	seen := map[dbus.UnixFD]bool{}
+// luks-init files are checked and duplicated (the connection closes what was received).
+func (s *Spec) receiveFDs(m map[string]dbus.Variant) error {
+	var files receivedFiles
 	fd := func(v dbus.Variant, what string) (dbus.UnixFD, error) {
 		x, ok := v.Value().(dbus.UnixFD)
 		if !ok {
 			return 0, Errorf(ReasonInvalidArgs, "%s: wrong type %s, want a file descriptor (h)", what, v.Signature())
 		}
-		if seen[x] {
-			return 0, Errorf(ReasonInvalidArgs, "%s: the same descriptor is passed twice", what)
-		}
-		seen[x] = true
 		return x, nil
 	}
 	fdsOf := func(key string) (map[string]dbus.UnixFD, error) {
@@ -393,8 +389,7 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool)
 		return err
 	}
 	for vm, x := range inject {
-		taken[x] = true // readKey closes it, read or refused
-		key, err := readKey(x, qubes.Printable(vm, 40))
+		key, err := files.readKey(x, qubes.Printable(vm, 40))
 		if err != nil {
 			return err
 		}
@@ -408,8 +403,7 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool)
 		return err
 	}
 	for vm, x := range backups {
-		taken[x] = true // checkFD wraps it, or closes it when refused
-		f, err := checkFD(x, fdNewFile, "backup for "+qubes.Printable(vm, 40))
+		f, err := files.take(x, fdNewFile, "backup for "+qubes.Printable(vm, 40))
 		if err != nil {
 			return err
 		}
@@ -418,20 +412,20 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool)
 		}
 		s.Backups[vm] = f
 	}
-	for key, into := range map[string]struct {
+	for _, one := range []struct {
+		key  string
 		f    **os.File
 		kind fdKind
-	}{"key_entropy": {&s.KeyEntropy, fdRead}, "container_entropy": {&s.ContainerEntropy, fdRead}, "container_file": {&s.Container, fdContainer}} {
-		v, ok := m[key]
+	}{{"key_entropy", &s.KeyEntropy, fdRead}, {"container_entropy", &s.ContainerEntropy, fdRead}, {"container_file", &s.Container, fdContainer}} {
+		v, ok := m[one.key]
 		if !ok {
 			continue
 		}
-		x, err := fd(v, key)
+		x, err := fd(v, one.key)
 		if err != nil {
 			return err
 		}
-		taken[x] = true
-		if *into.f, err = checkFD(x, into.kind, key); err != nil {
+		if *one.f, err = files.take(x, one.kind, one.key); err != nil {
 			return err
 		}
 	}
@@ -439,22 +433,18 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant, taken map[dbus.UnixFD]bool)
 }
 
 // SpecFromMap decodes and validates a spec into a chain (and the luks-init fields).
+// The spec owns the files it took; a refused spec has none.
 func SpecFromMap(m map[string]dbus.Variant) (*chains.Chain, Spec, error) {
 	var s Spec
 	if err := knownKeys(m, "spec field", append(specCodec.keys(), specFDKeys...)...); err != nil {
-		CloseFDs(nil, m)
 		return nil, s, err
 	}
-	// Every descriptor is taken (or closed) first, so none leaks on a refusal below.
-	taken := map[dbus.UnixFD]bool{}
-	if err := s.receiveFDs(m, taken); err != nil {
-		CloseFDs(taken, m)
+	if err := s.receiveFDs(m); err != nil {
 		s.Close()
 		return nil, Spec{}, err
 	}
 	c, err := s.chain(m)
 	if err != nil {
-		CloseFDs(taken, m) // any in a field of the wrong type
 		s.Close()
 		return nil, Spec{}, err
 	}

@@ -47,8 +47,27 @@ func isOpen(fd int) bool {
 	return err == nil
 }
 
-// Descriptors a caller passes are checked for their kind and mode; on any refusal every
-// one of them is closed, each once, and the spec is refused.
+// openFiles lists this process' descriptors that refer to files (the runtime's own poll
+// descriptors left out).
+func openFiles(t *testing.T) map[string]string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, e := range ents {
+		target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name()))
+		if err == nil && !strings.HasPrefix(target, "anon_inode:") {
+			out[e.Name()] = target
+		}
+	}
+	return out
+}
+
+// Descriptors a caller passes are checked for their kind and mode, and one file is taken
+// once. They stay the connection's: an accepted spec holds duplicates, which its Close
+// closes, and a refused one holds nothing.
 func TestSpecDescriptors(t *testing.T) {
 	dir := t.TempDir()
 	open := func(name string, flag int, content string) int {
@@ -89,7 +108,7 @@ func TestSpecDescriptors(t *testing.T) {
 		want  string // "" = accepted
 		check func(t *testing.T, s Spec)
 	}{
-		"key file read and closed": {func() ([]int, map[string]dbus.Variant) {
+		"key file read": {func() ([]int, map[string]dbus.Variant) {
 			k := open("key", unix.O_RDONLY, "secret")
 			return []int{k}, map[string]dbus.Variant{"inject": dbus.MakeVariant(map[string]dbus.Variant{"work": fdv(k)})}
 		}, "", func(t *testing.T, s Spec) {
@@ -108,7 +127,27 @@ func TestSpecDescriptors(t *testing.T) {
 		"the same descriptor twice": {func() ([]int, map[string]dbus.Variant) {
 			b := open("new", unix.O_WRONLY, "")
 			return []int{b}, map[string]dbus.Variant{"backups": dbus.MakeVariant(map[string]dbus.Variant{"work": fdv(b), "mediator": fdv(b)})}
-		}, "passed twice", nil},
+		}, "the same file is passed as backup for", nil},
+		"one file under two descriptors": {func() ([]int, map[string]dbus.Variant) {
+			b := open("new4", unix.O_WRONLY, "")
+			c := open("new4", unix.O_RDWR, "")
+			return []int{b, c}, map[string]dbus.Variant{"backups": dbus.MakeVariant(map[string]dbus.Variant{"work": fdv(b)}), "container_file": fdv(c)}
+		}, "container_file: the same file is passed as backup for work", nil},
+		"one device read twice": {func() ([]int, map[string]dbus.Variant) {
+			a, err := unix.Open("/dev/urandom", unix.O_RDONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := unix.Open("/dev/urandom", unix.O_RDONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return []int{a, b}, map[string]dbus.Variant{"key_entropy": fdv(a), "container_entropy": fdv(b)}
+		}, "", func(t *testing.T, s Spec) {
+			if s.KeyEntropy == nil || s.ContainerEntropy == nil {
+				t.Errorf("entropy files not taken: %v %v", s.KeyEntropy, s.ContainerEntropy)
+			}
+		}},
 		"a refusal elsewhere closes them all": {func() ([]int, map[string]dbus.Variant) {
 			b := open("new2", unix.O_WRONLY, "")
 			e := open("entropy", unix.O_RDONLY, "x")
@@ -122,6 +161,7 @@ func TestSpecDescriptors(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
+			before := openFiles(t)
 			fds, extra := tc.fds()
 			_, s, err := SpecFromMap(with(extra))
 			if tc.want == "" {
@@ -131,13 +171,16 @@ func TestSpecDescriptors(t *testing.T) {
 				tc.check(t, s)
 				s.Close()
 			} else if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("got %v, want %q", err, tc.want)
+				t.Errorf("got %v, want %q", err, tc.want)
 			}
 			for _, fd := range fds {
-				if isOpen(fd) {
-					t.Errorf("descriptor %d left open", fd)
-					unix.Close(fd)
+				if !isOpen(fd) {
+					t.Errorf("descriptor %d was closed: it is the connection's", fd)
 				}
+				unix.Close(fd)
+			}
+			if after := openFiles(t); len(after) != len(before) {
+				t.Errorf("open files before %v, after %v", before, after)
 			}
 		})
 	}

@@ -195,9 +195,9 @@ type busLink struct {
 // connectBus connects, exports d's objects and takes the name (the readiness signal).
 // Call before d runs.
 func connectBus(d *daemon.Daemon, log *logrus.Entry) (*busLink, error) {
-	conn, err := dbus.ConnectSystemBus()
+	conn, err := dbusapi.ConnectServer()
 	if err != nil {
-		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
+		return nil, err
 	}
 	srv := dbusapi.NewServer(conn, d, log)
 	d.SetPublisher(srv)
@@ -256,7 +256,7 @@ func (b *busLink) keep(ctx context.Context, d *daemon.Daemon, log *logrus.Entry,
 var errNameTaken = errors.New("the bus name is taken")
 
 func (b *busLink) reconnect(d *daemon.Daemon, log *logrus.Entry) error {
-	conn, err := dbus.ConnectSystemBus()
+	conn, err := dbusapi.ConnectServer()
 	if err != nil {
 		return err
 	}
