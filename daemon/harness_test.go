@@ -92,16 +92,6 @@ var worlds = []string{"4.2", "4.3", "real-4.2", "real-4.3"}
 
 const permissiveBus = dbustest.Permissive
 
-// realPolicyBus is the stock system bus default policy plus qcryptd's policy file.
-func realPolicyBus(policyFile string) string {
-	return `<policy context="default"><allow user="*"/><deny own="*"/><deny send_type="method_call"/>
-<allow send_type="signal"/><allow send_requested_reply="true" send_type="method_return"/><allow send_requested_reply="true" send_type="error"/>
-<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/>
-<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/></policy>
-<include>` + policyFile + `</include>`
-}
-
 func newWorld(t testing.TB, dialect, policy string) *world {
 	t.Helper()
 	need(t)

@@ -63,7 +63,7 @@ func TestCallerAccess(t *testing.T) {
 		// The bus lets everyone call: every refusal is qcryptd's own check.
 		"by qcryptd": {bus: permissiveBus},
 		// The stock system bus policy plus ours: refused before qcryptd sees the call.
-		"by the bus policy": {bus: realPolicyBus(policy)},
+		"by the bus policy": {bus: dbustest.SystemPolicy(policy)},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -91,8 +91,21 @@ func TestCallerAccess(t *testing.T) {
 					t.Errorf("qsec: busctl %v: exit %d %s", args, code, out)
 				}
 			}
-			if out, code := w.busctl(qsec, "introspect", "--xml-interface", dbusapi.BusName, chainPath); code != 0 || !strings.Contains(out, "StateChanged") {
-				t.Errorf("qsec cannot introspect: exit %d %s", code, out)
+			// Introspection: the shipped policy lets others send qcryptd nothing at all;
+			// qcryptd itself shows them the interfaces, never the names of chains or jobs.
+			directory := string(dbusapi.ManagerPath) + "/chain"
+			out, code := w.busctl(qsec, "introspect", "--xml-interface", dbusapi.BusName, chainPath)
+			if tc.bus == permissiveBus && (code != 0 || !strings.Contains(out, "StateChanged")) {
+				t.Errorf("qsec cannot introspect a chain it names: exit %d %s", code, out)
+			}
+			if tc.bus != permissiveBus && (code == 0 || !strings.Contains(out, "Access denied")) {
+				t.Errorf("the policy lets qsec introspect: exit %d %s", code, out)
+			}
+			for cred, want := range map[*syscall.Credential]bool{qsec: false, quser: true} {
+				out, code := w.busctl(cred, "introspect", "--xml-interface", dbusapi.BusName, directory)
+				if got := strings.Contains(out, `<node name="demo"/>`); got != want || (code != 0) != (cred == qsec && tc.bus != permissiveBus) {
+					t.Errorf("uid %d introspects %s: exit %d, lists the chain: %v, want %v\n%s", cred.Uid, directory, code, got, want, out)
+				}
 			}
 
 			// The user in group qubes: reads and acts, by the groups the bus reports.
@@ -133,7 +146,7 @@ func TestCallerAccess(t *testing.T) {
 func TestSignalsOnlyForQubes(t *testing.T) {
 	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
 	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
-	w := newWorld(t, "4.2", realPolicyBus(policy))
+	w := newWorld(t, "4.2", dbustest.SystemPolicy(policy))
 	w.writeChain("demo", demoChain)
 	d := w.startDaemon()
 	c := w.client()
@@ -342,7 +355,7 @@ func TestDescriptorFloods(t *testing.T) {
 		cred *syscall.Credential
 	}{
 		"a user in no group":                        {bus: permissiveBus, cred: qsec},
-		"a user in group qubes, the shipped policy": {bus: realPolicyBus(policy), cred: quser},
+		"a user in group qubes, the shipped policy": {bus: dbustest.SystemPolicy(policy), cred: quser},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

@@ -59,3 +59,20 @@ func nodeXML(ifaces []string, children []string) string {
 	b.WriteString("</node>\n")
 	return b.String()
 }
+
+// directoryXML is the introspection of a directory of objects (the chains, the jobs):
+// nothing but its children.
+func directoryXML(children []string) string {
+	var b strings.Builder
+	b.WriteString(introspectHeader)
+	b.WriteString(`  <interface name="org.freedesktop.DBus.Introspectable">
+    <method name="Introspect"><arg name="xml_data" type="s" direction="out"/></method>
+  </interface>
+`)
+	sort.Strings(children)
+	for _, c := range children {
+		b.WriteString(`  <node name="` + c + `"/>` + "\n")
+	}
+	b.WriteString("</node>\n")
+	return b.String()
+}

@@ -3,6 +3,7 @@ package dbusapi
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -64,6 +65,11 @@ func (s *Server) Export() error {
 	if err := s.conn.Export(&objectManager{s}, ManagerPath, objectManagerInterface); err != nil {
 		return fmt.Errorf("cannot export the object manager: %w", err)
 	}
+	for _, d := range []directory{{s, chainPathPrefix}, {s, jobPathPrefix}} {
+		if err := s.conn.Export(d, dbus.ObjectPath(strings.TrimSuffix(d.prefix, "/")), introspectableInterface); err != nil {
+			return fmt.Errorf("cannot export %s: %w", d.prefix, err)
+		}
+	}
 	return s.refreshManagerIntrospection()
 }
 
@@ -77,6 +83,40 @@ func (s *Server) RequestName() error {
 		return fmt.Errorf("cannot own %s: it is taken (another qcryptd running?)", BusName)
 	}
 	return nil
+}
+
+// directory answers the introspection of the chain or job directory. Its children name
+// chains (an ad-hoc one is KEY@TARGET) and jobs: they are for root and group qubes,
+// like ListChains; anyone else sees an empty directory.
+type directory struct {
+	s      *Server
+	prefix string
+}
+
+func (d directory) Introspect(sender dbus.Sender) (string, *dbus.Error) {
+	var children []string
+	if _, err := d.s.caller(sender); err == nil {
+		children = d.s.children(d.prefix)
+	}
+	return directoryXML(children), nil
+}
+
+// children names the objects in a directory.
+func (s *Server) children(prefix string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	add := func(e *exported) { out = append(out, strings.TrimPrefix(string(e.path), prefix)) }
+	if prefix == chainPathPrefix {
+		for _, e := range s.chains {
+			add(e)
+		}
+	} else {
+		for _, e := range s.jobs {
+			add(e)
+		}
+	}
+	return out
 }
 
 // caller checks that the sender may act or read, and returns its uid.

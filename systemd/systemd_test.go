@@ -90,7 +90,9 @@ func TestUnitVerifies(t *testing.T) {
 			t.Errorf("unit lacks %s", want)
 		}
 	}
-	if !strings.Contains(Activation, "SystemdService=qcryptd.service") || !strings.Contains(Activation, "Name=org.qcrypt.Qcryptd1") {
+	// Activation starts the alias `systemctl enable` makes: never a disabled qcryptd.
+	if !strings.Contains(Activation, "SystemdService=dbus-org.qcrypt.Qcryptd1.service") || !strings.Contains(Activation, "Name=org.qcrypt.Qcryptd1") ||
+		!strings.Contains(Unit, "\nAlias=dbus-org.qcrypt.Qcryptd1.service\n") {
 		t.Errorf("activation file:\n%s", Activation)
 	}
 }

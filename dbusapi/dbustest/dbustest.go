@@ -16,6 +16,17 @@ import (
 // Permissive is a bus policy that lets everyone own and call everything.
 const Permissive = `<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/></policy>`
 
+// SystemPolicy is the stock system bus' default policy (dbus' system.conf) plus the
+// policy file at path, as on a machine where that file is installed.
+func SystemPolicy(path string) string {
+	return `<policy context="default"><allow user="*"/><deny own="*"/><deny send_type="method_call"/>
+<allow send_type="signal"/><allow send_requested_reply="true" send_type="method_return"/><allow send_requested_reply="true" send_type="error"/>
+<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/>
+<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/></policy>
+<include>` + path + `</include>`
+}
+
 // Config is one private bus: its type (default system), its policy (busconfig
 // elements) and, for D-Bus activation, a directory of service files. With
 // SystemdActivation, dbus-daemon hands activations to systemd (a Systemd stand-in) as

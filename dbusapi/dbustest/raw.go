@@ -51,9 +51,13 @@ func DialRaw(addr string) (*Raw, error) {
 			return nil, err
 		}
 		line, err := r.in.ReadString('\n')
-		if err != nil || !strings.HasPrefix(line, step.want) {
+		if err != nil {
 			c.Close()
-			return nil, fmt.Errorf("raw client: authentication: got %q (%v)", line, err)
+			return nil, fmt.Errorf("raw client: authentication: %w", err)
+		}
+		if !strings.HasPrefix(line, step.want) {
+			c.Close()
+			return nil, fmt.Errorf("raw client: authentication: got %q", line)
 		}
 	}
 	if _, err := c.Write([]byte("BEGIN\r\n")); err != nil {
