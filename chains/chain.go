@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -104,11 +105,31 @@ func ValidateKeyID(k string) error {
 	return nil
 }
 
-// validatePath accepts a path for a shell script: no control bytes, no "..", and
-// absolute when required.
+// MaxLayers is the most layers a chain may have. The original has no limit; no real
+// chain comes near it, and it bounds what one request makes qcryptd hold.
+const MaxLayers = 32
+
+// maxPath is the longest path accepted (Linux' PATH_MAX less its NUL).
+const maxPath = 4095
+
+// Quote quotes a value a caller or a file gave for an error message: at most 200 bytes
+// of it, so an error never echoes a huge argument back.
+func Quote(s string) string {
+	const limit = 200
+	if len(s) > limit {
+		return strconv.Quote(s[:limit]) + fmt.Sprintf("... (%d bytes)", len(s))
+	}
+	return strconv.Quote(s)
+}
+
+// validatePath accepts a path for a shell script: no control bytes, no "..", not
+// longer than PATH_MAX, and absolute when required.
 func validatePath(p string, absolute bool) error {
 	if p == "" {
 		return fmt.Errorf("empty path")
+	}
+	if len(p) > maxPath {
+		return fmt.Errorf("path %s is longer than %d bytes", Quote(p), maxPath)
 	}
 	for i := 0; i < len(p); i++ {
 		if p[i] < 0x20 || p[i] == 0x7f {
@@ -116,11 +137,11 @@ func validatePath(p string, absolute bool) error {
 		}
 	}
 	if absolute && !strings.HasPrefix(p, "/") {
-		return fmt.Errorf("path %q must be absolute", p)
+		return fmt.Errorf("path %s must be absolute", Quote(p))
 	}
 	for _, part := range strings.Split(p, "/") {
 		if part == ".." {
-			return fmt.Errorf("path %q must not contain a .. component", p)
+			return fmt.Errorf("path %s must not contain a .. component", Quote(p))
 		}
 	}
 	return nil
@@ -197,7 +218,7 @@ func ParseCryptOptions(s string) ([]string, error) {
 		}
 		re, ok := cryptOptions[name]
 		if !ok {
-			return nil, fmt.Errorf("cryptsetup option %q is not allowed", fields[i])
+			return nil, fmt.Errorf("cryptsetup option %s is not allowed", Quote(fields[i]))
 		}
 		if re == nil {
 			if hasVal {
@@ -214,7 +235,7 @@ func ParseCryptOptions(s string) ([]string, error) {
 			val = fields[i]
 		}
 		if !re.MatchString(val) {
-			return nil, fmt.Errorf("cryptsetup option %s: bad value %q", name, val)
+			return nil, fmt.Errorf("cryptsetup option %s: bad value %s", name, Quote(val))
 		}
 		out = append(out, name, val)
 	}
@@ -266,6 +287,10 @@ func (c *Chain) problems() []problem {
 	if len(c.Hops) == 0 {
 		add("destination vm 1", "missing (at least one destination is required)")
 	}
+	if len(c.Hops) > MaxLayers {
+		add(fmt.Sprintf("destination vm %d", MaxLayers+1), "a chain has at most %d layers, this one has %d", MaxLayers, len(c.Hops))
+		return out
+	}
 	seen := map[string]bool{}
 	for i, h := range c.Hops {
 		vmKey := fmt.Sprintf("destination vm %d", i+1)
@@ -297,7 +322,7 @@ func (c *Chain) problems() []problem {
 func (c *Chain) Validate() error {
 	var errs []error
 	if c.SourceFile != "" && !strings.HasPrefix(c.SourceFile, "/") {
-		errs = append(errs, fmt.Errorf("%s: path %q must be absolute", keySourceFile, c.SourceFile))
+		errs = append(errs, fmt.Errorf("%s: path %s must be absolute", keySourceFile, Quote(c.SourceFile)))
 	}
 	for _, p := range c.problems() {
 		errs = append(errs, fmt.Errorf("%s: %s", p.key, p.msg))

@@ -21,7 +21,7 @@ func TargetDir(arg, root string) (string, error) {
 		return arg, nil
 	}
 	if arg == "." || arg == ".." || strings.ContainsAny(arg, "\x00") {
-		return "", fmt.Errorf("invalid config target %q", arg)
+		return "", fmt.Errorf("invalid config target %s", Quote(arg))
 	}
 	return filepath.Join(root, arg), nil
 }

@@ -3,6 +3,7 @@ package chains
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,15 @@ import (
 )
 
 const base = "source vm=sys-usb\nsource file=/c.luks\nkey=k\ndestination vm 1=mediator\ndestination vm 2=work\n"
+
+// hops is base with n destinations.
+func hops(n int) string {
+	s := "source vm=sys-usb\nsource file=/c.luks\nkey=k\n"
+	for i := 1; i <= n; i++ {
+		s += fmt.Sprintf("destination vm %d=q%d\n", i, i)
+	}
+	return s
+}
 
 // replace swaps one key=value line of base (or appends when old is "").
 func conf(old, repl string) string {
@@ -75,6 +85,7 @@ func TestConfigRules(t *testing.T) {
 		"type":                        {conf("", "type=zfs"), conf("", "type=plain"), "type", "not one of"},
 		"dom0 never decrypts":         {conf("destination vm 2=work", "destination vm 2=dom0"), base, "destination vm 2", "dom0 is never part of a chain"},
 		"dom0 never serves":           {conf("source vm=sys-usb", "source vm=dom0"), base, "source vm", "dom0 is never part of a chain"},
+		"at most 32 layers":           {hops(33), hops(32), "destination vm 33", "at most 32 layers, this one has 33"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

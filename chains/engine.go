@@ -582,7 +582,7 @@ func (e *Engine) checkExposed(ctx context.Context, dev qubes.DeviceRef, mapper s
 			continue
 		}
 		if mapper != "" && normDesc(d.Description) != normDesc(mapper) {
-			return fmt.Errorf("%w: %s is described as %q, not %q", ErrSpoofed, dev, d.Description, mapper)
+			return fmt.Errorf("%w: %s is described as %q, not %q", ErrSpoofed, dev, qubes.Printable(d.Description, 80), mapper)
 		}
 		return nil
 	}

@@ -66,7 +66,7 @@ func ParseKeystoreRef(s string) (dir string, ok bool, err error) {
 // CleanKeystoreDir checks a store directory given by a user: absolute, plain characters.
 func CleanKeystoreDir(dir string) (string, error) {
 	if !keystoreDirRE.MatchString(dir) || strings.Contains(dir, "/../") || strings.HasSuffix(dir, "/..") {
-		return "", fmt.Errorf("key store directory %q: want an absolute path of letters, digits and _.+@/-", dir)
+		return "", fmt.Errorf("key store directory %s: want an absolute path of letters, digits and _.+@/-", Quote(dir))
 	}
 	return path.Clean(dir), nil
 }

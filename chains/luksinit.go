@@ -47,20 +47,21 @@ var sizeRE = regexp.MustCompile(`^([0-9]+)([KMGT]?)$`)
 func ParseSize(s string) (int64, error) {
 	m := sizeRE.FindStringSubmatch(strings.ToUpper(s))
 	if m == nil {
-		return 0, fmt.Errorf("size %q is not a number with an optional K, M, G or T", s)
+		return 0, fmt.Errorf("size %s is not a number with an optional K, M, G or T", Quote(s))
 	}
 	n, err := strconv.ParseInt(m[1], 10, 64)
 	if err != nil {
-		return 0, fmt.Errorf("size %q: %w", s, err)
+		return 0, fmt.Errorf("size %s: %w", Quote(s), err)
 	}
 	shift := map[string]uint{"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m[2]]
 	if n <= 0 || n > 1<<62>>shift {
-		return 0, fmt.Errorf("size %q is out of range", s)
+		return 0, fmt.Errorf("size %s is out of range", Quote(s))
 	}
 	return n << shift, nil
 }
 
-func (s *InitSpec) defaults() error {
+// Validate fills in the defaults of a spec and checks it, before anything is made.
+func (s *InitSpec) Validate() error {
 	if s.Size == 0 {
 		s.Size = 1 << 30
 	}
@@ -79,7 +80,7 @@ func (s *InitSpec) defaults() error {
 	case s.KeySize < 16 || s.KeySize > 8192:
 		return errors.New("the key size must be 16 to 8192 bytes")
 	case s.FS != "btrfs" && s.FS != "ext4":
-		return fmt.Errorf("file system %q is not btrfs or ext4", s.FS)
+		return fmt.Errorf("file system %s is not btrfs or ext4", Quote(s.FS))
 	}
 	if need := minContainerSize(c); s.Size < need {
 		// Otherwise cryptsetup fails deep inside: "Requested offset is beyond real size".
@@ -138,7 +139,7 @@ const (
 // key backups in dom0. It refuses to overwrite any file or key, and removes its dom0
 // files in every case, and what it copied into qubes when it fails.
 func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc) (err error) {
-	if err := s.defaults(); err != nil {
+	if err := s.Validate(); err != nil {
 		return fmt.Errorf("cannot create the container: %w", err)
 	}
 	if e.Dom0 == nil {

@@ -15,7 +15,7 @@ import (
 var _ dbusapi.Backend = (*Daemon)(nil)
 
 func noChain(name string) error {
-	return dbusapi.Errorf(dbusapi.ReasonNoSuchChain, "no chain %q", name)
+	return dbusapi.Errorf(dbusapi.ReasonNoSuchChain, "no chain %s", chains.Quote(name))
 }
 
 func (d *Daemon) refuseWhenStopping() error {
@@ -178,7 +178,7 @@ func (d *Daemon) Discover(ctx context.Context) ([]dbusapi.Discovered, error) {
 func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 	if cs, ok := d.chains[c.Name]; ok {
 		if cs.managed {
-			return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "a configured chain is named %q", c.Name)
+			return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "a configured chain is named %s", chains.Quote(c.Name))
 		}
 		if !sameSpec(cs.c, c) {
 			if cs.running != nil || cs.state == dbusapi.ChainOpen || cs.state == dbusapi.ChainDegraded {
@@ -247,6 +247,9 @@ func (d *Daemon) Plan(op dbusapi.JobOperation, name string, c *chains.Chain, oo 
 func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uint64, error) {
 	if d.o.Dom0 == nil {
 		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
+	}
+	if err := spec.Validate(); err != nil {
+		return 0, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "cannot create the container: %v", err)
 	}
 	if spec.Keystore != nil {
 		dir, err := d.keystoreDir(uid, spec.Keystore.Dir)

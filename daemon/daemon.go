@@ -190,7 +190,7 @@ func New(o Options) (*Daemon, error) {
 		o.HookTimeout = DefaultHookTimeout
 	}
 	if o.Hook == nil {
-		o.Hook = hookRunner(o.HookTimeout)
+		o.Hook = hookRunner(o.HookTimeout, o.Log)
 	}
 	d := &Daemon{o: o, log: o.Log, reqs: make(chan func(), 256), stop: make(chan struct{}), ended: make(chan struct{}),
 		chains: map[string]*chainState{}, vms: map[string]string{}, devices: map[string][]string{},

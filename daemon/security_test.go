@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/godbus/dbus/v5"
+
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 )
@@ -386,5 +388,83 @@ func TestDescriptorFloods(t *testing.T) {
 				t.Fatalf("root's close after the flood: exit %d %s", code, out)
 			}
 		})
+	}
+}
+
+// TestBigArgumentsAreNotEchoed: every method given an 8 MB string where a name, a path
+// or a word goes answers with a short error, and a spec with 100,000 destinations is
+// refused as too many layers (qcryptd holds nothing of it).
+func TestBigArgumentsAreNotEchoed(t *testing.T) {
+	w := newWorld(t, "4.2", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	conn, err := dbus.Connect(w.busAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	mgr := conn.Object(dbusapi.BusName, dbusapi.ManagerPath)
+	big := strings.Repeat("A", 8<<20)
+	v := dbus.MakeVariant
+	spec := func(field string, value any) map[string]dbus.Variant {
+		m := map[string]dbus.Variant{"source_vm": v("sys-usb"), "file": v("/home/user/x.luks"), "key": v("x"),
+			"destinations": v([]string{"mediator", "work"})}
+		m[field] = v(value)
+		return m
+	}
+	many := make([]string, 100000)
+	for i := range many {
+		many[i] = fmt.Sprintf("q%d", i)
+	}
+	none := map[string]dbus.Variant{}
+	calls := map[string]struct {
+		method string
+		args   []any
+		want   string // in the error
+	}{
+		"Open of a chain":       {"Open", []any{big, none}, "no chain"},
+		"Status of a chain":     {"Status", []any{big}, "no chain"},
+		"an option's name":      {"Open", []any{"demo", map[string]dbus.Variant{big: v(true)}}, "unknown option"},
+		"Plan's operation":      {"Plan", []any{big, "demo", none, none}, "is not open or close"},
+		"a source qube":         {"OpenAdhoc", []any{spec("source_vm", big), none}, "source vm"},
+		"a file":                {"OpenAdhoc", []any{spec("file", "/"+big), none}, "longer than 4095 bytes"},
+		"a relative file":       {"StatusAdhoc", []any{spec("file", big)}, "must be absolute"},
+		"a key id":              {"CloseAdhoc", []any{spec("key", big), none}, "key id"},
+		"a destination":         {"OpenAdhoc", []any{spec("destinations", []string{"mediator", big}), none}, "destination vm 2"},
+		"a mount point":         {"OpenAdhoc", []any{spec("mount_point", "/"+big), none}, "longer than 4095 bytes"},
+		"cryptsetup options":    {"OpenAdhoc", []any{spec("crypt_options", map[string]string{"work": "--cipher " + big}), none}, "bad value"},
+		"a key store":           {"OpenAdhoc", []any{spec("inject_keystore", map[string]string{"work": "/" + big + "*"}), none}, "key store directory"},
+		"a file system":         {"LuksInit", []any{spec("fs", big)}, "file system"},
+		"a check target":        {"Check", []any{big}, ""},
+		"a key store to unlock": {"KeystoreUnlock", []any{"/" + big + "*"}, "key store directory"},
+		"too many layers":       {"OpenAdhoc", []any{spec("destinations", many), none}, "at most 32 layers, this one has 100000"},
+	}
+	c := w.client()
+	jobsBefore, err := c.Jobs(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range calls {
+		t.Run(name, func(t *testing.T) {
+			err := mgr.Call(dbusapi.ManagerInterface+"."+tc.method, 0, tc.args...).Err
+			var de dbus.Error
+			if !errors.As(err, &de) {
+				if tc.method == "Check" && err == nil {
+					return // an invalid target is a check result, not an error
+				}
+				t.Fatalf("%s: %v, want an error", tc.method, err)
+			}
+			msg := fmt.Sprint(de.Body...)
+			if len(msg) > 1024 || !strings.Contains(msg, tc.want) {
+				t.Errorf("%s answered %s with %d bytes, want at most 1024 saying %q: %.300s", tc.method, de.Name, len(msg), tc.want, msg)
+			}
+		})
+	}
+	// The refusals left nothing: no chain object, no job.
+	if list, err := c.Chains(bg); err != nil || len(list) != 1 {
+		t.Errorf("chains after the refusals: %v %v", list, err)
+	}
+	if jobs, err := c.Jobs(bg); err != nil || len(jobs) != len(jobsBefore) {
+		t.Errorf("jobs after the refusals: %v %v, before %v", jobs, err, jobsBefore)
 	}
 }

@@ -187,7 +187,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	case OpClose:
 		co, _, err = CloseOptionsFromMap(options, false)
 	default:
-		err = Errorf(ReasonInvalidArgs, "operation %q is not open or close", operation)
+		err = Errorf(ReasonInvalidArgs, "operation %s is not open or close", chains.Quote(operation))
 	}
 	if err != nil {
 		return nil, toDBus(err)

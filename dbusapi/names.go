@@ -76,19 +76,27 @@ func Errorf(reason, format string, a ...any) error {
 // ErrAccessDenied is returned to callers that are neither root nor in group qubes.
 var ErrAccessDenied = errors.New("access denied: only root and members of group qubes may call qcryptd")
 
+// maxErrorMessage bounds an error reply's text. Errors quote a caller's values
+// shortened (chains.Quote); this catches any that does not.
+const maxErrorMessage = 4096
+
 // toDBus maps an error to the reply a client sees.
 func toDBus(err error) *godbus.Error {
 	if err == nil {
 		return nil
 	}
+	name, msg := ErrorPrefix+ReasonFailed, err.Error()
 	var e *Error
 	switch {
 	case errors.Is(err, ErrAccessDenied):
-		return godbus.NewError(accessDenied, []any{err.Error()})
+		name = accessDenied
 	case errors.As(err, &e):
-		return godbus.NewError(ErrorPrefix+e.Reason, []any{e.Msg})
+		name, msg = ErrorPrefix+e.Reason, e.Msg
 	}
-	return godbus.NewError(ErrorPrefix+ReasonFailed, []any{err.Error()})
+	if len(msg) > maxErrorMessage {
+		msg = strings.ToValidUTF8(msg[:maxErrorMessage], "") + fmt.Sprintf("... (%d bytes cut)", len(msg)-maxErrorMessage)
+	}
+	return godbus.NewError(name, []any{msg})
 }
 
 // PasswordQuestionID is the Id= of the password question a job puts to systemd's
