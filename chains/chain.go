@@ -29,6 +29,8 @@ type Chain struct {
 	Key              string // key id = file name under ~/.qcrypt/keys = mapper name
 	Hops             []Hop
 	MountPoint       string // in the target; empty: not mounted
+	// MountOptions are mount's -o for the plaintext; "": DefaultMountOptions.
+	MountOptions string
 	// MountAnywhere (status of an ad-hoc spec only): the plaintext counts as there when
 	// it is mounted, wherever; the original's status --mp "".
 	MountAnywhere bool
@@ -48,6 +50,7 @@ type Hop struct {
 	VM      string
 	Inject  string   // dom0 key file to inject if the qube has none, or keystore://[dir]
 	Options []string // extra cryptsetup options, allow-listed
+	Ciphers []string // the ciphers its layer may use; nil: DefaultCiphers
 }
 
 // Target is the last destination qube, the one that sees the plaintext.
@@ -103,6 +106,22 @@ func ValidateKeyID(k string) error {
 		return fmt.Errorf("key id %q must match ^[0-9a-zA-Z_+.-]+$", qubes.Printable(k, 40))
 	}
 	return nil
+}
+
+// DefaultMountOptions are the plaintext's mount options unless a chain says otherwise:
+// as udisks mounts removable media, no set-user-ID programs and no device nodes from a
+// file system that came from untrusted storage.
+const DefaultMountOptions = "nosuid,nodev"
+
+// mountOptionsRE is a safe mount option list: words and word=value, comma-separated.
+var mountOptionsRE = regexp.MustCompile(`^[a-z0-9_]+(=[A-Za-z0-9_.:/+-]+)?(,[a-z0-9_]+(=[A-Za-z0-9_.:/+-]+)?)*$`)
+
+// mountOptions is -o for the plaintext.
+func (c *Chain) mountOptions() string {
+	if c.MountOptions != "" {
+		return c.MountOptions
+	}
+	return DefaultMountOptions
 }
 
 // MaxLayers is the most layers a chain may have. The original has no limit; no real
@@ -282,6 +301,14 @@ func (c *Chain) problems() []problem {
 			add(keyMountPoint, "%v", err)
 		} else if c.MountPoint == "/" {
 			add(keyMountPoint, "must not be /")
+		}
+	}
+	if c.MountOptions != "" {
+		switch {
+		case !mountOptionsRE.MatchString(c.MountOptions) || len(c.MountOptions) > 256:
+			add(keyMountOptions, "%s is not a list of mount options (NAME or NAME=VALUE, comma-separated)", Quote(c.MountOptions))
+		case c.MountPoint == "":
+			add(keyMountOptions, "needs a %q", keyMountPoint)
 		}
 	}
 	if len(c.Hops) == 0 {

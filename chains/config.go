@@ -48,7 +48,7 @@ func (es ConfigErrors) Error() string {
 // DefaultStartupInterval is the original's default.
 const DefaultStartupInterval = 300 * time.Second
 
-// Keys of a chain file. "destination vm/inj/opt N" are matched by pattern.
+// Keys of a chain file. "destination vm/inj/opt/ciphers N" are matched by pattern.
 const (
 	keySourceVM         = "source vm"
 	keySourceDevice     = "source device"
@@ -56,6 +56,7 @@ const (
 	keySourceFile       = "source file"
 	keyKey              = "key"
 	keyMountPoint       = "destination mount point"
+	keyMountOptions     = "destination mount options"
 	keyAutostart        = "autostart"
 	keyReadOnly         = "read-only"
 	keyType             = "type"
@@ -67,7 +68,7 @@ const (
 )
 
 var (
-	hopKeyRE  = regexp.MustCompile(`^destination (vm|inj|opt) ([1-9][0-9]{0,2})$`)
+	hopKeyRE  = regexp.MustCompile(`^destination (vm|inj|opt|ciphers) ([1-9][0-9]{0,2})$`)
 	keyLineRE = regexp.MustCompile(`^\s*([^#;=:\[][^=:]*?)\s*[=:]`)
 )
 
@@ -201,6 +202,7 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 	c.keyLine = lines[keyKey]
 	c.Key = required(keyKey)
 	c.MountPoint = values[keyMountPoint]
+	c.MountOptions = values[keyMountOptions]
 	c.Autostart = boolean(keyAutostart, false)
 	c.ReadOnly = boolean(keyReadOnly, true)
 	if v, ok := values[keyType]; ok {
@@ -236,7 +238,7 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 		vmKey := fmt.Sprintf("destination vm %d", n)
 		vm, ok := values[vmKey]
 		if !ok {
-			for _, k := range []string{"inj", "opt"} {
+			for _, k := range []string{"inj", "opt", "ciphers"} {
 				if key := fmt.Sprintf("destination %s %d", k, n); lines[key] > 0 {
 					add(lines[key], key, "there is no %q", vmKey)
 				}
@@ -259,6 +261,14 @@ func LoadFile(file string, asRoot bool) (*Chain, ConfigErrors) {
 				add(lines[optKey], optKey, "%v", err)
 			}
 			h.Options = opts
+		}
+		ciphersKey := fmt.Sprintf("destination ciphers %d", n)
+		if v, ok := values[ciphersKey]; ok {
+			list, err := ParseCiphers(v)
+			if err != nil {
+				add(lines[ciphersKey], ciphersKey, "%v", err)
+			}
+			h.Ciphers = list
 		}
 		c.Hops = append(c.Hops, h)
 	}

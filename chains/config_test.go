@@ -86,6 +86,10 @@ func TestConfigRules(t *testing.T) {
 		"dom0 never decrypts":         {conf("destination vm 2=work", "destination vm 2=dom0"), base, "destination vm 2", "dom0 is never part of a chain"},
 		"dom0 never serves":           {conf("source vm=sys-usb", "source vm=dom0"), base, "source vm", "dom0 is never part of a chain"},
 		"at most 32 layers":           {hops(33), hops(32), "destination vm 33", "at most 32 layers, this one has 33"},
+		"ciphers that encrypt":        {conf("", "destination ciphers 1=aes-xts-plain64 cipher_null-ecb"), conf("", "destination ciphers 1=aes-xts-plain64 aes-cbc-essiv:sha256"), "destination ciphers 1", "does not encrypt"},
+		"ciphers of a destination":    {conf("", "destination ciphers 3=aes-xts-plain64"), conf("", "destination ciphers 2=aes-xts-plain64"), "destination ciphers 3", "there is no"},
+		"safe mount options":          {conf("", "destination mount point=/m\ndestination mount options=nosuid,$(reboot)"), conf("", "destination mount point=/m\ndestination mount options=nosuid,nodev,noexec"), "destination mount options", "not a list of mount options"},
+		"mount options need a mount":  {conf("", "destination mount options=nosuid"), conf("", "destination mount point=/m\ndestination mount options=nosuid"), "destination mount options", "needs a"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -302,7 +306,7 @@ func TestReferenceDoc(t *testing.T) {
 	if _, errs := loadOne(t, exampleChain, 0o644, false); len(errs) != 0 {
 		t.Errorf("the example: %v", errs)
 	}
-	if len(plainKeys) != 14 {
+	if len(plainKeys) != 15 {
 		t.Errorf("%d plain keys: %v", len(plainKeys), plainKeys)
 	}
 }

@@ -24,6 +24,7 @@ var (
 	ErrAdminVM       = errors.New("dom0 is never part of a chain")
 	ErrOtherChain    = errors.New("what is open there is another chain (give the spec it was opened with)")
 	ErrStaleDevice   = errors.New("a qube holds a device of a qube that is down (Qubes #4784)")
+	ErrCipherRefused = errors.New("a layer does not decrypt with an allowed cipher")
 )
 
 // Step is one step of a plan: what is done, in which qube.
@@ -486,7 +487,7 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			d = "inject the key from key store " + store + " if missing, " + d
 		}
 		if i == len(c.Hops)-1 && c.MountPoint != "" {
-			d += ", mount the plaintext on " + c.MountPoint + roWord(c.ReadOnly)
+			d += ", mount the plaintext on " + c.MountPoint + " with " + c.mountOptions() + roWord(c.ReadOnly)
 		}
 		decryptStep := Step{"decrypt", h.VM, d}
 		prev = h.VM
@@ -524,9 +525,9 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			}
 			last := i == len(c.Hops)-1
 			ho := hopOpen{key: keyPath(user, c.Key), name: c.Key, dev: "/dev/" + s.feDev[i], options: c.CryptArgs(i, "open"),
-				readOnly: c.ReadOnly, injectLen: len(keys[i]), printDM: !last}
+				ciphers: kernelSpellings(c.ciphersOf(i)), readOnly: c.ReadOnly, injectLen: len(keys[i]), printDM: !last}
 			if last {
-				ho.mountPoint = c.MountPoint
+				ho.mountPoint, ho.mountOptions = c.MountPoint, c.mountOptions()
 			}
 			var input io.Reader
 			if len(keys[i]) > 0 {
@@ -536,17 +537,29 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			if err != nil {
 				return err
 			}
-			if res.ExitCode != 0 {
+			if res.ExitCode != 0 && res.ExitCode != exitCipher {
 				return errors.New(scriptError(res.ExitCode))
+			}
+			var segs []Segment
+			m := hopOutRE.FindSubmatch(res.Stdout)
+			ok := m != nil
+			if ok {
+				segs, ok = parseSegments(string(m[1]))
+			}
+			if !ok || (len(m[2]) > 0) != (res.ExitCode == 0 && !last) {
+				return fmt.Errorf("%w: layer output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 80))
+			}
+			// The qube checked; so does dom0, with its own list.
+			if err := checkCiphers(i+1, segs, c.ciphersOf(i)); err != nil || res.ExitCode == exitCipher {
+				if err == nil {
+					err = fmt.Errorf("%w: layer %d (the qube refused it)", ErrCipherRefused, i+1)
+				}
+				return err
 			}
 			if last {
 				return nil
 			}
-			m := dmOutRE.FindSubmatch(res.Stdout)
-			if m == nil {
-				return fmt.Errorf("%w: dm device output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 40))
-			}
-			s.dev[i+1] = qubes.DeviceRef{Backend: h.VM, Port: string(m[1])}
+			s.dev[i+1] = qubes.DeviceRef{Backend: h.VM, Port: string(m[2])}
 			return e.checkExposed(ctx, s.dev[i+1], c.Key)
 		}, undo: func(ctx context.Context) error {
 			return e.runOK(ctx, h.VM, hopCloseScript(c.Key))

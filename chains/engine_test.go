@@ -1006,14 +1006,19 @@ func TestStatusOfManyChainsTogether(t *testing.T) {
 }
 
 // A qube's answer to a status read is parsed strictly: any line out of place fails it.
-func TestParseStatusCodes(t *testing.T) {
+func TestParseStatusAnswers(t *testing.T) {
 	for _, tc := range []struct {
 		out  string
 		n    int
-		want []int
+		want []pieceAnswer
 	}{
-		{"0 40\n1 41\n", 2, []int{40, 41}},
-		{"0 40\n1 41", 2, []int{40, 41}},
+		{"0 40\n1 41\n", 2, []pieceAnswer{{code: 40}, {code: 41}}},
+		{"0 40\n1 41", 2, []pieceAnswer{{code: 40}, {code: 41}}},
+		{"0 40 crypt/capi:xts(aes)-plain64/512\n1 41 crypt/aes-xts-plain64/256 linear//0\n", 2, []pieceAnswer{
+			{code: 40, segments: []Segment{{"crypt", "aes-xts-plain64", 512}}},
+			{code: 41, segments: []Segment{{"crypt", "aes-xts-plain64", 256}, {Target: "linear"}}}}},
+		{"0 40 crypt/aes xts/512\n", 1, nil},     // a word that is no segment
+		{"0 40 crypt/aes-xts-plain64\n", 1, nil}, // no key size
 		{"", 0, nil},
 		{"0 40\n", 2, nil},             // an answer missing
 		{"0 40\n1 41\n2 42\n", 2, nil}, // one too many
@@ -1027,7 +1032,7 @@ func TestParseStatusCodes(t *testing.T) {
 		{"0 40\n1 41\n\n", 2, nil},     // two trailing newlines
 		{"00 40\n1 41\n", 2, nil},      // not the index as written
 	} {
-		got, err := parseStatusCodes([]byte(tc.out), tc.n)
+		got, err := parseStatusAnswers([]byte(tc.out), tc.n)
 		if tc.want == nil && tc.n > 0 {
 			if err == nil {
 				t.Errorf("%q: accepted as %v", tc.out, got)

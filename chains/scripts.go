@@ -61,6 +61,7 @@ const (
 	exitKeyExists    = 48
 	exitFileExists   = 49
 	exitWriteFailed  = 50
+	exitCipher       = 51 // the layer is closed again: it does not decrypt with an allowed cipher
 
 	exitUmountFailed = 60
 	exitCloseFailed  = 61
@@ -79,7 +80,7 @@ var scriptErrors = map[int]string{
 	exitWrongKey: "wrong key (cryptsetup: no key available with this passphrase)", exitOpenFailed: "cryptsetup open failed",
 	exitNoMapperLink: "the opened mapper has no dm device", exitMountFailed: "cannot mount the plaintext",
 	exitKeyExists: "a key with that id exists already (keys are never overwritten)", exitFileExists: "the file exists already (never overwritten)",
-	exitWriteFailed: "cannot write the file", exitUmountFailed: "cannot unmount (still in use?)",
+	exitWriteFailed: "cannot write the file", exitCipher: ErrCipherRefused.Error(), exitUmountFailed: "cannot unmount (still in use?)",
 	exitCloseFailed: "cryptsetup close failed (still in use?)", exitLoopBusy: "cannot detach the loop device",
 	exitEjectFailed: "cannot unmount the source device",
 }
@@ -95,8 +96,10 @@ var (
 	// The source script prints another machine's lock line first, if there is one.
 	loopOutRE   = regexp.MustCompile(`^(?:lock:([^\n]{0,300})\n)?/dev/(loop[0-9]{1,4})\n$`)
 	lockedOutRE = regexp.MustCompile(`^lock:([^\n]{0,300})\n$`)
-	dmOutRE     = regexp.MustCompile(`^/dev/(dm-[0-9]{1,4})\n$`)
-	xvdOutRE    = regexp.MustCompile(`^/dev/(xvd[a-z]{1,2})\n$`)
+	// The hop open script reports its layer's segments, then (but on the last hop) its
+	// dm device.
+	hopOutRE = regexp.MustCompile(`^segments:((?: [^ \n]+)*)\n(?:/dev/(dm-[0-9]{1,4})\n)?$`)
+	xvdOutRE = regexp.MustCompile(`^/dev/(xvd[a-z]{1,2})\n$`)
 )
 
 // keyPath is where a qube keeps key id k for its default user.
@@ -128,10 +131,12 @@ func sourceOpenScript(c *Chain, machine string, breakLock bool) string {
 type hopOpen struct {
 	key, name, dev string // key file, mapper name, /dev/xvdX
 	options        []string
+	ciphers        []string // the ciphers the layer may use, in the kernel's spellings
 	readOnly       bool
 	injectLen      int    // >0: key bytes follow the script on stdin
 	mountPoint     string // last hop only
-	printDM        bool   // not the last hop: print the dm device for the next attach
+	mountOptions   string
+	printDM        bool // not the last hop: print the dm device for the next attach
 }
 
 func hopOpenScript(h hopOpen) string {
@@ -155,11 +160,15 @@ func hopOpenScript(h hopOpen) string {
 	}
 	fmt.Fprintf(&b, "cryptsetup open%s%s --key-file \"$k\" \"$dev\" \"$name\"\n", opts, ro)
 	fmt.Fprintf(&b, "case $? in 0) ;; 2) exit %d;; *) exit %d;; esac\n", exitWrongKey, exitOpenFailed)
+	// Nothing of a layer that does not encrypt is used or handed on.
+	b.WriteString("printf 'segments:'\n")
+	b.WriteString(segmentsScript(1, h.ciphers))
+	fmt.Fprintf(&b, "echo\n[ \"$ok\" = 1 ] || { cryptsetup close \"$name\"; exit %d; }\n", exitCipher)
 	if h.printDM {
 		fmt.Fprintf(&b, "readlink -f \"/dev/mapper/$name\" || { cryptsetup close \"$name\"; exit %d; }", exitNoMapperLink)
 	}
 	if h.mountPoint != "" {
-		fmt.Fprintf(&b, "mkdir -p %s && mount%s \"/dev/mapper/$name\" %s || { cryptsetup close \"$name\"; exit %d; }", q(h.mountPoint), ro, q(h.mountPoint), exitMountFailed)
+		fmt.Fprintf(&b, "mkdir -p %s && mount%s -o %s \"/dev/mapper/$name\" %s || { cryptsetup close \"$name\"; exit %d; }", q(h.mountPoint), ro, q(h.mountOptions), q(h.mountPoint), exitMountFailed)
 	}
 	return b.String()
 }
@@ -258,7 +267,10 @@ func hopStatusScript(key, name string, devs, unknown []string, mountPoint string
 	if mountPoint != "" {
 		fmt.Fprintf(&b, "  findmnt -n -S \"/dev/mapper/$name\" -M %s >/dev/null 2>&1 && u=%d\n", q(mountPoint), useMountedAt)
 	}
-	fmt.Fprintf(&b, "  b=$((b | u << %d))\nfi\n", useShift)
+	fmt.Fprintf(&b, "  b=$((b | u << %d))\n", useShift)
+	// What the kernel runs for it, for the status to show (descriptor 3).
+	b.WriteString(segmentsScript(3, nil))
+	b.WriteString("fi\n")
 	for _, d := range devs {
 		// Another mapper on the chain's device.
 		fmt.Fprintf(&b, "printf '%%s\\n' \"$maps\" | { while read -r m md; do [ \"$m\" != \"$name\" ] && [ \"$md\" = %s ] && exit 0; done; exit 1; } && b=$((b | %d))\n", q(d), bitHopBusy)
@@ -281,18 +293,26 @@ func statusScript(attached []string, mappers bool, pieces []string) string {
 			"printf '%s %s\\n' \"$m\" \"$(dev \"$(cryptsetup status \"$m\" 2>/dev/null)\")\"; done)\n")
 	}
 	for i, p := range pieces {
-		fmt.Fprintf(&b, "(\n%s\n) </dev/null >/dev/null 2>&1; echo \"%d $?\"\n", p, i)
+		// A piece answers with its exit code; a hop piece reports its segments on 3.
+		fmt.Fprintf(&b, "o=$( (\n%s\n) 3>&1 </dev/null >/dev/null 2>&1 ); printf '%%s %%s%%s\\n' %d \"$?\" \"$o\"\n", p, i)
 	}
 	b.WriteString("exit 0")
 	return b.String()
 }
 
-// statusLineRE is one line of statusScript's answer.
-var statusLineRE = regexp.MustCompile(`^([0-9]{1,5}) ([0-9]{1,3})$`)
+// statusLineRE is one line of statusScript's answer: the piece's index, its exit code
+// and the segments a hop reported.
+var statusLineRE = regexp.MustCompile(`^([0-9]{1,5}) ([0-9]{1,3})((?: [^ ]+)*)$`)
 
-// parseStatusCodes reads statusScript's answer for n pieces strictly: every index
+// pieceAnswer is what one piece of statusScript answered.
+type pieceAnswer struct {
+	code     int
+	segments []Segment
+}
+
+// parseStatusAnswers reads statusScript's answer for n pieces strictly: every index
 // once, in order, nothing else.
-func parseStatusCodes(out []byte, n int) ([]int, error) {
+func parseStatusAnswers(out []byte, n int) ([]pieceAnswer, error) {
 	lines := strings.Split(strings.TrimSuffix(string(out), "\n"), "\n")
 	if n == 0 && len(out) == 0 {
 		return nil, nil
@@ -300,13 +320,18 @@ func parseStatusCodes(out []byte, n int) ([]int, error) {
 	if len(lines) != n {
 		return nil, fmt.Errorf("%d answers for %d questions", len(lines), n)
 	}
-	codes := make([]int, n)
+	answers := make([]pieceAnswer, n)
 	for i, l := range lines {
 		m := statusLineRE.FindStringSubmatch(l)
 		if m == nil || m[1] != strconv.Itoa(i) {
 			return nil, fmt.Errorf("unexpected answer %q", qubes.Printable(l, 40))
 		}
-		codes[i], _ = strconv.Atoi(m[2])
+		segs, ok := parseSegments(m[3])
+		if !ok {
+			return nil, fmt.Errorf("unexpected answer %q", qubes.Printable(l, 80))
+		}
+		answers[i].code, _ = strconv.Atoi(m[2])
+		answers[i].segments = segs
 	}
-	return codes, nil
+	return answers, nil
 }

@@ -51,6 +51,9 @@ type HopStatus struct {
 	Mounted   bool `json:"mounted"`
 	// MapperElsewhere: a mapper of that name exists but sits on another device.
 	MapperElsewhere bool `json:"mapper_elsewhere,omitempty"`
+	// Segments are what the kernel runs for a mapper of that name (dmsetup table):
+	// for an open layer, its cipher and key size.
+	Segments []Segment `json:"segments,omitempty"`
 }
 
 // Open reports a complete, healthy chain.
@@ -201,7 +204,7 @@ func (e *Engine) readStatuses(ctx context.Context, cs []*Chain) (map[*Chain]stat
 	}
 
 	// One script per qube, all qubes at once (the runner bounds how many run).
-	codes := map[string][]int{}
+	codes := map[string][]pieceAnswer{}
 	qubeErr := map[string]error{}
 	var unreachable []string
 	var mu sync.Mutex
@@ -228,7 +231,7 @@ func (e *Engine) readStatuses(ctx context.Context, cs []*Chain) (map[*Chain]stat
 		go func() {
 			defer wg.Done()
 			res, err := e.run(ctx, vm, statusScript(attached, mappers[vm], texts), nil)
-			var got []int
+			var got []pieceAnswer
 			var te *qubes.TransportError
 			switch {
 			case errors.As(err, &te):
@@ -236,7 +239,7 @@ func (e *Engine) readStatuses(ctx context.Context, cs []*Chain) (map[*Chain]stat
 			case res.ExitCode != 0 || res.StdoutTruncated:
 				err = fmt.Errorf("cannot get the status of the chains in %s: %s", vm, scriptError(res.ExitCode))
 			default:
-				if got, err = parseStatusCodes(res.Stdout, len(texts)); err != nil {
+				if got, err = parseStatusAnswers(res.Stdout, len(texts)); err != nil {
 					err = fmt.Errorf("cannot get the status of the chains in %s: %w", vm, err)
 				}
 			}
@@ -258,13 +261,13 @@ func (e *Engine) readStatuses(ctx context.Context, cs []*Chain) (map[*Chain]stat
 			out[c] = statusResult{err: errs[ci]}
 			continue
 		}
-		answer := func(vm string, hop int) (int, []qubes.Attachment) {
+		answer := func(vm string, hop int) (pieceAnswer, []qubes.Attachment) {
 			for k, p := range pieces[vm] {
 				if p.chain == ci && p.hop == hop {
 					return codes[vm][k], p.mine
 				}
 			}
-			return -1, nil
+			return pieceAnswer{code: -1}, nil
 		}
 		st, err := interpretStatus(c, states, answer)
 		out[c] = statusResult{st: st, states: states, err: err}
@@ -326,13 +329,13 @@ func (e *Engine) hopQuestion(ctx context.Context, lists *deviceLists, c *Chain, 
 }
 
 // interpretStatus builds c's status from the power states and what its qubes answered:
-// the exit code of the source's question (hop -1) or of hop i's, with the hop's own
+// the answer to the source's question (hop -1) or to hop i's, with the hop's own
 // attachments.
-func interpretStatus(c *Chain, states map[string]string, answer func(vm string, hop int) (int, []qubes.Attachment)) (*Status, error) {
+func interpretStatus(c *Chain, states map[string]string, answer func(vm string, hop int) (pieceAnswer, []qubes.Attachment)) (*Status, error) {
 	st := &Status{Chain: c.Name, SourceVM: c.SourceVM, Source: SourceUnknown}
 	st.SourceRunning = states[c.SourceVM] == qubes.StateRunning
 	if st.SourceRunning {
-		switch code, _ := answer(c.SourceVM, -1); code {
+		switch a, _ := answer(c.SourceVM, -1); a.code {
 		case srcLoop:
 			st.Source = SourceLoop
 		case srcNoLoop:
@@ -340,7 +343,7 @@ func interpretStatus(c *Chain, states map[string]string, answer func(vm string, 
 		case srcMissing:
 			st.Source, st.Missing = SourceMissing, st.Missing+2
 		default:
-			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(code))
+			return nil, fmt.Errorf("cannot get the status of %s in %s: %s", c.Name, c.SourceVM, scriptError(a.code))
 		}
 	} else {
 		st.Missing += 3
@@ -358,8 +361,10 @@ func interpretStatus(c *Chain, states map[string]string, answer func(vm string, 
 			prev = h.VM
 			continue
 		}
-		code, mine := answer(h.VM, i)
+		a, mine := answer(h.VM, i)
+		code := a.code
 		hs.Attached = len(mine) > 0
+		hs.Segments = a.segments
 		if len(mine) == 1 {
 			hs.FrontendDev = mine[0].FrontendDev
 		}

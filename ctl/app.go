@@ -306,7 +306,7 @@ func (p *parsed) spec() (dbusapi.Spec, error) {
 		return dbusapi.Spec{}, errors.New("needs SOURCE_VM FILE KEY DST (one or more destinations)")
 	}
 	s := dbusapi.Spec{SourceVM: p.args[0], File: p.args[1], Key: p.args[2], Destinations: p.args[3:],
-		MountPoint: p.value("--mp"), ReadOnly: p.flags["--ro"], Autostart: p.flags["--autostart"]}
+		MountPoint: p.value("--mp"), MountOptions: p.value("--mount-options"), ReadOnly: p.flags["--ro"], Autostart: p.flags["--autostart"]}
 	// --mp "" is the original's "mounted anywhere" (status); it mounts nothing.
 	s.MountAnywhere = len(p.values["--mp"]) > 0 && s.MountPoint == ""
 	pairs := func(name string) map[string]string {
@@ -321,6 +321,7 @@ func (p *parsed) spec() (dbusapi.Spec, error) {
 		return m
 	}
 	s.CryptOptions = pairs("--cy")
+	s.Ciphers = pairs("--ciphers")
 	for vm, f := range pairs("--inj") {
 		dir, isStore, err := chains.ParseKeystoreRef(f)
 		switch {

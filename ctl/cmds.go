@@ -183,7 +183,15 @@ func (a *app) printStatus(st *chains.Status) {
 		if h.FrontendDev != "" {
 			att += " (" + h.FrontendDev + ")"
 		}
-		fmt.Fprintf(tw, "  %s\tyes\t%s\t%s\t%s\t%s\n", h.VM, att, yesno(h.KeyPresent), yesno(h.Decrypted), yesno(h.Mounted))
+		dec := yesno(h.Decrypted)
+		if h.Decrypted && len(h.Segments) > 0 {
+			var segs []string
+			for _, s := range h.Segments {
+				segs = append(segs, s.String())
+			}
+			dec += " (" + strings.Join(segs, "; ") + ")"
+		}
+		fmt.Fprintf(tw, "  %s\tyes\t%s\t%s\t%s\t%s\n", h.VM, att, yesno(h.KeyPresent), dec, yesno(h.Mounted))
 	}
 	tw.Flush()
 }
@@ -338,7 +346,7 @@ func cmdOpen(a *app, p *parsed) error {
 		return usageErr("open needs a chain or SOURCE_VM FILE KEY DST...")
 	case 1:
 		if len(p.values) > 0 || p.flags["--ro"] {
-			return usageErr("--mp, --ro, --inj and --cy are for ad-hoc chains; a configured chain has them in its file")
+			return usageErr("--mp, --ro, --inj, --cy, --ciphers and --mount-options are for ad-hoc chains; a configured chain has them in its file")
 		}
 		return a.job(api, api.Open(p.args[0], o), p.flags["--json"])
 	}

@@ -31,11 +31,13 @@ var (
 	fRO       = flagSpec{long: "--ro", help: "read-only everywhere (ad-hoc chains are read-write by default, as the original)"}
 	fInj      = flagSpec{long: "--inj", arity: 2, repeat: true, help: "VM KEYFILE: inject this dom0 key into VM if it has none (read with your rights); KEYFILE keystore://[DIR]: VM's key from the key store"}
 	fCy       = flagSpec{long: "--cy", arity: 2, repeat: true, help: "VM OPTIONS: extra cryptsetup options for VM"}
+	fCiphers  = flagSpec{long: "--ciphers", arity: 2, repeat: true, help: "VM 'CIPHER ...': the ciphers VM's layer may use (default: XTS with AES, Serpent or Twofish, and Adiantum; keys of at least 256 bits)"}
+	fMountOpt = flagSpec{long: "--mount-options", arity: 1, help: "OPTION,...: mount options for the plaintext (default nosuid,nodev)"}
 	fStop     = flagSpec{long: "--stop", help: "close-all: stop qcryptd afterwards"}
 	fBreak    = flagSpec{long: "--break-lock", help: "open read-write although another machine's lock is beside the container (a stale lock; logged)"}
 )
 
-var adhocFlags = []flagSpec{fAuto, fMP, fRO, fInj, fCy}
+var adhocFlags = []flagSpec{fAuto, fMP, fRO, fInj, fCy, fCiphers, fMountOpt}
 
 var commands []*command
 

@@ -72,6 +72,12 @@ func (f *fakeAPI) Status(_ context.Context, name string) (*chains.Status, error)
 	if name == "usb" {
 		return openStatus(name, 6), f.rec("Status %s", name)
 	}
+	if name == "vault" {
+		st := openStatus(name, 0)
+		st.Hops[0].Segments = []chains.Segment{{Target: "crypt", Cipher: "aes-xts-plain64", KeyBits: 512}}
+		st.Hops[1].Segments = []chains.Segment{{Target: "crypt", Cipher: "xchacha12,aes-adiantum-plain64", KeyBits: 256}}
+		return st, f.rec("Status %s", name)
+	}
 	return openStatus(name, 0), f.rec("Status %s", name)
 }
 
@@ -176,10 +182,17 @@ func describe(s dbusapi.Spec) string {
 		}
 		return "{" + strings.Join(parts, " ") + "}"
 	}
+	extra := "" // fields that came later, shown when set
+	if len(s.Ciphers) > 0 {
+		extra += fmt.Sprintf(" Ciphers:%v", s.Ciphers)
+	}
+	if s.MountOptions != "" {
+		extra += " MountOptions:" + s.MountOptions
+	}
 	return fmt.Sprintf("{SourceVM:%s File:%s Key:%s Destinations:%v CryptOptions:%v MountPoint:%s ReadOnly:%v Autostart:%v "+
-		"Inject:%s InjectKeystore:%v Size:%d KeySize:%d FS:%s KeyEntropy:%s ContainerEntropy:%s Container:%s Backups:%s Keystore:%s}",
+		"Inject:%s InjectKeystore:%v Size:%d KeySize:%d FS:%s KeyEntropy:%s ContainerEntropy:%s Container:%s Backups:%s Keystore:%s%s}",
 		s.SourceVM, s.File, s.Key, s.Destinations, s.CryptOptions, s.MountPoint, s.ReadOnly, s.Autostart,
-		files(s.Inject), s.InjectKeystore, s.Size, s.KeySize, s.FS, file(s.KeyEntropy), file(s.ContainerEntropy), file(s.Container), files(s.Backups), s.Keystore)
+		files(s.Inject), s.InjectKeystore, s.Size, s.KeySize, s.FS, file(s.KeyEntropy), file(s.ContainerEntropy), file(s.Container), files(s.Backups), s.Keystore, extra)
 }
 
 func (f *fakeAPI) RunJob(ctx context.Context, start dbusapi.Starter, progress func(dbusapi.JobInfo)) (dbusapi.JobResult, error) {
@@ -252,6 +265,8 @@ func TestGoldenOutput(t *testing.T) {
 		{"status-chain", []string{"status", "demo"}, 0, false},
 		{"status-chain-json", []string{"status", "--json", "demo"}, 0, false},
 		{"status-missing-steps", []string{"status", "usb"}, 6, false},
+		{"status-ciphers", []string{"status", "vault"}, 0, false},
+		{"status-ciphers-json", []string{"status", "--json", "vault"}, 0, false},
 		{"status-adhoc", []string{"status", "--", "sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}, 0, false},
 		{"status-adhoc-mounted-anywhere", []string{"status", "--mp", "", "sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}, 0, false},
 		{"status-unknown-chain", []string{"status", "nope"}, ExitStatusError, false},
@@ -260,6 +275,7 @@ func TestGoldenOutput(t *testing.T) {
 		{"open-tty", []string{"open", "demo"}, 0, true},
 		{"open-json", []string{"open", "demo", "--json"}, 0, false},
 		{"open-adhoc", []string{"open", "-a", "--ro", "--mp", "/mnt/x", "--inj", "work", "testdata/inject.key", "--cy", "mediator", "--type plain", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
+		{"open-adhoc-ciphers", []string{"open", "--mp", "/mnt/x", "--mount-options", "nosuid,nodev,noexec", "--ciphers", "mediator", "aes-cbc-essiv:sha256 aes-xts-plain64", "sys-usb", "/c.luks", "k", "mediator", "work"}, 0, false},
 		// The store is locked (the fake says open by another tool): unlocked first, then
 		// the open names it for work's key; mediator's key comes from a file.
 		{"keystore-status", []string{"keystore", "status"}, 0, false},

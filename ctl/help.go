@@ -102,7 +102,7 @@ const exitAndJSONDocs = "## Exit status\n\n" +
 	"Stable: fields are only ever added. A command that fails before it printed its result prints `{error, exit}` instead (and its message on stderr).\n\n" +
 	"- `list`: array of chain objects `{name, state, waiting?, step?, steps?, last_error?, target, layers[], mount_point?, managed, read_only, autostart, retry_at?}` (`retry_at`: RFC 3339 time of the next automatic attempt); `state` is one of closed, waiting, opening, open, closing, degraded, failed.\n" +
 	"- `status`: `{chains: [chain object...], unmanaged: [{line, source_vm, file?, key?, qubes[], read_only, managed_by?, status_command}]}`.\n" +
-	"- `status CHAIN`: `{chain, source_vm, source_running, source (loop|file|missing|unknown), hops: [{vm, running, attached, frontend_dev?, key_present, decrypted, mounted, mapper_elsewhere?}], missing, problem?}`.\n" +
+	"- `status CHAIN`: `{chain, source_vm, source_running, source (loop|file|missing|unknown), hops: [{vm, running, attached, frontend_dev?, key_present, decrypted, mounted, mapper_elsewhere?, segments?: [{target, cipher, key_bits}]}], missing, problem?}` (`segments`: what the kernel runs for the layer, dmsetup table: crypt and its cipher and key size).\n" +
 	"- `open`, `close`, `luks-init`, `keystore unlock|lock|init`: `{success, message}` when the job ends.\n" +
 	"- `keystore status`: `{dir, exists, open, unlocked}` (`open`: its mapper is active; `unlocked`: qcryptd can read its keys).\n" +
 	"- `plan`: array of `{vm, step}`.\n" +

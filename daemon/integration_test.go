@@ -113,8 +113,8 @@ startup interval=0
 			}
 			w.ctl("plug", "sys-usb", img)
 			w.waitState(c, "usb", "open", time.Minute)
-			if out := string(w.sh("work", "findmnt -n -o OPTIONS /mnt/usb-demo").Stdout); out != "ro\n" {
-				t.Errorf("mount options %q (read-only is the default)", out)
+			if out := string(w.sh("work", "findmnt -n -o OPTIONS /mnt/usb-demo").Stdout); out != "ro,nosuid,nodev\n" {
+				t.Errorf("mount options %q (read-only and nosuid,nodev are the defaults)", out)
 			}
 			// Close with eject: the USB disk is unmounted in sys-usb too.
 			if r, err := c.RunJob(bg, c.Close("usb", chains.CloseOptions{Eject: true}), nil); err != nil || !r.Success {

@@ -114,6 +114,29 @@ var hopStatusCodec = codec[chains.HopStatus]{
 	{key: "decrypted", ref: func(h *chains.HopStatus) any { return &h.Decrypted }},
 	{key: "mounted", ref: func(h *chains.HopStatus) any { return &h.Mounted }},
 	{key: "mapper_elsewhere", ref: func(h *chains.HopStatus) any { return &h.MapperElsewhere }},
+	{key: "segments", optional: true, enc: func(h *chains.HopStatus) any {
+		out := []segmentWire{}
+		for _, s := range h.Segments {
+			out = append(out, segmentWire{s.Target, s.Cipher, uint32(s.KeyBits)})
+		}
+		return out
+	}, dec: func(h *chains.HopStatus, v dbus.Variant) error {
+		var in []segmentWire
+		if err := v.Store(&in); err != nil {
+			return err
+		}
+		h.Segments = nil
+		for _, s := range in {
+			h.Segments = append(h.Segments, chains.Segment{Target: Clean(s.Target), Cipher: Clean(s.Cipher), KeyBits: int(s.KeyBits)})
+		}
+		return nil
+	}},
+}
+
+// segmentWire is a layer's segment on the bus: (target, cipher, key bits).
+type segmentWire struct {
+	Target, Cipher string
+	KeyBits        uint32
 }
 
 var statusCodec = codec[chains.Status]{
@@ -275,8 +298,10 @@ type Spec struct {
 	Inject              map[string]*os.File // qube -> dom0 key file to inject if it has none
 	InjectKeystore      map[string]string   // qube -> key store directory to inject its key from if it has none
 	CryptOptions        map[string]string   // qube -> cryptsetup options
+	Ciphers             map[string]string   // qube -> the ciphers its layer may use (space-separated)
 	MountPoint          string
-	MountAnywhere       bool // status: mounted anywhere counts (the original's --mp "")
+	MountOptions        string // mount -o for the plaintext ("": nosuid,nodev)
+	MountAnywhere       bool   // status: mounted anywhere counts (the original's --mp "")
 	ReadOnly, Autostart bool
 	// luks-init
 	Size                         uint64
@@ -300,6 +325,8 @@ var specCodec = codec[Spec]{
 	{key: "read_only", ref: func(s *Spec) any { return &s.ReadOnly }},
 	{key: "autostart", ref: func(s *Spec) any { return &s.Autostart }},
 	{key: "crypt_options", ref: func(s *Spec) any { return &s.CryptOptions }, omitZero: true},
+	{key: "ciphers", ref: func(s *Spec) any { return &s.Ciphers }, omitZero: true},
+	{key: "mount_options", ref: func(s *Spec) any { return &s.MountOptions }, omitZero: true},
 	{key: "inject_keystore", ref: func(s *Spec) any { return &s.InjectKeystore }, omitZero: true},
 	{key: "mount_point", ref: func(s *Spec) any { return &s.MountPoint }, omitZero: true},
 	{key: "mount_anywhere", ref: func(s *Spec) any { return &s.MountAnywhere }, omitZero: true},
@@ -456,7 +483,7 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 	if err := specCodec.acceptKnown(m, s, "spec field"); err != nil {
 		return nil, err
 	}
-	c := &chains.Chain{SourceVM: s.SourceVM, SourceFile: s.File, Key: s.Key, MountPoint: s.MountPoint,
+	c := &chains.Chain{SourceVM: s.SourceVM, SourceFile: s.File, Key: s.Key, MountPoint: s.MountPoint, MountOptions: s.MountOptions,
 		MountAnywhere: s.MountAnywhere && s.MountPoint == "", ReadOnly: s.ReadOnly, Autostart: s.Autostart, Type: "luks"}
 	for _, vm := range s.Destinations {
 		h := chains.Hop{VM: vm}
@@ -466,6 +493,13 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 				return nil, Errorf(ReasonInvalidArgs, "crypt_options of %s: %v", vm, err)
 			}
 			h.Options = opts
+		}
+		if l, ok := s.Ciphers[vm]; ok {
+			list, err := chains.ParseCiphers(l)
+			if err != nil {
+				return nil, Errorf(ReasonInvalidArgs, "ciphers of %s: %v", qubes.Printable(vm, 40), err)
+			}
+			h.Ciphers = list
 		}
 		c.Hops = append(c.Hops, h)
 	}
@@ -480,7 +514,7 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 		s.InjectKeystore[vm] = clean
 	}
 	for what, vms := range map[string][]string{"inject": keysOf(s.InjectKeys), "inject_keystore": keysOf(s.InjectKeystore),
-		"backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions)} {
+		"backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions), "ciphers": keysOf(s.Ciphers)} {
 		for _, vm := range vms {
 			if !c.Involves(vm) || vm == c.SourceVM {
 				return nil, Errorf(ReasonInvalidArgs, "%s: %s is not a destination", what, qubes.Printable(vm, 40))

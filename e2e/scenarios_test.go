@@ -568,3 +568,32 @@ func TestLuksInitKeystore(t *testing.T) {
 	}
 	requireClean(t, "at the end")
 }
+
+// TestLayerCipherRefused: a 2-layer container whose outer layer uses AES-CBC-ESSIV, which
+// the default list does not allow. mediator reports what its kernel runs (dmsetup table)
+// in the call that opened the layer and closes it again: the open fails naming layer 1
+// and the cipher, and nothing stays open. Allowed for that chain (--ciphers), it opens;
+// the status shows each layer's cipher and the plaintext is mounted nosuid,nodev.
+func TestLayerCipherRefused(t *testing.T) {
+	ensureClosed(t)
+	adhoc := []string{"sys-usb", "/home/user/cbc.luks", "cbc", "mediator", "work"}
+	mustCtl(t, append([]string{"luks-init", "--autostart", "--size", "48M", "--fs", "ext4",
+		"--cy", "mediator", fastKDF + " --cipher aes-cbc-essiv:sha256 --key-size 256", "--cy", "work", fastKDF}, adhoc...)...)
+	out, code := ctl(t, append([]string{"open", "--mp", "/mnt/cbc"}, adhoc...)...)
+	if code == 0 || !strings.Contains(out, "layer 1 uses aes-cbc-essiv:sha256 with a 256-bit key") {
+		t.Fatalf("open of a layer with a cipher not allowed: exit %d %s", code, out)
+	}
+	requireClean(t, "after the refused open")
+	mustCtl(t, append([]string{"open", "--mp", "/mnt/cbc", "--ciphers", "mediator", "aes-cbc-essiv:sha256"}, adhoc...)...)
+	status := mustCtl(t, append([]string{"status", "--"}, adhoc...)...)
+	for _, want := range []string{"yes (aes-cbc-essiv:sha256 with a 256-bit key)", "yes (aes-xts-plain64 with a 512-bit key)"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("status does not show %q:\n%s", want, status)
+		}
+	}
+	if got := string(sh(t, "work", "findmnt -n -o OPTIONS /mnt/cbc").Stdout); !strings.Contains(got, "nosuid") || !strings.Contains(got, "nodev") {
+		t.Errorf("the plaintext is mounted with %q, want nosuid,nodev", got)
+	}
+	mustCtl(t, append([]string{"close"}, adhoc...)...)
+	requireClean(t, "at the end")
+}

@@ -41,8 +41,13 @@ ctl commands:
 
 // Main is the qubes-sim command (and, invoked under a tool's name, that fake tool).
 func Main(args []string, stdout, stderr io.Writer) int {
-	if filepath.Base(args[0]) == "cryptsetup" && os.Getenv(dmPrefixEnv) != "" {
-		return CryptsetupWrapper(args[1:], os.Stdin, stdout, stderr)
+	if os.Getenv(dmPrefixEnv) != "" {
+		switch filepath.Base(args[0]) {
+		case "cryptsetup":
+			return CryptsetupWrapper(args[1:], os.Stdin, stdout, stderr)
+		case "dmsetup":
+			return DmsetupWrapper(args[1:], stdout, stderr)
+		}
 	}
 	if tool := ToolName(args[0]); tool != "" {
 		return RunTool(tool, args[1:], os.Stdin, stdout, stderr)

@@ -93,9 +93,11 @@ func newHostKernel(w *World, binary, tools string) (*hostKernel, error) {
 	if err := linkBinary(binary, filepath.Join(tools, "qubes-sim")); err != nil {
 		return nil, err
 	}
-	os.Remove(filepath.Join(tools, "cryptsetup"))
-	if err := os.Symlink("qubes-sim", filepath.Join(tools, "cryptsetup")); err != nil {
-		return nil, err
+	for _, wrapped := range []string{"cryptsetup", "dmsetup"} {
+		os.Remove(filepath.Join(tools, wrapped))
+		if err := os.Symlink("qubes-sim", filepath.Join(tools, wrapped)); err != nil {
+			return nil, err
+		}
 	}
 	return &hostKernel{w: w, binary: binary, tools: tools, holders: map[string]*holder{},
 		disks: map[qubes.DeviceRef]*hostDisk{}, maps: map[*Attachment]string{}, seen: map[string]map[string]devInfo{}}, nil

@@ -183,7 +183,7 @@ func CryptsetupWrapper(args []string, stdin io.Reader, stdout, stderr io.Writer)
 	if name != "" && (action == "close" || action == "luksClose" || action == "remove") {
 		oldNode, _ = filepath.EvalSymlinks("/dev/mapper/" + name)
 	}
-	bin, err := realCryptsetup()
+	bin, err := realTool("cryptsetup")
 	if err != nil {
 		fmt.Fprintln(stderr, "cryptsetup:", err)
 		return 1
@@ -282,16 +282,44 @@ func linkMapper(prefixed, name string) error {
 	return os.Symlink("../"+dm, "/dev/mapper/"+name)
 }
 
-// realCryptsetup finds cryptsetup in PATH, skipping the wrapper's own directory.
-func realCryptsetup() (string, error) {
+// realTool finds a tool in PATH, skipping the wrappers' own directory.
+func realTool(name string) (string, error) {
 	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
 		if dir == hostToolsDir {
 			continue
 		}
-		p := filepath.Join(dir, "cryptsetup")
+		p := filepath.Join(dir, name)
 		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("cannot find the real cryptsetup in PATH")
+	return "", fmt.Errorf("cannot find the real %s in PATH", name)
+}
+
+// DmsetupWrapper is `dmsetup` inside a qube of the kernel backend: `dmsetup table
+// [--] NAME` shows the table of the qube's own mapping NAME (QUBE:NAME in the kernel).
+func DmsetupWrapper(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 3 && args[1] == "--" {
+		args = []string{args[0], args[2]}
+	}
+	if len(args) != 2 || args[0] != "table" {
+		fmt.Fprintf(stderr, "dmsetup: not supported by the simulator: %s\n", strings.Join(args, " "))
+		return 1
+	}
+	bin, err := realTool("dmsetup")
+	if err != nil {
+		fmt.Fprintln(stderr, "dmsetup:", err)
+		return 1
+	}
+	cmd := exec.Command(bin, "table", "--", os.Getenv(dmPrefixEnv)+":"+strings.TrimPrefix(args[1], "/dev/mapper/"))
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		fmt.Fprintln(stderr, "dmsetup:", err)
+		return 1
+	}
+	return 0
 }

@@ -74,6 +74,7 @@ type mountEntry struct {
 	dev    *bdev
 	target string // path inside the qube
 	ro     bool
+	flags  string // the other mount options, as given
 	meta   fsMeta
 	stash  string // host path holding what the mount point contained before
 }
@@ -335,7 +336,7 @@ func validMapperName(name string) error {
 
 // mount unpacks the file system of dev at target. The tree is written back to the
 // device by umount (or a clean shutdown of the qube).
-func (k *kernel) mount(dev, target string, ro bool) (warning string, err error) {
+func (k *kernel) mount(dev, target string, ro bool, flags string) (warning string, err error) {
 	b, err := k.resolve(dev)
 	if err != nil {
 		return "", fail(32, "mount: %s: special device %s does not exist.", target, dev)
@@ -382,7 +383,7 @@ func (k *kernel) mount(dev, target string, ro bool) (warning string, err error) 
 		os.Remove(stash)
 		return "", fail(32, "mount: %s: cannot read file system: %v", target, err)
 	}
-	k.mounts = append(k.mounts, &mountEntry{dev: b, target: filepath.Clean(target), ro: ro, meta: meta, stash: stash})
+	k.mounts = append(k.mounts, &mountEntry{dev: b, target: filepath.Clean(target), ro: ro, flags: flags, meta: meta, stash: stash})
 	return warning, nil
 }
 

@@ -29,6 +29,7 @@ type kernelReq struct {
 	PBKDF       string `json:"pbkdf,omitempty"`
 	Label       string `json:"label,omitempty"`
 	Compression string `json:"compression,omitempty"`
+	Flags       string `json:"flags,omitempty"` // mount options besides ro and rw
 }
 
 type loopInfo struct {
@@ -45,6 +46,7 @@ type mountInfo struct {
 }
 
 type cryptInfo struct {
+	Sectors int64  `json:"sectors"`
 	Type    string `json:"type"`
 	Cipher  string `json:"cipher"`
 	KeyBits int    `json:"key_bits"`
@@ -154,7 +156,7 @@ func (s *Sim) kernelCall(vmName string, req kernelReq) kernelResp {
 			if b == nil {
 				return fail(4, "/dev/mapper/%s is inactive.", req.Name)
 			}
-			resp.Crypt = &cryptInfo{Type: b.cryptType, Cipher: b.cipher, KeyBits: b.keyBits, Device: "/dev/" + b.under.name, RO: b.ro, InUse: k.busy(b) != ""}
+			resp.Crypt = &cryptInfo{Sectors: b.io.Size() / 512, Type: b.cryptType, Cipher: b.cipher, KeyBits: b.keyBits, Device: "/dev/" + b.under.name, RO: b.ro, InUse: k.busy(b) != ""}
 			return nil
 		case "is-luks", "luks-uuid":
 			b, err := k.resolve(req.Dev)
@@ -170,7 +172,7 @@ func (s *Sim) kernelCall(vmName string, req kernelReq) kernelResp {
 		case "mkfs":
 			return k.mkfs(req)
 		case "mount":
-			warn, err := k.mount(req.Dev, req.Target, req.RO)
+			warn, err := k.mount(req.Dev, req.Target, req.RO, req.Flags)
 			resp.Warning = warn
 			return err
 		case "umount":
@@ -184,6 +186,9 @@ func (s *Sim) kernelCall(vmName string, req kernelReq) kernelResp {
 				opts := "rw"
 				if m.ro {
 					opts = "ro"
+				}
+				if m.flags != "" {
+					opts += "," + m.flags
 				}
 				resp.Mounts = append(resp.Mounts, mountInfo{Source: src, Target: m.target, FSType: m.meta.Type, Options: opts})
 			}

@@ -49,7 +49,7 @@ func linkSystem(root string, links map[string]string) error {
 }
 
 // ToolNames are the commands the fake tools binary answers to inside a qube.
-var ToolNames = []string{"losetup", "cryptsetup", "mount", "umount", "findmnt", "blockdev", "mkfs", "mkfs.ext4", "mkfs.btrfs", "btrfs"}
+var ToolNames = []string{"losetup", "cryptsetup", "dmsetup", "mount", "umount", "findmnt", "blockdev", "mkfs", "mkfs.ext4", "mkfs.btrfs", "btrfs"}
 
 // prepareTools makes dir hold the tools binary and one symlink per tool name.
 func prepareTools(dir, binary string) error {

@@ -21,6 +21,8 @@ func RunTool(name string, args []string, stdin io.Reader, stdout, stderr io.Writ
 		code = t.losetup(args)
 	case "cryptsetup":
 		code = t.cryptsetup(args)
+	case "dmsetup":
+		code = t.dmsetup(args)
 	case "mount":
 		code = t.mount(args)
 	case "umount":
@@ -336,6 +338,36 @@ func (t *tool) cryptsetup(argv []string) int {
 	return t.unsupported("action " + action)
 }
 
+// dmsetup supports `dmsetup table [--] NAME` for a dm-crypt mapping, in the kernel's
+// form: the cipher as the kernel spells it (capi:MODE(CIPHERS)-IV for a composite one,
+// as cryptsetup sets up Adiantum), the key as dmsetup shows it without --showkeys (a
+// LUKS2 key in the kernel keyring as ":BYTES:logon:cryptsetup:...", else zeros).
+func (t *tool) dmsetup(argv []string) int {
+	args := argv
+	if len(args) == 3 && args[1] == "--" {
+		args = []string{args[0], args[2]}
+	}
+	if len(args) != 2 || args[0] != "table" {
+		return t.unsupported(strings.Join(argv, " "))
+	}
+	resp, code := t.call(kernelReq{Op: "crypt-status", Name: strings.TrimPrefix(args[1], "/dev/mapper/")})
+	if code != 0 {
+		fmt.Fprintf(t.stderr, "device-mapper: table ioctl on %s failed: No such device or address\n", args[1])
+		return 1
+	}
+	c := resp.Crypt
+	cipher := c.Cipher
+	if parts := strings.SplitN(cipher, "-", 3); len(parts) == 3 && strings.Contains(parts[0], ",") {
+		cipher = "capi:" + parts[1] + "(" + parts[0] + ")-" + parts[2]
+	}
+	key := strings.Repeat("0", c.KeyBits/4)
+	if c.Type == "LUKS2" {
+		key = fmt.Sprintf(":%d:logon:cryptsetup:00000000-0000-0000-0000-000000000000-d0", c.KeyBits/8)
+	}
+	fmt.Fprintf(t.stdout, "0 %d crypt %s %s 0 202:0 32768\n", c.Sectors, cipher, key)
+	return 0
+}
+
 // readKey reads a key file inside the qube ("-" or none: standard input; without a key
 // file cryptsetup reads a passphrase line).
 func (t *tool) readKey(path string) ([]byte, int) {
@@ -374,6 +406,7 @@ func (t *tool) mount(argv []string) int {
 		return t.unsupported(bad)
 	}
 	ro := o.flags["ro"]
+	var flags []string
 	for _, opt := range strings.Split(o.values["options"], ",") {
 		if opt == "" {
 			continue
@@ -381,8 +414,12 @@ func (t *tool) mount(argv []string) int {
 		if !mountOptions[opt] {
 			return t.unsupported("mount option " + opt)
 		}
-		if opt == "ro" {
+		switch opt {
+		case "ro":
 			ro = true
+		case "rw", "defaults":
+		default:
+			flags = append(flags, opt)
 		}
 	}
 	if typ := o.values["type"]; typ != "" && typ != "ext4" && typ != "btrfs" && typ != "auto" {
@@ -396,7 +433,7 @@ func (t *tool) mount(argv []string) int {
 		}
 		return code
 	case 2:
-		_, code := t.call(kernelReq{Op: "mount", Dev: o.args[0], Target: absPath(o.args[1]), RO: ro})
+		_, code := t.call(kernelReq{Op: "mount", Dev: o.args[0], Target: absPath(o.args[1]), RO: ro, Flags: strings.Join(flags, ",")})
 		return code
 	}
 	return t.unsupported("mount with one argument (no fstab in a simulated qube)")
