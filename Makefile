@@ -83,10 +83,10 @@ test:
 
 # The tests over a real bus once more under dbus-broker, dom0's bus (dbustest runs it
 # as systemd would): the client and activation tests, the notification agent, and the
-# daemon's scenarios, security and qcryptctl tests (the fault matrix and the soak use a
-# bus only to drive qcryptd).
+# daemon's scenarios, security, fault and qcryptctl tests (the soak uses a bus only to
+# drive qcryptd).
 BROKER_DAEMON_TESTS = $$(grep -ho '^func Test[A-Za-z0-9_]*' daemon/integration_test.go daemon/security_test.go \
-	daemon/ctl_e2e_test.go | sed 's/^func //' | paste -sd'|' -)
+	daemon/faults_test.go daemon/ctl_e2e_test.go | sed 's/^func //' | paste -sd'|' -)
 test-broker:
 	QCRYPT_TEST_BUS=dbus-broker QCRYPT_REQUIRE_SANDBOX=1 CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 30m ./dbusapi/... ./ctl/
 	QCRYPT_TEST_BUS=dbus-broker QCRYPT_REQUIRE_SANDBOX=1 CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 30m ./daemon/ \
