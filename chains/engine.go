@@ -205,6 +205,9 @@ type action struct {
 // cancellation between steps) it undoes the completed ones in reverse order.
 func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action, progress ProgressFunc) error {
 	rec := &Record{Chain: c.Name, Op: op}
+	if c.File == "" {
+		rec.Adhoc = c
+	}
 	rec.Started = timeNow()
 	for _, a := range acts {
 		rec.Steps = append(rec.Steps, RecordedStep{Step: a.step, State: "pending"})

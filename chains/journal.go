@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -28,6 +29,9 @@ type Record struct {
 	Steps    []RecordedStep `json:"steps"`
 	Finished bool           `json:"finished"`
 	Error    string         `json:"error,omitempty"`
+	// Adhoc is an ad-hoc chain itself (it has no file): a restarted qcryptd knows it
+	// from here, to manage it as before (close it at a shutdown, reconcile it).
+	Adhoc *Chain `json:"adhoc,omitempty"`
 }
 
 // RecordedStep is one step of a plan and how far it got.
@@ -117,6 +121,29 @@ func (j *Journal) Remove(chain string) error {
 		return fmt.Errorf("cannot remove the journal of %s: %w", chain, err)
 	}
 	return j.SetUserClosed(chain, false)
+}
+
+// Adhoc lists the ad-hoc chains the journal has records of (a record that cannot be
+// read, or that describes no valid chain, is left out and told in errs).
+func (j *Journal) Adhoc() (cs []*Chain, errs []error) {
+	if j == nil {
+		return nil, nil
+	}
+	files, _ := filepath.Glob(filepath.Join(j.Dir, "chains", "*.json"))
+	for _, f := range files {
+		name := strings.TrimSuffix(filepath.Base(f), ".json")
+		r, err := j.Read(name)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case r.Adhoc == nil:
+		case r.Adhoc.Validate() != nil || r.Adhoc.Name != AdhocName(r.Adhoc) || r.Adhoc.Name != name || r.Adhoc.File != "":
+			errs = append(errs, fmt.Errorf("the journal %s describes no valid ad-hoc chain", f))
+		default:
+			cs = append(cs, r.Adhoc)
+		}
+	}
+	return cs, errs
 }
 
 // Read returns the record of a chain, or nil when there is none.

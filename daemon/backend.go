@@ -19,6 +19,9 @@ func noChain(name string) error {
 }
 
 func (d *Daemon) refuseWhenStopping() error {
+	if d.shuttingDown {
+		return dbusapi.Errorf(dbusapi.ReasonShuttingDown, "the system is shutting down: qcryptd closes every chain")
+	}
 	if d.stopping {
 		return dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd is stopping")
 	}
@@ -40,7 +43,7 @@ func (d *Daemon) ListChains() []dbusapi.ChainInfo {
 func (d *Daemon) request(op dbusapi.JobOperation, uid uint32, find func() (*chainState, error), set func(*job)) (uint64, error) {
 	var id uint64
 	var err error
-	d.do(func() {
+	ran := d.do(func() {
 		if err = d.refuseWhenStopping(); err != nil {
 			return
 		}
@@ -53,8 +56,14 @@ func (d *Daemon) request(op dbusapi.JobOperation, uid uint32, find func() (*chai
 		d.enqueue(j)
 		id = j.id
 	})
+	if !ran {
+		return 0, errStopped
+	}
 	return id, err
 }
+
+// errStopped answers what comes after the loop ended.
+var errStopped = dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd has stopped")
 
 func (d *Daemon) known(name string) func() (*chainState, error) {
 	return func() (*chainState, error) {
@@ -427,39 +436,68 @@ func (d *Daemon) Check(target string) (bool, []string) {
 func (d *Daemon) CloseAll(uid uint32, o chains.CloseOptions, stop bool) ([]uint64, error) {
 	var ids []uint64
 	var err error
-	d.do(func() {
-		if err = d.refuseWhenStopping(); err != nil {
-			return
+	if !d.do(func() {
+		if err = d.refuseWhenStopping(); err == nil {
+			ids = d.closeAll(uid, o, stop, dbusapi.Because(dbusapi.CauseRequested, "close all"))
 		}
-		var jobs []*job
-		for _, name := range d.sortedNames() {
-			cs := d.chains[name]
-			if cs.state == dbusapi.ChainClosed && cs.running == nil {
-				continue
-			}
-			j := d.newJob(dbusapi.OpClose, cs, uid, false, dbusapi.Because(dbusapi.CauseRequested, "close all"))
-			j.closeOpts = o
-			d.enqueue(j)
-			jobs = append(jobs, j)
-			ids = append(ids, j.id)
-		}
-		if !stop {
-			return
-		}
-		left := len(jobs)
-		if left == 0 {
-			close(d.stop)
-			return
-		}
-		for _, j := range jobs {
-			j.done = append(j.done, func(bool) {
-				if left--; left == 0 {
-					close(d.stop)
-				}
-			})
-		}
-	})
+	}) {
+		return nil, errStopped
+	}
 	return ids, err
+}
+
+// SystemShutdown closes every chain that is not closed, each in order (target first),
+// and then stops the daemon: the system is going down, and after qcryptd qubes-core
+// stops every qube at once, with no regard for chains. A running open is canceled (its
+// rollback undoes it); nothing opens from here, by an event or a request.
+func (d *Daemon) SystemShutdown() {
+	d.do(func() {
+		if d.shuttingDown || d.stopping {
+			return
+		}
+		d.shuttingDown = true
+		for _, j := range d.jobs {
+			if j.op == dbusapi.OpOpen && j.cancel != nil {
+				j.cancel()
+			}
+		}
+		d.closeAll(0, chains.CloseOptions{}, true, dbusapi.Because(dbusapi.CauseSystemShutdown, "the system is shutting down"))
+	})
+}
+
+// closeAll queues a close of every chain that is not closed and, with stop, stops the
+// daemon once they have ended. In the loop.
+func (d *Daemon) closeAll(uid uint32, o chains.CloseOptions, stop bool, why dbusapi.Reason) []uint64 {
+	var ids []uint64
+	var jobs []*job
+	for _, name := range d.sortedNames() {
+		cs := d.chains[name]
+		if cs.state == dbusapi.ChainClosed && cs.running == nil {
+			continue
+		}
+		j := d.newJob(dbusapi.OpClose, cs, uid, false, why)
+		j.closeOpts = o
+		d.enqueue(j)
+		jobs = append(jobs, j)
+		ids = append(ids, j.id)
+	}
+	if !stop || d.stopQueued {
+		return ids
+	}
+	d.stopQueued = true
+	left := len(jobs)
+	if left == 0 {
+		close(d.stop)
+		return ids
+	}
+	for _, j := range jobs {
+		j.done = append(j.done, func(bool) {
+			if left--; left == 0 {
+				close(d.stop)
+			}
+		})
+	}
+	return ids
 }
 
 // CancelJob cancels a job: a queued one at once, a running one between steps.

@@ -123,7 +123,11 @@ type Daemon struct {
 	newAPI     bool
 	qrexecWait time.Duration
 	stopping   bool
-	summary    string
+	// shuttingDown: the system is going down; every chain is being closed and nothing
+	// opens any more.
+	shuttingDown bool
+	stopQueued   bool // a close-all will stop the daemon when its jobs end
+	summary      string
 }
 
 type chainState struct {
@@ -212,6 +216,17 @@ func New(o Options) (*Daemon, error) {
 	}
 	for _, c := range loaded {
 		d.chains[c.Name] = &chainState{c: c, managed: true, state: dbusapi.ChainClosed, lastChange: time.Now()}
+	}
+	// Ad-hoc chains qcryptd opened before it restarted: the reconcile finds them open (or
+	// rolls back what an interrupted job did), as configured ones.
+	adhoc, errs := d.journal.Adhoc()
+	for _, err := range errs {
+		d.log.WithError(err).Warn("cannot take an ad-hoc chain back from the journal")
+	}
+	for _, c := range adhoc {
+		if _, configured := d.chains[c.Name]; !configured {
+			d.chains[c.Name] = &chainState{c: c, state: dbusapi.ChainClosed, lastChange: time.Now()}
+		}
 	}
 	return d, nil
 }

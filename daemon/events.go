@@ -187,7 +187,7 @@ func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, mayOpen bool) {
 	if mayOpen && (cs.running != nil && cs.running.op == dbusapi.OpClose || cs.pending != nil && cs.pending.op == dbusapi.OpClose) {
 		cs.trigger = reason
 	}
-	if !cs.managed || cs.removed || d.stopping || !d.connected || cs.running != nil || cs.pending != nil {
+	if !cs.managed || cs.removed || d.stopping || d.shuttingDown || !d.connected || cs.running != nil || cs.pending != nil {
 		return
 	}
 	switch cs.state {

@@ -815,3 +815,93 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 		})
 	}
 }
+
+// At a system shutdown the daemon closes every open chain (the cause says why), refuses
+// new work and opens nothing, then stops by itself: qubes-core stops the qubes after it.
+func TestLoopSystemShutdownClosesEverything(t *testing.T) {
+	other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "/mnt/demo", "/mnt/other").Replace(loopDemoChain)
+	f := simtest.StartDemo(t, sim.R43)
+	f.Sh(t, "sys-usb", "cp /home/user/demo.luks /home/user/other.luks")
+	for _, vm := range []string{"mediator", "work"} {
+		if err := f.Client.Start(context.Background(), vm); err != nil {
+			t.Fatal(err)
+		}
+		f.Sh(t, vm, "cp /home/user/.qcrypt/keys/demo /home/user/.qcrypt/keys/other")
+	}
+	d, rec, _ := runLoop(t, f, writeConf(t, map[string]string{"demo": loopDemoChain, "other": other}), t.TempDir())
+	if !within(30*time.Second, func() bool { return rec.last("demo") == dbusapi.ChainOpen && rec.last("other") == dbusapi.ChainOpen }) {
+		t.Fatalf("not both open: %v %v", rec.states, rec.reasons)
+	}
+
+	d.SystemShutdown()
+	if _, err := d.Open(0, "demo", chains.OpenOptions{}); err == nil || !strings.Contains(err.Error(), "the system is shutting down") {
+		t.Errorf("an open during the shutdown: %v", err)
+	}
+	select {
+	case <-d.ended:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the daemon did not stop after closing everything")
+	}
+	for _, name := range []string{"demo", "other"} {
+		rec.mu.Lock()
+		states, reasons := rec.states[name], rec.reasons[name]
+		rec.mu.Unlock()
+		if n := len(states); n < 2 || states[n-2] != dbusapi.ChainClosing || reasons[n-2].Cause != dbusapi.CauseSystemShutdown || states[n-1] != dbusapi.ChainClosed {
+			t.Errorf("%s: states %v, reasons %v; want closing (system-shutdown), closed at the end", name, states, reasons)
+		}
+	}
+	for _, vm := range []string{"mediator", "work"} {
+		if out := string(f.Sh(t, vm, "ls /dev/mapper").Stdout); out != "" {
+			t.Errorf("%s still has %q", vm, out)
+		}
+	}
+	if _, err := d.Open(0, "demo", chains.OpenOptions{}); err == nil {
+		t.Error("an open was taken after the daemon stopped")
+	}
+}
+
+// An ad-hoc chain qcryptd opened is its to manage after a restart too: the journal keeps
+// the chain, the new daemon finds it open, and closes it like any other (at a system
+// shutdown as well).
+func TestLoopAdhocChainsAcrossARestart(t *testing.T) {
+	f := simtest.StartDemo(t, sim.R43)
+	state := t.TempDir()
+	conf := writeConf(t, map[string]string{})
+	d, rec, stop := runLoop(t, f, conf, state)
+	c := &chains.Chain{SourceVM: "sys-usb", SourceFile: sim.DemoContainer, Key: "demo", MountPoint: "/mnt/adhoc",
+		Hops: []chains.Hop{{VM: "mediator"}, {VM: "work", Ciphers: []string{"aes-xts-plain64"}}}, Autostart: true, Type: "luks"}
+	c.Name = chains.AdhocName(c)
+	id, err := d.OpenAdhoc(0, c, chains.OpenOptions{Autostart: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !jobDone(t, rec, id) {
+		t.Fatalf("the ad-hoc open failed: %v", rec.reasons[c.Name])
+	}
+	stop()
+
+	d2, rec2, _ := runLoop(t, f, conf, state)
+	waitFor(t, "the ad-hoc chain found open", func() bool { return rec2.last(c.Name) == dbusapi.ChainOpen })
+	rec2.mu.Lock()
+	cause := rec2.reasons[c.Name][len(rec2.reasons[c.Name])-1].Cause
+	rec2.mu.Unlock()
+	if cause != dbusapi.CauseFoundOpen {
+		t.Errorf("taken back with the cause %s, want found-open", cause)
+	}
+	list := d2.ListChains()
+	if len(list) != 1 || list[0].Managed || list[0].Name != c.Name {
+		t.Fatalf("chains after the restart: %+v", list)
+	}
+	d2.SystemShutdown()
+	select {
+	case <-d2.ended:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the daemon did not stop")
+	}
+	if out := string(f.Sh(t, "work", "ls /dev/mapper").Stdout); out != "" {
+		t.Errorf("work still has %q after the shutdown", out)
+	}
+	if files, _ := filepath.Glob(filepath.Join(state, "chains", "*")); len(files) != 0 {
+		t.Errorf("journal files left: %v", files)
+	}
+}

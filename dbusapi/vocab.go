@@ -52,6 +52,7 @@ const (
 	CauseEligible        Cause = "eligible"
 	CauseKeystoreLocked  Cause = "keystore-locked"
 	CauseKeystoreOpened  Cause = "keystore-unlocked"
+	CauseSystemShutdown  Cause = "system-shutdown"
 	CauseDone            Cause = "done"
 	CauseError           Cause = "error"
 )
@@ -60,7 +61,7 @@ const (
 var Causes = []Cause{CauseRequested, CauseQubeStarted, CauseQubeFailed, CauseQubeShutDown, CauseQubeUnpaused,
 	CauseQubeCreated, CauseQubeDeleted, CauseDeviceAppeared, CauseDeviceGone, CauseQubesd, CauseRetry,
 	CauseStartupInterval, CauseConfig, CauseMapperFreed, CauseFoundOpen, CauseRollBack, CauseFinishClose,
-	CauseClosedByUser, CauseEligible, CauseKeystoreLocked, CauseKeystoreOpened, CauseDone, CauseError}
+	CauseClosedByUser, CauseEligible, CauseKeystoreLocked, CauseKeystoreOpened, CauseSystemShutdown, CauseDone, CauseError}
 
 // CauseMeanings says what each cause means, for people (docs/states.md).
 var CauseMeanings = map[Cause]string{
@@ -85,6 +86,7 @@ var CauseMeanings = map[Cause]string{
 	CauseEligible:        "everything it needs is there",
 	CauseKeystoreLocked:  "it injects a key from a key store that is locked: it waits for an unlock",
 	CauseKeystoreOpened:  "a key store it injects a key from was unlocked",
+	CauseSystemShutdown:  "the system is shutting down: qcryptd closes every chain before the qubes are stopped",
 	CauseDone:            "the job of the previous state ended well",
 	CauseError:           "the job of the previous state failed",
 }

@@ -155,7 +155,24 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	go func() {
+		shutdown := false
 		for s := range sigs {
+			if s == syscall.SIGTERM && !shutdown {
+				// A system shutdown (not a stop or restart of qcryptd): qubes-core stops every
+				// qube at once after qcryptd, so the chains are closed now, in order.
+				sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+				stopping, err := systemd.SystemStopping(sctx)
+				scancel()
+				if err != nil {
+					log.WithError(err).Warn("cannot tell a system shutdown from a stop of qcryptd: open chains stay open")
+				}
+				if stopping {
+					log.Info("the system is shutting down: closing every open chain, target first")
+					shutdown = true
+					go d.SystemShutdown()
+					continue
+				}
+			}
 			if s == syscall.SIGHUP {
 				go func() {
 					n, err := d.Reload()
@@ -174,6 +191,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	}()
 	go bus.keep(ctx, d, log, cancel)
 	err = d.Run(ctx)
+	cancel() // it may have ended by itself (a close-all --stop, a system shutdown)
 	if berr := bus.close(); err == nil {
 		err = berr
 	}

@@ -42,7 +42,9 @@ func Markdown() string {
 	})
 	b.WriteString("\n## Signals\n\n" +
 		"- `SIGHUP`: reload the config target (as `qcryptctl reload`); a chain that is open keeps running.\n" +
-		"- `SIGTERM`, `SIGINT`: stop; open chains stay open (`qcryptctl close-all --stop` closes them first).\n\n" +
+		"- `SIGTERM`, `SIGINT`: stop; open chains stay open (`qcryptctl close-all --stop` closes them first). " +
+		"When systemd says the system is shutting down, `SIGTERM` first closes every open chain, each in order (target first), " +
+		"and nothing opens meanwhile: after qcryptd, qubes-core stops every qube at once.\n\n" +
 		"## Files\n\n" +
 		"- `" + chains.DefaultConfigRoot + "/TARGET/*.ini`: the chains (root's alone).\n" +
 		"- `" + chains.DefaultStateDir + "`: the journal, one record per chain.\n" +
