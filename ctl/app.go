@@ -57,6 +57,8 @@ type API interface {
 	KeystoreLock(dir string) dbusapi.Starter
 	KeystoreInit(dir string) dbusapi.Starter
 	KeystoreStatus(ctx context.Context, dir string) (chains.KeystoreState, error)
+	// Conn is the system bus connection (nil: none), for logind.
+	Conn() *dbus.Conn
 	Disconnect()
 }
 

@@ -217,7 +217,8 @@ func (f *fakeAPI) Watch(ctx context.Context, w dbusapi.Watcher) error {
 	return f.rec("Watch")
 }
 
-func (f *fakeAPI) Disconnect() {}
+func (f *fakeAPI) Disconnect()      {}
+func (f *fakeAPI) Conn() *dbus.Conn { return nil }
 
 // fakeJobs: qcryptd's own open of demo hangs; a luks-init waits behind nothing.
 var fakeJobs = []dbusapi.JobInfo{

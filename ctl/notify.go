@@ -117,7 +117,9 @@ func (n *notifier) send(chain string, nt *note) {
 const agentName = "org.qcrypt.NotifyAgent"
 
 // cmdNotifyAgent runs for the whole desktop session (XDG autostart): it waits for
-// qcryptd, follows it across restarts and ends with the session or a signal.
+// qcryptd, follows it across restarts and ends with the session (its login session's
+// leader exits, or its session bus goes away: logind does not kill what a session
+// leaves behind by default) or a signal.
 func cmdNotifyAgent(a *app, p *parsed) error {
 	sess, err := a.session()
 	if err != nil {
@@ -140,5 +142,22 @@ func cmdNotifyAgent(a *app, p *parsed) error {
 		defer cancel()
 		return api.Chain(ctx, name)
 	}, a.err)
-	return api.Watch(a.ctx, dbusapi.Watcher{Change: n.handle})
+	ctx, cancel := context.WithCancel(a.ctx)
+	defer cancel()
+	loggedOut, err := sessionEnd(ctx, api.Conn())
+	if err != nil {
+		fmt.Fprintln(a.err, "qcryptctl notify-agent:", err, "(it ends with its session bus only)")
+	}
+	go func() {
+		select {
+		case <-sess.Context().Done():
+		case <-loggedOut:
+		}
+		cancel()
+	}()
+	err = api.Watch(ctx, dbusapi.Watcher{Change: n.handle})
+	if ctx.Err() != nil && a.ctx.Err() == nil {
+		return nil // the session ended
+	}
+	return err
 }

@@ -5,12 +5,14 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/godbus/dbus/v5"
+	"github.com/godbus/dbus/v5/prop"
 
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
@@ -142,15 +144,22 @@ func TestDesktopFiles(t *testing.T) {
 }
 
 // The agent started before qcryptd waits for it and notifies its changes; a second agent
-// in the session leaves at once (two doubled every notification).
+// in the session leaves at once (two doubled every notification); the agent ends with
+// its session.
 func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
-	session := sessionBus(t)
+	dbustest.Need(t)
+	session, stopSession, err := dbustest.StartConfig(t.TempDir(), dbustest.Config{Type: "session", Policy: dbustest.Permissive})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stopSession)
 	system, stop, err := dbustest.Start(t.TempDir(), dbustest.Permissive)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(stop)
 	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", system)
+	t.Setenv("XDG_SESSION_ID", "") // no login session: it ends with its session bus
 	fake, server := notificationServer(t, session)
 	// Subscribed before the agent starts: its taking its name is not missed.
 	if err := server.AddMatchSignal(dbus.WithMatchSender("org.freedesktop.DBus"), dbus.WithMatchMember("NameOwnerChanged"),
@@ -209,6 +218,17 @@ func TestNotifyAgentWaitsAndIsAlone(t *testing.T) {
 	if got := fake.get(); got[0].Summary != "qcrypt: demo failed" {
 		t.Errorf("notification %+v", got[0])
 	}
+	// The session ends (its bus goes away, as at a logout): so does its agent.
+	stopSession()
+	select {
+	case code := <-ended:
+		ended <- code // for the deferred wait
+		if code != 0 {
+			t.Errorf("the agent of an ended session exited %d", code)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the agent outlives its session")
+	}
 }
 
 // A chain that waits for a locked key store asks for the unlock; one that waits after a
@@ -224,5 +244,77 @@ func TestNotifyKeystoreLocked(t *testing.T) {
 		Reason: dbusapi.Because(dbusapi.CauseQubeShutDown, "work shut down")})
 	if nt == nil || nt.summary != "qcrypt: vault closed" {
 		t.Errorf("after a close: %+v", nt)
+	}
+}
+
+// fakeLogind is logind's part the agent asks: the session's object and its leader.
+type fakeLogind struct{ asked chan struct{} }
+
+func (f fakeLogind) GetSession(id string) (dbus.ObjectPath, *dbus.Error) {
+	f.asked <- struct{}{}
+	if id != "c7" {
+		return "", dbus.NewError("org.freedesktop.login1.NoSuchSession", []any{"no session " + id})
+	}
+	return "/org/freedesktop/login1/session/c7", nil
+}
+
+// The agent ends with its login session: when the session's leader exits (logout), even
+// though its session bus lives on (a user bus outlives a session while the user has
+// processes left, and logind kills none by default).
+func TestNotifyAgentEndsWithItsLoginSession(t *testing.T) {
+	session := sessionBus(t)
+	system, stop, err := dbustest.Start(t.TempDir(), dbustest.Permissive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", system)
+	t.Setenv("XDG_SESSION_ID", "c7")
+	leader := exec.Command("sleep", "600")
+	if err := leader.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { leader.Process.Kill(); _ = leader.Wait() }()
+	logind, err := dbus.Connect(system)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logind.Close()
+	asked := make(chan struct{}, 1)
+	if err := logind.Export(fakeLogind{asked}, "/org/freedesktop/login1", "org.freedesktop.login1.Manager"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := prop.Export(logind, "/org/freedesktop/login1/session/c7", prop.Map{"org.freedesktop.login1.Session": {
+		"Leader": {Value: uint32(leader.Process.Pid)}}}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := logind.RequestName("org.freedesktop.login1", dbus.NameFlagDoNotQueue); err != nil || r != dbus.RequestNameReplyPrimaryOwner {
+		t.Fatalf("name: %v %v", r, err)
+	}
+	notificationServer(t, session)
+	var out, errb bytes.Buffer
+	a := &app{out: &out, err: &errb, ctx: context.Background(), now: time.Now,
+		session: func() (*dbus.Conn, error) { return dbus.Connect(session) },
+		watcher: func() (API, error) { return dbusapi.ConnectBus() }}
+	ended := make(chan int, 1)
+	go func() { ended <- a.main([]string{"notify-agent"}) }()
+	// The agent looks its session up, then runs until the session's leader exits (it may
+	// exit before the agent watches it: it then ends at once).
+	select {
+	case code := <-ended:
+		t.Fatalf("the agent ended before it looked its session up: exit %d %s", code, errb.String())
+	case <-asked:
+	case <-time.After(time.Minute):
+		t.Fatal("the agent never asked logind for its session")
+	}
+	leader.Process.Kill()
+	_ = leader.Wait()
+	select {
+	case code := <-ended:
+		if code != 0 || errb.Len() != 0 {
+			t.Errorf("the agent of a logged-out session: exit %d, %q", code, errb.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the agent outlives its login session")
 	}
 }
