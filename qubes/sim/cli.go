@@ -122,7 +122,8 @@ func serve(args []string, stderr io.Writer) int {
 		defer os.RemoveAll(dir)
 		*state = dir
 	}
-	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *realQubesd, RealQrexec: *realQrexec})
+	s, err := Start(Config{Dir: *state, Dialect: Dialect(*version), Socket: *socket, Demo: *demo, Backend: *backend, RealQubesd: *realQubesd, RealQrexec: *realQrexec,
+		Log: stderr})
 	if err != nil {
 		fmt.Fprintln(stderr, "qubes-sim:", err)
 		return 1

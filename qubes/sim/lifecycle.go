@@ -343,6 +343,11 @@ func (w *World) powerOff(vm *VM, clean bool) {
 		killGroup(cmd)
 	}
 	w.backend.teardown(vm, clean)
+	how := "shut down"
+	if !clean {
+		how = "killed"
+	}
+	w.logf("%s %s", vm.Name, how)
 	for _, a := range append([]*Attachment(nil), w.attachments...) {
 		switch {
 		case a.Frontend == vm.Name:
@@ -352,6 +357,7 @@ func (w *World) powerOff(vm *VM, clean bool) {
 			}
 		case a.Backend == vm.Name:
 			a.Stale = true
+			w.logf("%s %s while %s had its %s attached: a layer taken from under a running qube", vm.Name, how, a.Frontend, a.Port)
 		}
 	}
 	vm.State = qubes.StateHalted

@@ -39,7 +39,9 @@ type Config struct {
 	// run the real qrexec-agent and dom0 the real qrexec-daemon, reached with the
 	// qrexec-client at QrexecClientPath(Dir/qrexec).
 	RealQrexec string
-	Log        io.Writer // the simulator's own messages; default stderr
+	// Log receives the simulator's own messages (default stderr); set, it also gets a
+	// line per qube that powers off (World.Log).
+	Log io.Writer
 }
 
 // The simulator's backends.
@@ -90,12 +92,13 @@ func Start(cfg Config) (*Sim, error) {
 	if cfg.Backend == "" {
 		cfg.Backend = BackendSandbox
 	}
-	if cfg.Log == nil {
-		cfg.Log = os.Stderr
-	}
 	w, err := NewWorld(cfg.Dir, cfg.Dialect)
 	if err != nil {
 		return nil, err
+	}
+	w.Log = cfg.Log
+	if cfg.Log == nil {
+		cfg.Log = os.Stderr
 	}
 	s := &Sim{World: w, cfg: cfg, toolsDir: filepath.Join(cfg.Dir, "tools"), kernels: map[string]net.Listener{}}
 	switch cfg.Backend {

@@ -8,6 +8,7 @@ package sim
 import (
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"os/exec"
@@ -110,6 +111,10 @@ type World struct {
 
 	backend backend     // how qubes run
 	rq      *realQrexec // the real qrexec; nil: the stand-in qrexec-client only
+
+	// Log receives a line per qube that powers off, and one per device it still served
+	// to a running qube then (a layer taken from under the qube above); nil: none.
+	Log io.Writer
 }
 
 // NewWorld creates an empty world (only dom0) whose qube trees live under dir.
@@ -285,4 +290,11 @@ func sanitizeNew(s string) string {
 
 func descAllowed(c byte) bool {
 	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("()+,-.:=_/ ", c) >= 0
+}
+
+// logf writes a line to Log.
+func (w *World) logf(format string, a ...any) {
+	if w.Log != nil {
+		fmt.Fprintf(w.Log, "qubes-sim: "+format+"\n", a...)
+	}
 }
