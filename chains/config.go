@@ -3,7 +3,6 @@ package chains
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -19,7 +18,7 @@ import (
 )
 
 // ConfigError is one problem in a chain file. Line is 0 when the problem is a key that
-// is missing.
+// is missing or the whole file.
 type ConfigError struct {
 	File string
 	Line int
@@ -28,10 +27,14 @@ type ConfigError struct {
 }
 
 func (e ConfigError) Error() string {
-	if e.Key == "" {
-		return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
+	where := e.File // a problem of the whole file, or of a missing key, has no line
+	if e.Line > 0 {
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
 	}
-	return fmt.Sprintf("%s:%d: %s: %s", e.File, e.Line, e.Key, e.Msg)
+	if e.Key == "" {
+		return where + ": " + e.Msg
+	}
+	return where + ": " + e.Key + ": " + e.Msg
 }
 
 // ConfigErrors is every problem found in one load, sorted by file and line.
@@ -91,14 +94,8 @@ func LoadTarget(dir string, asRoot bool) ([]*Chain, error) {
 		}
 	}
 	if asRoot {
-		for i, d := range []string{filepath.Dir(filepath.Clean(dir)), dir} {
-			st, err := os.Lstat(d)
-			if err != nil {
-				return nil, fmt.Errorf("cannot check %s: %w", d, err)
-			}
-			if msg := unsafeForRoot(st, i == 0); msg != "" {
-				return nil, fmt.Errorf("cannot trust configuration directory %s: %s", d, msg)
-			}
+		if msg := trustedDirs(dir, always); msg != "" {
+			return nil, fmt.Errorf("cannot trust configuration directory %s: %s", dir, msg)
 		}
 	}
 	sort.Strings(files)
@@ -371,24 +368,11 @@ func readConfigFile(file string, asRoot bool) (data []byte, untrusted string, er
 		data, err = os.ReadFile(file)
 		return data, "", err
 	}
-	f, err := os.OpenFile(file, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
-	if errors.Is(err, syscall.ELOOP) {
-		return nil, "it is a symbolic link", nil
-	}
-	if err != nil {
-		return nil, "", err
+	f, untrusted, err := openTrusted(file)
+	if err != nil || untrusted != "" {
+		return nil, untrusted, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, "", err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, "it is not a regular file", nil
-	}
-	if msg := unsafeForRoot(st, false); msg != "" {
-		return nil, msg, nil
-	}
 	data, err = io.ReadAll(io.LimitReader(f, maxConfigFile+1))
 	if err == nil && len(data) > maxConfigFile {
 		err = fmt.Errorf("larger than %d bytes", maxConfigFile)
@@ -413,8 +397,13 @@ func unsafeForRoot(st os.FileInfo, parent bool) string {
 	if st.Mode()&os.ModeSymlink != 0 {
 		return "a symbolic link"
 	}
-	if st.Mode().Perm()&0o022 != 0 && !(parent && st.IsDir() && st.Mode()&os.ModeSticky != 0) {
-		return fmt.Sprintf("group or world writable (mode %04o)", st.Mode().Perm())
+	sticky := st.IsDir() && st.Mode()&os.ModeSticky != 0
+	if st.Mode().Perm()&0o022 != 0 && !(parent && sticky) {
+		mode := st.Mode().Perm()
+		if sticky {
+			mode |= 0o1000
+		}
+		return fmt.Sprintf("group or world writable (mode %04o)", mode)
 	}
 	return ""
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -125,7 +126,7 @@ func TestConfigOwnership(t *testing.T) {
 		"world-writable, no hooks":  {base, func(r, d, f string) error { return os.Chmod(f, 0o666) }, "group or world writable (mode 0666)"},
 		"group-writable with hooks": {hook, func(r, d, f string) error { return os.Chmod(f, 0o664) }, "group or world writable"},
 		"file owned by nobody":      {base, func(r, d, f string) error { return os.Chown(f, 65534, 65534) }, "owned by uid 65534"},
-		"file is a link":            {base, func(r, d, f string) error { return errors.Join(os.Rename(f, f+".real"), os.Symlink(f+".real", f)) }, "symbolic link"},
+		"file is a link to root's":  {base, func(r, d, f string) error { return errors.Join(os.Rename(f, f+".real"), os.Symlink(f+".real", f)) }, ""},
 		"target dir group-writable": {base, func(r, d, f string) error { return os.Chmod(d, 0o775) }, "cannot trust configuration directory"},
 		"target dir sticky 1777":    {base, func(r, d, f string) error { return os.Chmod(d, os.ModeSticky|0o777) }, "group or world writable"},
 		"target dir owned by other": {base, func(r, d, f string) error { return os.Chown(d, 65534, 65534) }, "owned by uid 65534"},
@@ -162,11 +163,109 @@ func TestConfigOwnership(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v, want %q", err, tc.want)
 			}
-			if _, err := LoadTarget(target, false); err != nil && tc.want != "symbolic link" {
+			if _, err := LoadTarget(target, false); err != nil {
 				t.Errorf("without root's checks: %v", err)
 			}
 		})
 	}
+}
+
+// A chain file may be a link (the original's folders share a chain between targets so),
+// followed as OpenSSH's StrictModes and sudo do: the file it leads to and every
+// directory on both ways must be root's and not group or world writable; the error
+// names the link and what is wrong on its way.
+func TestChainFileLinks(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("ownership rules need root to set up")
+	}
+	// A name for a file right in /tmp (sticky, world writable).
+	tmp := filepath.Join("/tmp", fmt.Sprintf("qcrypt-link-%d", os.Getpid()))
+	tests := map[string]struct {
+		link func(t *testing.T, root, target string) string // makes the link's target; returns it
+		want string                                         // "" = accepted
+	}{
+		"to root's file elsewhere in the tree": {func(t *testing.T, root, target string) string {
+			return writeChainFile(t, filepath.Join(root, "examples"), 0o755)
+		}, ""},
+		"to a file in a group-writable directory": {func(t *testing.T, root, target string) string {
+			return writeChainFile(t, filepath.Join(root, "shared"), 0o775)
+		}, "it links to ROOT/shared/ex01.ini, and ROOT/shared is group or world writable (mode 0775)"},
+		"to a file above a directory of another user": {func(t *testing.T, root, target string) string {
+			p := writeChainFile(t, filepath.Join(root, "theirs", "sub"), 0o755)
+			if err := os.Chown(filepath.Join(root, "theirs"), 65534, 65534); err != nil {
+				t.Fatal(err)
+			}
+			return p
+		}, "it links to ROOT/theirs/sub/ex01.ini, and ROOT/theirs is owned by uid 65534, not root"},
+		"to another user's file": {func(t *testing.T, root, target string) string {
+			p := writeChainFile(t, filepath.Join(root, "examples"), 0o755)
+			if err := os.Chown(p, 65534, 65534); err != nil {
+				t.Fatal(err)
+			}
+			return p
+		}, "it links to ROOT/examples/ex01.ini, which is owned by uid 65534, not root"},
+		"dangling": {func(t *testing.T, root, target string) string {
+			return filepath.Join(root, "nowhere.ini")
+		}, "it is a symbolic link to ROOT/nowhere.ini, which does not exist"},
+		"in a loop": {func(t *testing.T, root, target string) string {
+			loop := filepath.Join(root, "loop.ini")
+			if err := os.Symlink(filepath.Join(target, "ex01.ini"), loop); err != nil {
+				t.Fatal(err)
+			}
+			return loop
+		}, "it is a symbolic link in a loop of links"},
+		"out of the tree into /tmp": {func(t *testing.T, root, target string) string {
+			p := tmp + ".ini"
+			if err := os.WriteFile(p, []byte(base), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.Remove(p) })
+			return p
+		}, "it links to " + tmp + ".ini, and /tmp is group or world writable (mode 1777)"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			root := t.TempDir()
+			if err := os.Chmod(root, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			target := filepath.Join(root, "default")
+			if err := os.Mkdir(target, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			link := filepath.Join(target, "ex01.ini")
+			if err := os.Symlink(tc.link(t, root, target), link); err != nil {
+				t.Fatal(err)
+			}
+			got, err := LoadTarget(target, true)
+			want := strings.ReplaceAll(tc.want, "ROOT", root)
+			if want == "" {
+				if err != nil || len(got) != 1 || got[0].Name != "ex01" {
+					t.Errorf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), link+": cannot be trusted: "+want) {
+				t.Errorf("got %v\nwant %q", err, link+": cannot be trusted: "+want)
+			}
+		})
+	}
+}
+
+// writeChainFile writes root's chain file ex01.ini into dir (made with mode).
+func writeChainFile(t *testing.T, dir string, mode os.FileMode) string {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "ex01.ini")
+	if err := os.WriteFile(p, []byte(base), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 func TestConfigValues(t *testing.T) {
@@ -308,5 +407,48 @@ func TestReferenceDoc(t *testing.T) {
 	}
 	if len(plainKeys) != 15 {
 		t.Errorf("%d plain keys: %v", len(plainKeys), plainKeys)
+	}
+}
+
+// The original's configuration folders, in their layout (fresh content): a chain shared
+// between targets by a link to ../examples/ex01.ini, one invalid file per test-invalid
+// folder. Each folder checks as the original's own tests expect: the invalid ones report
+// their file's defect and nothing of the linked chain, the valid ones report nothing.
+func TestOriginalConfFolders(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("root's ownership rules need root")
+	}
+	root := t.TempDir()
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// cp -a keeps the links; the copy is root's, as an installed folder is.
+	if out, err := exec.Command("cp", "-a", "testdata/original-conf/.", root).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	if out, err := exec.Command("chmod", "-R", "go-w", root).CombinedOutput(); err != nil {
+		t.Fatalf("chmod: %v %s", err, out)
+	}
+	for folder, want := range map[string]string{
+		"examples":        "",
+		"test-valid-01":   "",
+		"test-valid-02":   "",
+		"test-valid-03":   "",
+		"test-invalid-01": "invalid01.ini: source vm: missing (required)",
+		"test-invalid-02": "invalid02.ini:3: source file: empty (required)\n" + root + "/test-invalid-02/invalid02.ini:4: key: empty (required)",
+		"test-invalid-03": "invalid03.ini: destination vm 1: missing (at least one destination is required)",
+		"test-invalid-04": "invalid04.ini:6: read-only: \"nope\" is not a boolean",
+		"test-invalid-05": "invalid05.ini:6: readonly: unknown key (did you mean \"read-only\"?)",
+		"test-invalid-06": "invalid06.ini:15: pre close comand: unknown key (did you mean \"pre close command\"?)",
+	} {
+		t.Run(folder, func(t *testing.T) {
+			got := strings.Join(CheckTarget(folder, root, true), "\n")
+			if want == "" && got != "" {
+				t.Errorf("a valid folder: %s", got)
+			}
+			if want != "" && (!strings.Contains(got, root+"/"+folder+"/"+want) || strings.Contains(got, "ex01")) {
+				t.Errorf("got:\n%s\nwant:\n%s", got, root+"/"+folder+"/"+want)
+			}
+		})
 	}
 }
