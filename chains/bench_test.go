@@ -66,7 +66,7 @@ func BenchmarkChain(b *testing.B) {
 				}
 				b.StopTimer()
 				report(b, client.Calls(), r.Runner.Spawns()-q0)
-				if err := fresh.Close(bg, c, CloseOptions{}, nil); err != nil {
+				if err := fresh.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
 					b.Fatal(err)
 				}
 				b.StartTimer()
@@ -93,7 +93,7 @@ func BenchmarkChain(b *testing.B) {
 							err = fmt.Errorf("not open: %+v", st)
 						}
 					case "close":
-						err = r.e.Close(bg, c, CloseOptions{}, nil)
+						err = r.e.Close(bg, c, CloseOptions{}, nil, nil)
 					}
 					b.StopTimer()
 					if err != nil {
@@ -101,7 +101,7 @@ func BenchmarkChain(b *testing.B) {
 					}
 					report(b, r.Client.Calls()-a0, r.Runner.Spawns()-q0)
 					if op != "close" {
-						if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+						if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
 							b.Fatal(err)
 						}
 					}

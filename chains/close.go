@@ -17,16 +17,69 @@ import (
 // already gone is skipped, and a peer that is down is never detached from (Qubes
 // #4784). With Force, an intermediate whose layer cannot be closed is shut down; the
 // target only with ShutdownTarget. It never shuts anything down otherwise.
-func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, progress ProgressFunc) error {
+//
+// A close with nothing to take down returns ErrNotOpen, one of another chain's parts
+// ErrOtherChain; both touch nothing. Otherwise beforeSteps, when set, runs before the
+// first step (qcryptd's pre close hook, which those two must not run).
+func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, beforeSteps func(context.Context), progress ProgressFunc) error {
 	// What is open must be this chain: a spec with another source, file or key, or a
 	// part of a longer chain, would close or detach another chain's parts. When the
 	// facts cannot be had (a qube unreachable) the close goes on: it converges.
 	st, states, err := e.status(ctx, c)
-	if err == nil && st.Other != "" {
-		return fmt.Errorf("cannot close %s: %w: %s", c.Name, ErrOtherChain, st.Other)
+	if err == nil {
+		if st.Other != "" {
+			return fmt.Errorf("cannot close %s: %w: %s", c.Name, ErrOtherChain, st.Other)
+		}
+		if !st.Open() {
+			if err := e.openElsewhere(ctx, c, st); err != nil {
+				return err
+			}
+		}
+	}
+	if beforeSteps != nil {
+		beforeSteps(ctx)
 	}
 	return e.execute(ctx, c, "close", e.closeActions(c, o, states), progress)
 }
+
+// openElsewhere decides a close of a chain that is not whole: when its container is
+// open as another chain (the chains share a beginning, or the source's loop device is
+// attached elsewhere), the close would take that chain's parts, and is refused
+// (ErrOtherChain, naming it); when nothing of it is open anywhere, it has nothing to do
+// (ErrNotOpen). What is left is c partly open, or a loop device no chain uses: its
+// own leftovers, which the close takes down.
+func (e *Engine) openElsewhere(ctx context.Context, c *Chain, st *Status) error {
+	if st.Source != SourceLoop {
+		if !st.held() {
+			return ErrNotOpen
+		}
+		return nil // no source to find another chain by; the destinations hold c's layers
+	}
+	found, err := e.Discover(ctx)
+	if err != nil {
+		return fmt.Errorf("cannot close %s: %s has a loop device of %s and which chain uses it is unknown: %w", c.Name, c.SourceVM, c.Container(), err)
+	}
+	for _, d := range found {
+		if d.SourceVM == c.SourceVM && (d.File == c.Container() || d.File == "" && d.Key == c.Key) && !d.partOf(c) {
+			return &openAsError{chain: c, as: d}
+		}
+	}
+	return nil
+}
+
+// openAsError: the container of a close's spec is open as another chain.
+type openAsError struct {
+	chain *Chain
+	as    Discovered
+}
+
+func (e *openAsError) Error() string {
+	c := e.chain
+	return fmt.Sprintf("cannot close %s: %s in %s is open as %s, not as %s: close that one",
+		c.Name, c.Container(), c.SourceVM, e.as.Shape(), strings.Join(c.VMs(), " > "))
+}
+
+func (e *openAsError) Is(target error) bool { return target == ErrOtherChain }
 
 // closeActions are the steps of a close; states is a listing of the qubes just taken
 // (nil: none), used until a step needs a fresh one.

@@ -46,9 +46,23 @@ func (d Discovered) String() string {
 	return b.String()
 }
 
+// Shape names the qubes in chain order: "sys-usb > mediator > work".
+func (d Discovered) Shape() string {
+	vms := []string{d.SourceVM}
+	for _, h := range d.Hops {
+		vms = append(vms, h.VM)
+	}
+	return strings.Join(vms, " > ")
+}
+
 // Matches reports whether a discovered chain is a configured one.
 func (d Discovered) Matches(c *Chain) bool {
-	if d.SourceVM != c.SourceVM || len(d.Hops) != len(c.Hops) || d.Key != "" && d.Key != c.Key {
+	return len(d.Hops) == len(c.Hops) && d.partOf(c)
+}
+
+// partOf reports whether a discovered chain is c or its beginning (c partly open).
+func (d Discovered) partOf(c *Chain) bool {
+	if d.SourceVM != c.SourceVM || len(d.Hops) > len(c.Hops) || d.Key != "" && d.Key != c.Key {
 		return false
 	}
 	for i, h := range d.Hops {

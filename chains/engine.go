@@ -17,6 +17,7 @@ import (
 // Errors callers act on.
 var (
 	ErrAlreadyOpen   = errors.New("the chain is already open")
+	ErrNotOpen       = errors.New("the chain is not open")
 	ErrPartiallyOpen = errors.New("the chain is partially open; close it with force first")
 	ErrNotRunning    = errors.New("qube not running")
 	ErrSpoofed       = errors.New("a qube reported a device that qubesd does not show")
@@ -390,7 +391,7 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 		if !o.Force {
 			return fmt.Errorf("cannot open %s: %w (%d steps missing)", c.Name, ErrPartiallyOpen, st.Missing)
 		}
-		if err := e.Close(ctx, c, CloseOptions{}, nil); err != nil {
+		if err := e.Close(ctx, c, CloseOptions{}, nil, nil); err != nil && !errors.Is(err, ErrNotOpen) {
 			return fmt.Errorf("cannot open %s: closing the partial chain first: %w", c.Name, err)
 		}
 	}

@@ -102,7 +102,7 @@ func TestOpenWriteCloseReopen(t *testing.T) {
 			if err := r.e.Open(bg, c, OpenOptions{}, nil); !errors.Is(err, ErrAlreadyOpen) {
 				t.Errorf("re-open: %v", err)
 			}
-			if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 			if left := r.leftovers(t); len(left) != 0 {
@@ -112,9 +112,9 @@ func TestOpenWriteCloseReopen(t *testing.T) {
 			if st.Missing != 2*len(c.Hops)+1+1 || !st.Closed() {
 				t.Errorf("closed status %d %+v, want %d", st.Missing, st, 2*len(c.Hops)+2)
 			}
-			// Closing twice is fine.
-			if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
-				t.Errorf("second close: %v", err)
+			// Closing twice changes nothing and says so.
+			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); !errors.Is(err, ErrNotOpen) {
+				t.Errorf("second close: %v, want %v", err, ErrNotOpen)
 			}
 			usb, _ := r.VM("sys-usb")
 			data, _ := os.ReadFile(filepath.Join(usb.Root(), sim.DemoContainer))
@@ -247,7 +247,7 @@ func TestKeyInjection(t *testing.T) {
 		t.Errorf("injected key: %q", res.Stdout)
 	}
 	// An existing key is never overwritten.
-	r.e.Close(bg, c, CloseOptions{}, nil)
+	r.e.Close(bg, c, CloseOptions{}, nil, nil)
 	if err := os.WriteFile(inj, []byte("other"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +294,7 @@ func TestCloseAfterIntermediateWentDown(t *testing.T) {
 			}
 			// The plaintext mount cannot be written back (its device is dead): a clean close
 			// fails at the first layer and never touches the dead peer.
-			err := r.e.Close(bg, c, CloseOptions{}, nil)
+			err := r.e.Close(bg, c, CloseOptions{}, nil, nil)
 			if err == nil {
 				t.Fatal("close of a chain with a dead middle succeeded without force")
 			}
@@ -302,14 +302,14 @@ func TestCloseAfterIntermediateWentDown(t *testing.T) {
 				t.Fatalf("qubesd wedged (detached from a dead peer?): %v", err)
 			}
 			// The target is never shut down without its own option...
-			if err := r.e.Close(bg, c, CloseOptions{Force: true}, nil); err == nil {
+			if err := r.e.Close(bg, c, CloseOptions{Force: true}, nil, nil); err == nil {
 				t.Fatal("forced close shut the target down or lost data silently")
 			}
 			if st, _ := r.Client.CurrentState(bg, "work"); st != qubes.StateRunning {
 				t.Fatalf("target is %s", st)
 			}
 			// ...and with it, the close converges.
-			if err := r.e.Close(bg, c, CloseOptions{Force: true, ShutdownTarget: true}, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{Force: true, ShutdownTarget: true}, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := r.Client.Available(bg, "sys-usb"); err != nil {
@@ -544,7 +544,7 @@ func TestPlanIsWhatRuns(t *testing.T) {
 		t.Errorf("open ran:\n%s\nplan:\n%s", got, want)
 	}
 	co := CloseOptions{Force: true, ShutdownTarget: true, Eject: true}
-	if err := r.e.Close(bg, c, co, nil); err != nil {
+	if err := r.e.Close(bg, c, co, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := ran(), PlanClose(c, co); got.String() != want.String() {
@@ -662,7 +662,7 @@ func TestCloseWithoutJournal(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.e.Journal = &Journal{Dir: notADir}
-	if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+	if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
 		t.Fatalf("close without a journal: %v", err)
 	}
 	if st := r.status(t, c); !st.Closed() {
@@ -703,7 +703,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 			if st.Open() || st.Other == "" || st.Missing == 0 {
 				t.Errorf("status of the wrong spec: %+v", st)
 			}
-			err := r.e.Close(bg, c, CloseOptions{}, nil)
+			err := r.e.Close(bg, c, CloseOptions{}, nil, nil)
 			if !errors.Is(err, ErrOtherChain) {
 				t.Fatalf("close of the wrong spec: %v", err)
 			}
@@ -712,8 +712,73 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 			}
 		})
 	}
-	if err := r.e.Close(bg, open, CloseOptions{}, nil); err != nil {
+	if err := r.e.Close(bg, open, CloseOptions{}, nil, nil); err != nil {
 		t.Fatalf("close of the right spec: %v", err)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("left: %v", left)
+	}
+}
+
+// A close of a spec whose container is open as another chain (another target, or a
+// chain that shares its beginning) is refused, names that chain and touches nothing,
+// even with force; with nothing of it open anywhere it says so; a loop device no chain
+// uses is its leftover and goes.
+func TestCloseOfAnotherShape(t *testing.T) {
+	r := newRig(t, sim.R43)
+	if _, err := r.AddVM("vault", "AppVM", "user"); err != nil {
+		t.Fatal(err)
+	}
+	r.start(t, "work")
+	open := demoChain()
+	if err := r.e.Open(bg, open, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	spec := func(hops ...string) *Chain {
+		c := demoChain()
+		c.Name, c.Hops, c.MountPoint = "mistyped", nil, ""
+		for _, vm := range hops {
+			c.Hops = append(c.Hops, Hop{VM: vm})
+		}
+		return c
+	}
+	tests := []struct {
+		hops []string
+		want string
+	}{
+		{[]string{"vault"}, "cannot close mistyped: /home/user/demo.luks in sys-usb is open as sys-usb > mediator > work, not as sys-usb > vault: close that one"},
+		{[]string{"mediator", "vault"}, "cannot close mistyped: /home/user/demo.luks in sys-usb is open as sys-usb > mediator > work, not as sys-usb > mediator > vault: close that one"},
+	}
+	for _, vaultRuns := range []bool{false, true} {
+		if vaultRuns {
+			r.start(t, "vault")
+		}
+		for _, tc := range tests {
+			ran := false
+			err := r.e.Close(bg, spec(tc.hops...), CloseOptions{Force: true}, func(context.Context) { ran = true }, nil)
+			if !errors.Is(err, ErrOtherChain) || err == nil || err.Error() != tc.want {
+				t.Errorf("vault running %v: close %v: %v\nwant: %s", vaultRuns, tc.hops, err, tc.want)
+			}
+			if ran {
+				t.Errorf("vault running %v: the refused close of %v ran its pre close hook", vaultRuns, tc.hops)
+			}
+			if st := r.status(t, open); !st.Open() {
+				t.Fatalf("vault running %v: close %v touched the open chain: %+v", vaultRuns, tc.hops, st)
+			}
+		}
+	}
+	if err := r.e.Close(bg, open, CloseOptions{}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	ran := false
+	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, func(context.Context) { ran = true }, nil); !errors.Is(err, ErrNotOpen) || ran {
+		t.Errorf("close with nothing open: %v (pre close ran: %v), want %v", err, ran, ErrNotOpen)
+	}
+	// A loop device of the container that nothing has attached (an open interrupted
+	// right after its first step) is the closing chain's to remove.
+	r.Sh(t, "sys-usb", "losetup -f "+sim.DemoContainer)
+	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, nil, nil); err != nil {
+		t.Errorf("close of a leftover loop device: %v", err)
 	}
 	if left := r.leftovers(t); len(left) != 0 {
 		t.Errorf("left: %v", left)
@@ -871,7 +936,7 @@ func TestCrossMachineLock(t *testing.T) {
 	if got := readLock(); !strings.HasPrefix(got, "qcrypt-lock 1 machine="+me+" chain=demo time=") {
 		t.Errorf("lock after a read-write open: %q", got)
 	}
-	if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+	if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got := readLock(); got != "" {
@@ -899,7 +964,7 @@ func TestCrossMachineLock(t *testing.T) {
 			if err := r.e.Open(bg, ro, OpenOptions{}, nil); err != nil {
 				t.Fatalf("read-only open: %v", err)
 			}
-			if err := r.e.Close(bg, ro, CloseOptions{}, nil); err != nil {
+			if err := r.e.Close(bg, ro, CloseOptions{}, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 			if got := readLock(); got != tc.lock+"\n" {
@@ -911,7 +976,7 @@ func TestCrossMachineLock(t *testing.T) {
 			if got := readLock(); !strings.Contains(got, "machine="+me) {
 				t.Errorf("lock after breaking it: %q", got)
 			}
-			if err := r.e.Close(bg, c, CloseOptions{}, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 		})

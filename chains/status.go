@@ -61,16 +61,17 @@ func (s *Status) Open() bool { return s.Missing == 0 && s.Problem == "" && s.Oth
 
 // Closed reports that nothing of the chain exists: no loop device, nothing attached,
 // decrypted or mounted.
-func (s *Status) Closed() bool {
-	if s.Source == SourceLoop {
-		return false
-	}
+func (s *Status) Closed() bool { return s.Source != SourceLoop && !s.held() }
+
+// held reports whether any destination holds something of the chain: an attached
+// device, its mapper (wherever it sits) or the mount.
+func (s *Status) held() bool {
 	for _, h := range s.Hops {
 		if h.Attached || h.Decrypted || h.Mounted || h.MapperElsewhere {
-			return false
+			return true
 		}
 	}
-	return true
+	return false
 }
 
 var (

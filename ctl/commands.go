@@ -59,7 +59,9 @@ func init() {
 				"opens are allowed with a warning in qcryptd's log. The close removes the lock."},
 		{name: "close", args: "CHAIN | [OPTIONS] SOURCE_VM FILE KEY DST...", summary: "close a chain", run: cmdClose,
 			flags: []flagSpec{fJSON, fSD, fShutdown, fEject},
-			help:  "Closes a chain in reverse order. Never detaches from a qube that is down, never shuts the target down\nunless --shutdown-target."},
+			help: "Closes a chain in reverse order. Never detaches from a qube that is down, never shuts the target down\n" +
+				"unless --shutdown-target. Says \"not open\" (exit 0) when nothing of the chain is open, and fails, changing\n" +
+				"nothing, when its container is open as another chain: it names that chain, to be closed as it was opened."},
 		{name: "luks-init", args: "[OPTIONS] SOURCE_VM FILE KEY DST...", summary: "create a new container and its keys", run: cmdLuksInit,
 			flags: []flagSpec{fJSON, fAuto, fCy,
 				{long: "--size", arity: 1, help: "container size, e.g. 1G (default 1G)"},

@@ -3,11 +3,14 @@ package daemon_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/chains/golden"
 )
 
 // qcryptctl runs the real client binary.
@@ -156,6 +159,40 @@ func TestAdhocIdentity(t *testing.T) {
 	if out := string(w.sh("work", "ls /dev/mapper").Stdout); out != "" {
 		t.Errorf("left in work: %q", out)
 	}
+}
+
+// TestCloseOfAnotherShape: a close whose container is open as another chain, given as a
+// spec or as a configured chain's name, fails, names that chain and changes nothing; a
+// close with nothing open says "not open", never "closed".
+func TestCloseOfAnotherShape(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.writeChain("mistyped", strings.Replace(demoChain, "destination vm 2=work", "destination vm 2=vault", 1))
+	w.ctl("add-vm", "vault")
+	w.startDaemon()
+	c := w.client()
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
+	w.waitState(c, "demo", "open", time.Minute)
+	var transcript strings.Builder
+	run := func(args ...string) {
+		t.Helper()
+		out, code := w.qcryptctl(args...)
+		fmt.Fprintf(&transcript, "$ qcryptctl %s\n%s--- exit %d\n", strings.Join(args, " "), out, code)
+	}
+	run("close", "--", "sys-usb", "/home/user/demo.luks", "demo", "vault")
+	run("close", "--force", "mistyped")
+	if ci, err := c.Chain(bg, "demo"); err != nil || ci.State != "open" {
+		t.Fatalf("the refused closes touched demo: %+v %v", ci, err)
+	}
+	if out, code := w.qcryptctl("status", "demo"); code != 0 {
+		t.Fatalf("the refused closes touched demo: exit %d %s", code, out)
+	}
+	run("close", "demo")
+	run("close", "demo")
+	run("close", "--", "sys-usb", "/home/user/demo.luks", "demo", "vault")
+	golden.Check(t, "testdata/golden/close-another-shape.txt", transcript.String())
 }
 
 // TestCancelHungAutoOpen: qcryptd's own open hangs in work; `qcryptctl cancel` ends it

@@ -56,7 +56,7 @@ type Qubes interface {
 // a fake one: the loop's reactions are then tested without qubes that run anything.
 type Engine interface {
 	Open(ctx context.Context, c *chains.Chain, o chains.OpenOptions, progress chains.ProgressFunc) error
-	Close(ctx context.Context, c *chains.Chain, o chains.CloseOptions, progress chains.ProgressFunc) error
+	Close(ctx context.Context, c *chains.Chain, o chains.CloseOptions, beforeSteps func(context.Context), progress chains.ProgressFunc) error
 	Status(ctx context.Context, c *chains.Chain) (*chains.Status, error)
 	SourcePresent(ctx context.Context, c *chains.Chain) (bool, error)
 	Discover(ctx context.Context) ([]chains.Discovered, error)

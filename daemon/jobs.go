@@ -210,10 +210,13 @@ func (r *jobRun) open(ctx context.Context) (outcome, error) {
 
 func (r *jobRun) close(ctx context.Context) (outcome, error) {
 	c := r.c
-	_ = r.hook(ctx, "pre close", c.PreClose) // a close is never vetoed
-	if err := r.d.engine.Close(ctx, c, r.j.closeOpts, r.progress); errors.Is(err, chains.ErrOtherChain) {
+	preClose := func(ctx context.Context) { _ = r.hook(ctx, "pre close", c.PreClose) } // a close is never vetoed
+	switch err := r.d.engine.Close(ctx, c, r.j.closeOpts, preClose, r.progress); {
+	case errors.Is(err, chains.ErrNotOpen):
+		return outcome{state: dbusapi.ChainClosed, message: "not open"}, nil // nothing to do, nothing was touched
+	case errors.Is(err, chains.ErrOtherChain):
 		return outcome{state: dbusapi.ChainClosed}, err // nothing of this chain is open; nothing was touched
-	} else if err != nil {
+	case err != nil:
 		return outcome{state: dbusapi.ChainDegraded}, err
 	}
 	_ = r.hook(ctx, "post close", c.PostClose) // the chain is closed either way
@@ -259,7 +262,7 @@ func (r *jobRun) reconcile(ctx context.Context) (outcome, error) {
 				r.d.setState(j.chain, dbusapi.ChainClosing, "", why)
 			}
 		})
-		if err := e.Close(ctx, c, chains.CloseOptions{}, r.progress); err != nil {
+		if err := e.Close(ctx, c, chains.CloseOptions{}, nil, r.progress); err != nil && !errors.Is(err, chains.ErrNotOpen) {
 			return outcome{state: dbusapi.ChainDegraded}, err
 		}
 		return outcome{state: dbusapi.ChainClosed, message: decision.String() + ": closed", userClosed: userClosed}, nil
