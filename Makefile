@@ -121,7 +121,7 @@ vectors:
 	QCRYPT_REQUIRE_REAL_QUBESD=1 QCRYPT_RECORD_VECTORS=1 $(GO) test -count=1 -run '^TestRealQubesdVectors$$' ./qubes/sim/
 
 bench:
-	QCRYPT_REQUIRE_SANDBOX=1 $(GO) test -run '^$$' -bench . -benchtime 2s ./...
+	QCRYPT_REQUIRE_SANDBOX=1 $(GO) test -p 1 -run '^$$' -bench . -benchtime 2s ./...
 
 # Open/write/close cycles with checksums after every reopen: SOAK_CYCLES on the simulator,
 # SOAK_E2E_CYCLES on the real kernel (make check runs 8 of those).

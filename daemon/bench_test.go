@@ -112,15 +112,6 @@ func BenchmarkFiftyChains(b *testing.B) {
 	if err := w.qubes.Shutdown(bg, "mediator", false, true); err != nil {
 		b.Fatal(err)
 	}
-	// calls reads the simulator's counters: "admin", "qrexec" and one per Admin API method.
-	calls := func() map[string]int {
-		m := map[string]int{}
-		for _, f := range strings.Fields(w.ctl("calls")) {
-			k, v, _ := strings.Cut(f, "=")
-			m[k], _ = strconv.Atoi(v)
-		}
-		return m
-	}
 	// spent logs what a phase called, per method, and returns the Admin API and qrexec totals.
 	spent := func(phase string, before, after map[string]int) (admin, qrexec int) {
 		var by []string
@@ -151,14 +142,14 @@ func BenchmarkFiftyChains(b *testing.B) {
 		d := w.startDaemon()
 		c := w.client()
 		w.eventually("all wait", time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting }))
-		c0 := calls()
+		c0 := w.calls()
 		t0 := time.Now()
 		if err := w.qubes.Start(bg, "work"); err != nil {
 			b.Fatal(err)
 		}
 		w.eventually("all open", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainOpen }))
 		settle := time.Since(t0)
-		c1 := calls()
+		c1 := w.calls()
 		peak := vmKiB(b, d.Process.Pid, "VmHWM:")
 		for j := 0; j < n/2; j++ {
 			if out, code := w.qcryptctl("close", fmt.Sprintf("c%02d", j)); code != 0 {
@@ -167,7 +158,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 		}
 		d.Process.Signal(syscall.SIGTERM)
 		_ = d.Wait() // ended by a signal we sent; its status is not the point
-		c2 := calls()
+		c2 := w.calls()
 		t1 := time.Now()
 		d = w.startDaemon()
 		c = w.client()
@@ -182,7 +173,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 			return done == n
 		})
 		startup := time.Since(t1)
-		c3 := calls()
+		c3 := w.calls()
 		admin, qrexec := spent("50 opens", c0, c1)
 		b.ReportMetric(settle.Seconds(), "settle-s")
 		b.ReportMetric(float64(peak)/1024, "peak-MiB")
@@ -215,4 +206,100 @@ func vmKiB(b *testing.B, pid int, field string) int {
 	}
 	b.Fatalf("no %s", field)
 	return 0
+}
+
+// BenchmarkUserOps is what a user waits for: qcryptctl open, status and close of an
+// ad-hoc chain of 1, 2 and 3 layers, run as the binary, through qcryptd. It reports the
+// wall time of each, and the Admin API and qrexec calls qcryptd made, on the simulator
+// at zero latency, at a real machine's latencies (3 ms per Admin API call, 100 ms per
+// qrexec call, spent waiting), and behind the real qubesd and qrexec (4.3; the calls
+// are the same there, but the simulator does not see them to count).
+func BenchmarkUserOps(b *testing.B) {
+	table := []string{fmt.Sprintf("%-10s %-7s %-7s %9s %7s %7s", "world", "layers", "op", "wall ms", "qrexec", "admin")}
+	for _, world := range []struct{ name, dialect, admin, qrexec string }{
+		{"sim", "4.3", "0", "0"},
+		{"sim-field", "4.3", "3ms", "100ms"},
+		{"real-4.3", "real-4.3", "", ""},
+	} {
+		b.Run(world.name, func(b *testing.B) {
+			w := newWorld(b, world.dialect, permissiveBus)
+			w.startDaemon()
+			w.ctl("add-vm", "m1")
+			w.ctl("add-vm", "m2")
+			specs := map[int][]string{}
+			for layers := 1; layers <= 3; layers++ {
+				spec := []string{"sys-usb", fmt.Sprintf("/home/user/b%d.luks", layers), fmt.Sprintf("b%d", layers)}
+				for i := 1; i < layers; i++ {
+					spec = append(spec, fmt.Sprintf("m%d", i))
+				}
+				spec = append(spec, "work")
+				if out, code := w.qcryptctl(append([]string{"luks-init", "-a", "--size", "48M", "--fs", "ext4", "--enkey", "/dev/urandom", "--encon", "/dev/urandom"}, spec...)...); code != 0 {
+					b.Fatalf("luks-init %d layers: %s", layers, out)
+				}
+				specs[layers] = spec
+			}
+			if world.admin != "" {
+				w.ctl("latency", world.admin, world.qrexec)
+			}
+			for layers := 1; layers <= 3; layers++ {
+				for _, op := range []string{"open", "status", "close"} {
+					b.Run(fmt.Sprintf("layers=%d/op=%s", layers, op), func(b *testing.B) {
+						wall, admin, qrexec := w.userOp(b, op, specs[layers])
+						row := fmt.Sprintf("%-10s %-7d %-7s %9.0f", world.name, layers, op, wall)
+						if !w.real { // behind the real qubesd the simulator does not see the calls
+							b.ReportMetric(admin, "admin-calls/op")
+							b.ReportMetric(qrexec, "qrexec-calls/op")
+							row += fmt.Sprintf(" %7.0f %7.0f", qrexec, admin)
+						}
+						table = append(table, row)
+					})
+				}
+			}
+		})
+	}
+	b.Logf("as a user sees it (qcryptctl's wall time; calls qcryptd made):\n%s", strings.Join(table, "\n"))
+}
+
+// userOp times qcryptctl OP SPEC b.N times and returns the mean wall time in ms and the
+// Admin API and qrexec calls per op; the chain is open before a status or close and
+// closed before an open (set up outside the timer).
+func (w *world) userOp(b *testing.B, op string, spec []string) (wall, admin, qrexec float64) {
+	ctl := func(args ...string) {
+		b.Helper()
+		if out, code := w.qcryptctl(args...); code != 0 {
+			b.Fatalf("qcryptctl %s: exit %d %s", strings.Join(args, " "), code, out)
+		}
+	}
+	var took time.Duration
+	var a, q int
+	for b.Loop() {
+		b.StopTimer()
+		if op != "open" {
+			ctl(append([]string{"open"}, spec...)...)
+		}
+		c0 := w.calls()
+		b.StartTimer()
+		t0 := time.Now()
+		ctl(append([]string{op, "--"}, spec...)...)
+		took += time.Since(t0)
+		b.StopTimer()
+		c1 := w.calls()
+		a, q = a+c1["admin"]-c0["admin"], q+c1["qrexec"]-c0["qrexec"]
+		if op != "close" {
+			ctl(append([]string{"close", "--"}, spec...)...)
+		}
+		b.StartTimer()
+	}
+	n := float64(b.N)
+	return float64(took.Milliseconds()) / n, float64(a) / n, float64(q) / n
+}
+
+// calls reads the simulator's counters: "admin", "qrexec" and one per Admin API method.
+func (w *world) calls() map[string]int {
+	m := map[string]int{}
+	for _, f := range strings.Fields(w.ctl("calls")) {
+		k, v, _ := strings.Cut(f, "=")
+		m[k], _ = strconv.Atoi(v)
+	}
+	return m
 }

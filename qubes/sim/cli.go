@@ -34,6 +34,8 @@ ctl commands:
   kernel-fault VM OP hang|fail     (once; OP: loop-setup loop-detach crypt-open crypt-close mount umount)
   wait-fault [SECS]                (waits until a fault fires and prints it) | release (held calls go on)
   calls                            (Admin API and qrexec calls served so far: admin=N qrexec=M)
+  latency ADMIN QREXEC             (wait this long in every Admin API and qrexec call from now on,
+                                    e.g. 3ms 100ms as on a real machine; 0 0 ends it)
   clear-faults | drop-events | flood VM N | describe VM PORT DESCRIPTION
   restart-qubesd                   (the own server drops its event streams and held calls)
   (with --real-qubesd: fault, drop-events and flood need the own server)
@@ -321,6 +323,17 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		req = &ctlRequest{Op: "describe", VM: a[1], Port: a[2], Desc: a[3]}
+	case "latency":
+		if !need(2) {
+			return 2
+		}
+		admin, aerr := time.ParseDuration(a[1])
+		qrexec, qerr := time.ParseDuration(a[2])
+		if aerr != nil || qerr != nil || admin < 0 || qrexec < 0 {
+			fmt.Fprintf(stderr, "qubes-sim ctl latency: not two durations: %q %q\n", a[1], a[2])
+			return 2
+		}
+		req = &ctlRequest{Op: "latency", AdminLatency: admin, QrexecLatency: qrexec}
 	default:
 		fmt.Fprint(stderr, usage)
 		return 2

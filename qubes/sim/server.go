@@ -127,6 +127,16 @@ func (w *World) AddFault(f Fault) {
 }
 
 // SetQrexecFault installs (or, with a zero value, removes) a qrexec fault for a qube.
+// SetLatency makes every later Admin API call (but the event stream) wait admin and
+// every stand-in qrexec call wait qrexec before it is served: on this machine the
+// simulator's calls cost CPU, on a real one they cost mostly latency (about 3 ms and
+// 100 ms), which hides what an operation does in parallel. Zero ends it.
+func (w *World) SetLatency(admin, qrexec time.Duration) {
+	w.mu.Lock()
+	w.adminLatency, w.qrexecLatency = admin, qrexec
+	w.mu.Unlock()
+}
+
 func (w *World) SetQrexecFault(vm string, f QrexecFault) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -211,7 +221,11 @@ func (w *World) handleConn(c net.Conn) {
 	w.callsBy[req.Method]++
 	_, srcOK := w.vms[src]
 	_, destOK := w.vms[req.Dest]
+	latency := w.adminLatency
 	w.mu.Unlock()
+	if req.Method != "admin.Events" {
+		time.Sleep(latency) // spent waiting, as a field machine's qubesd takes it
+	}
 	if !srcOK {
 		write(c, qubes.EncodeException("QubesVMNotFoundError", "No such domain: "+quoteName(src)))
 		return

@@ -286,6 +286,9 @@ type ctlRequest struct {
 	Class string `json:"class,omitempty"`
 	Count int    `json:"count,omitempty"`
 
+	AdminLatency  time.Duration `json:"admin_latency,omitempty"`
+	QrexecLatency time.Duration `json:"qrexec_latency,omitempty"`
+
 	Fault  *Fault       `json:"fault,omitempty"`
 	Qrexec *QrexecFault `json:"qrexec,omitempty"`
 	Kernel *KernelFault `json:"kernel,omitempty"`
@@ -406,6 +409,8 @@ func (s *Sim) handleControl(c *net.UnixConn) {
 		s.ClearFaults()
 	case "drop-events":
 		s.DropEventStreams()
+	case "latency":
+		s.SetLatency(req.AdminLatency, req.QrexecLatency)
 	case "describe":
 		s.SetDescription(qubes.DeviceRef{Backend: req.VM, Port: req.Port}, req.Desc)
 	case "flood":
@@ -453,6 +458,10 @@ func reply(c net.Conn, v any) { _ = writeJSONLine(c, v) }
 func (s *Sim) exec(c *net.UnixConn, req ctlRequest, stdio []*os.File) int {
 	gone := closedByPeer(c)
 	s.qrexecCalls.Add(1)
+	s.World.mu.Lock()
+	latency := s.World.qrexecLatency
+	s.World.mu.Unlock()
+	time.Sleep(latency)
 	wait := time.Duration(req.Wait) * time.Second
 	if req.Wait <= 0 {
 		wait = 5 * time.Second

@@ -101,6 +101,10 @@ type World struct {
 	ShutdownDelay        time.Duration
 	DefaultQrexecTimeout int
 
+	// adminLatency and qrexecLatency are waited in every Admin API call (but the event
+	// stream) and every stand-in qrexec call: a real machine's latencies (SetLatency).
+	adminLatency, qrexecLatency time.Duration
+
 	calls   int64            // Admin API calls served
 	callsBy map[string]int64 // the same per method
 
