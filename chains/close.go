@@ -12,6 +12,20 @@ import (
 	"github.com/qcrypt/qcrypt/qubes"
 )
 
+// Closing is how qcryptd runs a close, beyond the options the user gave.
+type Closing struct {
+	// Held: qcryptd's own record of the chain is continuous since it opened or verified
+	// it (no gap in its event stream, no qube of the chain shut down, no device of one
+	// removed). The layout the journal recorded at the open is then the chain's
+	// identity: the close goes straight to its steps, each checking in the same call
+	// that what it takes down is where the record says; when one is not, the close
+	// stops there and reads the chain's facts as an unheld close does.
+	Held bool
+	// BeforeSteps, when set, runs before the first step: qcryptd's pre close hook,
+	// which a refused close or one with nothing to do must not run.
+	BeforeSteps func(context.Context)
+}
+
 // Close closes a chain in reverse order (unmount and close each layer, detach, detach
 // the loop device). It converges from any partial state and is idempotent: what is
 // already gone is skipped, and a peer that is down is never detached from (Qubes
@@ -19,9 +33,24 @@ import (
 // target only with ShutdownTarget. It never shuts anything down otherwise.
 //
 // A close with nothing to take down returns ErrNotOpen, one of another chain's parts
-// ErrOtherChain; both touch nothing. Otherwise beforeSteps, when set, runs before the
-// first step (qcryptd's pre close hook, which those two must not run).
-func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, beforeSteps func(context.Context), progress ProgressFunc) error {
+// ErrOtherChain; both touch nothing.
+func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, how Closing, progress ProgressFunc) error {
+	before := func(ctx context.Context) {
+		if how.BeforeSteps != nil {
+			how.BeforeSteps(ctx)
+			how.BeforeSteps = nil // once, also when a held close stops and reads
+		}
+	}
+	if how.Held {
+		if l := e.recordedLayout(c); l != nil {
+			before(ctx)
+			err := e.execute(ctx, c, "close", e.closeActions(c, o, nil, l), progress)
+			if !errors.Is(err, errNotAsRecorded) {
+				return err
+			}
+			e.log().WithField("chain", c.Name).WithError(err).Warn("the chain is not as qcryptd recorded it: reading it before closing")
+		}
+	}
 	// What is open must be this chain: a spec with another source, file or key, or a
 	// part of a longer chain, would close or detach another chain's parts. When the
 	// facts cannot be had (a qube unreachable) the close goes on: it converges.
@@ -36,10 +65,55 @@ func (e *Engine) Close(ctx context.Context, c *Chain, o CloseOptions, beforeStep
 			}
 		}
 	}
-	if beforeSteps != nil {
-		beforeSteps(ctx)
+	before(ctx)
+	return e.execute(ctx, c, "close", e.closeActions(c, o, states, nil), progress)
+}
+
+// errNotAsRecorded stops a held close at a step whose part is not where the open
+// recorded it; that step changed nothing.
+var errNotAsRecorded = errors.New("not as the open recorded it")
+
+// layout is where an open chain's parts are: per hop, the device it was given and that
+// device's name in the hop (xvdi).
+type layout struct {
+	devs []qubes.DeviceRef
+	fes  []string
+}
+
+// recordedLayout is c's layout as the journal recorded it: the last operation on c was
+// an open that finished well, of these qubes, with each attachment's facts. nil when
+// there is no such record.
+func (e *Engine) recordedLayout(c *Chain) *layout {
+	rec, err := e.Journal.Read(c.Name)
+	if err != nil || rec == nil || rec.Op != "open" || !rec.Finished || rec.Error != "" {
+		return nil
 	}
-	return e.execute(ctx, c, "close", e.closeActions(c, o, states), progress)
+	l := &layout{}
+	prev := c.SourceVM
+	for _, s := range rec.Steps {
+		if s.Kind != "attach" {
+			continue
+		}
+		i := len(l.devs)
+		if i >= len(c.Hops) || s.VM != c.Hops[i].VM || s.State != "done" {
+			return nil
+		}
+		backend, port, _ := strings.Cut(s.Facts["device"], ":")
+		portRE := dmPortRE
+		if i == 0 {
+			portRE = loopPortRE
+		}
+		fe := s.Facts["frontend_dev"]
+		if backend != prev || !portRE.MatchString(port) || !xvdRE.MatchString(fe) {
+			return nil
+		}
+		l.devs, l.fes = append(l.devs, qubes.DeviceRef{Backend: backend, Port: port}), append(l.fes, fe)
+		prev = s.VM
+	}
+	if len(l.devs) != len(c.Hops) {
+		return nil
+	}
+	return l
 }
 
 // openElsewhere decides a close of a chain that is not whole: when its container is
@@ -82,8 +156,10 @@ func (e *openAsError) Error() string {
 func (e *openAsError) Is(target error) bool { return target == ErrOtherChain }
 
 // closeActions are the steps of a close; states is a listing of the qubes just taken
-// (nil: none), used until a step needs a fresh one.
-func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string) []action {
+// (nil: none), used until a step needs a fresh one. With a layout (a held close) each
+// hop's step first checks that the hop has the recorded device attached under the
+// recorded name and that the mapper sits on it, and detaches the recorded device.
+func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string, l *layout) []action {
 	var acts []action
 	// backing[i] is the frontend device hop i's mapper sat on, learned when closing it.
 	backing := make([]string, len(c.Hops))
@@ -119,7 +195,17 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			if !qubes.IsRunning(states[h.VM]) {
 				return nil
 			}
-			res, err := e.run(ctx, h.VM, hopCloseScript(c.Key), nil)
+			on := ""
+			if l != nil {
+				if err := e.attachedAsRecorded(ctx, h.VM, l.devs[i], l.fes[i]); err != nil {
+					return err
+				}
+				on = "/dev/" + l.fes[i]
+			}
+			res, err := e.run(ctx, h.VM, hopCloseScript(c.Key, on), nil)
+			if err == nil && res.ExitCode == exitNotAsRecorded {
+				return fmt.Errorf("%w: %s has no %s on %s", errNotAsRecorded, h.VM, c.Key, on)
+			}
 			if err == nil && res.ExitCode == 0 {
 				if m := xvdOutRE.FindSubmatch(res.Stdout); m != nil {
 					backing[i] = string(m[1])
@@ -144,7 +230,11 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 			if err != nil {
 				return err
 			}
-			err = e.detachHop(ctx, c, i, backing[i], states)
+			if l != nil {
+				err = e.detachRecorded(ctx, c, i, l.devs[i], states)
+			} else {
+				err = e.detachHop(ctx, c, i, backing[i], states)
+			}
 			if err != nil && e.wentDown(ctx, c, h.VM) {
 				return nil // a halted qube has nothing attached
 			}
@@ -177,6 +267,40 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 func (e *Engine) wentDown(ctx context.Context, c *Chain, vm string) bool {
 	states, err := e.memberStates(ctx, c)
 	return err == nil && !qubes.IsRunning(states[vm])
+}
+
+// attachedAsRecorded checks through qubesd that vm has dev attached as fe.
+func (e *Engine) attachedAsRecorded(ctx context.Context, vm string, dev qubes.DeviceRef, fe string) error {
+	atts, err := e.Qubes.Attached(ctx, vm)
+	if err != nil {
+		return err
+	}
+	for _, a := range atts {
+		if a.DeviceRef == dev {
+			if a.FrontendDev != fe {
+				return fmt.Errorf("%w: %s has %s as %s, not %s", errNotAsRecorded, vm, dev, a.FrontendDev, fe)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s does not have %s attached", errNotAsRecorded, vm, dev)
+}
+
+// detachRecorded detaches the device hop i was given at the open, unless hop i or the
+// qube that serves it is down (Qubes #4784). states must be fresh.
+func (e *Engine) detachRecorded(ctx context.Context, c *Chain, i int, dev qubes.DeviceRef, states map[string]string) error {
+	h := c.Hops[i]
+	if !qubes.IsRunning(states[h.VM]) {
+		return nil
+	}
+	if !qubes.IsRunning(states[dev.Backend]) {
+		e.log().WithFields(logrus.Fields{"chain": c.Name, "vm": h.VM}).Info("not detaching: " + dev.Backend + " is down (Qubes #4784)")
+		return nil
+	}
+	if err := e.Qubes.Detach(ctx, h.VM, dev); err != nil && !errors.Is(err, qubes.ErrNotAttached) {
+		return err
+	}
+	return nil
 }
 
 // detachHop detaches what hop i has attached from the previous qube of the chain. With

@@ -175,7 +175,9 @@ func (e *Engine) run(ctx context.Context, vm, script string, input io.Reader) (q
 func PlanOpen(c *Chain, o OpenOptions) Plan { return planOf((&Engine{}).openActions(c, o, nil, nil)) }
 
 // PlanClose lists the steps a close performs, in order: those of its actions.
-func PlanClose(c *Chain, o CloseOptions) Plan { return planOf((&Engine{}).closeActions(c, o, nil)) }
+func PlanClose(c *Chain, o CloseOptions) Plan {
+	return planOf((&Engine{}).closeActions(c, o, nil, nil))
+}
 
 func planOf(acts []action) Plan {
 	p := make(Plan, len(acts))
@@ -391,7 +393,7 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 		if !o.Force {
 			return fmt.Errorf("cannot open %s: %w (%d steps missing)", c.Name, ErrPartiallyOpen, st.Missing)
 		}
-		if err := e.Close(ctx, c, CloseOptions{}, nil, nil); err != nil && !errors.Is(err, ErrNotOpen) {
+		if err := e.Close(ctx, c, CloseOptions{}, Closing{}, nil); err != nil && !errors.Is(err, ErrNotOpen) {
 			return fmt.Errorf("cannot open %s: closing the partial chain first: %w", c.Name, err)
 		}
 	}
@@ -566,7 +568,7 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 			s.dev[i+1] = qubes.DeviceRef{Backend: h.VM, Port: string(m[2])}
 			return e.checkExposed(ctx, s.dev[i+1], c.Key)
 		}, undo: func(ctx context.Context) error {
-			return e.runOK(ctx, h.VM, hopCloseScript(c.Key))
+			return e.runOK(ctx, h.VM, hopCloseScript(c.Key, ""))
 		}, facts: func() map[string]string {
 			if i+1 < len(s.dev) {
 				return map[string]string{"dm": s.dev[i+1].Port}

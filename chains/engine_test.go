@@ -102,7 +102,7 @@ func TestOpenWriteCloseReopen(t *testing.T) {
 			if err := r.e.Open(bg, c, OpenOptions{}, nil); !errors.Is(err, ErrAlreadyOpen) {
 				t.Errorf("re-open: %v", err)
 			}
-			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil); err != nil {
 				t.Fatal(err)
 			}
 			if left := r.leftovers(t); len(left) != 0 {
@@ -113,7 +113,7 @@ func TestOpenWriteCloseReopen(t *testing.T) {
 				t.Errorf("closed status %d %+v, want %d", st.Missing, st, 2*len(c.Hops)+2)
 			}
 			// Closing twice changes nothing and says so.
-			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); !errors.Is(err, ErrNotOpen) {
+			if err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil); !errors.Is(err, ErrNotOpen) {
 				t.Errorf("second close: %v, want %v", err, ErrNotOpen)
 			}
 			usb, _ := r.VM("sys-usb")
@@ -247,7 +247,7 @@ func TestKeyInjection(t *testing.T) {
 		t.Errorf("injected key: %q", res.Stdout)
 	}
 	// An existing key is never overwritten.
-	r.e.Close(bg, c, CloseOptions{}, nil, nil)
+	r.e.Close(bg, c, CloseOptions{}, Closing{}, nil)
 	if err := os.WriteFile(inj, []byte("other"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +294,7 @@ func TestCloseAfterIntermediateWentDown(t *testing.T) {
 			}
 			// The plaintext mount cannot be written back (its device is dead): a clean close
 			// fails at the first layer and never touches the dead peer.
-			err := r.e.Close(bg, c, CloseOptions{}, nil, nil)
+			err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil)
 			if err == nil {
 				t.Fatal("close of a chain with a dead middle succeeded without force")
 			}
@@ -302,14 +302,14 @@ func TestCloseAfterIntermediateWentDown(t *testing.T) {
 				t.Fatalf("qubesd wedged (detached from a dead peer?): %v", err)
 			}
 			// The target is never shut down without its own option...
-			if err := r.e.Close(bg, c, CloseOptions{Force: true}, nil, nil); err == nil {
+			if err := r.e.Close(bg, c, CloseOptions{Force: true}, Closing{}, nil); err == nil {
 				t.Fatal("forced close shut the target down or lost data silently")
 			}
 			if st, _ := r.Client.CurrentState(bg, "work"); st != qubes.StateRunning {
 				t.Fatalf("target is %s", st)
 			}
 			// ...and with it, the close converges.
-			if err := r.e.Close(bg, c, CloseOptions{Force: true, ShutdownTarget: true}, nil, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{Force: true, ShutdownTarget: true}, Closing{}, nil); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := r.Client.Available(bg, "sys-usb"); err != nil {
@@ -544,7 +544,7 @@ func TestPlanIsWhatRuns(t *testing.T) {
 		t.Errorf("open ran:\n%s\nplan:\n%s", got, want)
 	}
 	co := CloseOptions{Force: true, ShutdownTarget: true, Eject: true}
-	if err := r.e.Close(bg, c, co, nil, nil); err != nil {
+	if err := r.e.Close(bg, c, co, Closing{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := ran(), PlanClose(c, co); got.String() != want.String() {
@@ -662,7 +662,7 @@ func TestCloseWithoutJournal(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.e.Journal = &Journal{Dir: notADir}
-	if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
+	if err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil); err != nil {
 		t.Fatalf("close without a journal: %v", err)
 	}
 	if st := r.status(t, c); !st.Closed() {
@@ -703,7 +703,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 			if st.Open() || st.Other == "" || st.Missing == 0 {
 				t.Errorf("status of the wrong spec: %+v", st)
 			}
-			err := r.e.Close(bg, c, CloseOptions{}, nil, nil)
+			err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil)
 			if !errors.Is(err, ErrOtherChain) {
 				t.Fatalf("close of the wrong spec: %v", err)
 			}
@@ -712,7 +712,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 			}
 		})
 	}
-	if err := r.e.Close(bg, open, CloseOptions{}, nil, nil); err != nil {
+	if err := r.e.Close(bg, open, CloseOptions{}, Closing{}, nil); err != nil {
 		t.Fatalf("close of the right spec: %v", err)
 	}
 	if left := r.leftovers(t); len(left) != 0 {
@@ -755,7 +755,7 @@ func TestCloseOfAnotherShape(t *testing.T) {
 		}
 		for _, tc := range tests {
 			ran := false
-			err := r.e.Close(bg, spec(tc.hops...), CloseOptions{Force: true}, func(context.Context) { ran = true }, nil)
+			err := r.e.Close(bg, spec(tc.hops...), CloseOptions{Force: true}, Closing{BeforeSteps: func(context.Context) { ran = true }}, nil)
 			if !errors.Is(err, ErrOtherChain) || err == nil || err.Error() != tc.want {
 				t.Errorf("vault running %v: close %v: %v\nwant: %s", vaultRuns, tc.hops, err, tc.want)
 			}
@@ -767,21 +767,79 @@ func TestCloseOfAnotherShape(t *testing.T) {
 			}
 		}
 	}
-	if err := r.e.Close(bg, open, CloseOptions{}, nil, nil); err != nil {
+	if err := r.e.Close(bg, open, CloseOptions{}, Closing{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	ran := false
-	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, func(context.Context) { ran = true }, nil); !errors.Is(err, ErrNotOpen) || ran {
+	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, Closing{BeforeSteps: func(context.Context) { ran = true }}, nil); !errors.Is(err, ErrNotOpen) || ran {
 		t.Errorf("close with nothing open: %v (pre close ran: %v), want %v", err, ran, ErrNotOpen)
 	}
 	// A loop device of the container that nothing has attached (an open interrupted
 	// right after its first step) is the closing chain's to remove.
 	r.Sh(t, "sys-usb", "losetup -f "+sim.DemoContainer)
-	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, nil, nil); err != nil {
+	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, Closing{}, nil); err != nil {
 		t.Errorf("close of a leftover loop device: %v", err)
 	}
 	if left := r.leftovers(t); len(left) != 0 {
 		t.Errorf("left: %v", left)
+	}
+}
+
+// A held close (qcryptd's record continuous since the open) goes straight to one call
+// per qube; when the chain is not where the journal recorded it, the held close stops
+// before changing anything and reads the chain first, as an unheld close does.
+func TestHeldClose(t *testing.T) {
+	r := newRig(t, sim.R43)
+	r.start(t, "work")
+	c := demoChain()
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	q0 := r.Runner.Spawns()
+	if err := r.e.Close(bg, c, CloseOptions{}, Closing{Held: true}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.Runner.Spawns() - q0; n != 3 {
+		t.Errorf("a held close of 2 layers made %d qrexec calls, want 3 (one per qube)", n)
+	}
+	if left := r.leftovers(t); len(left) != 0 {
+		t.Errorf("left after the held close: %v", left)
+	}
+
+	// The record says work got mediator's device as xvdi; the chain was since closed
+	// and opened again by someone else (another journal), with a disk of sys-usb on
+	// work's xvdi first, so that the chain's device is xvdj now.
+	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	other := &Engine{Qubes: r.e.Qubes, Runner: r.e.Runner, Journal: &Journal{Dir: t.TempDir()}}
+	if err := other.Close(bg, c, CloseOptions{}, Closing{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	r.Sh(t, "sys-usb", "truncate -s 1M /tmp/disk && losetup -f /tmp/disk")
+	if err := r.Client.Attach(bg, "work", qubes.DeviceRef{Backend: "sys-usb", Port: "loop0"}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Open(bg, c, OpenOptions{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	ran := 0
+	q0 = r.Runner.Spawns()
+	if err := r.e.Close(bg, c, CloseOptions{}, Closing{Held: true, BeforeSteps: func(context.Context) { ran++ }}, nil); err != nil {
+		t.Fatalf("held close of a chain not where recorded: %v", err)
+	}
+	if n := r.Runner.Spawns() - q0; n <= 3 {
+		t.Errorf("the held close made %d qrexec calls: it did not read the chain after its record failed", n)
+	}
+	if ran != 1 {
+		t.Errorf("the pre close hook ran %d times, want once", ran)
+	}
+	// Only the disk is left: its loop device in sys-usb, attached to work.
+	if left := strings.Join(r.leftovers(t), " "); left != "sys-usb:/dev/loop0: sys-usb:[]: sys-usb:(/tmp/disk) work<-sys-usb:loop0" {
+		t.Errorf("left: %s", left)
+	}
+	if st := r.status(t, c); !st.Closed() {
+		t.Errorf("not closed: %+v", st)
 	}
 }
 
@@ -936,7 +994,7 @@ func TestCrossMachineLock(t *testing.T) {
 	if got := readLock(); !strings.HasPrefix(got, "qcrypt-lock 1 machine="+me+" chain=demo time=") {
 		t.Errorf("lock after a read-write open: %q", got)
 	}
-	if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
+	if err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if got := readLock(); got != "" {
@@ -964,7 +1022,7 @@ func TestCrossMachineLock(t *testing.T) {
 			if err := r.e.Open(bg, ro, OpenOptions{}, nil); err != nil {
 				t.Fatalf("read-only open: %v", err)
 			}
-			if err := r.e.Close(bg, ro, CloseOptions{}, nil, nil); err != nil {
+			if err := r.e.Close(bg, ro, CloseOptions{}, Closing{}, nil); err != nil {
 				t.Fatal(err)
 			}
 			if got := readLock(); got != tc.lock+"\n" {
@@ -976,7 +1034,7 @@ func TestCrossMachineLock(t *testing.T) {
 			if got := readLock(); !strings.Contains(got, "machine="+me) {
 				t.Errorf("lock after breaking it: %q", got)
 			}
-			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil); err != nil {
 				t.Fatal(err)
 			}
 		})

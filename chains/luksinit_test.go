@@ -98,7 +98,7 @@ func TestLuksInitThenOpen(t *testing.T) {
 			}
 			marker := "luks-init-marker-42"
 			r.Sh(t, "work", "echo "+marker+" > /mnt/new/f")
-			if err := r.e.Close(bg, c, CloseOptions{}, nil, nil); err != nil {
+			if err := r.e.Close(bg, c, CloseOptions{}, Closing{}, nil); err != nil {
 				t.Fatal(err)
 			}
 			usb, _ := r.VM("sys-usb")
@@ -113,7 +113,7 @@ func TestLuksInitThenOpen(t *testing.T) {
 				t.Errorf("after reopen %q", got)
 			}
 			// A second luks-init must refuse: the file and the keys exist.
-			r.e.Close(bg, c, CloseOptions{}, nil, nil)
+			r.e.Close(bg, c, CloseOptions{}, Closing{}, nil)
 			if err := r.e.LuksInit(bg, initSpec(fs), nil); err == nil || !strings.Contains(err.Error(), "never overwritten") {
 				t.Errorf("second luks-init: %v", err)
 			}

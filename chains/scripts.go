@@ -63,10 +63,11 @@ const (
 	exitWriteFailed  = 50
 	exitCipher       = 51 // the layer is closed again: it does not decrypt with an allowed cipher
 
-	exitUmountFailed = 60
-	exitCloseFailed  = 61
-	exitLoopBusy     = 62
-	exitEjectFailed  = 63
+	exitUmountFailed  = 60
+	exitCloseFailed   = 61
+	exitLoopBusy      = 62
+	exitEjectFailed   = 63
+	exitNotAsRecorded = 64 // a held close found the mapper elsewhere than recorded; nothing done
 
 	statusBase = 32 // status scripts exit statusBase + bit set
 )
@@ -82,7 +83,7 @@ var scriptErrors = map[int]string{
 	exitKeyExists: "a key with that id exists already (keys are never overwritten)", exitFileExists: "the file exists already (never overwritten)",
 	exitWriteFailed: "cannot write the file", exitCipher: ErrCipherRefused.Error(), exitUmountFailed: "cannot unmount (still in use?)",
 	exitCloseFailed: "cryptsetup close failed (still in use?)", exitLoopBusy: "cannot detach the loop device",
-	exitEjectFailed: "cannot unmount the source device",
+	exitEjectFailed: "cannot unmount the source device", exitNotAsRecorded: errNotAsRecorded.Error(),
 }
 
 func scriptError(code int) string {
@@ -100,6 +101,7 @@ var (
 	// dm device.
 	hopOutRE = regexp.MustCompile(`^segments:((?: [^ \n]+)*)\n(?:/dev/(dm-[0-9]{1,4})\n)?$`)
 	xvdOutRE = regexp.MustCompile(`^/dev/(xvd[a-z]{1,2})\n$`)
+	xvdRE    = regexp.MustCompile(`^xvd[a-z]{1,2}$`)
 )
 
 // keyPath is where a qube keeps key id k for its default user.
@@ -174,13 +176,22 @@ func hopOpenScript(h hopOpen) string {
 }
 
 // hopCloseScript unmounts everything of the mapper and closes it; it prints the device
-// the mapper was on (/dev/xvdX) when it was open. Not open is success.
-func hopCloseScript(name string) string {
+// the mapper was on (/dev/xvdX) when it was open. Not open is success; with on set (a
+// held close), the mapper must be open on that device, or nothing is done and it exits
+// exitNotAsRecorded.
+func hopCloseScript(name, on string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "name=%s\n", q(name))
-	fmt.Fprintf(&b, "cryptsetup status \"$name\" >/dev/null 2>&1 || exit 0\n")
-	fmt.Fprintf(&b, "for t in $(findmnt -n -o TARGET -S \"/dev/mapper/$name\" | sort -r); do umount \"$t\" || exit %d; done\n", exitUmountFailed)
+	if on == "" {
+		fmt.Fprintf(&b, "cryptsetup status \"$name\" >/dev/null 2>&1 || exit 0\n")
+	} else {
+		fmt.Fprintf(&b, "cryptsetup status \"$name\" >/dev/null 2>&1 || exit %d\n", exitNotAsRecorded)
+	}
 	fmt.Fprintf(&b, "d=$(cryptsetup status \"$name\" | awk '$1 == \"device:\" {print $2}')\n")
+	if on != "" {
+		fmt.Fprintf(&b, "[ \"$d\" = %s ] || exit %d\n", q(on), exitNotAsRecorded)
+	}
+	fmt.Fprintf(&b, "for t in $(findmnt -n -o TARGET -S \"/dev/mapper/$name\" | sort -r); do umount \"$t\" || exit %d; done\n", exitUmountFailed)
 	fmt.Fprintf(&b, "cryptsetup close \"$name\" || exit %d\necho \"$d\"", exitCloseFailed)
 	return b.String()
 }

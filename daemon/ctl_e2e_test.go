@@ -1,16 +1,21 @@
 package daemon_test
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/qcrypt/qcrypt/chains/golden"
+	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubes/sim"
 )
 
 // qcryptctl runs the real client binary.
@@ -193,6 +198,75 @@ func TestCloseOfAnotherShape(t *testing.T) {
 	run("close", "demo")
 	run("close", "--", "sys-usb", "/home/user/demo.luks", "demo", "vault")
 	golden.Check(t, "testdata/golden/close-another-shape.txt", transcript.String())
+}
+
+// TestHeldClose: a chain qcryptd opened itself closes with one qrexec call per qube. A
+// device removed from one of its qubes breaks that record: the next close reads the
+// chain first. After an event gap, the reconcile that finds the chain open holds it
+// again.
+func TestHeldClose(t *testing.T) {
+	w := newWorld(t, "4.3", permissiveBus)
+	w.writeChain("demo", demoChain)
+	w.startDaemon()
+	c := w.client()
+	if err := w.qubes.Start(bg, "work"); err != nil {
+		t.Fatal(err)
+	}
+	w.waitState(c, "demo", "open", time.Minute)
+	closeCalls := func(when string) int {
+		t.Helper()
+		c0 := w.calls()
+		if out, code := w.qcryptctl("close", "demo"); code != 0 {
+			t.Fatalf("close %s: exit %d %s", when, code, out)
+		}
+		n := w.calls()["qrexec"] - c0["qrexec"]
+		if out := w.sh("mediator", "ls /dev/mapper").Stdout; len(out) != 0 {
+			t.Errorf("close %s left mediator with %q", when, out)
+		}
+		return n
+	}
+	open := func() {
+		t.Helper()
+		if out, code := w.qcryptctl("open", "demo"); code != 0 {
+			t.Fatalf("open: exit %d %s", code, out)
+		}
+	}
+	if n := closeCalls("after qcryptd's own open"); n != 3 {
+		t.Errorf("close after qcryptd's own open: %d qrexec calls, want 3", n)
+	}
+
+	open()
+	img := filepath.Join(w.dir, "other.img")
+	if err := sim.MakeDiskImage(img, 4<<20, "OTHER", nil); err != nil {
+		t.Fatal(err)
+	}
+	port := strings.TrimSpace(w.ctl("plug", "sys-usb", img))
+	w.ctl("unplug", "sys-usb", port)
+	w.eventually("qcryptd saw the device go", time.Minute, func() bool {
+		return strings.Contains(w.log(), `vm=sys-usb level=debug msg="record broken`)
+	})
+	if n := closeCalls("after a device of sys-usb went away"); n != 6 {
+		t.Errorf("close after the record broke: %d qrexec calls, want 6 (3 to read, 3 to close)", n)
+	}
+
+	open()
+	jobs, err := c.Jobs(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := slices.MaxFunc(jobs, func(a, b dbusapi.JobInfo) int { return cmp.Compare(a.ID, b.ID) }).ID
+	reconnected := w.expectReconnect(c)
+	w.ctl("drop-events")
+	reconnected(time.Minute)
+	w.eventually("the chain reconciled", time.Minute, func() bool {
+		jobs, err := c.Jobs(bg)
+		return err == nil && slices.ContainsFunc(jobs, func(j dbusapi.JobInfo) bool {
+			return j.ID > last && j.Operation == dbusapi.OpReconcile && j.Chain == "demo" && j.State == "done"
+		})
+	})
+	if n := closeCalls("after the reconcile found it open"); n != 3 {
+		t.Errorf("close after an event gap and a reconcile: %d qrexec calls, want 3", n)
+	}
 }
 
 // TestCancelHungAutoOpen: qcryptd's own open hangs in work; `qcryptctl cancel` ends it

@@ -56,7 +56,7 @@ type Qubes interface {
 // a fake one: the loop's reactions are then tested without qubes that run anything.
 type Engine interface {
 	Open(ctx context.Context, c *chains.Chain, o chains.OpenOptions, progress chains.ProgressFunc) error
-	Close(ctx context.Context, c *chains.Chain, o chains.CloseOptions, beforeSteps func(context.Context), progress chains.ProgressFunc) error
+	Close(ctx context.Context, c *chains.Chain, o chains.CloseOptions, how chains.Closing, progress chains.ProgressFunc) error
 	Status(ctx context.Context, c *chains.Chain) (*chains.Status, error)
 	SourcePresent(ctx context.Context, c *chains.Chain) (bool, error)
 	Discover(ctx context.Context) ([]chains.Discovered, error)
@@ -150,6 +150,12 @@ type chainState struct {
 	// missedResync: qubesd's connection was (re)established while a job ran, so the
 	// chain was not reconciled; if that job ends degraded or failed, it is then.
 	missedResync bool
+	// held: qcryptd's record of the chain is continuous since a job of its own found it
+	// open (see chains.Closing.Held). breaks counts what ends that: a gap in the event
+	// stream, a qube of the chain shut down, a device of one removed; a job holds the
+	// chain only if none came while it ran.
+	held   bool
+	breaks uint64
 }
 
 type job struct {
@@ -160,6 +166,8 @@ type job struct {
 	uid       uint32
 	openOpts  chains.OpenOptions
 	closeOpts chains.CloseOptions
+	held      bool   // a close: its chain was held when it started
+	breaks    uint64 // the chain's breaks when the job started
 	spec      chains.InitSpec
 	release   func() // closes the caller's files (luks-init)
 	keystore  string // the store of a keystore-unlock or -lock

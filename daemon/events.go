@@ -17,8 +17,10 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 	switch ev.Kind {
 	case qubes.EventResync:
 		d.log.Info("connected to qubesd: resynchronising")
+		d.breakRecords("")
 		d.resync()
 	case qubes.EventDisconnected:
+		d.breakRecords("")
 		if d.connected {
 			d.log.WithError(ev.Err).Warn("lost the qubesd event stream; reconnecting")
 		}
@@ -36,6 +38,7 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeFailed, vm+" failed to start")) })
 	case qubes.EventDomainShutdown:
 		d.setVM(vm, qubes.StateHalted)
+		d.breakRecords(vm)
 		delete(d.devices, vm)
 		d.forChains(vm, func(cs *chainState) {
 			if d.isOpenish(cs) {
@@ -85,12 +88,27 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 			d.sourceDevicesChanged(ev.Device.Backend, true, false)
 		}
 	case qubes.EventDeviceRemoved:
+		d.breakRecords(ev.Device.Backend)
 		if ev.Device.Backend != "" {
 			d.sourceDevicesChanged(ev.Device.Backend, false, true)
 		}
 	case qubes.EventDeviceListChange:
 		if !d.newAPI {
 			d.debounceList(vm)
+		}
+	}
+}
+
+// breakRecords ends qcryptd's continuous record of every chain vm is part of (of every
+// chain for ""): its next close reads the chain's facts first.
+func (d *Daemon) breakRecords(vm string) {
+	for _, cs := range d.chains {
+		if vm == "" || cs.c.Involves(vm) {
+			if cs.held {
+				d.chainLog(cs).WithField("vm", vm).Debug("record broken: the next close reads the chain first")
+			}
+			cs.held = false
+			cs.breaks++
 		}
 	}
 }

@@ -114,10 +114,10 @@ func (e *fakeEngine) Open(_ context.Context, c *chains.Chain, _ chains.OpenOptio
 	return nil
 }
 
-func (e *fakeEngine) Close(ctx context.Context, c *chains.Chain, _ chains.CloseOptions, beforeSteps func(context.Context), _ chains.ProgressFunc) error {
+func (e *fakeEngine) Close(ctx context.Context, c *chains.Chain, _ chains.CloseOptions, how chains.Closing, _ chains.ProgressFunc) error {
 	e.record("close " + c.Name)
-	if beforeSteps != nil {
-		beforeSteps(ctx)
+	if how.BeforeSteps != nil {
+		how.BeforeSteps(ctx)
 	}
 	e.mu.Lock()
 	delete(e.open, c.Name)

@@ -61,6 +61,7 @@ func (d *Daemon) start(j *job) {
 	cs := j.chain
 	if cs != nil {
 		cs.running = j
+		j.held, j.breaks = cs.held, cs.breaks
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	j.cancel = cancel
@@ -210,8 +211,9 @@ func (r *jobRun) open(ctx context.Context) (outcome, error) {
 
 func (r *jobRun) close(ctx context.Context) (outcome, error) {
 	c := r.c
-	preClose := func(ctx context.Context) { _ = r.hook(ctx, "pre close", c.PreClose) } // a close is never vetoed
-	switch err := r.d.engine.Close(ctx, c, r.j.closeOpts, preClose, r.progress); {
+	how := chains.Closing{Held: r.j.held,
+		BeforeSteps: func(ctx context.Context) { _ = r.hook(ctx, "pre close", c.PreClose) }} // a close is never vetoed
+	switch err := r.d.engine.Close(ctx, c, r.j.closeOpts, how, r.progress); {
 	case errors.Is(err, chains.ErrNotOpen):
 		return outcome{state: dbusapi.ChainClosed, message: "not open"}, nil // nothing to do, nothing was touched
 	case errors.Is(err, chains.ErrOtherChain):
@@ -262,7 +264,7 @@ func (r *jobRun) reconcile(ctx context.Context) (outcome, error) {
 				r.d.setState(j.chain, dbusapi.ChainClosing, "", why)
 			}
 		})
-		if err := e.Close(ctx, c, chains.CloseOptions{}, nil, r.progress); err != nil && !errors.Is(err, chains.ErrNotOpen) {
+		if err := e.Close(ctx, c, chains.CloseOptions{}, chains.Closing{}, r.progress); err != nil && !errors.Is(err, chains.ErrNotOpen) {
 			return outcome{state: dbusapi.ChainDegraded}, err
 		}
 		return outcome{state: dbusapi.ChainClosed, message: decision.String() + ": closed", userClosed: userClosed}, nil
@@ -303,6 +305,7 @@ func (d *Daemon) completed(j *job, res outcome, err error) {
 		}
 		if res.state != "" {
 			d.setState(cs, res.state, res.waiting, why)
+			cs.held = err == nil && res.state == dbusapi.ChainOpen && j.breaks == cs.breaks
 		}
 		cs.running = nil
 		if cs.state == dbusapi.ChainClosed || cs.state == dbusapi.ChainWaiting || cs.state == dbusapi.ChainFailed {

@@ -126,7 +126,6 @@ func (w *World) AddFault(f Fault) {
 	w.faults = append(w.faults, &f)
 }
 
-// SetQrexecFault installs (or, with a zero value, removes) a qrexec fault for a qube.
 // SetLatency makes every later Admin API call (but the event stream) wait admin and
 // every stand-in qrexec call wait qrexec before it is served: on this machine the
 // simulator's calls cost CPU, on a real one they cost mostly latency (about 3 ms and
@@ -137,6 +136,7 @@ func (w *World) SetLatency(admin, qrexec time.Duration) {
 	w.mu.Unlock()
 }
 
+// SetQrexecFault installs (or, with a zero value, removes) a qrexec fault for a qube.
 func (w *World) SetQrexecFault(vm string, f QrexecFault) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
