@@ -19,7 +19,7 @@ var (
 	ErrAlreadyOpen   = errors.New("the chain is already open")
 	ErrNotOpen       = errors.New("the chain is not open")
 	ErrPartiallyOpen = errors.New("the chain is partially open; close it with force first")
-	ErrNotRunning    = errors.New("qube not running")
+	ErrAutostartOff  = errors.New("qube not running") // and the chain may not start it
 	ErrSpoofed       = errors.New("a qube reported a device that qubesd does not show")
 	ErrCanceled      = errors.New("operation canceled")
 	ErrAdminVM       = errors.New("dom0 is never part of a chain")
@@ -326,7 +326,7 @@ func (e *Engine) Open(ctx context.Context, c *Chain, o OpenOptions, progress Pro
 			if i > 0 {
 				role = "target"
 			}
-			return fmt.Errorf("cannot open %s: %w: %s qube %s (autostart is off)", c.Name, ErrNotRunning, role, vm)
+			return fmt.Errorf("cannot open %s: %w: %s qube %s (autostart is off)", c.Name, ErrAutostartOff, role, vm)
 		}
 	}
 	keys := make([][]byte, len(c.Hops))

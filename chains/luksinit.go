@@ -171,7 +171,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		}
 		if !qubes.IsRunning(st) || st == qubes.StatePaused {
 			if !s.Autostart || st == qubes.StatePaused {
-				return fmt.Errorf("cannot create the container: %w: %s (use autostart)", ErrNotRunning, vm)
+				return fmt.Errorf("cannot create the container: %w: %s (use autostart)", ErrAutostartOff, vm)
 			}
 			if err := e.Qubes.Start(ctx, vm); err != nil {
 				return fmt.Errorf("cannot start %s: %w", vm, err)

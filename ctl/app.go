@@ -213,7 +213,7 @@ func (a *app) exit(err error) int {
 		code = ee.code
 	}
 	switch {
-	case errors.Is(err, dbusapi.ErrNotRunning):
+	case errors.Is(err, dbusapi.ErrQcryptdNotRunning):
 		code = ExitNotRunning
 	case dbusapi.IsAccessDenied(err):
 		code = ExitDenied
@@ -221,10 +221,7 @@ func (a *app) exit(err error) int {
 	msg := err.Error()
 	if a.json && !a.printed {
 		// Scripts read one JSON document from stdout, whatever happened.
-		a.printJSON(struct {
-			Error string `json:"error"`
-			Exit  int    `json:"exit"`
-		}{msg, code})
+		a.printJSON(errorJSON{msg, code})
 	}
 	if msg != "" {
 		fmt.Fprintln(a.err, "qcryptctl:", msg)

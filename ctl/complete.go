@@ -167,3 +167,18 @@ func (a *app) printCompletions(words []string) int {
 	}
 	return ExitOK
 }
+
+func cmdCompletion(a *app, p *parsed) error {
+	if len(p.args) != 1 {
+		return usageErr("completion needs bash or zsh")
+	}
+	switch p.args[0] {
+	case "bash":
+		fmt.Fprint(a.out, bashCompletion())
+	case "zsh":
+		fmt.Fprint(a.out, zshCompletion())
+	default:
+		return usageErr("completion needs bash or zsh")
+	}
+	return nil
+}

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"maps"
 	"os"
 	"path"
@@ -15,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/godbus/dbus/v5"
 
@@ -50,7 +51,7 @@ func (f *fakeAPI) Chain(_ context.Context, name string) (dbusapi.ChainInfo, erro
 			return c, nil
 		}
 	}
-	return dbusapi.ChainInfo{}, &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + dbusapi.ReasonNoSuchChain, Msg: "no chain " + name}
+	return dbusapi.ChainInfo{}, &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + string(dbusapi.NoSuchChain), Msg: "no chain " + name}
 }
 
 func openStatus(name string, missing int) *chains.Status {
@@ -67,7 +68,7 @@ func openStatus(name string, missing int) *chains.Status {
 
 func (f *fakeAPI) Status(_ context.Context, name string) (*chains.Status, error) {
 	if name == "nope" {
-		return nil, &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + dbusapi.ReasonNoSuchChain, Msg: `no chain "nope"`}
+		return nil, &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + string(dbusapi.NoSuchChain), Msg: `no chain "nope"`}
 	}
 	if name == "usb" {
 		return openStatus(name, 6), f.rec("Status %s", name)
@@ -88,7 +89,7 @@ func (f *fakeAPI) StatusAdhoc(_ context.Context, s dbusapi.Spec) (*chains.Status
 func (f *fakeAPI) Discover(context.Context) ([]dbusapi.Discovered, error) {
 	return []dbusapi.Discovered{
 		{Discovered: chains.Discovered{SourceVM: "sys-usb", SourcePort: "loop0", File: "/home/user/demo.luks", Key: "demo",
-			Hops: []chains.DiscoveredHop{{VM: "mediator", FrontendDev: "xvdi", Port: "dm-0"}, {VM: "work", FrontendDev: "xvdi"}}}, Managed: "demo"},
+			Hops: []chains.DiscoveredHop{{VM: "mediator", FrontendDev: "xvdi", Port: "dm-0"}, {VM: "work", FrontendDev: "xvdi"}}}, ManagedBy: "demo"},
 		{Discovered: chains.Discovered{SourceVM: "cloud", SourcePort: "loop3", File: "/srv/box.luks", ReadOnly: true,
 			Hops: []chains.DiscoveredHop{{VM: "vault", FrontendDev: "xvdj"}}}},
 	}, f.rec("Discover")
@@ -237,7 +238,7 @@ func run(api API, tty bool, args ...string) (string, string, int) {
 	var out, errb bytes.Buffer
 	connect := func() (API, error) {
 		if api == nil {
-			return nil, dbusapi.ErrNotRunning
+			return nil, dbusapi.ErrQcryptdNotRunning
 		}
 		return api, nil
 	}

@@ -102,11 +102,11 @@ const exitAndJSONDocs = "## Exit status\n\n" +
 	"Stable: fields are only ever added. A command that fails before it printed its result prints `{error, exit}` instead (and its message on stderr).\n\n" +
 	"- `list`: array of chain objects `{name, state, waiting?, step?, steps?, last_error?, target, layers[], mount_point?, managed, read_only, autostart, retry_at?}` (`retry_at`: RFC 3339 time of the next automatic attempt); `state` is one of closed, waiting, opening, open, closing, degraded, failed.\n" +
 	"- `status`: `{chains: [chain object...], unmanaged: [{line, source_vm, file?, key?, qubes[], read_only, managed_by?, status_command}]}`.\n" +
-	"- `status CHAIN`: `{chain, source_vm, source_running, source (loop|file|missing|unknown), hops: [{vm, running, attached, frontend_dev?, key_present, decrypted, mounted, mapper_elsewhere?, segments?: [{target, cipher, key_bits}]}], missing, problem?}` (`segments`: what the kernel runs for the layer, dmsetup table: crypt and its cipher and key size).\n" +
+	"- `status CHAIN`: `{chain, source_vm, source_running, source (loop|file|missing|unknown), hops: [{vm, running, attached, frontend_dev?, key_present, decrypted, mounted, mapper_elsewhere?, segments?: [{target, cipher, key_bits}]}], missing, problem?, other?}` (`segments`: what the kernel runs for the layer, dmsetup table: crypt and its cipher and key size; `other`: why what is open there is another chain, which closing this one would take apart).\n" +
 	"- `open`, `close`, `luks-init`, `keystore unlock|lock|init`: `{success, message}` when the job ends.\n" +
 	"- `keystore status`: `{dir, exists, open, unlocked}` (`open`: its mapper is active; `unlocked`: qcryptd can read its keys).\n" +
 	"- `plan`: array of `{vm, step}`.\n" +
-	"- `check`: `{ok, errors[]}`. `reload`: `{chains}`. `close-all`: array of `{job, chain, success, message}`.\n" +
+	"- `check`: `{ok, errors[]}`. `reload`: `{chains}`. `close-all`: array of `{job, chain, success, message}`. `cancel`: array of `{job, operation, chain}`.\n" +
 	"- `watch`: one object per line: `{time, chain, state, previous, cause, detail}` (causes: docs/states.md).\n"
 
 func bashCompletion() string {
@@ -134,4 +134,29 @@ _qcryptctl() {
 }
 _qcryptctl "$@"
 `
+}
+
+func cmdHelp(a *app, p *parsed) error {
+	if len(p.args) == 1 && p.args[0] == "--markdown" || p.flags["--markdown"] {
+		fmt.Fprint(a.out, Markdown())
+		return nil
+	}
+	if page := p.value("--man"); page != "" {
+		out, ok := ManPages()[page]
+		if !ok {
+			return usageErr("--man: qcryptctl or qcrypt.ini")
+		}
+		fmt.Fprint(a.out, out)
+		return nil
+	}
+	if len(p.args) == 0 {
+		a.usage(a.out)
+		return nil
+	}
+	c := lookup(p.args[0])
+	if c == nil {
+		return usageErr("no command " + p.args[0])
+	}
+	a.commandHelp(a.out, c)
+	return nil
 }

@@ -15,15 +15,15 @@ import (
 var _ dbusapi.Backend = (*Daemon)(nil)
 
 func noChain(name string) error {
-	return dbusapi.Errorf(dbusapi.ReasonNoSuchChain, "no chain %s", chains.Quote(name))
+	return dbusapi.Errorf(dbusapi.NoSuchChain, "no chain %s", chains.Quote(name))
 }
 
 func (d *Daemon) refuseWhenStopping() error {
 	if d.shuttingDown {
-		return dbusapi.Errorf(dbusapi.ReasonShuttingDown, "the system is shutting down: qcryptd closes every chain")
+		return dbusapi.Errorf(dbusapi.ShuttingDown, "the system is shutting down: qcryptd closes every chain")
 	}
 	if d.stopping {
-		return dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd is stopping")
+		return dbusapi.Errorf(dbusapi.ShuttingDown, "qcryptd is stopping")
 	}
 	return nil
 }
@@ -63,7 +63,7 @@ func (d *Daemon) request(op dbusapi.JobOperation, uid uint32, find func() (*chai
 }
 
 // errStopped answers what comes after the loop ended.
-var errStopped = dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd has stopped")
+var errStopped = dbusapi.Errorf(dbusapi.ShuttingDown, "qcryptd has stopped")
 
 func (d *Daemon) known(name string) func() (*chainState, error) {
 	return func() (*chainState, error) {
@@ -92,7 +92,7 @@ func (d *Daemon) Open(uid uint32, name string, o chains.OpenOptions) (uint64, er
 // the chain's qubes: chains may share a mapper name, never at the same time.
 func (d *Daemon) refuseHeldMapper(c *chains.Chain) error {
 	if other := d.mapperHeldBy(c); other != "" {
-		return dbusapi.Errorf(dbusapi.ReasonFailed, "cannot open %s while %s is not closed", c.Name, other)
+		return dbusapi.Errorf(dbusapi.Failed, "cannot open %s while %s is not closed", c.Name, other)
 	}
 	return nil
 }
@@ -173,7 +173,7 @@ func (d *Daemon) Discover(ctx context.Context) ([]dbusapi.Discovered, error) {
 		out[i].Discovered = f
 		for _, c := range known {
 			if f.Matches(c) {
-				out[i].Managed = c.Name
+				out[i].ManagedBy = c.Name
 				break
 			}
 		}
@@ -187,11 +187,11 @@ func (d *Daemon) Discover(ctx context.Context) ([]dbusapi.Discovered, error) {
 func (d *Daemon) adhoc(c *chains.Chain) (*chainState, error) {
 	if cs, ok := d.chains[c.Name]; ok {
 		if cs.managed {
-			return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "a configured chain is named %s", chains.Quote(c.Name))
+			return nil, dbusapi.Errorf(dbusapi.InvalidArgs, "a configured chain is named %s", chains.Quote(c.Name))
 		}
 		if !sameSpec(cs.c, c) {
 			if cs.running != nil || cs.state == dbusapi.ChainOpen || cs.state == dbusapi.ChainDegraded {
-				return nil, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "ad-hoc chain %s is %s as %s, not %s: give the spec it was opened with",
+				return nil, dbusapi.Errorf(dbusapi.InvalidArgs, "ad-hoc chain %s is %s as %s, not %s: give the spec it was opened with",
 					c.Name, cs.state, specString(cs.c), specString(c))
 			}
 			cs.c = c
@@ -255,10 +255,10 @@ func (d *Daemon) Plan(op dbusapi.JobOperation, name string, c *chains.Chain, oo 
 // the job has ended.
 func (d *Daemon) LuksInit(uid uint32, spec chains.InitSpec, release func()) (uint64, error) {
 	if d.o.Dom0 == nil {
-		return 0, dbusapi.Errorf(dbusapi.ReasonFailed, "luks-init is not available: no dom0 runner")
+		return 0, dbusapi.Errorf(dbusapi.Failed, "luks-init is not available: no dom0 runner")
 	}
 	if err := spec.Validate(); err != nil {
-		return 0, dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "cannot create the container: %v", err)
+		return 0, dbusapi.Errorf(dbusapi.InvalidArgs, "cannot create the container: %v", err)
 	}
 	if spec.Keystore != nil {
 		dir, err := d.keystoreDir(uid, spec.Keystore.Dir)
@@ -279,7 +279,7 @@ func (d *Daemon) keystoreDir(uid uint32, dir string) (string, error) {
 	if dir != "" {
 		var err error
 		if clean, err = chains.CleanKeystoreDir(dir); err != nil {
-			return "", dbusapi.Errorf(dbusapi.ReasonInvalidArgs, "%v", err)
+			return "", dbusapi.Errorf(dbusapi.InvalidArgs, "%v", err)
 		}
 	}
 	if uid == 0 || clean == chains.DefaultKeystoreDir {
@@ -335,11 +335,11 @@ func (d *Daemon) KeystoreStatus(ctx context.Context, uid uint32, dir string) (ch
 func (d *Daemon) Reload() (int, error) {
 	dir, err := chains.TargetDir(d.o.Target, d.o.ConfigRoot)
 	if err != nil {
-		return 0, dbusapi.Errorf(dbusapi.ReasonInvalidConfig, "%v", err)
+		return 0, dbusapi.Errorf(dbusapi.InvalidConfig, "%v", err)
 	}
 	loaded, err := chains.LoadTarget(dir, d.o.AsRoot)
 	if err != nil {
-		return 0, dbusapi.Errorf(dbusapi.ReasonInvalidConfig, "%v", err)
+		return 0, dbusapi.Errorf(dbusapi.InvalidConfig, "%v", err)
 	}
 	d.do(func() {
 		fresh := map[string]*chains.Chain{}
@@ -506,7 +506,7 @@ func (d *Daemon) CancelJob(uid uint32, id uint64) error {
 	d.do(func() {
 		j, ok := d.jobs[id]
 		if !ok {
-			err = dbusapi.Errorf(dbusapi.ReasonNoSuchJob, "no job %d", id)
+			err = dbusapi.Errorf(dbusapi.NoSuchJob, "no job %d", id)
 			return
 		}
 		switch j.state {

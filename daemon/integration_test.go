@@ -532,7 +532,7 @@ func TestReloadAndSIGHUP(t *testing.T) {
 	}
 	// A broken file changes nothing.
 	w.writeChain("broken", "key=\n")
-	if _, err := c.Reload(bg); !dbusapi.IsReason(err, dbusapi.ReasonInvalidConfig) {
+	if _, err := c.Reload(bg); !dbusapi.IsErrorName(err, dbusapi.InvalidConfig) {
 		t.Errorf("reload of a broken target: %v", err)
 	}
 	os.Remove(filepath.Join(w.conf, "demo", "broken.ini"))

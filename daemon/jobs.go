@@ -55,7 +55,7 @@ func wanted(cs *chainState, op dbusapi.JobOperation) bool {
 func (d *Daemon) start(j *job) {
 	if d.stopping {
 		// Nothing new starts while shutdown waits for the running jobs.
-		d.finish(j, dbusapi.Errorf(dbusapi.ReasonShuttingDown, "qcryptd is stopping"), false)
+		d.finish(j, dbusapi.Errorf(dbusapi.ShuttingDown, "qcryptd is stopping"), false)
 		return
 	}
 	cs := j.chain
@@ -196,7 +196,7 @@ func (r *jobRun) open(ctx context.Context) (outcome, error) {
 		return outcome{state: dbusapi.ChainOpen, message: "already open"}, nil
 	case errors.Is(err, chains.ErrCanceled) || errors.Is(err, context.Canceled):
 		return outcome{state: dbusapi.ChainClosed}, err // rolled back: nothing of it is left
-	case errors.Is(err, chains.ErrNotRunning) && !j.auto:
+	case errors.Is(err, chains.ErrAutostartOff) && !j.auto:
 		return outcome{state: dbusapi.ChainWaiting}, err // it opens when its qubes run
 	case errors.Is(err, chains.ErrKeystoreLocked):
 		// Nothing was touched (keys are read first); an unlock opens it.

@@ -277,7 +277,7 @@ func TestLoopConcurrentRequests(t *testing.T) {
 	default:
 		t.Errorf("ended %v", rec.states["demo"])
 	}
-	if _, err := d.Open(0, "nope", chains.OpenOptions{}); !dbusapi.IsReason(toRemote(err), dbusapi.ReasonNoSuchChain) {
+	if _, err := d.Open(0, "nope", chains.OpenOptions{}); !dbusapi.IsErrorName(toRemote(err), dbusapi.NoSuchChain) {
 		t.Errorf("unknown chain: %v", err)
 	}
 }
@@ -285,7 +285,7 @@ func TestLoopConcurrentRequests(t *testing.T) {
 func toRemote(err error) error {
 	var e *dbusapi.Error
 	if errors.As(err, &e) {
-		return &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + e.Reason, Msg: e.Msg}
+		return &dbusapi.RemoteError{Name: dbusapi.ErrorPrefix + string(e.Name), Msg: e.Msg}
 	}
 	return err
 }

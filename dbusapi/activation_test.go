@@ -99,7 +99,7 @@ func TestConnectActivates(t *testing.T) {
 	t.Run("activatable", func(t *testing.T) {
 		sd := activatingBus(t, true)
 		// A question that must not start it (completion, an offline-able check) does not.
-		if _, err := ConnectRunning(); !errors.Is(err, ErrNotRunning) {
+		if _, err := ConnectRunning(); !errors.Is(err, ErrQcryptdNotRunning) {
 			t.Fatalf("ConnectRunning: %v, want ErrNotRunning (qcryptd started?)", err)
 		}
 		c, err := Connect()
@@ -116,7 +116,7 @@ func TestConnectActivates(t *testing.T) {
 	})
 	t.Run("not activatable", func(t *testing.T) {
 		sd := activatingBus(t, false)
-		if _, err := Connect(); !errors.Is(err, ErrNotRunning) {
+		if _, err := Connect(); !errors.Is(err, ErrQcryptdNotRunning) {
 			t.Errorf("connect: %v, want ErrNotRunning", err)
 		}
 		if got := sd.Started(); len(got) != 0 {

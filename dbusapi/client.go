@@ -14,8 +14,8 @@ import (
 	"github.com/qcrypt/qcrypt/chains"
 )
 
-// ErrNotRunning means no qcryptd owns the bus name.
-var ErrNotRunning = errors.New("qcryptd is not running (start it with: sudo systemctl start qcryptd)")
+// ErrQcryptdNotRunning means no qcryptd owns the bus name.
+var ErrQcryptdNotRunning = errors.New("qcryptd is not running (start it with: sudo systemctl start qcryptd)")
 
 // Client is the typed client of qcryptd on the system bus. It believes a signal only
 // when it comes from the unique name that owns org.qcrypt.Qcryptd1 (anyone on the bus
@@ -51,7 +51,7 @@ func dial(activate bool) (*Client, error) {
 	}
 	if err != nil || owner == "" {
 		c.Disconnect()
-		return nil, ErrNotRunning
+		return nil, ErrQcryptdNotRunning
 	}
 	return c, nil
 }
@@ -106,10 +106,10 @@ type RemoteError struct {
 
 func (e *RemoteError) Error() string { return e.Msg }
 
-// IsReason reports whether err is qcryptd's error with that reason.
-func IsReason(err error, reason string) bool {
+// IsErrorName reports whether err is qcryptd's error of that name.
+func IsErrorName(err error, name ErrorName) bool {
 	var re *RemoteError
-	return errors.As(err, &re) && re.Name == ErrorPrefix+reason
+	return errors.As(err, &re) && re.Name == ErrorPrefix+string(name)
 }
 
 // IsAccessDenied reports an access refusal.
@@ -129,7 +129,7 @@ func remote(err error) error {
 		}
 		switch de.Name {
 		case "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner":
-			return ErrNotRunning
+			return ErrQcryptdNotRunning
 		case accessDenied:
 			if !strings.HasPrefix(msg, "access denied") {
 				// The bus policy refused, not qcryptd: dbus-daemon lists the rules matched,
@@ -434,7 +434,7 @@ func (c *Client) RunJobs(ctx context.Context, start func(context.Context) ([]dbu
 	// a change of owner from here on is seen.
 	owner, err := c.owner()
 	if err != nil || owner == "" {
-		return nil, ErrNotRunning
+		return nil, ErrQcryptdNotRunning
 	}
 
 	paths, err := start(context.Background())

@@ -117,7 +117,7 @@ func (c codec[T]) acceptKnown(m map[string]dbus.Variant, v *T, what string) erro
 			continue
 		}
 		if err := f.store(v, x); err != nil {
-			return Errorf(ReasonInvalidArgs, "%s %s: wrong type %s", what, f.key, x.Signature())
+			return Errorf(InvalidArgs, "%s %s: wrong type %s", what, f.key, x.Signature())
 		}
 	}
 	return nil
@@ -130,7 +130,7 @@ func knownKeys(m map[string]dbus.Variant, what string, known ...string) error {
 			ok = ok || n == k
 		}
 		if !ok {
-			return Errorf(ReasonInvalidArgs, "unknown %s %q", what, qubes.Printable(k, 40))
+			return Errorf(InvalidArgs, "unknown %s %q", what, qubes.Printable(k, 40))
 		}
 	}
 	return nil

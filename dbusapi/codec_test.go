@@ -151,7 +151,7 @@ func TestCodecsRoundTrip(t *testing.T) {
 		t.Errorf("CloseAll options: %+v stop=%v %v", o, stop, err)
 	}
 	var e *Error
-	if _, _, err := CloseOptionsFromMap(CloseAllOptionsToMap(chains.CloseOptions{}, true), false); !errors.As(err, &e) || e.Reason != ReasonInvalidArgs {
+	if _, _, err := CloseOptionsFromMap(CloseAllOptionsToMap(chains.CloseOptions{}, true), false); !errors.As(err, &e) || e.Name != InvalidArgs {
 		t.Errorf("stop outside CloseAll: %v", err)
 	}
 }

@@ -41,7 +41,7 @@ type receivedFiles struct {
 // take checks a received descriptor and returns a duplicate the caller owns.
 func (r *receivedFiles) take(fd dbus.UnixFD, kind fdKind, what string) (*os.File, error) {
 	fail := func(format string, a ...any) (*os.File, error) {
-		return nil, Errorf(ReasonInvalidArgs, "%s: %s", what, fmt.Sprintf(format, a...))
+		return nil, Errorf(InvalidArgs, "%s: %s", what, fmt.Sprintf(format, a...))
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(fd), &st); err != nil {
@@ -110,7 +110,7 @@ func (r *receivedFiles) readKey(fd dbus.UnixFD, vm string) ([]byte, error) {
 	key, err := io.ReadAll(io.NewSectionReader(f, 0, maxInjectedKey+1))
 	if err != nil || len(key) == 0 || len(key) > maxInjectedKey {
 		clear(key)
-		return nil, Errorf(ReasonInvalidArgs, "inject key for %s: cannot read 1 byte to 64 KiB", vm)
+		return nil, Errorf(InvalidArgs, "inject key for %s: cannot read 1 byte to 64 KiB", vm)
 	}
 	return key, nil
 }

@@ -118,7 +118,7 @@ func TestMethodSignaturesMatch(t *testing.T) {
 
 func TestErrorNames(t *testing.T) {
 	for err, want := range map[error]string{
-		Errorf(ReasonNoSuchChain, "x"):     "org.qcrypt.Qcryptd1.Error.NoSuchChain",
+		Errorf(NoSuchChain, "x"):           "org.qcrypt.Qcryptd1.Error.NoSuchChain",
 		ErrAccessDenied:                    "org.freedesktop.DBus.Error.AccessDenied",
 		strings.NewReader("").UnreadByte(): "org.qcrypt.Qcryptd1.Error.Failed",
 	} {

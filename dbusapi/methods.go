@@ -112,7 +112,7 @@ func (m *manager) OpenAdhoc(sender dbus.Sender, spec, options map[string]dbus.Va
 		}
 		if sp.KeyEntropy != nil || sp.ContainerEntropy != nil || sp.Container != nil || len(sp.Backups) > 0 {
 			sp.Close()
-			return 0, Errorf(ReasonInvalidArgs, "entropy, work and backup files are for LuksInit")
+			return 0, Errorf(InvalidArgs, "entropy, work and backup files are for LuksInit")
 		}
 		o, err := OpenOptionsFromMap(options)
 		if err != nil {
@@ -187,7 +187,7 @@ func (m *manager) Plan(sender dbus.Sender, operation, chain string, spec, option
 	case OpClose:
 		co, _, err = CloseOptionsFromMap(options, false)
 	default:
-		err = Errorf(ReasonInvalidArgs, "operation %s is not open or close", chains.Quote(operation))
+		err = Errorf(InvalidArgs, "operation %s is not open or close", chains.Quote(operation))
 	}
 	if err != nil {
 		return nil, toDBus(err)
@@ -213,7 +213,7 @@ func (m *manager) LuksInit(sender dbus.Sender, spec map[string]dbus.Variant) (db
 		}
 		if len(sp.InjectKeys) > 0 {
 			sp.Close()
-			return 0, Errorf(ReasonInvalidArgs, "inject is for OpenAdhoc: luks-init makes the keys")
+			return 0, Errorf(InvalidArgs, "inject is for OpenAdhoc: luks-init makes the keys")
 		}
 		is := chains.InitSpec{Chain: c, Size: int64(sp.Size), KeySize: int(sp.KeySize), FS: sp.FS, Autostart: sp.Autostart,
 			Container: sp.Container, Backups: map[string]io.Writer{}}

@@ -49,28 +49,33 @@ func JobID(p godbus.ObjectPath) (uint64, bool) {
 	return n, err == nil
 }
 
-// Error reasons (org.qcrypt.Qcryptd1.Error.<Reason>).
+// ErrorName is the last part of a qcryptd D-Bus error's name
+// (org.qcrypt.Qcryptd1.Error.<ErrorName>).
+type ErrorName string
+
+// The error names.
 const (
-	ReasonNoSuchChain   = "NoSuchChain"
-	ReasonNoSuchJob     = "NoSuchJob"
-	ReasonInvalidArgs   = "InvalidArgs"
-	ReasonInvalidConfig = "InvalidConfig"
-	ReasonShuttingDown  = "ShuttingDown"
-	ReasonFailed        = "Failed"
-	accessDenied        = "org.freedesktop.DBus.Error.AccessDenied"
+	NoSuchChain   ErrorName = "NoSuchChain"
+	NoSuchJob     ErrorName = "NoSuchJob"
+	InvalidArgs   ErrorName = "InvalidArgs"
+	InvalidConfig ErrorName = "InvalidConfig"
+	ShuttingDown  ErrorName = "ShuttingDown"
+	Failed        ErrorName = "Failed"
 )
 
-// Error is a failure the backend reports with a reason from the list above.
+const accessDenied = "org.freedesktop.DBus.Error.AccessDenied"
+
+// Error is a failure the backend reports under one of the names above.
 type Error struct {
-	Reason string
-	Msg    string
+	Name ErrorName
+	Msg  string
 }
 
 func (e *Error) Error() string { return e.Msg }
 
 // Errorf makes an *Error.
-func Errorf(reason, format string, a ...any) error {
-	return &Error{Reason: reason, Msg: fmt.Sprintf(format, a...)}
+func Errorf(name ErrorName, format string, a ...any) error {
+	return &Error{Name: name, Msg: fmt.Sprintf(format, a...)}
 }
 
 // ErrAccessDenied is returned to callers that are neither root nor in group qubes.
@@ -85,13 +90,13 @@ func toDBus(err error) *godbus.Error {
 	if err == nil {
 		return nil
 	}
-	name, msg := ErrorPrefix+ReasonFailed, err.Error()
+	name, msg := ErrorPrefix+string(Failed), err.Error()
 	var e *Error
 	switch {
 	case errors.Is(err, ErrAccessDenied):
 		name = accessDenied
 	case errors.As(err, &e):
-		name, msg = ErrorPrefix+e.Reason, e.Msg
+		name, msg = ErrorPrefix+string(e.Name), e.Msg
 	}
 	if len(msg) > maxErrorMessage {
 		msg = strings.ToValidUTF8(msg[:maxErrorMessage], "") + fmt.Sprintf("... (%d bytes cut)", len(msg)-maxErrorMessage)

@@ -38,7 +38,7 @@ type JobInfo struct {
 // Discovered is an open chain found on the system and the configured chain it is, if any.
 type Discovered struct {
 	chains.Discovered
-	Managed string
+	ManagedBy string // the configured chain it is; "" for none
 }
 
 // Backend is what the daemon offers the bus. Methods that start work return a job id at
@@ -211,7 +211,7 @@ var discoveredCodec = codec[discoveredWire]{
 	{key: "hops", ref: func(w *discoveredWire) any { return &w.vms }},
 	{key: "frontend_devs", ref: func(w *discoveredWire) any { return &w.devs }},
 	{key: "ports", ref: func(w *discoveredWire) any { return &w.ports }},
-	{key: "managed", ref: func(w *discoveredWire) any { return &w.d.Managed }},
+	{key: "managed", ref: func(w *discoveredWire) any { return &w.d.ManagedBy }},
 }
 
 // DiscoveredToMap renders a discovered chain.
@@ -269,7 +269,7 @@ func OpenOptionsFromMap(m map[string]dbus.Variant) (chains.OpenOptions, error) {
 func CloseOptionsFromMap(m map[string]dbus.Variant, allowStop bool) (chains.CloseOptions, bool, error) {
 	var c closeOptions
 	if _, ok := m["stop"]; ok && !allowStop {
-		return c.o, false, Errorf(ReasonInvalidArgs, "unknown option %q", "stop")
+		return c.o, false, Errorf(InvalidArgs, "unknown option %q", "stop")
 	}
 	err := closeOptionsCodec.accept(m, &c, "option")
 	return c.o, c.stop, err
@@ -388,7 +388,7 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant) error {
 	fd := func(v dbus.Variant, what string) (dbus.UnixFD, error) {
 		x, ok := v.Value().(dbus.UnixFD)
 		if !ok {
-			return 0, Errorf(ReasonInvalidArgs, "%s: wrong type %s, want a file descriptor (h)", what, v.Signature())
+			return 0, Errorf(InvalidArgs, "%s: wrong type %s, want a file descriptor (h)", what, v.Signature())
 		}
 		return x, nil
 	}
@@ -399,7 +399,7 @@ func (s *Spec) receiveFDs(m map[string]dbus.Variant) error {
 		}
 		inner, ok := v.Value().(map[string]dbus.Variant)
 		if !ok {
-			return nil, Errorf(ReasonInvalidArgs, "%s: wrong type %s, want a{sv} of file descriptors", key, v.Signature())
+			return nil, Errorf(InvalidArgs, "%s: wrong type %s, want a{sv} of file descriptors", key, v.Signature())
 		}
 		out := map[string]dbus.UnixFD{}
 		for vm, iv := range inner {
@@ -490,14 +490,14 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 		if o := s.CryptOptions[vm]; o != "" {
 			opts, err := chains.ParseCryptOptions(o)
 			if err != nil {
-				return nil, Errorf(ReasonInvalidArgs, "crypt_options of %s: %v", vm, err)
+				return nil, Errorf(InvalidArgs, "crypt_options of %s: %v", vm, err)
 			}
 			h.Options = opts
 		}
 		if l, ok := s.Ciphers[vm]; ok {
 			list, err := chains.ParseCiphers(l)
 			if err != nil {
-				return nil, Errorf(ReasonInvalidArgs, "ciphers of %s: %v", qubes.Printable(vm, 40), err)
+				return nil, Errorf(InvalidArgs, "ciphers of %s: %v", qubes.Printable(vm, 40), err)
 			}
 			h.Ciphers = list
 		}
@@ -505,11 +505,11 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 	}
 	for vm, dir := range s.InjectKeystore {
 		if _, both := s.InjectKeys[vm]; both {
-			return nil, Errorf(ReasonInvalidArgs, "inject and inject_keystore both name %s", qubes.Printable(vm, 40))
+			return nil, Errorf(InvalidArgs, "inject and inject_keystore both name %s", qubes.Printable(vm, 40))
 		}
 		clean, err := chains.CleanKeystoreDir(dir)
 		if err != nil {
-			return nil, Errorf(ReasonInvalidArgs, "inject_keystore of %s: %v", qubes.Printable(vm, 40), err)
+			return nil, Errorf(InvalidArgs, "inject_keystore of %s: %v", qubes.Printable(vm, 40), err)
 		}
 		s.InjectKeystore[vm] = clean
 	}
@@ -517,12 +517,12 @@ func (s *Spec) chain(m map[string]dbus.Variant) (*chains.Chain, error) {
 		"backups": keysOf(s.Backups), "crypt_options": keysOf(s.CryptOptions), "ciphers": keysOf(s.Ciphers)} {
 		for _, vm := range vms {
 			if !c.Involves(vm) || vm == c.SourceVM {
-				return nil, Errorf(ReasonInvalidArgs, "%s: %s is not a destination", what, qubes.Printable(vm, 40))
+				return nil, Errorf(InvalidArgs, "%s: %s is not a destination", what, qubes.Printable(vm, 40))
 			}
 		}
 	}
 	if err := c.Validate(); err != nil {
-		return nil, Errorf(ReasonInvalidArgs, "%v", err)
+		return nil, Errorf(InvalidArgs, "%v", err)
 	}
 	c.Name = chains.AdhocName(c)
 	return c, nil
