@@ -31,11 +31,15 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 	case qubes.EventDomainStart:
 		d.setVM(vm, qubes.StateRunning)
 		d.started[vm] = time.Now()
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeStarted, vm+" started")) })
+		d.forChains(vm, func(cs *chainState) {
+			d.consider(cs, dbusapi.Because(dbusapi.CauseQubeStarted, vm+" started"), mayOpen)
+		})
 	case qubes.EventDomainStartFailed:
 		d.setVM(vm, qubes.StateHalted)
 		d.log.WithFields(logrus.Fields{"vm": vm, "reason": qubes.Printable(ev.Args["reason"], 200)}).Warn("qube failed to start")
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeFailed, vm+" failed to start")) })
+		d.forChains(vm, func(cs *chainState) {
+			d.consider(cs, dbusapi.Because(dbusapi.CauseQubeFailed, vm+" failed to start"), mayOpen)
+		})
 	case qubes.EventDomainShutdown:
 		d.setVM(vm, qubes.StateHalted)
 		d.breakRecords(vm)
@@ -44,7 +48,7 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 			if d.isOpenish(cs) {
 				d.autoClose(cs, dbusapi.Because(dbusapi.CauseQubeShutDown, vm+" shut down"))
 			} else {
-				d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeShutDown, vm+" shut down"))
+				d.consider(cs, dbusapi.Because(dbusapi.CauseQubeShutDown, vm+" shut down"), mayOpen)
 			}
 		})
 	case qubes.EventDomainPaused:
@@ -69,20 +73,24 @@ func (d *Daemon) handleEvent(ev qubes.Event) {
 			if d.isOpenish(cs) && cs.running == nil {
 				d.enqueue(d.newJob(dbusapi.OpCheck, cs, 0, true, dbusapi.Because(dbusapi.CauseQubeUnpaused, vm+" unpaused")))
 			} else {
-				d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeUnpaused, vm+" unpaused"))
+				d.consider(cs, dbusapi.Because(dbusapi.CauseQubeUnpaused, vm+" unpaused"), mayOpen)
 			}
 		})
 	case qubes.EventDomainAdd:
 		if _, known := d.vms[vm]; !known {
 			d.setVM(vm, qubes.StateHalted) // a new qube is halted
 		}
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeCreated, vm+" created")) })
+		d.forChains(vm, func(cs *chainState) {
+			d.consider(cs, dbusapi.Because(dbusapi.CauseQubeCreated, vm+" created"), mayOpen)
+		})
 	case qubes.EventDomainDelete:
 		delete(d.vms, vm)
 		if d.eventSince != nil {
 			d.eventSince[vm] = true
 		}
-		d.forChains(vm, func(cs *chainState) { d.evaluate(cs, dbusapi.Because(dbusapi.CauseQubeDeleted, vm+" deleted")) })
+		d.forChains(vm, func(cs *chainState) {
+			d.consider(cs, dbusapi.Because(dbusapi.CauseQubeDeleted, vm+" deleted"), mayOpen)
+		})
 	case qubes.EventDeviceAdded:
 		if ev.Device.Backend != "" {
 			d.sourceDevicesChanged(ev.Device.Backend, true, false)
@@ -197,12 +205,17 @@ func (d *Daemon) resync() {
 	}()
 }
 
-// evaluate opens a managed chain when it becomes eligible, or says what it waits for.
-func (d *Daemon) evaluate(cs *chainState, reason dbusapi.Reason) { d.consider(cs, reason, true) }
+// considering is whether consider may open the chain or only says what it waits for.
+type considering bool
 
-// consider updates what a closed chain waits for and, if mayOpen, opens it when eligible.
-func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, mayOpen bool) {
-	if mayOpen && (cs.running != nil && cs.running.op == dbusapi.OpClose || cs.pending != nil && cs.pending.op == dbusapi.OpClose) {
+const (
+	mayOpen  considering = true
+	waitOnly considering = false
+)
+
+// consider updates what a closed chain waits for and, with mayOpen, opens it when eligible.
+func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, how considering) {
+	if how == mayOpen && (cs.running != nil && cs.running.op == dbusapi.OpClose || cs.pending != nil && cs.pending.op == dbusapi.OpClose) {
 		cs.trigger = reason
 	}
 	if !cs.managed || cs.removed || d.stopping || d.shuttingDown || !d.connected || cs.running != nil || cs.pending != nil {
@@ -210,7 +223,7 @@ func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, mayOpen bool) {
 	}
 	switch cs.state {
 	case dbusapi.ChainDegraded:
-		if mayOpen && reason.Cause == dbusapi.CauseQubeStarted {
+		if how == mayOpen && reason.Cause == dbusapi.CauseQubeStarted {
 			// A close that failed because a qube went down under it (or stopped and
 			// started again) left the chain degraded. A qube that just started holds
 			// none of its layers: look again; the check closes what is left, and a
@@ -225,7 +238,7 @@ func (d *Daemon) consider(cs *chainState, reason dbusapi.Reason, mayOpen bool) {
 		d.setState(cs, dbusapi.ChainWaiting, wait, reason)
 		return
 	}
-	if !mayOpen {
+	if how == waitOnly {
 		return
 	}
 	if next := cs.lastAttempt.Add(cs.c.StartupInterval); !cs.lastAttempt.IsZero() && time.Now().Before(next) {
@@ -283,7 +296,7 @@ func (d *Daemon) scheduleRetry(cs *chainState, at time.Time) {
 		d.post(func() {
 			cs.retryAt = time.Time{}
 			cs.lastAttempt = time.Time{}
-			d.evaluate(cs, dbusapi.Because(dbusapi.CauseRetry, "retry"))
+			d.consider(cs, dbusapi.Because(dbusapi.CauseRetry, "retry"), mayOpen)
 		})
 	})
 }
@@ -358,7 +371,7 @@ func (d *Daemon) sourceDevicesChanged(vm string, added, removed bool) {
 		case removed && cs.c.SourceDevice != "" && cs.state == dbusapi.ChainOpen && cs.running == nil:
 			d.enqueue(d.newJob(dbusapi.OpCheck, cs, 0, true, dbusapi.Because(dbusapi.CauseDeviceGone, "a device of "+vm+" went away")))
 		case added && cs.c.SourceDevice != "":
-			d.evaluate(cs, dbusapi.Because(dbusapi.CauseDeviceAppeared, "a device appeared in "+vm))
+			d.consider(cs, dbusapi.Because(dbusapi.CauseDeviceAppeared, "a device appeared in "+vm), mayOpen)
 		}
 	}
 }
