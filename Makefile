@@ -28,7 +28,7 @@ RPM_PACKAGES := rpm rpm2cpio
 # the notifications.
 SYSTEM_PACKAGES := udev xvfb xfce4-session xfce4-notifyd dbus-x11 dbus-user-session libnotify-bin x11-utils \
 	x11-xserver-utils xfwm4 xfce4-settings xfconf
-DEB_PACKAGES := bubblewrap gcc make dbus dbus-broker systemd $(RPM_PACKAGES) $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES) \
+DEB_PACKAGES := bubblewrap gcc make dbus dbus-broker systemd shellcheck $(RPM_PACKAGES) $(E2E_PACKAGES) $(REAL_QUBESD_PACKAGES) \
 	$(REAL_QREXEC_PACKAGES) $(SYSTEM_PACKAGES)
 DEMO_PACKAGES := bubblewrap dbus
 COMMANDS  := qubes-sim qcryptd qcryptctl

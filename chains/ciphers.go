@@ -124,19 +124,27 @@ func parseSegment(s string) (Segment, bool) {
 }
 
 // segmentsScript reports the mapping "$name" as the kernel runs it (dmsetup table: not
-// the header's claim) as " TARGET/CIPHER/BITS" per segment on descriptor fd, and leaves
-// ok=0 unless every segment decrypts with a cipher of allowed (the kernel's spellings)
-// and a key of at least MinKeyBits (no list: reported only). The key itself never leaves the qube: only its size
+// the header's claim) as " TARGET/CIPHER/BITS" per segment on descriptor fd. With an
+// allowed list (the kernel's spellings) it sets ok=1 only when there are segments and
+// every one decrypts with a cipher of the list and a key of at least MinKeyBits; with
+// none (nil) it only reports. The key itself never leaves the qube: only its size
 // (":SIZE:keyring:description", or hex digits).
 func segmentsScript(fd int, allowed []string) string {
 	var b strings.Builder
-	b.WriteString("ok=1\nsegs=0\nt=$(dmsetup table -- \"$name\" 2>/dev/null) || t=\n")
-	b.WriteString("while read -r s l tg c k rest; do\n  [ -n \"$tg\" ] || continue\n  segs=$((segs + 1))\n")
+	check := allowed != nil
+	if check {
+		b.WriteString("ok=1\nsegs=0\n")
+	}
+	b.WriteString("t=$(dmsetup table -- \"$name\" 2>/dev/null) || t=\n")
+	b.WriteString("while read -r _ _ tg c k _; do\n  [ -n \"$tg\" ] || continue\n")
+	if check {
+		b.WriteString("  segs=$((segs + 1))\n")
+	}
 	b.WriteString("  case $k in :*) n=${k#:}; n=${n%%:*};; *) n=$((${#k} / 2));; esac\n")
 	b.WriteString("  case $n in ''|*[!0-9]*) n=0;; esac\n  bits=$((n * 8))\n")
 	b.WriteString("  [ \"$tg\" = crypt ] || { c=; bits=0; }\n")
 	fmt.Fprintf(&b, "  printf ' %%s/%%s/%%s' \"$tg\" \"$c\" \"$bits\" >&%d\n", fd)
-	if len(allowed) > 0 {
+	if check {
 		b.WriteString("  case $c in ")
 		for i, c := range allowed {
 			if i > 0 {
@@ -146,7 +154,10 @@ func segmentsScript(fd int, allowed []string) string {
 		}
 		fmt.Fprintf(&b, ") [ \"$tg\" = crypt ] && [ \"$bits\" -ge %d ] || ok=0;; *) ok=0;; esac\n", MinKeyBits)
 	}
-	b.WriteString("done <<QCRYPT_TABLE\n$t\nQCRYPT_TABLE\n[ \"$segs\" -gt 0 ] || ok=0\n")
+	b.WriteString("done <<QCRYPT_TABLE\n$t\nQCRYPT_TABLE\n")
+	if check {
+		b.WriteString("[ \"$segs\" -gt 0 ] || ok=0\n")
+	}
 	return b.String()
 }
 

@@ -35,7 +35,7 @@ type rig struct {
 func newRig(t testing.TB, d sim.Dialect) *rig {
 	t.Helper()
 	f := simtest.StartDemo(t, d)
-	return &rig{Fixture: f, e: &Engine{Qubes: f.Client, Runner: f.Runner, Journal: &Journal{Dir: t.TempDir()}}}
+	return &rig{Fixture: f, e: &Engine{Qubes: f.Client, Runner: checkedRunner{f.Runner}, Journal: &Journal{Dir: t.TempDir()}}}
 }
 
 func (r *rig) start(t testing.TB, vms ...string) {

@@ -158,7 +158,8 @@ func keystoreError(code int, stderr []byte) error {
 
 // keystoreVars starts every store script: the paths, quoted.
 func (e *Engine) keystoreVars(k Keystore) string {
-	return fmt.Sprintf("c=%s\nm=blib-dmcrypt-$(readlink -m \"$c\" | md5sum | cut -d' ' -f1)\nmp=%s\n",
+	// Not every key store script uses the mapper's name.
+	return fmt.Sprintf("c=%s\n# shellcheck disable=SC2034\nm=blib-dmcrypt-$(readlink -m \"$c\" | md5sum | cut -d' ' -f1)\nmp=%s\n",
 		q(k.Container()), q(e.keystoreMount(k)))
 }
 

@@ -461,7 +461,8 @@ func (e *Engine) CleanPrivateDir(ctx context.Context) error {
 	if e.Dom0 == nil {
 		return nil
 	}
-	script := fmt.Sprintf("for m in $(ls /dev/mapper 2>/dev/null | grep '^qcrypt-init-' | sort -r); do cryptsetup close \"$m\"; done\n"+
+	// Last first: a later layer's mapper sits on an earlier one's.
+	script := fmt.Sprintf("ms=(/dev/mapper/qcrypt-init-*)\nfor ((i = ${#ms[@]} - 1; i >= 0; i--)); do [ -e \"${ms[i]}\" ] && cryptsetup close \"${ms[i]##*/}\"; done\n"+
 		"%s\nfor d in %s/luks-init.*; do [ -d \"$d\" ] && wipe \"$d\"; done\nexit 0", wipeFunc, q(e.privateDir()))
 	res, err := e.Dom0.Run(ctx, script, nil)
 	if err != nil {

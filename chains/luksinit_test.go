@@ -31,7 +31,7 @@ const simPrivateDir = "/tmp/qcryptd-luks-init"
 
 func luksRig(t *testing.T) *rig {
 	r := newRig(t, sim.R42)
-	r.e.Dom0 = r.Dom0(r.Runner)
+	r.e.Dom0 = checkedDom0{r.Dom0(r.Runner)}
 	r.e.PrivateDir = simPrivateDir
 	return r
 }

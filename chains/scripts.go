@@ -296,11 +296,12 @@ func hopStatusScript(key, name string, devs, unknown []string, mountPoint string
 // needs the table of mappers, which costs one cryptsetup per mapper and is made once.
 func statusScript(attached []string, mappers bool, pieces []string) string {
 	var b strings.Builder
-	b.WriteString("nl='\n'\n")
+	// Not every set of pieces uses each of these.
+	b.WriteString("# shellcheck disable=SC2034\nnl='\n'\n")
 	b.WriteString("dev() { printf '%s\\n' \"$1\" | awk '$1 == \"device:\" {print $2}'; }\n")
-	fmt.Fprintf(&b, "all=%s\nmaps=\n", q(" "+strings.Join(attached, " ")+" "))
+	fmt.Fprintf(&b, "# shellcheck disable=SC2034\nall=%s\n# shellcheck disable=SC2034\nmaps=\n", q(" "+strings.Join(attached, " ")+" "))
 	if mappers {
-		b.WriteString("maps=$(for m in $(ls /dev/mapper 2>/dev/null); do [ \"$m\" = control ] && continue; " +
+		b.WriteString("maps=$(for p in /dev/mapper/*; do m=${p##*/}; [ -e \"$p\" ] && [ \"$m\" != control ] || continue; " +
 			"printf '%s %s\\n' \"$m\" \"$(dev \"$(cryptsetup status \"$m\" 2>/dev/null)\")\"; done)\n")
 	}
 	for i, p := range pieces {

@@ -29,6 +29,12 @@ func Main(m *testing.M) {
 		os.Exit(sim.QrexecClient(os.Args[1:]))
 	}
 	code := m.Run()
+	for _, f := range afterTests {
+		if err := f(); err != nil && code == 0 {
+			fmt.Fprintln(os.Stderr, "FAIL after the tests:", err)
+			code = 1
+		}
+	}
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
@@ -38,7 +44,14 @@ func Main(m *testing.M) {
 	os.Exit(code)
 }
 
-var atExit []func()
+var (
+	atExit     []func()
+	afterTests []func() error
+)
+
+// AfterTests registers a check of what the package's tests did, run once they passed:
+// its error fails the package.
+func AfterTests(f func() error) { afterTests = append(afterTests, f) }
 
 // AtExit registers cleanup to run after all tests of the package (Main exits the
 // process, so a test package that uses it has no TestMain of its own).
