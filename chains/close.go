@@ -176,7 +176,7 @@ func (e *Engine) closeActions(c *Chain, o CloseOptions, states map[string]string
 		return states, nil
 	}
 	for i := len(c.Hops) - 1; i >= 0; i-- {
-		i, h := i, c.Hops[i]
+		h := c.Hops[i]
 		last := i == len(c.Hops)-1
 		mayShutdown := o.Force && !last || o.ShutdownTarget && last
 		prev := c.SourceVM

@@ -414,7 +414,6 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 	for i, vm := range c.VMs() {
 		intermediate := i > 0 && i < len(c.Hops)
 		if !wasRunning[vm] && (intermediate || o.Autostart || c.Autostart) {
-			vm := vm
 			acts = append(acts, action{step: Step{"start", vm, "start " + vm + " if it is halted"},
 				do: func(ctx context.Context) error { return e.Qubes.Start(ctx, vm) }})
 		}
@@ -478,7 +477,6 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 	}})
 	prev := c.SourceVM
 	for i, h := range c.Hops {
-		i, h := i, h
 		what := "mapper " + c.Key
 		if i == 0 {
 			what = "loop device"

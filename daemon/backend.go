@@ -364,7 +364,6 @@ func (d *Daemon) Reload() (int, error) {
 			if old, exists := d.chains[c.Name]; exists {
 				// Changed: the old one is closing; the new one follows when it is gone.
 				old.pending = nil
-				c := c
 				d.afterRemoval(old, func() { d.addChain(c) })
 				continue
 			}
