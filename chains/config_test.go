@@ -135,14 +135,7 @@ func TestConfigOwnership(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			root := t.TempDir()
-			if err := os.Chmod(root, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			target := filepath.Join(root, "default")
-			if err := os.Mkdir(target, 0o755); err != nil {
-				t.Fatal(err)
-			}
+			root, target := configRoot(t)
 			file := filepath.Join(target, "c.ini")
 			if err := os.WriteFile(file, []byte(tc.content), 0o644); err != nil {
 				t.Fatal(err)
@@ -225,14 +218,7 @@ func TestChainFileLinks(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			root := t.TempDir()
-			if err := os.Chmod(root, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			target := filepath.Join(root, "default")
-			if err := os.Mkdir(target, 0o755); err != nil {
-				t.Fatal(err)
-			}
+			root, target := configRoot(t)
 			link := filepath.Join(target, "ex01.ini")
 			if err := os.Symlink(tc.link(t, root, target), link); err != nil {
 				t.Fatal(err)
@@ -250,6 +236,21 @@ func TestChainFileLinks(t *testing.T) {
 			}
 		})
 	}
+}
+
+// configRoot makes a configuration root as installed (mode 0755) with its target
+// directory "default".
+func configRoot(t *testing.T) (root, target string) {
+	t.Helper()
+	root = t.TempDir()
+	if err := os.Chmod(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	target = filepath.Join(root, "default")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return root, target
 }
 
 // writeChainFile writes root's chain file ex01.ini into dir (made with mode).

@@ -78,6 +78,11 @@ func TestKeystoreScriptsRecorded(t *testing.T) {
 
 // shellcheckScripts checks the recorded scripts in one run of shellcheck.
 func shellcheckScripts() error {
+	recorded := 0
+	ranScripts.Range(func(_, _ any) bool { recorded++; return true })
+	if recorded == 0 {
+		return nil // a run of tests that ran no script (go test -run, a benchmark)
+	}
 	if _, err := exec.LookPath("shellcheck"); err != nil {
 		if os.Getenv("QCRYPT_REQUIRE_SHELLCHECK") == "1" {
 			return errors.New("shellcheck is missing (make deps)")
@@ -97,8 +102,8 @@ func shellcheckScripts() error {
 		err = os.WriteFile(f, []byte("#!/bin/bash\n"+script.(string)+"\n"), 0o600)
 		return err == nil
 	})
-	if err != nil || len(files) == 0 {
-		return errors.Join(err, errors.New("no scripts were recorded"))
+	if err != nil {
+		return err
 	}
 	sort.Strings(files)
 	var out bytes.Buffer
