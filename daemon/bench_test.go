@@ -233,7 +233,7 @@ func BenchmarkUserOps(b *testing.B) {
 					spec = append(spec, fmt.Sprintf("m%d", i))
 				}
 				spec = append(spec, "work")
-				if out, code := w.qcryptctl(append([]string{"luks-init", "-a", "--size", "48M", "--fs", "ext4", "--enkey", "/dev/urandom", "--encon", "/dev/urandom"}, spec...)...); code != 0 {
+				if out, code := w.qcryptctl(append([]string{"luks-init", "-a", "--size", "64M", "--fs", "ext4", "--enkey", "/dev/urandom", "--encon", "/dev/urandom"}, spec...)...); code != 0 {
 					b.Fatalf("luks-init %d layers: %s", layers, out)
 				}
 				specs[layers] = spec

@@ -206,6 +206,10 @@ var demoChain = sim.DemoChain("read-only=false", "startup interval=0")
 // startDaemon runs qcryptd on the demo target and waits for its bus name.
 func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 	w.t.Helper()
+	// A world without chain files (ad-hoc chains only) has an empty target.
+	if err := os.MkdirAll(filepath.Join(w.conf, "demo"), 0o755); err != nil {
+		w.t.Fatal(err)
+	}
 	w.logPath = filepath.Join(w.dir, fmt.Sprintf("qcryptd-%d.log", time.Now().UnixNano()))
 	logf, _ := os.Create(w.logPath)
 	cmd := exec.Command(bin(w.t, "qcryptd"), "--config-root", w.conf, "--target", "demo", "--qubesd-socket", w.socket,
