@@ -101,6 +101,11 @@ type QrexecVM struct {
 // its sockets in runDir; it is stopped when the test ends.
 func StartQrexecVM(t testing.TB, out, runDir, name string, domid int) *QrexecVM {
 	t.Helper()
+	// qrexec-daemon 4.2 cuts its socket's path at 39 bytes (char socket_address[40]) and
+	// then binds whatever that names: a directory of a long path fails "address in use".
+	if sock := fmt.Sprintf("%s/qubes/qrexec.%d", runDir, domid); len(sock) > 39 {
+		t.Fatalf("run directory %s is too long for qrexec-daemon 4.2's socket path (%s: at most 39 bytes)", runDir, sock)
+	}
 	src, err := equipment(RealQrexecEnv, "real-qrexec")
 	if err != nil {
 		t.Fatal(err)
@@ -132,7 +137,9 @@ func StartQrexecVM(t testing.TB, out, runDir, name string, domid int) *QrexecVM 
 		select {
 		case <-vm.done:
 			b, _ := os.ReadFile(log.Name())
-			t.Fatalf("start-vm.sh %s ended: %s", name, b)
+			daemon, _ := os.ReadFile(filepath.Join(runDir, "log", "daemon."+name+".log"))
+			agent, _ := os.ReadFile(filepath.Join(runDir, "log", "agent."+name+".log"))
+			t.Fatalf("start-vm.sh %s ended: %s\nits qrexec-daemon: %s\nits qrexec-agent: %s", name, b, daemon, agent)
 		default:
 		}
 		if time.Now().After(deadline) {
