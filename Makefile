@@ -124,9 +124,9 @@ fuzz:
 	done
 
 # Re-record the real qubesd's transcripts the simulator is held against
-# (qubes/sim/testdata/real-qubesd/VERSION.txt).
+# (qubessim/testdata/real-qubesd/VERSION.txt).
 vectors:
-	QCRYPT_REQUIRE_REAL_QUBESD=1 QCRYPT_RECORD_VECTORS=1 $(GO) test -count=1 -run '^TestRealQubesdVectors$$' ./qubes/sim/
+	QCRYPT_REQUIRE_REAL_QUBESD=1 QCRYPT_RECORD_VECTORS=1 $(GO) test -count=1 -run '^TestRealQubesdVectors$$' ./qubessim/
 
 bench:
 	QCRYPT_REQUIRE_SANDBOX=1 $(GO) test -p 1 -run '^$$' -bench . -benchtime 2s ./...

@@ -11,7 +11,7 @@ import (
 	"testing"
 
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 // benchChain creates (with luks-init) an n-layer chain sys-usb -> m1 .. m(n-1) -> work.
@@ -42,7 +42,7 @@ func benchChain(b *testing.B, r *rig, layers int) *Chain {
 // intermediates halted (it starts them and learns default users and the device API).
 func BenchmarkChain(b *testing.B) {
 	for _, layers := range []int{1, 2, 3} {
-		r := newRig(b, sim.R42)
+		r := newRig(b, qubessim.R42)
 		c := benchChain(b, r, layers)
 		haltIntermediates(b, r, c)
 		b.Run(fmt.Sprintf("layers=%d/op=open-cold", layers), func(b *testing.B) {

@@ -4,7 +4,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 // What a qube reports of a layer is read strictly and held against the list: the
@@ -75,7 +75,7 @@ func TestParseCiphers(t *testing.T) {
 func TestLayersMustEncrypt(t *testing.T) {
 	for _, layer := range []int{1, 2} {
 		t.Run("layer "+string(rune('0'+layer)), func(t *testing.T) {
-			r := newRig(t, sim.R42)
+			r := newRig(t, qubessim.R42)
 			r.start(t, "work")
 			c := demoChain()
 			c.Hops[layer-1].Ciphers = []string{"serpent-xts-plain64"} // the demo's layers are AES
@@ -90,7 +90,7 @@ func TestLayersMustEncrypt(t *testing.T) {
 		})
 	}
 	t.Run("allowed, and the status shows it", func(t *testing.T) {
-		r := newRig(t, sim.R42)
+		r := newRig(t, qubessim.R42)
 		r.start(t, "work")
 		c := demoChain()
 		if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -110,7 +110,7 @@ func TestLayersMustEncrypt(t *testing.T) {
 		}
 	})
 	t.Run("other mount options", func(t *testing.T) {
-		r := newRig(t, sim.R42)
+		r := newRig(t, qubessim.R42)
 		r.start(t, "work")
 		c := demoChain()
 		c.MountOptions = "noexec,noatime"

@@ -14,8 +14,8 @@ import (
 
 	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 func TestMain(m *testing.M) { simtest.Main(m) }
@@ -23,7 +23,7 @@ func TestMain(m *testing.M) { simtest.Main(m) }
 var bg = context.Background()
 
 func demoChain() *Chain {
-	return &Chain{Name: "demo", SourceVM: "sys-usb", SourceFile: sim.DemoContainer, Key: "demo",
+	return &Chain{Name: "demo", SourceVM: "sys-usb", SourceFile: qubessim.DemoContainer, Key: "demo",
 		Hops: []Hop{{VM: "mediator"}, {VM: "work"}}, MountPoint: "/mnt/secure", Type: "luks"}
 }
 
@@ -32,7 +32,7 @@ type rig struct {
 	e *Engine
 }
 
-func newRig(t testing.TB, d sim.Dialect) *rig {
+func newRig(t testing.TB, d qubessim.Dialect) *rig {
 	t.Helper()
 	f := simtest.StartDemo(t, d)
 	return &rig{Fixture: f, e: &Engine{Qubes: f.Client, Runner: checkedRunner{f.Runner}, Journal: &Journal{Dir: t.TempDir()}}}
@@ -81,7 +81,7 @@ func (r *rig) leftovers(t *testing.T) []string {
 }
 
 func TestOpenWriteCloseReopen(t *testing.T) {
-	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			r := newRig(t, d)
 			r.start(t, "work")
@@ -117,7 +117,7 @@ func TestOpenWriteCloseReopen(t *testing.T) {
 				t.Errorf("second close: %v, want %v", err, ErrNotOpen)
 			}
 			usb, _ := r.VM("sys-usb")
-			data, _ := os.ReadFile(filepath.Join(usb.Root(), sim.DemoContainer))
+			data, _ := os.ReadFile(filepath.Join(usb.Root(), qubessim.DemoContainer))
 			if bytes.Contains(data, []byte(marker)) {
 				t.Error("plaintext in the container file")
 			}
@@ -176,7 +176,7 @@ func TestOpenRefusals(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			r := newRig(t, sim.R42)
+			r := newRig(t, qubessim.R42)
 			c := demoChain()
 			tc.setup(t, r, c)
 			err := r.e.Open(bg, c, OpenOptions{}, nil)
@@ -191,7 +191,7 @@ func TestOpenRefusals(t *testing.T) {
 }
 
 func TestAutostartStartsSourceAndTarget(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	if err := r.Client.Shutdown(bg, "sys-usb", false, true); err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func TestAutostartStartsSourceAndTarget(t *testing.T) {
 }
 
 func TestReadOnlyChain(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
 	c.ReadOnly = true
@@ -224,7 +224,7 @@ func TestReadOnlyChain(t *testing.T) {
 }
 
 func TestKeyInjection(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	// The demo key of work, copied to dom0 and removed from work, comes back by injection.
 	work, _ := r.VM("work")
@@ -257,7 +257,7 @@ func TestKeyInjection(t *testing.T) {
 }
 
 func TestPartialChain(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -281,7 +281,7 @@ func TestPartialChain(t *testing.T) {
 }
 
 func TestCloseAfterIntermediateWentDown(t *testing.T) {
-	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			r := newRig(t, d)
 			r.start(t, "work")
@@ -328,7 +328,7 @@ func TestCloseAfterIntermediateWentDown(t *testing.T) {
 }
 
 func TestStatusCounts(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	c := demoChain()
 	// sys-usb running with the file, mediator and work halted.
 	if got := r.status(t, c).Missing; got != 1+4+4+1 {
@@ -359,7 +359,7 @@ func TestStatusCounts(t *testing.T) {
 }
 
 func TestStatusStrangeState(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -438,7 +438,7 @@ func (f *failing) Run(ctx context.Context, vm, script string, in io.Reader) (qub
 
 func TestRollbackAfterAFailureAtEveryCall(t *testing.T) {
 	// Count the calls of a clean open, then fail each of them in turn.
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	counter := &failing{Qubes: r.Client, Runner: r.Runner}
 	r.e.Qubes, r.e.Runner = counter, counter
 	if err := r.e.Open(bg, demoChain(), OpenOptions{Autostart: true}, nil); err != nil {
@@ -448,7 +448,7 @@ func TestRollbackAfterAFailureAtEveryCall(t *testing.T) {
 	t.Logf("a clean open makes %d calls: %v", total, counter.what)
 	for n := 1; n <= total; n++ {
 		t.Run(fmt.Sprintf("call %d %s", n, counter.what[n-1]), func(t *testing.T) {
-			r := newRig(t, sim.R42)
+			r := newRig(t, qubessim.R42)
 			f := &failing{Qubes: r.Client, Runner: r.Runner, n: n}
 			r.e.Qubes, r.e.Runner = f, f
 			c := demoChain()
@@ -475,7 +475,7 @@ func TestRollbackAfterAFailureAtEveryCall(t *testing.T) {
 }
 
 func TestCancelBetweenStepsRollsBack(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	ctx, cancel := context.WithCancel(bg)
 	err := r.e.Open(ctx, demoChain(), OpenOptions{}, func(p Progress) {
@@ -492,7 +492,7 @@ func TestCancelBetweenStepsRollsBack(t *testing.T) {
 }
 
 func TestSpoofedDeviceIsRefused(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	// mediator lies about its dm device: qubesd relays the description the qube wrote.
 	r.SetDescription(qubes.DeviceRef{Backend: "mediator", Port: "dm-0"}, "other-key")
@@ -516,7 +516,7 @@ func TestPlans(t *testing.T) {
 // What a plan shows is what runs: the journal of an open and of a close holds the
 // steps of PlanOpen and PlanClose (an open leaves out the start of a running qube).
 func TestPlanIsWhatRuns(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	c := demoChain()
 	c.ReadOnly = true
 	oo := OpenOptions{Autostart: true, InjectKeys: map[string][]byte{"work": []byte("not used: work has its key")}}
@@ -567,7 +567,7 @@ func (r *rig) discover(t *testing.T, line func(Discovered) string) string {
 }
 
 func TestDiscover(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -593,7 +593,7 @@ func TestDiscover(t *testing.T) {
 }
 
 func TestReconcile(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	c := demoChain()
 	closed := r.status(t, c)
@@ -629,7 +629,7 @@ func TestReconcile(t *testing.T) {
 }
 
 func TestJournalRecordsSteps(t *testing.T) {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
 		t.Fatal(err)
@@ -651,7 +651,7 @@ func TestJournalRecordsSteps(t *testing.T) {
 // Without a journal (state directory full, read-only or not a directory) an open is
 // refused before it changes anything, and a close still closes.
 func TestCloseWithoutJournal(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -681,7 +681,7 @@ func TestCloseWithoutJournal(t *testing.T) {
 // part of it, is not that chain. Its close is refused and touches nothing; its status
 // does not count another chain's layers as its own.
 func TestCloseRefusesAnotherChain(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	open := demoChain()
 	if err := r.e.Open(bg, open, OpenOptions{}, nil); err != nil {
@@ -725,7 +725,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 // even with force; with nothing of it open anywhere it says so; a loop device no chain
 // uses is its leftover and goes.
 func TestCloseOfAnotherShape(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	if _, err := r.AddVM("vault", "AppVM", "user"); err != nil {
 		t.Fatal(err)
 	}
@@ -776,7 +776,7 @@ func TestCloseOfAnotherShape(t *testing.T) {
 	}
 	// A loop device of the container that nothing has attached (an open interrupted
 	// right after its first step) is the closing chain's to remove.
-	r.Sh(t, "sys-usb", "losetup -f "+sim.DemoContainer)
+	r.Sh(t, "sys-usb", "losetup -f "+qubessim.DemoContainer)
 	if err := r.e.Close(bg, spec("vault"), CloseOptions{}, Closing{}, nil); err != nil {
 		t.Errorf("close of a leftover loop device: %v", err)
 	}
@@ -789,7 +789,7 @@ func TestCloseOfAnotherShape(t *testing.T) {
 // per qube; when the chain is not where the journal recorded it, the held close stops
 // before changing anything and reads the chain first, as an unheld close does.
 func TestHeldClose(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -846,7 +846,7 @@ func TestHeldClose(t *testing.T) {
 // The original's status --mp "": the plaintext counts as there when it is mounted,
 // wherever; without a mount check its mount does not count at all.
 func TestStatusMountedAnywhere(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
 		t.Fatal(err)
@@ -887,7 +887,7 @@ func (k *killsOnRun) Run(ctx context.Context, vm, script string, in io.Reader) (
 // TestStatusOfAQubeThatStopsMeanwhile: a qube that shuts down while the status reads it
 // is a qube that is not running, not an error (the real qubesd stops a qube at once).
 func TestStatusOfAQubeThatStopsMeanwhile(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{Autostart: true}, nil); err != nil {
 		t.Fatal(err)
@@ -907,7 +907,7 @@ func TestStatusOfAQubeThatStopsMeanwhile(t *testing.T) {
 // #4784: detaching it wedges qubesd). An open is refused, even forced, naming the qube
 // to restart; qubesd still answers.
 func TestOpenRefusedOverADeadBackend(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{}, nil); err != nil {
@@ -935,7 +935,7 @@ func TestOpenRefusedOverADeadBackend(t *testing.T) {
 // open that needs one more is refused with that reason before it changes anything (from
 // the listing the open makes anyway). R4.3 goes on with xvdaa.
 func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
-	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			r := newRig(t, d)
 			r.start(t, "work")
@@ -950,7 +950,7 @@ func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
 			}
 			c := demoChain()
 			err := r.e.Open(bg, c, OpenOptions{}, nil)
-			if d == sim.R43 {
+			if d == qubessim.R43 {
 				if err != nil {
 					t.Fatalf("open with 22 devices attached to work: %v", err)
 				}
@@ -979,11 +979,11 @@ func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
 // machine's lock refuses a read-write open before anything changes, is shown only when
 // it is a lock line, lets a read-only open go on and is replaced by --break-lock.
 func TestCrossMachineLock(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	const me, other = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
 	r.e.MachineID = me
-	lockFile := sim.DemoContainer + ".qcrypt-lock"
+	lockFile := qubessim.DemoContainer + ".qcrypt-lock"
 	readLock := func() string {
 		return string(r.Sh(t, "sys-usb", "cat "+lockFile+" 2>/dev/null").Stdout)
 	}
@@ -1049,7 +1049,7 @@ func TestCrossMachineLock(t *testing.T) {
 // An open refused after the source script mounted the source device (here: another
 // machine's lock beside the container on a USB disk) unmounts it again.
 func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	r.e.MachineID = "0123456789abcdef0123456789abcdef"
 	container, err := os.ReadFile(filepath.Join(filepath.Dir(r.Socket()), "qubes/sys-usb/home/user/demo.luks"))
@@ -1058,7 +1058,7 @@ func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
 	}
 	img := filepath.Join(t.TempDir(), "usb.img")
 	lock := []byte("qcrypt-lock 1 machine=fedcba9876543210fedcba9876543210 chain=demo time=1\n")
-	if err := sim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"c/demo.luks": container, "c/demo.luks.qcrypt-lock": lock}); err != nil {
+	if err := qubessim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"c/demo.luks": container, "c/demo.luks.qcrypt-lock": lock}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := r.Plug("sys-usb", img, "", false); err != nil {
@@ -1078,7 +1078,7 @@ func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
 // attachment listing per running destination, one device listing per backend, one
 // script per running qube; each chain's status is what it is read alone.
 func TestStatusOfManyChainsTogether(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "mediator", "work")
 	var cs []*Chain
 	for i := range 6 {
@@ -1086,7 +1086,7 @@ func TestStatusOfManyChainsTogether(t *testing.T) {
 		c.Name, c.Key = fmt.Sprintf("c%d", i), fmt.Sprintf("k%d", i)
 		c.SourceFile = fmt.Sprintf("/home/user/c%d.luks", i)
 		c.MountPoint = fmt.Sprintf("/mnt/c%d", i)
-		r.Sh(t, "sys-usb", "cp "+sim.DemoContainer+" "+c.SourceFile)
+		r.Sh(t, "sys-usb", "cp "+qubessim.DemoContainer+" "+c.SourceFile)
 		for _, vm := range []string{"mediator", "work"} {
 			r.Sh(t, vm, fmt.Sprintf("cp /home/user/.qcrypt/keys/demo /home/user/.qcrypt/keys/k%d", i))
 		}
@@ -1209,7 +1209,7 @@ func (l *lateAttach) Detach(ctx context.Context, vm string, d qubes.DeviceRef) e
 // detaches what was attached and nothing is left (it was: the device attached, the
 // layer below busy, "rollback ... failed too").
 func TestCancelDuringAttachRollsBackAll(t *testing.T) {
-	r := newRig(t, sim.R43)
+	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	ctx, cancel := context.WithCancel(bg)
 	defer cancel()

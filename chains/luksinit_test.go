@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 func initSpec(fs string) InitSpec {
@@ -30,7 +30,7 @@ func initSpec(fs string) InitSpec {
 const simPrivateDir = "/tmp/qcryptd-luks-init"
 
 func luksRig(t *testing.T) *rig {
-	r := newRig(t, sim.R42)
+	r := newRig(t, qubessim.R42)
 	r.e.Dom0 = checkedDom0{r.Dom0(r.Runner)}
 	r.e.PrivateDir = simPrivateDir
 	return r

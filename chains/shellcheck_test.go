@@ -15,7 +15,7 @@ import (
 	"testing"
 
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 // Every script the engine runs in a qube or in dom0 during this package's tests is

@@ -15,7 +15,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/dbusapi"
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 // qcryptctl runs the real client binary.
@@ -237,7 +237,7 @@ func TestHeldClose(t *testing.T) {
 
 	open()
 	img := filepath.Join(w.dir, "other.img")
-	if err := sim.MakeDiskImage(img, 4<<20, "OTHER", nil); err != nil {
+	if err := qubessim.MakeDiskImage(img, 4<<20, "OTHER", nil); err != nil {
 		t.Fatal(err)
 	}
 	port := strings.TrimSpace(w.ctl("plug", "sys-usb", img))

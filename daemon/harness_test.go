@@ -16,8 +16,8 @@ import (
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 // The integration tests run the real binaries: a private dbus-daemon with a system-bus
@@ -121,7 +121,7 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 		// Real qubesd and real qrexec: only Xen and the qubes' insides are simulated.
 		args = append(args, "--qubes-version", v, "--real-qubesd", simtest.RealQubesd(t), "--real-qrexec", simtest.RealQrexec(t, v))
 		w.real = true
-		w.qrexecClient = sim.QrexecClientPath(filepath.Join(w.simDir, "qrexec"))
+		w.qrexecClient = qubessim.QrexecClientPath(filepath.Join(w.simDir, "qrexec"))
 	} else {
 		args = append(args, "--qubes-version", dialect)
 	}
@@ -149,7 +149,7 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	w.qubes = qubes.NewClient(w.socket)
 	w.qubes.SetTimeout(time.Minute)
 	w.eventually("the simulator is ready", 3*time.Minute, func() bool {
-		return sim.Ping(w.socket) == nil
+		return qubessim.Ping(w.socket) == nil
 	})
 	return w
 }
@@ -201,7 +201,7 @@ func (w *world) writeChain(name, content string) {
 	}
 }
 
-var demoChain = sim.DemoChain("read-only=false", "startup interval=0")
+var demoChain = qubessim.DemoChain("read-only=false", "startup interval=0")
 
 // startDaemon runs qcryptd on the demo target and waits for its bus name.
 func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {

@@ -17,7 +17,7 @@ import (
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/dbusapi"
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 var bg = context.Background()
@@ -78,7 +78,7 @@ func TestPluggedDiskOpensDeviceChain(t *testing.T) {
 				t.Fatal(err)
 			}
 			img := filepath.Join(w.dir, "usb.img")
-			if err := sim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"containers/demo.luks": container}); err != nil {
+			if err := qubessim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"containers/demo.luks": container}); err != nil {
 				t.Fatal(err)
 			}
 			w.writeChain("usb", `source vm=sys-usb

@@ -15,8 +15,9 @@ import (
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/control"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 // In-process tests of the event loop (under -race), with the simulator and a recording
@@ -83,13 +84,13 @@ func (r *recorder) last(name string) dbusapi.ChainState {
 	return l[len(l)-1]
 }
 
-var loopDemoChain = sim.DemoChain("startup interval=0")
+var loopDemoChain = qubessim.DemoChain("startup interval=0")
 
 // held is a simulated qubesd call stopped where a test wants it.
 type held struct{ reached, hold chan struct{} }
 
 // holding makes fault stop its call until release; it returns the fault to add.
-func holding(fault sim.Fault) (sim.Fault, *held) {
+func holding(fault control.Fault) (control.Fault, *held) {
 	h := &held{reached: make(chan struct{}, 1), hold: make(chan struct{})}
 	fault.Reached, fault.Hold = func() { h.reached <- struct{}{} }, h.hold
 	return fault, h
@@ -117,7 +118,7 @@ func startLoop(t *testing.T, before ...func(*simtest.Fixture)) (*simtest.Fixture
 // startLoopWith runs the loop with the given chain files (name -> content).
 func startLoopWith(t *testing.T, files map[string]string, before ...func(*simtest.Fixture)) (*simtest.Fixture, *Daemon, *recorder) {
 	t.Helper()
-	f := simtest.StartDemo(t, sim.R43)
+	f := simtest.StartDemo(t, qubessim.R43)
 	for _, b := range before {
 		b(f)
 	}
@@ -225,7 +226,7 @@ func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
 func TestLoopQubeStartsDuringResync(t *testing.T) {
 	// The resync lists the qubes first, then probes the device API: held there, the
 	// listing (work halted) is taken and its answer not yet used.
-	fault, probe := holding(sim.Fault{Method: "admin.vm.device.block.Attached", Dest: "dom0", Count: 1})
+	fault, probe := holding(control.Fault{Method: "admin.vm.device.block.Attached", Dest: "dom0", Count: 1})
 	f, _, rec := startLoop(t, func(f *simtest.Fixture) { f.AddFault(fault) })
 	probe.wait(t, "the resync's device API probe")
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
@@ -299,7 +300,7 @@ func TestLoopCancelRollsBack(t *testing.T) {
 	d.Close(0, "demo", chains.CloseOptions{})
 	waitFor(t, "closed", func() bool { return rec.last("demo") == dbusapi.ChainClosed })
 	// Hold the second attach, then cancel the open while it waits there.
-	fault, attach := holding(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Count: 1})
+	fault, attach := holding(control.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Count: 1})
 	f.AddFault(fault)
 	id, err := d.Open(0, "demo", chains.OpenOptions{})
 	if err != nil {
@@ -420,7 +421,7 @@ func jobDone(t *testing.T, rec *recorder, id uint64) bool {
 // user closed, nor announce a chain it finds open as newly opened; an open of an open
 // chain does not flap; a manual open of a chain whose target is down leaves it waiting.
 func TestLoopHonestStates(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R43)
+	f := simtest.StartDemo(t, qubessim.R43)
 	conf, state := t.TempDir(), t.TempDir()
 	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
 		t.Fatal(err)
@@ -504,7 +505,7 @@ func TestLoopHonestStates(t *testing.T) {
 // A failed automatic open starts the startup interval; a later success ends it, so the
 // next start of the target opens the chain at once (default interval, 300 s).
 func TestLoopSuccessEndsStartupInterval(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R43)
+	f := simtest.StartDemo(t, qubessim.R43)
 	conf := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
 		t.Fatal(err)
@@ -514,7 +515,7 @@ func TestLoopSuccessEndsStartupInterval(t *testing.T) {
 	}
 	d, rec, _ := runLoop(t, f, conf, t.TempDir())
 	waitFor(t, "waiting", func() bool { return rec.last("demo") == dbusapi.ChainWaiting })
-	f.AddFault(sim.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Empty: true, Count: 1})
+	f.AddFault(control.Fault{Method: "admin.vm.device.block.Attach", Dest: "work", Empty: true, Count: 1})
 	if err := f.Client.Start(context.Background(), "work"); err != nil {
 		t.Fatal(err)
 	}
@@ -574,7 +575,7 @@ func TestLoopStartDuringAutoClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
-	fault, detach := holding(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1})
+	fault, detach := holding(control.Fault{Method: "admin.vm.device.block.Detach", Dest: "mediator", Count: 1})
 	f.AddFault(fault)
 	if err := f.Client.Shutdown(ctx, "work", false, true); err != nil {
 		t.Fatal(err)
@@ -602,7 +603,7 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "open", func() bool { return rec.last("demo") == dbusapi.ChainOpen })
-	fault, detach := holding(sim.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true})
+	fault, detach := holding(control.Fault{Method: "admin.vm.device.block.Detach", Dest: "work", Count: 1, Empty: true})
 	f.AddFault(fault)
 	id, err := d.Close(0, "demo", chains.CloseOptions{})
 	if err != nil {
@@ -632,7 +633,7 @@ func TestLoopReconcileMissedDuringAJob(t *testing.T) {
 // scenarios begin.
 func openedThenStopped(t *testing.T) (f *simtest.Fixture, conf, state string) {
 	t.Helper()
-	f = simtest.StartDemo(t, sim.R43)
+	f = simtest.StartDemo(t, qubessim.R43)
 	conf, state = t.TempDir(), t.TempDir()
 	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
 		t.Fatal(err)
@@ -713,7 +714,7 @@ func TestLoopStartStopFlood(t *testing.T) {
 // A chain file changed after the user closed its chain is a new chain: the reload opens
 // it when its qubes run, as for any new chain (the e2e plug scenario found this).
 func TestLoopReloadClearsUserClose(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R43)
+	f := simtest.StartDemo(t, qubessim.R43)
 	conf, state := t.TempDir(), t.TempDir()
 	if err := os.MkdirAll(filepath.Join(conf, "demo"), 0o755); err != nil {
 		t.Fatal(err)
@@ -820,7 +821,7 @@ func TestLoopReadOnlyOrFullStateDir(t *testing.T) {
 // new work and opens nothing, then stops by itself: qubes-core stops the qubes after it.
 func TestLoopSystemShutdownClosesEverything(t *testing.T) {
 	other := strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks", "/mnt/demo", "/mnt/other").Replace(loopDemoChain)
-	f := simtest.StartDemo(t, sim.R43)
+	f := simtest.StartDemo(t, qubessim.R43)
 	f.Sh(t, "sys-usb", "cp /home/user/demo.luks /home/user/other.luks")
 	for _, vm := range []string{"mediator", "work"} {
 		if err := f.Client.Start(context.Background(), vm); err != nil {
@@ -864,11 +865,11 @@ func TestLoopSystemShutdownClosesEverything(t *testing.T) {
 // the chain, the new daemon finds it open, and closes it like any other (at a system
 // shutdown as well).
 func TestLoopAdhocChainsAcrossARestart(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R43)
+	f := simtest.StartDemo(t, qubessim.R43)
 	state := t.TempDir()
 	conf := writeConf(t, map[string]string{})
 	d, rec, stop := runLoop(t, f, conf, state)
-	c := &chains.Chain{SourceVM: "sys-usb", SourceFile: sim.DemoContainer, Key: "demo", MountPoint: "/mnt/adhoc",
+	c := &chains.Chain{SourceVM: "sys-usb", SourceFile: qubessim.DemoContainer, Key: "demo", MountPoint: "/mnt/adhoc",
 		Hops: []chains.Hop{{VM: "mediator"}, {VM: "work", Ciphers: []string{"aes-xts-plain64"}}}, Autostart: true, Type: "luks"}
 	c.Name = chains.AdhocName(c)
 	id, err := d.OpenAdhoc(0, c, chains.OpenOptions{Autostart: true})

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 // TestSoak runs QCRYPT_SOAK_CYCLES open/write/close cycles through qcryptctl and qcryptd

@@ -17,7 +17,7 @@ import (
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 // The end-to-end tests run as root on a kernel with loop and dm-crypt (make e2e boots
@@ -94,7 +94,7 @@ func setup() (*harness, error) {
 	}
 	if build := os.Getenv("E2E_REAL_QREXEC"); build != "" {
 		args = append(args, "--real-qrexec", build)
-		hs.qrexecClient = sim.QrexecClientPath(filepath.Join(hs.simDir, "qrexec"))
+		hs.qrexecClient = qubessim.QrexecClientPath(filepath.Join(hs.simDir, "qrexec"))
 	}
 	hs.sim = exec.Command(filepath.Join(bin, "qubes-sim"), args...)
 	logf, _ := os.Create(filepath.Join(dir, "sim.log"))

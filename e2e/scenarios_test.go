@@ -18,7 +18,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 // The scenarios share one chain, "vault": a container in sys-usb, outer layer opened by

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 func TestMain(m *testing.M) { simtest.Main(m) }
@@ -21,7 +21,7 @@ func TestMain(m *testing.M) { simtest.Main(m) }
 // in the state setup builds, must answer req with exactly resp.
 type vector struct {
 	name    string
-	dialect sim.Dialect
+	dialect qubessim.Dialect
 	setup   func(t *testing.T, f *simtest.Fixture)
 	call    func(ctx context.Context, c *qubes.Client) (any, error)
 	req     string
@@ -57,7 +57,7 @@ func wantValue(want any) func(*testing.T, any, error) {
 }
 
 func loop0(t *testing.T, f *simtest.Fixture) {
-	if r := f.Sh(t, "sys-usb", "losetup -f --show "+sim.DemoContainer); r.ExitCode != 0 {
+	if r := f.Sh(t, "sys-usb", "losetup -f --show "+qubessim.DemoContainer); r.ExitCode != 0 {
 		t.Fatalf("losetup: %s", r.Stderr)
 	}
 }
@@ -82,7 +82,7 @@ func startMediator(t *testing.T, f *simtest.Fixture) {
 var loopRef = qubes.DeviceRef{Backend: "sys-usb", Port: "loop0"}
 
 func vectors() []vector {
-	both := []sim.Dialect{sim.R42, sim.R43}
+	both := []qubessim.Dialect{qubessim.R42, qubessim.R43}
 	var vs []vector
 	for _, d := range both {
 		vs = append(vs,
@@ -149,104 +149,104 @@ func vectors() []vector {
 		)
 	}
 	vs = append(vs,
-		vector{name: "List", dialect: sim.R42, req: "admin.vm.List+ dom0 name dom0\x00",
+		vector{name: "List", dialect: qubessim.R42, req: "admin.vm.List+ dom0 name dom0\x00",
 			resp: "0\x00dom0 class=AdminVM state=Running\nmediator class=AppVM state=Halted\nsys-usb class=DispVM state=Running\nwork class=AppVM state=Halted\n",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) { return c.ListVMs(ctx) },
 			check: wantValue(func(v any) bool {
 				vms := v.([]qubes.VM)
 				return len(vms) == 4 && vms[3] == qubes.VM{Name: "work", Class: "AppVM", State: "Halted"}
 			})},
-		vector{name: "List", dialect: sim.R43, req: "admin.vm.List+ dom0 name dom0\x00",
-			resp: "0\x00dom0 class=AdminVM state=Running uuid=00000000-0000-0000-0000-000000000000\nmediator class=AppVM state=Halted uuid=" + sim.UUIDFor("mediator") +
-				"\nsys-usb class=DispVM state=Running uuid=" + sim.UUIDFor("sys-usb") + "\nwork class=AppVM state=Halted uuid=" + sim.UUIDFor("work") + "\n",
+		vector{name: "List", dialect: qubessim.R43, req: "admin.vm.List+ dom0 name dom0\x00",
+			resp: "0\x00dom0 class=AdminVM state=Running uuid=00000000-0000-0000-0000-000000000000\nmediator class=AppVM state=Halted uuid=" + qubessim.UUIDFor("mediator") +
+				"\nsys-usb class=DispVM state=Running uuid=" + qubessim.UUIDFor("sys-usb") + "\nwork class=AppVM state=Halted uuid=" + qubessim.UUIDFor("work") + "\n",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) { return c.ListVMs(ctx) },
 			check: wantValue(func(v any) bool {
 				vms := v.([]qubes.VM)
-				return len(vms) == 4 && vms[3].UUID == sim.UUIDFor("work")
+				return len(vms) == 4 && vms[3].UUID == qubessim.UUIDFor("work")
 			})},
-		vector{name: "device API probe", dialect: sim.R42, req: "admin.vm.device.block.Attached+ dom0 name dom0\x00", resp: "",
+		vector{name: "device API probe", dialect: qubessim.R42, req: "admin.vm.device.block.Attached+ dom0 name dom0\x00", resp: "",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				c.SetDeviceAPI(qubes.DeviceAPIUnknown)
 				return c.DeviceAPI(ctx)
 			},
 			check: wantValue(qubes.DeviceAPIOld)},
-		vector{name: "device API probe", dialect: sim.R43, req: "admin.vm.device.block.Attached+ dom0 name dom0\x00", resp: "0\x00",
+		vector{name: "device API probe", dialect: qubessim.R43, req: "admin.vm.device.block.Attached+ dom0 name dom0\x00", resp: "0\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				c.SetDeviceAPI(qubes.DeviceAPIUnknown)
 				return c.DeviceAPI(ctx)
 			},
 			check: wantValue(qubes.DeviceAPINew)},
-		vector{name: "Available", dialect: sim.R42, setup: loop0, req: "admin.vm.device.block.Available+ dom0 name sys-usb\x00",
+		vector{name: "Available", dialect: qubessim.R42, setup: loop0, req: "admin.vm.device.block.Available+ dom0 name sys-usb\x00",
 			resp: "0\x00loop0 mode=w size=8388608 device_node=/dev/loop0 description=/home/user/demo.luks\n",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) { return c.Available(ctx, "sys-usb") },
 			check: wantValue(func(v any) bool {
 				d := v.([]qubes.BlockDevice)
 				return len(d) == 1 && d[0] == qubes.BlockDevice{DeviceRef: loopRef, Description: "/home/user/demo.luks", Mode: "w", Size: 8388608}
 			})},
-		vector{name: "Available", dialect: sim.R43, setup: loop0, req: "admin.vm.device.block.Available+ dom0 name sys-usb\x00",
+		vector{name: "Available", dialect: qubessim.R43, setup: loop0, req: "admin.vm.device.block.Available+ dom0 name sys-usb\x00",
 			resp: "0\x00loop0::0 backend_domain='sys-usb' devclass='block' device_id=':0' interfaces='b******' manufacturer='hosted by sys-usb' port_id='loop0' serial='/home/user/demo.luks'\n",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) { return c.Available(ctx, "sys-usb") },
 			check: wantValue(func(v any) bool {
 				d := v.([]qubes.BlockDevice)
 				return len(d) == 1 && d[0] == qubes.BlockDevice{DeviceRef: loopRef, Description: "/home/user/demo.luks", Size: -1}
 			})},
-		vector{name: "Attach read-only", dialect: sim.R42, setup: func(t *testing.T, f *simtest.Fixture) { loop0(t, f); startMediator(t, f) },
+		vector{name: "Attach read-only", dialect: qubessim.R42, setup: func(t *testing.T, f *simtest.Fixture) { loop0(t, f); startMediator(t, f) },
 			req: "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00read-only=yes", resp: "0\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Attach(ctx, "mediator", loopRef, true)
 			},
 			check: wantValue(nil)},
-		vector{name: "Attach read-only", dialect: sim.R43, setup: func(t *testing.T, f *simtest.Fixture) { loop0(t, f); startMediator(t, f) },
+		vector{name: "Attach read-only", dialect: qubessim.R43, setup: func(t *testing.T, f *simtest.Fixture) { loop0(t, f); startMediator(t, f) },
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00device_id='*' port_id='loop0' devclass='block' backend_domain='sys-usb' mode='manual' frontend_domain='mediator' _read-only='yes'",
 			resp: "0\x00", call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Attach(ctx, "mediator", loopRef, true)
 			},
 			check: wantValue(nil)},
-		vector{name: "Attach to a halted frontend", dialect: sim.R42, setup: loop0,
+		vector{name: "Attach to a halted frontend", dialect: qubessim.R42, setup: loop0,
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name work\x00read-only=no",
 			resp: "2\x00QubesVMNotRunningError\x00\x00VM not running, can only attach device with persistent flag\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Attach(ctx, "work", loopRef, false)
 			},
 			check: wantErr(qubes.ErrNotRunning)},
-		vector{name: "Attach twice", dialect: sim.R42, setup: loop0Attached,
+		vector{name: "Attach twice", dialect: qubessim.R42, setup: loop0Attached,
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00read-only=yes",
 			resp: "2\x00DeviceAlreadyAttached\x00\x00'device sys-usb:loop0 of class block already attached to mediator'\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Attach(ctx, "mediator", loopRef, true)
 			},
 			check: wantErr(qubes.ErrAlreadyAttached)},
-		vector{name: "Attach twice", dialect: sim.R43, setup: loop0Attached,
+		vector{name: "Attach twice", dialect: qubessim.R43, setup: loop0Attached,
 			req:  "admin.vm.device.block.Attach+sys-usb+loop0 dom0 name mediator\x00device_id='*' port_id='loop0' devclass='block' backend_domain='sys-usb' mode='manual' frontend_domain='mediator' _read-only='yes'",
 			resp: "2\x00DeviceAlreadyAttached\x00\x00'device sys-usb:loop0::0 of class block already attached to mediator'\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Attach(ctx, "mediator", loopRef, true)
 			},
 			check: wantErr(qubes.ErrAlreadyAttached)},
-		vector{name: "List attached", dialect: sim.R42, setup: loop0Attached, req: "admin.vm.device.block.List+ dom0 name mediator\x00",
+		vector{name: "List attached", dialect: qubessim.R42, setup: loop0Attached, req: "admin.vm.device.block.List+ dom0 name mediator\x00",
 			resp: "0\x00sys-usb+loop0 read-only=yes frontend-dev=xvdi persistent=no\n",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) { return c.Attached(ctx, "mediator") },
 			check: wantValue(func(v any) bool {
 				a := v.([]qubes.Attachment)
 				return len(a) == 1 && a[0] == qubes.Attachment{DeviceRef: loopRef, Frontend: "mediator", ReadOnly: true, FrontendDev: "xvdi"}
 			})},
-		vector{name: "List attached", dialect: sim.R43, setup: loop0Attached, req: "admin.vm.device.block.Attached+ dom0 name mediator\x00",
+		vector{name: "List attached", dialect: qubessim.R43, setup: loop0Attached, req: "admin.vm.device.block.Attached+ dom0 name mediator\x00",
 			resp: "0\x00sys-usb+loop0::0 _frontend-dev='xvdi' _read-only='yes' backend_domain='sys-usb' devclass='block' device_id=':0' frontend_domain='mediator' mode='manual' port_id='loop0'\n",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) { return c.Attached(ctx, "mediator") },
 			check: wantValue(func(v any) bool {
 				a := v.([]qubes.Attachment)
 				return len(a) == 1 && a[0] == qubes.Attachment{DeviceRef: loopRef, Frontend: "mediator", ReadOnly: true, FrontendDev: "xvdi"}
 			})},
-		vector{name: "Detach", dialect: sim.R42, setup: loop0Attached, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00", resp: "0\x00",
+		vector{name: "Detach", dialect: qubessim.R42, setup: loop0Attached, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00", resp: "0\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Detach(ctx, "mediator", loopRef)
 			}, check: wantValue(nil)},
-		vector{name: "Detach not attached", dialect: sim.R42, setup: startMediator, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00",
+		vector{name: "Detach not attached", dialect: qubessim.R42, setup: startMediator, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00",
 			resp: "2\x00DeviceNotAttached\x00\x00'device loop0 of class block not attached to mediator'\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Detach(ctx, "mediator", loopRef)
 			}, check: wantErr(qubes.ErrNotAttached)},
-		vector{name: "Detach not attached", dialect: sim.R43, setup: startMediator, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00",
+		vector{name: "Detach not attached", dialect: qubessim.R43, setup: startMediator, req: "admin.vm.device.block.Detach+sys-usb+loop0 dom0 name mediator\x00",
 			resp: "2\x00DeviceNotAssigned\x00\x00'block device loop0 not attached to mediator'\x00",
 			call: func(ctx context.Context, c *qubes.Client) (any, error) {
 				return nil, c.Detach(ctx, "mediator", loopRef)
@@ -311,7 +311,7 @@ func TestConformanceClient(t *testing.T) {
 	for _, v := range vectors() {
 		t.Run(string(v.dialect)+"/"+v.name, func(t *testing.T) {
 			c := qubes.NewClient(fakeQubesd(t, v.req, v.resp))
-			if v.dialect == sim.R42 {
+			if v.dialect == qubessim.R42 {
 				c.SetDeviceAPI(qubes.DeviceAPIOld)
 			} else {
 				c.SetDeviceAPI(qubes.DeviceAPINew)
@@ -337,7 +337,7 @@ func TestConformanceSimulator(t *testing.T) {
 }
 
 func TestSimulatorFraming(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
+	f := simtest.StartDemo(t, qubessim.R42)
 	tests := map[string]struct{ req, resp string }{
 		"split on first plus, keyword adminvm": {"admin.vm.List+ dom0 keyword adminvm\x00", "0\x00dom0 class=AdminVM state=Running\nmediator class=AppVM state=Halted\nsys-usb class=DispVM state=Running\nwork class=AppVM state=Halted\n"},
 		"no plus at all":                       {"admin.vm.List dom0 name work\x00", "0\x00work class=AppVM state=Halted\n"},

@@ -13,8 +13,9 @@ import (
 	"time"
 
 	"github.com/qcrypt/qcrypt/qubes"
-	"github.com/qcrypt/qcrypt/qubes/sim"
-	"github.com/qcrypt/qcrypt/qubes/sim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/control"
+	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
 // collect reads events until one satisfies stop (or a timeout) and returns them.
@@ -67,7 +68,7 @@ func subscribe(t *testing.T, f *simtest.Fixture) <-chan qubes.Event {
 }
 
 func TestEventSequences(t *testing.T) {
-	for _, d := range []sim.Dialect{sim.R42, sim.R43} {
+	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			f := simtest.StartDemo(t, d)
 			ch := subscribe(t, f)
@@ -79,7 +80,7 @@ func TestEventSequences(t *testing.T) {
 			start := names(collect(t, ch, is(qubes.EventDomainStart, "work")))
 			// As the real qubesd: R4.2 sends domain-unpaused after domain-start, R4.3 before.
 			want := "work:domain-pre-start work:domain-pre-spawn work:property-reset:xid work:property-reset:stubdom_xid work:property-reset:start_time work:domain-spawn work:domain-start"
-			if d == sim.R43 {
+			if d == qubessim.R43 {
 				want = strings.Replace(want, "work:domain-start", "work:domain-pre-unpaused work:domain-unpaused work:domain-start", 1)
 			}
 			if got := strings.Join(start, " "); got != want {
@@ -87,8 +88,8 @@ func TestEventSequences(t *testing.T) {
 			}
 
 			// A loop device in the source qube is a device appearing.
-			f.Sh(t, "sys-usb", "losetup -f --show "+sim.DemoContainer)
-			if d == sim.R42 {
+			f.Sh(t, "sys-usb", "losetup -f --show "+qubessim.DemoContainer)
+			if d == qubessim.R42 {
 				collect(t, ch, is(qubes.EventDeviceListChange, "sys-usb"))
 			} else {
 				added := collect(t, ch, is(qubes.EventDeviceAdded, "sys-usb"))
@@ -121,7 +122,7 @@ func TestEventSequences(t *testing.T) {
 					sawDetach = true
 				}
 			}
-			if sawDetach != (d == sim.R43) {
+			if sawDetach != (d == qubessim.R43) {
 				t.Errorf("device-detach on frontend shutdown: %v (dialect %s): %v", sawDetach, d, names(stop))
 			}
 			tail := names(stop)
@@ -136,7 +137,7 @@ func TestEventSequences(t *testing.T) {
 }
 
 func TestEventStreamResyncsAfterDrop(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
+	f := simtest.StartDemo(t, qubessim.R42)
 	ch := subscribe(t, f)
 	f.DropEventStreams()
 	got := collect(t, ch, is(qubes.EventResync, ""))
@@ -151,7 +152,7 @@ func TestEventStreamResyncsAfterDrop(t *testing.T) {
 }
 
 func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
+	f := simtest.StartDemo(t, qubessim.R42)
 	ch := subscribe(t, f)
 	f.Close() // qubesd goes away
 	got := collect(t, ch, is(qubes.EventDisconnected, ""))
@@ -161,7 +162,7 @@ func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
 	// Attempts fail while it is gone: more disconnected events, with backoff.
 	collect(t, ch, is(qubes.EventDisconnected, ""))
 	// qubesd comes back on the same socket: the stream resyncs and delivers again.
-	back, err := sim.Start(sim.Config{Dir: t.TempDir(), Socket: f.Socket(), ToolsBinary: os.Args[0], Demo: true})
+	back, err := qubessim.Start(qubessim.Config{Dir: t.TempDir(), Socket: f.Socket(), ToolsBinary: os.Args[0], Demo: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +175,7 @@ func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
 }
 
 func TestSimulatorEventDestFilter(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
+	f := simtest.StartDemo(t, qubessim.R42)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// A subscription for one qube gets only its events (raw request, dest work).
@@ -213,7 +214,7 @@ type runnerWorld struct {
 func runnerWorlds() map[string]func(t testing.TB) *runnerWorld {
 	return map[string]func(t testing.TB) *runnerWorld{
 		"stand-in": func(t testing.TB) *runnerWorld {
-			f := simtest.StartDemo(t, sim.R42)
+			f := simtest.StartDemo(t, qubessim.R42)
 			usb, _ := f.VM("sys-usb")
 			return &runnerWorld{runner: f.Runner, running: "sys-usb", halted: "work",
 				inside: "/tmp", outside: filepath.Join(usb.Root(), "tmp"),
@@ -386,7 +387,7 @@ func BenchmarkRunner(b *testing.B) {
 
 // The stand-in's qubes have the simulator's home directory.
 func TestRunnerStandInHome(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
+	f := simtest.StartDemo(t, qubessim.R42)
 	res, err := f.Runner.Run(context.Background(), "sys-usb", `[ -d /home/user/.qcrypt/keys ] && echo ok`, nil)
 	if err != nil || string(res.Stdout) != "ok\n" {
 		t.Errorf("got %q %v", res.Stdout, err)
@@ -395,8 +396,8 @@ func TestRunnerStandInHome(t *testing.T) {
 
 // An injected qrexec failure (stand-in only) is a transport error.
 func TestRunnerStandInInjectedFailure(t *testing.T) {
-	f := simtest.StartDemo(t, sim.R42)
-	f.SetQrexecFault("sys-usb", sim.QrexecFault{Exit: qubes.ExitQrexecRefused})
+	f := simtest.StartDemo(t, qubessim.R42)
+	f.SetQrexecFault("sys-usb", control.QrexecFault{Exit: qubes.ExitQrexecRefused})
 	_, err := f.Runner.Run(context.Background(), "sys-usb", "true", nil)
 	var te *qubes.TransportError
 	if !errors.As(err, &te) || te.Code != qubes.ExitQrexecRefused {

@@ -7,9 +7,9 @@ package main
 import (
 	"os"
 
-	"github.com/qcrypt/qcrypt/qubes/sim"
+	"github.com/qcrypt/qcrypt/qubessim"
 )
 
 func main() {
-	os.Exit(sim.Main(os.Args, os.Stdout, os.Stderr))
+	os.Exit(qubessim.Main(os.Args, os.Stdout, os.Stderr))
 }
