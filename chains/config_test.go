@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qcrypt/qcrypt/chains/golden"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 const base = "source vm=sys-usb\nsource file=/c.luks\nkey=k\ndestination vm 1=mediator\ndestination vm 2=work\n"
@@ -307,7 +307,7 @@ func TestCheckGolden(t *testing.T) {
 			var out bytes.Buffer
 			code := Check(&out, "testdata/check/"+target, "/nonexistent")
 			got := out.String() + "exit " + string(rune('0'+code)) + "\n"
-			golden.Check(t, filepath.Join("testdata/golden", "check-"+target+".txt"), got)
+			testkit.Golden(t, filepath.Join("testdata/golden", "check-"+target+".txt"), got)
 		})
 	}
 	t.Run("target name under root", func(t *testing.T) {
@@ -402,7 +402,7 @@ func TestOneValidator(t *testing.T) {
 // docs/qcrypt.ini.md is the reference the loader's key list comes from; its example is
 // a valid chain file.
 func TestReferenceDoc(t *testing.T) {
-	golden.Check(t, "../docs/qcrypt.ini.md", ReferenceMarkdown())
+	testkit.Golden(t, "../docs/qcrypt.ini.md", ReferenceMarkdown())
 	if _, errs := loadOne(t, exampleChain, 0o644, false); len(errs) != 0 {
 		t.Errorf("the example: %v", errs)
 	}

@@ -12,9 +12,10 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/qcrypt/qcrypt/chains/golden"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
 	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
@@ -509,8 +510,8 @@ func TestPlans(t *testing.T) {
 	c := demoChain()
 	c.Hops[0].Inject = "/root/keys/mediator_demo"
 	c.ReadOnly = true
-	golden.Check(t, "testdata/golden/plan-open.txt", PlanOpen(c, OpenOptions{}).String())
-	golden.Check(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
+	testkit.Golden(t, "testdata/golden/plan-open.txt", PlanOpen(c, OpenOptions{}).String())
+	testkit.Golden(t, "testdata/golden/plan-close.txt", PlanClose(c, CloseOptions{Force: true, Eject: true}).String())
 }
 
 // What a plan shows is what runs: the journal of an open and of a close holds the
@@ -1058,7 +1059,7 @@ func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
 	}
 	img := filepath.Join(t.TempDir(), "usb.img")
 	lock := []byte("qcrypt-lock 1 machine=fedcba9876543210fedcba9876543210 chain=demo time=1\n")
-	if err := qubessim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"c/demo.luks": container, "c/demo.luks.qcrypt-lock": lock}); err != nil {
+	if err := memkernel.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"c/demo.luks": container, "c/demo.luks.qcrypt-lock": lock}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := r.Plug("sys-usb", img, "", false); err != nil {

@@ -20,7 +20,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/qcrypt/qcrypt/chains"
-	"github.com/qcrypt/qcrypt/chains/golden"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/dbusapi"
 )
 
@@ -334,7 +334,7 @@ func TestGoldenOutput(t *testing.T) {
 				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errs)
 			}
 			got := fmt.Sprintf("$ qcryptctl %s\n%s--- stderr\n%s--- exit %d\n--- daemon calls\n%s\n", strings.Join(tc.args, " "), out, errs, code, strings.Join(api.calls, "\n"))
-			golden.Check(t, filepath.Join("testdata/golden", tc.name+".txt"), got)
+			testkit.Golden(t, filepath.Join("testdata/golden", tc.name+".txt"), got)
 		})
 	}
 }
@@ -367,8 +367,8 @@ func TestAccessDeniedExitStatus(t *testing.T) {
 }
 
 func TestDocsAreGenerated(t *testing.T) {
-	golden.Check(t, "../docs/qcryptctl.md", Markdown())
+	testkit.Golden(t, "../docs/qcryptctl.md", Markdown())
 	for page, file := range map[string]string{"qcryptctl": "qcryptctl.1", "qcrypt.ini": "qcrypt.ini.5"} {
-		golden.Check(t, "../docs/man/"+file, ManPages()[page])
+		testkit.Golden(t, "../docs/man/"+file, ManPages()[page])
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/systemd"
 )
 
@@ -346,7 +347,7 @@ func TestLoopReactsToEvents(t *testing.T) {
 // waitOffTest is waitFor for a goroutine other than the test's (a fake engine's call):
 // it reports a timeout with Errorf, since only the test's goroutine may stop the test.
 func waitOffTest(t *testing.T, what string, ok func() bool) {
-	if !within(30*time.Second, ok) {
+	if !testkit.Within(30*time.Second, ok) {
 		t.Errorf("timed out: %s", what)
 	}
 }

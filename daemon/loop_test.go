@@ -18,6 +18,7 @@ import (
 	"github.com/qcrypt/qcrypt/qubessim"
 	"github.com/qcrypt/qcrypt/qubessim/control"
 	"github.com/qcrypt/qcrypt/qubessim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // In-process tests of the event loop (under -race), with the simulator and a recording
@@ -175,21 +176,7 @@ func runLoopWith(t *testing.T, o Options) (*Daemon, *recorder, func()) {
 
 func waitFor(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	if !within(30*time.Second, ok) {
-		t.Fatalf("timed out: %s", what)
-	}
-}
-
-// within reports whether ok became true before d passed, looking every 10 ms.
-func within(d time.Duration, ok func() bool) bool {
-	deadline := time.Now().Add(d)
-	for !ok() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return true
+	testkit.Eventually(t, what, 30*time.Second, ok)
 }
 
 func TestLoopOpensOnStartAndClosesOnShutdown(t *testing.T) {
@@ -830,7 +817,7 @@ func TestLoopSystemShutdownClosesEverything(t *testing.T) {
 		f.Sh(t, vm, "cp /home/user/.qcrypt/keys/demo /home/user/.qcrypt/keys/other")
 	}
 	d, rec, _ := runLoop(t, f, writeConf(t, map[string]string{"demo": loopDemoChain, "other": other}), t.TempDir())
-	if !within(30*time.Second, func() bool { return rec.last("demo") == dbusapi.ChainOpen && rec.last("other") == dbusapi.ChainOpen }) {
+	if !testkit.Within(30*time.Second, func() bool { return rec.last("demo") == dbusapi.ChainOpen && rec.last("other") == dbusapi.ChainOpen }) {
 		t.Fatalf("not both open: %v %v", rec.states, rec.reasons)
 	}
 

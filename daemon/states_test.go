@@ -3,13 +3,13 @@ package daemon
 import (
 	"testing"
 
-	"github.com/qcrypt/qcrypt/chains/golden"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/dbusapi"
 )
 
 // docs/states.md is the state machine setState holds changes against.
 func TestStatesDoc(t *testing.T) {
-	golden.Check(t, "../docs/states.md", StatesMarkdown())
+	testkit.Golden(t, "../docs/states.md", StatesMarkdown())
 }
 
 // Every state has its row; no state changes to itself by the table (staying is always

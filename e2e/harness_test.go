@@ -18,6 +18,7 @@ import (
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // The end-to-end tests run as root on a kernel with loop and dm-crypt (make e2e boots
@@ -104,7 +105,7 @@ func setup() (*harness, error) {
 	}
 	hs.q = qubes.NewClient(hs.socket)
 	hs.q.SetTimeout(2 * time.Minute)
-	if !eventually(5*time.Minute, func() bool { return hs.ping() == nil }) {
+	if !testkit.Within(5*time.Minute, func() bool { return hs.ping() == nil }) {
 		return hs, errors.New("the simulator does not answer")
 	}
 	for _, vm := range [][]string{{"sys-usb", "DispVM"}, {"mediator", "AppVM"}, {"work", "AppVM"}} {
@@ -172,7 +173,7 @@ func (hs *harness) startDaemon() error {
 	if err := hs.daemon.Start(); err != nil {
 		return err
 	}
-	if !eventually(30*time.Second, func() bool {
+	if !testkit.Within(30*time.Second, func() bool {
 		c, err := dbusapi.Connect()
 		if err == nil {
 			c.Disconnect()
@@ -274,7 +275,7 @@ func chainInfo(t *testing.T, name string) dbusapi.ChainInfo {
 func waitState(t *testing.T, name string, timeout time.Duration, states ...dbusapi.ChainState) dbusapi.ChainState {
 	t.Helper()
 	var last dbusapi.ChainInfo
-	ok := eventually(timeout, func() bool {
+	ok := testkit.Within(timeout, func() bool {
 		c, err := dbusapi.Connect()
 		if err != nil {
 			return false
@@ -324,17 +325,6 @@ func watchCauses(t *testing.T, name string) <-chan dbusapi.Cause {
 		t.Fatalf("cannot watch chain changes: %v", err)
 	}
 	return causes
-}
-
-func eventually(timeout time.Duration, ok func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for !ok() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return true
 }
 
 // dmDevices maps the kernel's device-mapper names to their /dev/dm-N nodes.

@@ -19,6 +19,7 @@ import (
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // The scenarios share one chain, "vault": a container in sys-usb, outer layer opened by
@@ -302,7 +303,7 @@ func holdAutoOpenInWork(t *testing.T) {
 
 func waitMediatorLayer(t *testing.T) {
 	t.Helper()
-	if !eventually(time.Minute, func() bool { _, ok := dmDevices()["mediator:vault"]; return ok }) {
+	if !testkit.Within(time.Minute, func() bool { _, ok := dmDevices()["mediator:vault"]; return ok }) {
 		t.Fatal("mediator never decrypted its layer")
 	}
 }
@@ -469,7 +470,7 @@ func TestKeystoreInjection(t *testing.T) {
 		}
 	}
 	writeChain(t, "vault", vaultChain+"destination inj 2=keystore://"+store+"\n")
-	if !eventually(2*time.Minute, func() bool { return strings.Contains(chainInfo(t, "vault").Waiting, "key store "+store) }) {
+	if !testkit.Within(2*time.Minute, func() bool { return strings.Contains(chainInfo(t, "vault").Waiting, "key store "+store) }) {
 		ci := chainInfo(t, "vault")
 		t.Fatalf("vault: %s %q (%s), want waiting for the key store", ci.State, ci.Waiting, ci.LastError)
 	}

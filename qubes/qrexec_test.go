@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // At most MaxParallel calls run at once; the others wait for a slot, and a waiting call
@@ -35,7 +37,7 @@ func TestRunnerMaxParallel(t *testing.T) {
 			errs <- err
 		}()
 	}
-	waitUntil(t, "two calls run and three wait", func() bool { return running() == 2 && r.Waiting() == 3 })
+	testkit.Eventually(t, "two calls run and three wait", time.Minute, func() bool { return running() == 2 && r.Waiting() == 3 })
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := r.Run(ctx, "work", "true", nil); err == nil {
@@ -56,16 +58,5 @@ func TestRunnerMaxParallel(t *testing.T) {
 	}
 	if r.Spawns() != 5 {
 		t.Errorf("%d processes, want 5", r.Spawns())
-	}
-}
-
-func waitUntil(t *testing.T, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out: %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }

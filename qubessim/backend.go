@@ -1,9 +1,9 @@
 package qubessim
 
 import (
-	"errors"
-	"fmt"
 	"os/exec"
+
+	"github.com/qcrypt/qcrypt/qubes"
 )
 
 // backend is how the simulated qubes run: their block devices, mounts and commands. The
@@ -30,60 +30,50 @@ type sandboxBackend struct{ s *Sim }
 
 func (b *sandboxBackend) added(vm *VM) error               { return b.s.listenKernel(vm.Name) }
 func (b *sandboxBackend) boot(*VM) error                   { return nil }
-func (b *sandboxBackend) teardown(vm *VM, clean bool)      { vm.kernel.teardown(clean) }
+func (b *sandboxBackend) teardown(vm *VM, clean bool)      { vm.kernel.Teardown(clean) }
 func (b *sandboxBackend) commandDone(*VM)                  {}
-func (b *sandboxBackend) exposed(vm *VM) []devInfo         { return vm.kernel.exposed() }
-func (b *sandboxBackend) unplug(vm *VM, port string) error { return vm.kernel.unplug(port) }
+func (b *sandboxBackend) unplug(vm *VM, port string) error { return vm.kernel.Unplug(port) }
+
+func (b *sandboxBackend) exposed(vm *VM) []devInfo {
+	var out []devInfo
+	for _, d := range vm.kernel.Exposed() {
+		out = append(out, devInfo{name: d.Name, desc: d.Desc, size: d.Size, ro: d.RO, parent: d.Parent})
+	}
+	return out
+}
 
 func (b *sandboxBackend) command(vm *VM, home string, argv []string) *exec.Cmd {
-	var roMounts []string
-	for _, m := range vm.kernel.mounts {
-		if m.ro {
-			roMounts = append(roMounts, m.target)
-		}
-	}
-	return b.s.sandboxCommand(vm, home, roMounts, argv)
+	return b.s.sandboxCommand(vm, home, vm.kernel.ReadOnlyMounts(), argv)
 }
 
 func (b *sandboxBackend) attach(a *Attachment, _ devInfo) error {
 	vms := b.s.World.vms
-	under := vms[a.Backend].kernel.devs[a.Port]
-	vms[a.Frontend].kernel.devs[a.FrontendDev] = &bdev{name: a.FrontendDev, kind: kindXVD, att: a, ro: a.ReadOnly, io: &attachedIO{att: a, under: under.io}}
-	return nil
+	return vms[a.Frontend].kernel.Attach(a.FrontendDev, vms[a.Backend].kernel, a.Port, func() (bool, bool) { return a.Stale, a.ReadOnly })
 }
 
 func (b *sandboxBackend) detach(a *Attachment) error {
-	k := b.s.World.vms[a.Frontend].kernel
-	if d, ok := k.devs[a.FrontendDev]; ok {
-		if who := k.busy(d); who != "" {
-			return fmt.Errorf("%s is in use by %s", a.FrontendDev, who)
-		}
-		delete(k.devs, a.FrontendDev)
-	}
-	return nil
+	return b.s.World.vms[a.Frontend].kernel.Detach(a.FrontendDev)
 }
 
 func (b *sandboxBackend) plug(vm *VM, image, desc string, ro bool) (string, error) {
-	fio, err := newFileIO(image, ro)
-	if err != nil {
-		return "", fmt.Errorf("cannot plug %s: %w", image, err)
+	return vm.kernel.PlugDisk(image, "", desc, "", ro)
+}
+
+// kernelHost is the world as one qube's in-memory kernel sees it (World.mu held).
+type kernelHost struct {
+	w  *World
+	vm *VM
+}
+
+func (h kernelHost) Name() string              { return h.vm.Name }
+func (h kernelHost) Root() string              { return h.vm.root }
+func (h kernelHost) StashDir() string          { return h.w.dir }
+func (h kernelHost) DeviceAdded()              { h.w.deviceAdded(h.vm) }
+func (h kernelHost) DeviceRemoved(port string) { h.w.deviceRemoved(h.vm, port) }
+
+func (h kernelHost) AttachedTo(port string) string {
+	if a := h.w.attachmentOf(qubes.DeviceRef{Backend: h.vm.Name, Port: port}); a != nil {
+		return a.Frontend
 	}
-	port := ""
-	for c := 'a'; c <= 'z'; c++ {
-		if _, used := vm.kernel.devs["sd"+string(c)]; !used {
-			port = "sd" + string(c)
-			break
-		}
-	}
-	if port == "" {
-		return "", errors.New("cannot plug: no free sdX name")
-	}
-	if desc == "" {
-		desc = "QEMU_HARDDISK"
-		if meta, _, err := readFSMeta(fio); err == nil && meta.Label != "" {
-			desc += " (" + meta.Label + ")"
-		}
-	}
-	vm.kernel.add(&bdev{name: port, kind: kindDisk, io: fio, file: fio, ro: ro, diskDesc: desc, diskPath: image})
-	return port, nil
+	return ""
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim/control"
 	"github.com/qcrypt/qcrypt/qubessim/inqube"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
 )
 
 const usage = `usage:
@@ -225,7 +226,7 @@ func adminCtl(socket string, a []string, stdout, stderr io.Writer) (int, error) 
 			}
 			files[p] = data
 		}
-		return 0, MakeDiskImage(a[1], size, a[3], files)
+		return 0, memkernel.MakeDiskImage(a[1], size, a[3], files)
 	}
 	fmt.Fprint(stderr, usage)
 	return 2, nil

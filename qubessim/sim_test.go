@@ -13,6 +13,7 @@ import (
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim"
 	"github.com/qcrypt/qcrypt/qubessim/control"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
 	"github.com/qcrypt/qcrypt/qubessim/simtest"
 )
 
@@ -276,7 +277,7 @@ func TestFaults(t *testing.T) {
 func TestPlugDiskAndSourceMount(t *testing.T) {
 	f := simtest.StartDemo(t, qubessim.R43)
 	img := filepath.Join(t.TempDir(), "usb.img")
-	if err := qubessim.MakeDiskImage(img, 4<<20, "MYDISK", map[string][]byte{"containers/c.luks": make([]byte, 1<<20)}); err != nil {
+	if err := memkernel.MakeDiskImage(img, 4<<20, "MYDISK", map[string][]byte{"containers/c.luks": make([]byte, 1<<20)}); err != nil {
 		t.Fatal(err)
 	}
 	port, err := f.Plug("sys-usb", img, "", false)

@@ -28,23 +28,17 @@ func (s *Sim) Expose(vmName, port string, size int64, ro bool, desc, parent stri
 	if err := os.Truncate(img, size); err != nil {
 		return err
 	}
-	fio, err := newFileIO(img, ro)
-	if err != nil {
-		return err
-	}
 	s.World.mu.Lock()
 	defer s.World.mu.Unlock()
 	vm, ok := s.World.vms[vmName]
 	if !ok || !vm.running() {
-		fio.f.Close()
 		return fmt.Errorf("cannot expose a device of %s: not running", vmName)
 	}
-	if _, used := vm.kernel.devs[port]; used {
-		fio.f.Close()
-		return fmt.Errorf("cannot expose %s:%s: it exists", vmName, port)
+	if port == "" {
+		return fmt.Errorf("cannot expose a device of %s without a port", vmName)
 	}
-	vm.kernel.add(&bdev{name: port, kind: kindDisk, io: fio, file: fio, ro: ro, diskDesc: desc, diskPath: img, parent: parent})
-	return nil
+	_, err := vm.kernel.PlugDisk(img, port, desc, parent, ro)
+	return err
 }
 
 // Udev applies one line of real-qubesd's control protocol: "block-add VM PORT SIZE MODE

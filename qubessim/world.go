@@ -1,8 +1,21 @@
-// Package sim is a qubesd simulator: it serves the Admin API wire protocol on a unix
-// socket with the behaviour of Qubes R4.2 or R4.3, keeps a world of qubes, block devices
-// and attachments, and runs commands "in" qubes through a qrexec-client compatible entry
-// point inside per-qube sandboxes whose block tools (losetup, cryptsetup, mount, ...) are
-// faithful fakes acting on this world.
+// Package qubessim is a qubesd simulator: it serves the Admin API wire protocol on a
+// unix socket with the behaviour of Qubes R4.2 or R4.3, keeps a world of qubes, block
+// devices and attachments, and runs commands "in" qubes through a qrexec-client
+// compatible entry point. Qubes run on one of two backends: bubblewrap sandboxes whose
+// block tools (losetup, cryptsetup, mount, ...) are faithful fakes acting on an
+// in-memory kernel per qube (memkernel), or namespaces on the host's real kernel with
+// the real tools. With the real qubesd (../shared/real-qubesd) it plays Xen and the
+// qubes' agents instead of serving the Admin API itself (realqubesd.go), and with the
+// real qrexec it runs the real agent and daemon (realqrexec.go).
+//
+// Its rooms, one package per side of a process boundary:
+//
+//	qubessim            the world, the Admin API server, faults, the backends, the CLI
+//	qubessim/control    the control socket's protocol (qubes-sim ctl, qrexec-client)
+//	qubessim/kernelcall the fake tools' calls to a qube's in-memory kernel
+//	qubessim/memkernel  that kernel: loop, dm-crypt, mounts, and the fake formats
+//	qubessim/inqube     what runs inside a qube: fake tools, sandbox-init, the holder
+//	qubessim/simtest    worlds for tests
 package qubessim
 
 import (
@@ -20,6 +33,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim/control"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
 )
 
 // Dialect selects the Qubes release whose behaviour the simulator copies.
@@ -39,8 +53,8 @@ type VM struct {
 	DefaultUser   string
 	QrexecTimeout int
 
-	root   string // host directory that is the qube's "/"
-	kernel *kernel
+	root   string            // host directory that is the qube's "/"
+	kernel *memkernel.Kernel // the sandbox backend's
 	procs  map[*exec.Cmd]struct{}
 	halted chan struct{} // closed and replaced when the qube halts
 	// booting is closed when a start under way ends; another start waits for it, as
@@ -162,7 +176,7 @@ func (w *World) AddVM(name, class, user string) (*VM, error) {
 			return nil, fmt.Errorf("cannot create qube %s: %w", name, err)
 		}
 	}
-	vm.kernel = newKernel(w, vm)
+	vm.kernel = memkernel.New(kernelHost{w, vm})
 	w.vms[name] = vm
 	w.emit("", "domain-add", "vm", name)
 	return vm, nil
@@ -302,4 +316,14 @@ func (w *World) logf(format string, a ...any) {
 	if w.Log != nil {
 		fmt.Fprintf(w.Log, "qubes-sim: "+format+"\n", a...)
 	}
+}
+
+// devInfo is a block device a qube publishes (what its udev script would report).
+type devInfo struct {
+	name, desc string
+	parent     string // the disk of a partition (QubesDB's parent)
+	size       int64
+	ro         bool
+	major      uint32
+	minor      uint32
 }

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/qcrypt/qcrypt/chains/golden"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // need skips a test without tool, or fails it under make (make deps installs it).
@@ -62,7 +62,7 @@ func TestRPM(t *testing.T) {
 		"\n# rpm -qp --requires --recommends\n" + query("--requires") + query("--recommends") +
 		"\n# rpm -qp --scripts\n" + query("--scripts")
 	report = strings.ReplaceAll(report, release, "RELEASE")
-	golden.Check(t, "testdata/rpm.golden", report)
+	testkit.Golden(t, "testdata/rpm.golden", report)
 
 	// The scriptlets run: each is valid shell, and install and erase reload the bus
 	// policy (busctl, faked here, records its arguments).

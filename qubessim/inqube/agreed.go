@@ -1,3 +1,8 @@
+// Package inqube is what the simulator runs inside a qube: the fake block tools
+// (sandbox backend) that call the qube's kernel through kernelcall, sandbox-init that
+// fills the sandbox's /dev, and for the kernel backend the holder process that owns the
+// qube's namespaces and the cryptsetup and dmsetup wrappers. The qubes-sim binary is
+// all of them, chosen by the name it is run under.
 package inqube
 
 import (

@@ -1,4 +1,4 @@
-package daemon_test
+package bustest
 
 import (
 	"bufio"
@@ -58,7 +58,7 @@ func (w *world) busctl(cred *syscall.Credential, args ...string) (string, int) {
 }
 
 func TestCallerAccess(t *testing.T) {
-	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+	policy, _ := filepath.Abs("../../systemd/org.qcrypt.Qcryptd1.conf")
 	tests := map[string]struct {
 		bus string
 	}{
@@ -147,7 +147,7 @@ func TestCallerAccess(t *testing.T) {
 // the user in no group, and deliver them to the user in group qubes (the control).
 func TestSignalsOnlyForQubes(t *testing.T) {
 	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
-	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+	policy, _ := filepath.Abs("../../systemd/org.qcrypt.Qcryptd1.conf")
 	w := newWorld(t, "4.2", dbustest.SystemPolicy(policy))
 	w.writeChain("demo", demoChain)
 	d := w.startDaemon()
@@ -351,7 +351,7 @@ func openDescriptors(t *testing.T, pid int) int {
 // qcryptd holds as many descriptors as before and opens a chain for root.
 func TestDescriptorFloods(t *testing.T) {
 	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
-	policy, _ := filepath.Abs("../systemd/org.qcrypt.Qcryptd1.conf")
+	policy, _ := filepath.Abs("../../systemd/org.qcrypt.Qcryptd1.conf")
 	tests := map[string]struct {
 		bus  string
 		cred *syscall.Credential

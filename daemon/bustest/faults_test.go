@@ -1,4 +1,4 @@
-package daemon_test
+package bustest
 
 import (
 	"fmt"
@@ -12,6 +12,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // The fault matrix: for every step of the demo chain's open and close, taken from the
@@ -193,7 +194,7 @@ func (w *world) faultCase(t *testing.T, kind string, fs faultStep) string {
 func (w *world) settle(t *testing.T) dbusapi.ChainInfo {
 	t.Helper()
 	var ci dbusapi.ChainInfo
-	w.eventually("the chain settles", 2*time.Minute, func() bool {
+	testkit.Eventually(w.t, "the chain settles", 2*time.Minute, func() bool {
 		c, err := dbusapi.Connect()
 		if err != nil {
 			return false
@@ -218,7 +219,7 @@ func (w *world) settle(t *testing.T) dbusapi.ChainInfo {
 // then it shows the chain as closed).
 func (w *world) reconciled(t *testing.T) {
 	t.Helper()
-	w.eventually("qcryptd reconciled the chain", 2*time.Minute, func() bool {
+	testkit.Eventually(w.t, "qcryptd reconciled the chain", 2*time.Minute, func() bool {
 		c, err := dbusapi.Connect()
 		if err != nil {
 			return false

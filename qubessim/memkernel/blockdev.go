@@ -1,4 +1,4 @@
-package qubessim
+package memkernel
 
 import (
 	"crypto/aes"
@@ -117,19 +117,19 @@ func (c *cryptIO) Size() int64 { return c.under.Size() }
 // attachedIO is a frontend's view of a backend device; it fails once the attachment is
 // stale (backend gone), like a Xen blkfront whose backend vanished.
 type attachedIO struct {
-	att   *Attachment
+	link  func() (stale, ro bool)
 	under blockIO
 }
 
 func (a *attachedIO) ReadAt(p []byte, off int64) (int, error) {
-	if a.att.Stale {
+	if stale, _ := a.link(); stale {
 		return 0, errIO
 	}
 	return a.under.ReadAt(p, off)
 }
 
 func (a *attachedIO) WriteAt(p []byte, off int64) (int, error) {
-	if a.att.Stale || a.att.ReadOnly {
+	if stale, ro := a.link(); stale || ro {
 		return 0, syscall.EROFS
 	}
 	return a.under.WriteAt(p, off)

@@ -1,4 +1,4 @@
-package daemon_test
+package bustest
 
 import (
 	"context"
@@ -15,9 +15,9 @@ import (
 	"time"
 
 	"github.com/qcrypt/qcrypt/chains"
-	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/dbusapi"
-	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 var bg = context.Background()
@@ -78,7 +78,7 @@ func TestPluggedDiskOpensDeviceChain(t *testing.T) {
 				t.Fatal(err)
 			}
 			img := filepath.Join(w.dir, "usb.img")
-			if err := qubessim.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"containers/demo.luks": container}); err != nil {
+			if err := memkernel.MakeDiskImage(img, 16<<20, "QCRYPTUSB", map[string][]byte{"containers/demo.luks": container}); err != nil {
 				t.Fatal(err)
 			}
 			w.writeChain("usb", `source vm=sys-usb
@@ -289,7 +289,7 @@ func TestQubeCreatedLater(t *testing.T) {
 				t.Errorf("waiting %q", ci.Waiting)
 			}
 			w.ctl("add-vm", "vault")
-			w.eventually("the chain waits for the new qube", time.Minute, func() bool {
+			testkit.Eventually(w.t, "the chain waits for the new qube", time.Minute, func() bool {
 				ci, err := c.Chain(bg, "demo")
 				return err == nil && ci.Waiting == "waiting for vault"
 			})
@@ -315,7 +315,7 @@ func TestQubeKilledMidOpen(t *testing.T) {
 			if ci.Waiting != "waiting for work" {
 				t.Errorf("waiting %q", ci.Waiting)
 			}
-			w.eventually("the open is rolled back", 30*time.Second, func() bool {
+			testkit.Eventually(w.t, "the open is rolled back", 30*time.Second, func() bool {
 				return len(w.sh("mediator", "ls /dev/mapper").Stdout) == 0 && len(w.sh("sys-usb", "losetup -a").Stdout) == 0
 			})
 			// And the next start opens it.
@@ -380,11 +380,11 @@ func TestSystemBusRestart(t *testing.T) {
 	if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
 		t.Fatal(err)
 	}
-	w.eventually("the chain is closed in the qubes", time.Minute, func() bool {
+	testkit.Eventually(w.t, "the chain is closed in the qubes", time.Minute, func() bool {
 		return len(w.sh("sys-usb", "losetup -a").Stdout) == 0
 	})
 	w.restartBus()
-	w.eventually("qcryptd owns its name on the new bus", time.Minute, func() bool {
+	testkit.Eventually(w.t, "qcryptd owns its name on the new bus", time.Minute, func() bool {
 		c, err := dbusapi.Connect()
 		if err == nil {
 			c.Disconnect()
@@ -460,7 +460,7 @@ func TestIntrospectionGolden(t *testing.T) {
 				lines[i] = fmt.Sprintf("%s %s %s", f[0], f[1], f[2])
 			}
 		}
-		golden.Check(t, "testdata/golden/introspect-"+name+".txt", strings.Join(lines, "\n"))
+		testkit.Golden(t, "testdata/golden/introspect-"+name+".txt", strings.Join(lines, "\n"))
 	}
 	tree, _ := exec.Command("busctl", "--address="+w.busAddr, "tree", dbusapi.BusName).CombinedOutput()
 	if !strings.Contains(string(tree), "/org/qcrypt/Qcryptd1/chain/demo") {
@@ -522,7 +522,7 @@ func TestReloadAndSIGHUP(t *testing.T) {
 	// A new chain by SIGHUP; the unchanged open one is left alone.
 	w.writeChain("other", strings.Replace(strings.Replace(demoChain, "key=demo", "key=other", 1), "/home/user/demo.luks", "/home/user/none.luks", 1))
 	d.Process.Signal(syscall.SIGHUP)
-	w.eventually("the new chain appears", 20*time.Second, func() bool {
+	testkit.Eventually(w.t, "the new chain appears", 20*time.Second, func() bool {
 		_, err := c.Chain(bg, "other")
 		return err == nil
 	})
@@ -541,7 +541,7 @@ func TestReloadAndSIGHUP(t *testing.T) {
 	if n, err := c.Reload(bg); err != nil || n != 1 {
 		t.Fatalf("reload: %d %v", n, err)
 	}
-	w.eventually("the removed chain is gone", 30*time.Second, func() bool {
+	testkit.Eventually(w.t, "the removed chain is gone", 30*time.Second, func() bool {
 		_, err := c.Chain(bg, "demo")
 		return err != nil
 	})

@@ -1,4 +1,10 @@
-package qubessim
+// Package memkernel is the block layer of a simulated qube on the sandbox backend, in
+// memory: loop devices over files in the qube's tree, dm-crypt mappings of the
+// simulator's own LUKS format, devices attached from other qubes, plugged disks, and
+// mounts that unpack a file system image into the qube's tree and pack it back at
+// umount. The fake tools reach it through kernelcall; the world through Host and the
+// methods in world.go. It holds no lock: the world calls it with its own held.
+package memkernel
 
 import (
 	"errors"
@@ -8,17 +14,24 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-
-	"github.com/qcrypt/qcrypt/qubes"
 )
 
-// kernel is the block layer of one qube: its loop, device-mapper, attached (xvdX) and
-// plugged (sdX) devices and its mounts. Every method runs with World.mu held.
-type kernel struct {
-	w      *World
-	vm     *VM
+// Kernel is the block layer of one qube: its loop, device-mapper, attached (xvdX) and
+// plugged (sdX) devices and its mounts. Every method runs with the world's lock held.
+type Kernel struct {
+	host   Host
 	devs   map[string]*bdev
 	mounts []*mountEntry
+}
+
+// Host is the world around one qube's kernel; it is called with the world's lock held.
+type Host interface {
+	Name() string                  // the qube's name, for messages
+	Root() string                  // the qube's tree on the host
+	StashDir() string              // where a mount point's contents wait while it is mounted
+	AttachedTo(port string) string // the qube a device of this one is attached to, or ""
+	DeviceAdded()                  // an exposed device appeared
+	DeviceRemoved(port string)     // an exposed device went away
 }
 
 type devKind int
@@ -47,7 +60,7 @@ type bdev struct {
 	cipher    string
 	keyBits   int
 
-	att *Attachment // xvd: the attachment it comes from
+	link func() (stale, ro bool) // xvd: the state of the attachment it comes from
 
 	diskDesc string // disk: "MODEL (LABEL)"
 	parent   string // disk: the disk a partition is on
@@ -91,18 +104,19 @@ func fail(code int, format string, a ...any) error {
 	return &toolError{code: code, msg: fmt.Sprintf(format, a...)}
 }
 
-func newKernel(w *World, vm *VM) *kernel {
-	return &kernel{w: w, vm: vm, devs: map[string]*bdev{}}
+// New is the kernel of a qube that has no devices yet.
+func New(host Host) *Kernel {
+	return &Kernel{host: host, devs: map[string]*bdev{}}
 }
 
 // hostPath maps an absolute path inside the qube to the host, refusing paths that leave
 // the qube's tree or pass through a symlink (a qube could aim one at the host).
-func (k *kernel) hostPath(p string) (string, error) {
+func (k *Kernel) hostPath(p string) (string, error) {
 	if !filepath.IsAbs(p) {
 		return "", fmt.Errorf("%s: path must be absolute", p)
 	}
 	clean := filepath.Clean(p)
-	cur := k.vm.root
+	cur := k.host.Root()
 	for _, part := range strings.Split(strings.TrimPrefix(clean, "/"), "/") {
 		if part == "" {
 			continue
@@ -116,7 +130,7 @@ func (k *kernel) hostPath(p string) (string, error) {
 }
 
 // resolve finds the device a path names.
-func (k *kernel) resolve(p string) (*bdev, error) {
+func (k *Kernel) resolve(p string) (*bdev, error) {
 	switch {
 	case strings.HasPrefix(p, "/dev/mapper/"):
 		name := strings.TrimPrefix(p, "/dev/mapper/")
@@ -144,7 +158,7 @@ func (k *kernel) resolve(p string) (*bdev, error) {
 	return nil, fail(4, "Device %s does not exist or access denied.", p)
 }
 
-func (k *kernel) sortedDevs() []*bdev {
+func (k *Kernel) sortedDevs() []*bdev {
 	out := make([]*bdev, 0, len(k.devs))
 	for _, b := range k.devs {
 		out = append(out, b)
@@ -154,7 +168,7 @@ func (k *kernel) sortedDevs() []*bdev {
 }
 
 // busy reports who holds a device: a mount, a dm mapping on top, or another qube.
-func (k *kernel) busy(b *bdev) string {
+func (k *Kernel) busy(b *bdev) string {
 	for _, m := range k.mounts {
 		if m.dev == b {
 			return "mounted on " + m.target
@@ -165,13 +179,13 @@ func (k *kernel) busy(b *bdev) string {
 			return "used by " + d.mapper
 		}
 	}
-	if a := k.w.attachmentOf(qubes.DeviceRef{Backend: k.vm.Name, Port: b.name}); a != nil {
-		return "attached to " + a.Frontend
+	if to := k.host.AttachedTo(b.name); to != "" {
+		return "attached to " + to
 	}
 	return ""
 }
 
-func (k *kernel) nextName(prefix string) string {
+func (k *Kernel) nextName(prefix string) string {
 	for i := 0; ; i++ {
 		n := prefix + strconv.Itoa(i)
 		if _, ok := k.devs[n]; !ok {
@@ -180,20 +194,20 @@ func (k *kernel) nextName(prefix string) string {
 	}
 }
 
-func (k *kernel) add(b *bdev) {
+func (k *Kernel) add(b *bdev) {
 	k.devs[b.name] = b
 	if b.exposed() {
-		k.w.deviceAdded(k.vm)
+		k.host.DeviceAdded()
 	}
 }
 
-func (k *kernel) remove(b *bdev) {
+func (k *Kernel) remove(b *bdev) {
 	delete(k.devs, b.name)
 	if b.file != nil && b.kind == kindLoop {
 		b.file.f.Close()
 	}
 	if b.exposed() {
-		k.w.deviceRemoved(k.vm, b.name)
+		k.host.DeviceRemoved(b.name)
 	}
 	// A loop detached lazily goes away with its last user.
 	if b.under != nil && b.under.autoclear && k.busy(b.under) == "" {
@@ -202,7 +216,7 @@ func (k *kernel) remove(b *bdev) {
 }
 
 // loopSetup binds a file to the first free loop device.
-func (k *kernel) loopSetup(file string, ro bool) (*bdev, error) {
+func (k *Kernel) loopSetup(file string, ro bool) (*bdev, error) {
 	hp, err := k.hostPath(file)
 	if err != nil {
 		return nil, fail(1, "losetup: %v", err)
@@ -221,7 +235,7 @@ func (k *kernel) loopSetup(file string, ro bool) (*bdev, error) {
 
 // loopDetach detaches a loop device; a busy one is detached when its last user goes
 // (the kernel's autoclear), as losetup -d does.
-func (k *kernel) loopDetach(dev string) error {
+func (k *Kernel) loopDetach(dev string) error {
 	b, err := k.resolve(dev)
 	if err != nil || b.kind != kindLoop {
 		return fail(1, "losetup: %s: detach failed: No such device or address", dev)
@@ -235,7 +249,7 @@ func (k *kernel) loopDetach(dev string) error {
 }
 
 // cryptOpen maps dev to /dev/mapper/name.
-func (k *kernel) cryptOpen(dev, name string, key []byte, plain bool, ro bool, cipher string, keyBits int) (*bdev, error) {
+func (k *Kernel) cryptOpen(dev, name string, key []byte, plain bool, ro bool, cipher string, keyBits int) (*bdev, error) {
 	if err := validMapperName(name); err != nil {
 		return nil, err
 	}
@@ -296,7 +310,13 @@ func (k *kernel) cryptOpen(dev, name string, key []byte, plain bool, ro bool, ci
 	return b, nil
 }
 
-func attRO(b *bdev) bool { return b.kind == kindXVD && b.att.ReadOnly }
+func attRO(b *bdev) bool {
+	if b.kind != kindXVD {
+		return false
+	}
+	_, ro := b.link()
+	return ro
+}
 
 // readOnlyIO refuses writes.
 type readOnlyIO struct{ blockIO }
@@ -305,7 +325,7 @@ func (readOnlyIO) WriteAt([]byte, int64) (int, error) { return 0, errReadOnly }
 
 var errReadOnly = errors.New("read-only file system")
 
-func (k *kernel) cryptClose(name string) error {
+func (k *Kernel) cryptClose(name string) error {
 	for _, b := range k.devs {
 		if b.kind == kindDM && b.mapper == name {
 			if who := k.busy(b); who != "" {
@@ -318,7 +338,7 @@ func (k *kernel) cryptClose(name string) error {
 	return fail(4, "Device %s is not active.", name)
 }
 
-func (k *kernel) dmByName(name string) *bdev {
+func (k *Kernel) dmByName(name string) *bdev {
 	for _, b := range k.devs {
 		if b.kind == kindDM && b.mapper == name {
 			return b
@@ -336,7 +356,7 @@ func validMapperName(name string) error {
 
 // mount unpacks the file system of dev at target. The tree is written back to the
 // device by umount (or a clean shutdown of the qube).
-func (k *kernel) mount(dev, target string, ro bool, flags string) (warning string, err error) {
+func (k *Kernel) mount(dev, target string, ro bool, flags string) (warning string, err error) {
 	b, err := k.resolve(dev)
 	if err != nil {
 		return "", fail(32, "mount: %s: special device %s does not exist.", target, dev)
@@ -367,7 +387,7 @@ func (k *kernel) mount(dev, target string, ro bool, flags string) (warning strin
 		ro = true
 		warning = fmt.Sprintf("mount: %s: WARNING: source write-protected, mounted read-only.", target)
 	}
-	stash, err := os.MkdirTemp(k.w.dir, "stash-")
+	stash, err := os.MkdirTemp(k.host.StashDir(), "stash-")
 	if err != nil {
 		return "", fail(32, "mount: %v", err)
 	}
@@ -388,7 +408,7 @@ func (k *kernel) mount(dev, target string, ro bool, flags string) (warning strin
 }
 
 // umount finds a mount by target or source.
-func (k *kernel) umount(what string, flush bool) error {
+func (k *Kernel) umount(what string, flush bool) error {
 	for i, m := range k.mounts {
 		if m.target == filepath.Clean(what) || "/dev/"+m.dev.name == what || m.dev.kind == kindDM && "/dev/mapper/"+m.dev.mapper == what {
 			if err := k.unmount(m, flush); err != nil {
@@ -401,7 +421,7 @@ func (k *kernel) umount(what string, flush bool) error {
 	return fail(32, "umount: %s: not mounted.", what)
 }
 
-func (k *kernel) unmount(m *mountEntry, flush bool) error {
+func (k *Kernel) unmount(m *mountEntry, flush bool) error {
 	hp, err := k.hostPath(m.target)
 	if err != nil {
 		return fail(32, "umount: %v", err)
@@ -420,57 +440,13 @@ func (k *kernel) unmount(m *mountEntry, flush bool) error {
 }
 
 // mountsAt returns the mounts whose device is b.
-func (k *kernel) mountOf(b *bdev) *mountEntry {
+func (k *Kernel) mountOf(b *bdev) *mountEntry {
 	for _, m := range k.mounts {
 		if m.dev == b {
 			return m
 		}
 	}
 	return nil
-}
-
-// exposed lists the block devices the qube exposes, sorted by name.
-func (k *kernel) exposed() []devInfo {
-	var out []devInfo
-	for _, d := range k.sortedDevs() {
-		if d.exposed() {
-			out = append(out, devInfo{name: d.name, desc: d.desc(), size: d.io.Size(), ro: d.ro, parent: d.parent})
-		}
-	}
-	return out
-}
-
-// unplug pulls a disk out: mounts of it are lost (not written back), like yanking a stick.
-func (k *kernel) unplug(port string) error {
-	b, ok := k.devs[port]
-	if !ok || b.kind != kindDisk {
-		return fmt.Errorf("cannot unplug %s:%s: no such disk", k.vm.Name, port)
-	}
-	if m := k.mountOf(b); m != nil {
-		_ = k.umount(m.target, false) // nothing is written back
-	}
-	k.remove(b)
-	b.file.f.Close()
-	return nil
-}
-
-// teardown is the qube's power-off: mounts are written back on a clean shutdown and
-// dropped on a kill; every device goes away.
-func (k *kernel) teardown(clean bool) {
-	for i := len(k.mounts) - 1; i >= 0; i-- {
-		// A power-off goes on: what cannot be written back is lost, as on a real one.
-		_ = k.unmount(k.mounts[i], clean)
-	}
-	k.mounts = nil
-	for _, b := range k.sortedDevs() {
-		if b.kind == kindDisk {
-			continue // still plugged: found again when the qube boots
-		}
-		if b.file != nil && b.kind == kindLoop {
-			b.file.f.Close()
-		}
-		delete(k.devs, b.name)
-	}
 }
 
 func moveContents(from, to string) error {

@@ -1,4 +1,4 @@
-package daemon_test
+package bustest
 
 import (
 	"fmt"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/chains"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // BenchmarkIdleDaemon runs qcryptd with 50 configured chains (all waiting for their
@@ -141,13 +142,13 @@ func BenchmarkFiftyChains(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		d := w.startDaemon()
 		c := w.client()
-		w.eventually("all wait", time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting }))
+		testkit.Eventually(w.t, "all wait", time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting }))
 		c0 := w.calls()
 		t0 := time.Now()
 		if err := w.qubes.Start(bg, "work"); err != nil {
 			b.Fatal(err)
 		}
-		w.eventually("all open", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainOpen }))
+		testkit.Eventually(w.t, "all open", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainOpen }))
 		settle := time.Since(t0)
 		c1 := w.calls()
 		peak := vmKiB(b, d.Process.Pid, "VmHWM:")
@@ -162,7 +163,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 		t1 := time.Now()
 		d = w.startDaemon()
 		c = w.client()
-		w.eventually("all reconciled", 5*time.Minute, func() bool {
+		testkit.Eventually(w.t, "all reconciled", 5*time.Minute, func() bool {
 			jobs, _ := c.Jobs(bg)
 			done := 0
 			for _, j := range jobs {
@@ -187,7 +188,7 @@ func BenchmarkFiftyChains(b *testing.B) {
 		if err := w.qubes.Shutdown(bg, "work", false, true); err != nil {
 			b.Fatal(err)
 		}
-		w.eventually("all wait again", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting || s == dbusapi.ChainClosed }))
+		testkit.Eventually(w.t, "all wait again", 5*time.Minute, allSettled(c, func(s dbusapi.ChainState) bool { return s == dbusapi.ChainWaiting || s == dbusapi.ChainClosed }))
 		if err := w.qubes.Shutdown(bg, "mediator", false, true); err != nil {
 			b.Fatal(err)
 		}

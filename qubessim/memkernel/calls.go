@@ -1,68 +1,16 @@
-package qubessim
+package memkernel
 
 import (
 	"errors"
-	"net"
 	"path/filepath"
 	"sort"
 
-	"github.com/qcrypt/qcrypt/qubessim/internal/jsonline"
 	"github.com/qcrypt/qcrypt/qubessim/kernelcall"
 )
 
-func (s *Sim) serveKernel(vmName string, c net.Conn) {
-	defer c.Close()
-	var req kernelcall.Request
-	var resp kernelcall.Response
-	if err := jsonline.Read(c, &req); err != nil {
-		resp = kernelcall.Response{Code: 1, Msg: "bad kernel request"}
-	} else if failed := s.kernelFault(vmName, req.Op, c); failed != "" {
-		resp = kernelcall.Response{Code: 1, Msg: failed}
-	} else {
-		resp = s.kernelCall(vmName, req)
-	}
-	reply(c, resp)
-}
-
-// kernelFault applies a kernel fault for op in vmName: a hang ends when released (then
-// the op runs), when the qube dies or the tool is killed (then it fails). It returns a
-// failure message, or "" to run the op.
-func (s *Sim) kernelFault(vmName string, op kernelcall.Op, c net.Conn) string {
-	w := s.World
-	w.mu.Lock()
-	f, ok := w.takeKernelFault(vmName, op)
-	release := w.release
-	var halted chan struct{}
-	if vm := w.vms[vmName]; vm != nil {
-		halted = vm.halted
-	}
-	w.mu.Unlock()
-	if !ok {
-		return ""
-	}
-	w.fired(string(op) + " " + vmName)
-	if f.Fail {
-		return "injected failure of " + string(op)
-	}
-	select {
-	case <-release:
-		return ""
-	case <-halted:
-		return "qube is not running"
-	case <-closedByPeer(c):
-		return "killed"
-	}
-}
-
-func (s *Sim) kernelCall(vmName string, req kernelcall.Request) kernelcall.Response {
-	w := s.World
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	vm := w.vms[vmName]
-	if !vm.running() {
-		return kernelcall.Response{Code: 1, Msg: "qube is not running"}
-	}
-	k := vm.kernel
+// Call serves one call of the fake tools (kernelcall): every answer carries the
+// qube's devices, so the tool can bring its /dev up to date.
+func (k *Kernel) Call(req kernelcall.Request) kernelcall.Response {
 	var resp kernelcall.Response
 	var err error
 	if op, ok := kernelOps[req.Op]; ok {
@@ -84,7 +32,7 @@ func (s *Sim) kernelCall(vmName string, req kernelcall.Request) kernelcall.Respo
 	return resp
 }
 
-func (k *kernel) luksFormat(req kernelcall.Request) error {
+func (k *Kernel) luksFormat(req kernelcall.Request) error {
 	b, err := k.resolve(req.Dev)
 	if err != nil {
 		return err
@@ -124,7 +72,7 @@ func (k *kernel) luksFormat(req kernelcall.Request) error {
 	return nil
 }
 
-func (k *kernel) mkfs(req kernelcall.Request) error {
+func (k *Kernel) mkfs(req kernelcall.Request) error {
 	b, err := k.resolve(req.Dev)
 	if err != nil {
 		return fail(1, "mkfs: %s: No such file or directory", req.Dev)
@@ -146,18 +94,18 @@ func (k *kernel) mkfs(req kernelcall.Request) error {
 }
 
 // kernelOps is the kernel's side of every operation of kernelcall (World.mu held).
-var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error{
-	kernelcall.LoopSetup: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+var kernelOps = map[kernelcall.Op]func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error{
+	kernelcall.LoopSetup: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		b, err := k.loopSetup(req.File, req.RO)
 		if err == nil {
 			resp.Dev = "/dev/" + b.name
 		}
 		return err
 	},
-	kernelcall.LoopDetach: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.LoopDetach: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		return k.loopDetach(req.Dev)
 	},
-	kernelcall.LoopList: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.LoopList: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		for _, b := range k.sortedDevs() {
 			if b.kind == kindLoop && (req.File == "" || b.backing == filepath.Clean(req.File)) {
 				resp.Loops = append(resp.Loops, kernelcall.Loop{Dev: "/dev/" + b.name, Backing: b.backing, RO: b.ro})
@@ -165,17 +113,17 @@ var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *
 		}
 		return nil
 	},
-	kernelcall.LuksFormat: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.LuksFormat: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		return k.luksFormat(req)
 	},
-	kernelcall.CryptOpen: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.CryptOpen: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		_, err := k.cryptOpen(req.Dev, req.Name, req.Key, req.Plain, req.RO, req.Cipher, req.KeyBits)
 		return err
 	},
-	kernelcall.CryptClose: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.CryptClose: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		return k.cryptClose(req.Name)
 	},
-	kernelcall.CryptStatus: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.CryptStatus: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		b := k.dmByName(req.Name)
 		if b == nil {
 			return fail(4, "/dev/mapper/%s is inactive.", req.Name)
@@ -183,7 +131,7 @@ var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *
 		resp.Crypt = &kernelcall.Crypt{Sectors: b.io.Size() / 512, Type: b.cryptType, Cipher: b.cipher, KeyBits: b.keyBits, Device: "/dev/" + b.under.name, RO: b.ro, InUse: k.busy(b) != ""}
 		return nil
 	},
-	kernelcall.IsLuks: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.IsLuks: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		b, err := k.resolve(req.Dev)
 		if err != nil {
 			return err
@@ -195,18 +143,18 @@ var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *
 		resp.UUID = h.UUID
 		return nil
 	},
-	kernelcall.Mkfs: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.Mkfs: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		return k.mkfs(req)
 	},
-	kernelcall.Mount: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.Mount: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		warn, err := k.mount(req.Dev, req.Target, req.RO, req.Flags)
 		resp.Warning = warn
 		return err
 	},
-	kernelcall.Umount: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.Umount: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		return k.umount(req.Target, true)
 	},
-	kernelcall.Mounts: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.Mounts: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		for _, m := range k.mounts {
 			src := "/dev/" + m.dev.name
 			if m.dev.kind == kindDM {
@@ -224,11 +172,11 @@ var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *
 		sort.Slice(resp.Mounts, func(i, j int) bool { return resp.Mounts[i].Target < resp.Mounts[j].Target })
 		return nil
 	},
-	kernelcall.Devices: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.Devices: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		resp.Devices = k.devNodes()
 		return nil
 	},
-	kernelcall.Blockdev: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.Blockdev: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		b, err := k.resolve(req.Dev)
 		if err != nil {
 			return fail(1, "blockdev: cannot open %s: No such file or directory", req.Dev)
@@ -236,7 +184,7 @@ var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *
 		resp.Size, resp.RO = b.io.Size(), b.ro || attRO(b)
 		return nil
 	},
-	kernelcall.FSSet: func(k *kernel, req kernelcall.Request, resp *kernelcall.Response) error {
+	kernelcall.FSSet: func(k *Kernel, req kernelcall.Request, resp *kernelcall.Response) error {
 		for _, m := range k.mounts {
 			if m.target == filepath.Clean(req.Target) {
 				if m.meta.Type != "btrfs" {
@@ -251,7 +199,7 @@ var kernelOps = map[kernelcall.Op]func(k *kernel, req kernelcall.Request, resp *
 }
 
 // devNodes lists what /dev must show for a qube (World.mu held).
-func (k *kernel) devNodes() []kernelcall.DevNode {
+func (k *Kernel) devNodes() []kernelcall.DevNode {
 	var out []kernelcall.DevNode
 	for _, b := range k.sortedDevs() {
 		n := kernelcall.DevNode{Name: b.name, Mapper: b.mapper}

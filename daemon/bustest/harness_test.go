@@ -1,4 +1,4 @@
-package daemon_test
+package bustest
 
 import (
 	"context"
@@ -18,6 +18,7 @@ import (
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim"
 	"github.com/qcrypt/qcrypt/qubessim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // The integration tests run the real binaries: a private dbus-daemon with a system-bus
@@ -54,7 +55,7 @@ func bin(t testing.TB, name string) string {
 			return
 		}
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/qcrypt/qcrypt/cmd/qcryptd", "github.com/qcrypt/qcrypt/cmd/qubes-sim", "github.com/qcrypt/qcrypt/cmd/qcryptctl",
-			"github.com/qcrypt/qcrypt/daemon/testdata/sigprobe", "github.com/qcrypt/qcrypt/daemon/testdata/fdflood")
+			"github.com/qcrypt/qcrypt/daemon/bustest/testdata/sigprobe", "github.com/qcrypt/qcrypt/daemon/bustest/testdata/fdflood")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			binErr = fmt.Errorf("%w: %s", err, out)
@@ -148,7 +149,7 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	})
 	w.qubes = qubes.NewClient(w.socket)
 	w.qubes.SetTimeout(time.Minute)
-	w.eventually("the simulator is ready", 3*time.Minute, func() bool {
+	testkit.Eventually(w.t, "the simulator is ready", 3*time.Minute, func() bool {
 		return qubessim.Ping(w.socket) == nil
 	})
 	return w
@@ -184,7 +185,7 @@ func (w *world) holdAutoOpenInWork() {
 	if err := w.qubes.Start(bg, "work"); err != nil {
 		w.t.Fatal(err)
 	}
-	w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
+	testkit.Eventually(w.t, "the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
 		// mediator is started by the open: only a running qube can be asked
 		st, _ := w.qubes.CurrentState(bg, "mediator")
 		return st == "Running" && len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
@@ -237,7 +238,7 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 			w.t.Logf("qcryptd log:\n%s", data)
 		}
 	})
-	w.eventually("qcryptd owns its name", 20*time.Second, func() bool {
+	testkit.Eventually(w.t, "qcryptd owns its name", 20*time.Second, func() bool {
 		c, err := dbusapi.Connect()
 		if err == nil {
 			c.Disconnect()
@@ -331,22 +332,11 @@ func (ch *changes) waitFor(t testing.TB, what string, timeout time.Duration, ok 
 	}
 }
 
-func (w *world) eventually(what string, timeout time.Duration, ok func() bool) {
-	w.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !ok() {
-		if time.Now().After(deadline) {
-			w.t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // waitState waits until the chain shows state.
 func (w *world) waitState(c *dbusapi.Client, chain string, state dbusapi.ChainState, timeout time.Duration) dbusapi.ChainInfo {
 	w.t.Helper()
 	var ci dbusapi.ChainInfo
-	w.eventually("chain "+chain+" is "+string(state), timeout, func() bool {
+	testkit.Eventually(w.t, "chain "+chain+" is "+string(state), timeout, func() bool {
 		var err error
 		ci, err = c.Chain(context.Background(), chain)
 		return err == nil && ci.State == state

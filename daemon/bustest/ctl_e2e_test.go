@@ -1,4 +1,4 @@
-package daemon_test
+package bustest
 
 import (
 	"cmp"
@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qcrypt/qcrypt/chains/golden"
 	"github.com/qcrypt/qcrypt/dbusapi"
-	"github.com/qcrypt/qcrypt/qubessim"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // qcryptctl runs the real client binary.
@@ -97,7 +97,7 @@ func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	w.eventually("the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
+	testkit.Eventually(w.t, "the open decrypted layer 1 and waits in work", 30*time.Second, func() bool {
 		return len(w.sh("mediator", "ls /dev/mapper").Stdout) > 0
 	})
 	// The call under way stays hung; the rollback's calls to work are answered.
@@ -197,7 +197,7 @@ func TestCloseOfAnotherShape(t *testing.T) {
 	run("close", "demo")
 	run("close", "demo")
 	run("close", "--", "sys-usb", "/home/user/demo.luks", "demo", "vault")
-	golden.Check(t, "testdata/golden/close-another-shape.txt", transcript.String())
+	testkit.Golden(t, "testdata/golden/close-another-shape.txt", transcript.String())
 }
 
 // TestHeldClose: a chain qcryptd opened itself closes with one qrexec call per qube. A
@@ -237,12 +237,12 @@ func TestHeldClose(t *testing.T) {
 
 	open()
 	img := filepath.Join(w.dir, "other.img")
-	if err := qubessim.MakeDiskImage(img, 4<<20, "OTHER", nil); err != nil {
+	if err := memkernel.MakeDiskImage(img, 4<<20, "OTHER", nil); err != nil {
 		t.Fatal(err)
 	}
 	port := strings.TrimSpace(w.ctl("plug", "sys-usb", img))
 	w.ctl("unplug", "sys-usb", port)
-	w.eventually("qcryptd saw the device go", time.Minute, func() bool {
+	testkit.Eventually(w.t, "qcryptd saw the device go", time.Minute, func() bool {
 		return strings.Contains(w.log(), `vm=sys-usb level=debug msg="record broken`)
 	})
 	if n := closeCalls("after a device of sys-usb went away"); n != 6 {
@@ -258,7 +258,7 @@ func TestHeldClose(t *testing.T) {
 	reconnected := w.expectReconnect(c)
 	w.ctl("drop-events")
 	reconnected(time.Minute)
-	w.eventually("the chain reconciled", time.Minute, func() bool {
+	testkit.Eventually(w.t, "the chain reconciled", time.Minute, func() bool {
 		jobs, err := c.Jobs(bg)
 		return err == nil && slices.ContainsFunc(jobs, func(j dbusapi.JobInfo) bool {
 			return j.ID > last && j.Operation == dbusapi.OpReconcile && j.Chain == "demo" && j.State == "done"

@@ -1,4 +1,4 @@
-package qubessim
+package memkernel
 
 import (
 	"archive/tar"
