@@ -130,6 +130,7 @@ func report(b *testing.B, admin, qrexec int64) {
 // TestEngineSpawnsOnlyThroughTheRunner backs the benchmark's "other-spawns/op = 0": the
 // chains package cannot start processes itself.
 func TestEngineSpawnsOnlyThroughTheRunner(t *testing.T) {
+	t.Parallel()
 	files, _ := filepath.Glob("*.go")
 	fset := token.NewFileSet()
 	for _, f := range files {

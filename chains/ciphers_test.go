@@ -11,6 +11,7 @@ import (
 // kernel's spellings count as cryptsetup's, and nothing that does not encrypt passes,
 // whatever its spelling.
 func TestCheckCiphers(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		report string
 		list   []string
@@ -50,6 +51,7 @@ func TestCheckCiphers(t *testing.T) {
 
 // A chain's own list may name other ciphers, never one that does not encrypt.
 func TestParseCiphers(t *testing.T) {
+	t.Parallel()
 	for in, want := range map[string]string{
 		"aes-xts-plain64 aes-cbc-essiv:sha256": "",
 		"xchacha20,aes-adiantum-plain64":       "",
@@ -73,6 +75,7 @@ func TestParseCiphers(t *testing.T) {
 // the open fails naming the layer and the cipher, and nothing stays open. The plaintext
 // is mounted nosuid,nodev unless the chain says otherwise.
 func TestLayersMustEncrypt(t *testing.T) {
+	t.Parallel()
 	for _, layer := range []int{1, 2} {
 		t.Run("layer "+string(rune('0'+layer)), func(t *testing.T) {
 			r := newRig(t, qubessim.R42)

@@ -50,6 +50,7 @@ func loadOne(t *testing.T, content string, mode os.FileMode, asRoot bool) (*Chai
 }
 
 func TestConfigRules(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		bad, good string // whole file contents
 		wantKey   string // key named in the error
@@ -112,6 +113,7 @@ func TestConfigRules(t *testing.T) {
 // TestConfigOwnership: as root, every file and directory of a target must be root's
 // alone, with or without hooks (a chain file also chooses dom0 files and autostart).
 func TestConfigOwnership(t *testing.T) {
+	t.Parallel()
 	if os.Geteuid() != 0 {
 		t.Skip("ownership rules need root to set up")
 	}
@@ -168,6 +170,7 @@ func TestConfigOwnership(t *testing.T) {
 // directory on both ways must be root's and not group or world writable; the error
 // names the link and what is wrong on its way.
 func TestChainFileLinks(t *testing.T) {
+	t.Parallel()
 	if os.Geteuid() != 0 {
 		t.Skip("ownership rules need root to set up")
 	}
@@ -270,6 +273,7 @@ func writeChainFile(t *testing.T, dir string, mode os.FileMode) string {
 }
 
 func TestConfigValues(t *testing.T) {
+	t.Parallel()
 	chains, err := LoadTarget("testdata/check/valid", false)
 	if err != nil {
 		t.Fatal(err)
@@ -287,6 +291,7 @@ func TestConfigValues(t *testing.T) {
 }
 
 func TestLoadTargetReportsAllFiles(t *testing.T) {
+	t.Parallel()
 	_, err := LoadTarget("testdata/check/invalid", false)
 	var errs ConfigErrors
 	if !errors.As(err, &errs) {
@@ -302,6 +307,7 @@ func TestLoadTargetReportsAllFiles(t *testing.T) {
 }
 
 func TestCheckGolden(t *testing.T) {
+	t.Parallel()
 	for _, target := range []string{"valid", "invalid", "shared-mapper", "missing-dir"} {
 		t.Run(target, func(t *testing.T) {
 			var out bytes.Buffer
@@ -319,6 +325,7 @@ func TestCheckGolden(t *testing.T) {
 }
 
 func TestParseCryptOptions(t *testing.T) {
+	t.Parallel()
 	got, err := ParseCryptOptions("-c aes-xts-plain64 --key-size=512 -M plain --allow-discards")
 	if err != nil || strings.Join(got, " ") != "--cipher aes-xts-plain64 --key-size 512 --type plain --allow-discards" {
 		t.Errorf("got %v %v", got, err)
@@ -331,6 +338,7 @@ func TestParseCryptOptions(t *testing.T) {
 }
 
 func TestCryptArgsPerAction(t *testing.T) {
+	t.Parallel()
 	opts, err := ParseCryptOptions("--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --allow-discards -c aes-xts-plain64 --use-urandom")
 	if err != nil {
 		t.Fatal(err)
@@ -349,6 +357,7 @@ func TestCryptArgsPerAction(t *testing.T) {
 // A chain from a file and one from a caller (ad-hoc, luks-init) are held to the same
 // rules, by one validator; only the file's relative source path is the config's own.
 func TestOneValidator(t *testing.T) {
+	t.Parallel()
 	good := func() *Chain {
 		return &Chain{SourceVM: "sys-usb", SourceFile: "/c.luks", Key: "k", Hops: []Hop{{VM: "mediator"}, {VM: "work"}}}
 	}
@@ -402,6 +411,7 @@ func TestOneValidator(t *testing.T) {
 // docs/qcrypt.ini.md is the reference the loader's key list comes from; its example is
 // a valid chain file.
 func TestReferenceDoc(t *testing.T) {
+	t.Parallel()
 	testkit.Golden(t, "../docs/qcrypt.ini.md", ReferenceMarkdown())
 	if _, errs := loadOne(t, exampleChain, 0o644, false); len(errs) != 0 {
 		t.Errorf("the example: %v", errs)
@@ -416,6 +426,7 @@ func TestReferenceDoc(t *testing.T) {
 // folder. Each folder checks as the original's own tests expect: the invalid ones report
 // their file's defect and nothing of the linked chain, the valid ones report nothing.
 func TestOriginalConfFolders(t *testing.T) {
+	t.Parallel()
 	if os.Geteuid() != 0 {
 		t.Skip("root's ownership rules need root")
 	}

@@ -82,6 +82,7 @@ func (r *rig) leftovers(t *testing.T) []string {
 }
 
 func TestOpenWriteCloseReopen(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			r := newRig(t, d)
@@ -133,6 +134,7 @@ func TestOpenWriteCloseReopen(t *testing.T) {
 }
 
 func TestOpenRefusals(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		setup func(t *testing.T, r *rig, c *Chain)
 		want  string
@@ -192,6 +194,7 @@ func TestOpenRefusals(t *testing.T) {
 }
 
 func TestAutostartStartsSourceAndTarget(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	if err := r.Client.Shutdown(bg, "sys-usb", false, true); err != nil {
 		t.Fatal(err)
@@ -207,6 +210,7 @@ func TestAutostartStartsSourceAndTarget(t *testing.T) {
 }
 
 func TestReadOnlyChain(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
@@ -225,6 +229,7 @@ func TestReadOnlyChain(t *testing.T) {
 }
 
 func TestKeyInjection(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	// The demo key of work, copied to dom0 and removed from work, comes back by injection.
@@ -258,6 +263,7 @@ func TestKeyInjection(t *testing.T) {
 }
 
 func TestPartialChain(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	c := demoChain()
@@ -282,6 +288,7 @@ func TestPartialChain(t *testing.T) {
 }
 
 func TestCloseAfterIntermediateWentDown(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			r := newRig(t, d)
@@ -329,6 +336,7 @@ func TestCloseAfterIntermediateWentDown(t *testing.T) {
 }
 
 func TestStatusCounts(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	c := demoChain()
 	// sys-usb running with the file, mediator and work halted.
@@ -360,6 +368,7 @@ func TestStatusCounts(t *testing.T) {
 }
 
 func TestStatusStrangeState(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	c := demoChain()
@@ -438,6 +447,7 @@ func (f *failing) Run(ctx context.Context, vm, script string, in io.Reader) (qub
 }
 
 func TestRollbackAfterAFailureAtEveryCall(t *testing.T) {
+	t.Parallel()
 	// Count the calls of a clean open, then fail each of them in turn.
 	r := newRig(t, qubessim.R42)
 	counter := &failing{Qubes: r.Client, Runner: r.Runner}
@@ -476,6 +486,7 @@ func TestRollbackAfterAFailureAtEveryCall(t *testing.T) {
 }
 
 func TestCancelBetweenStepsRollsBack(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	ctx, cancel := context.WithCancel(bg)
@@ -493,6 +504,7 @@ func TestCancelBetweenStepsRollsBack(t *testing.T) {
 }
 
 func TestSpoofedDeviceIsRefused(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	// mediator lies about its dm device: qubesd relays the description the qube wrote.
@@ -507,6 +519,7 @@ func TestSpoofedDeviceIsRefused(t *testing.T) {
 }
 
 func TestPlans(t *testing.T) {
+	t.Parallel()
 	c := demoChain()
 	c.Hops[0].Inject = "/root/keys/mediator_demo"
 	c.ReadOnly = true
@@ -517,6 +530,7 @@ func TestPlans(t *testing.T) {
 // What a plan shows is what runs: the journal of an open and of a close holds the
 // steps of PlanOpen and PlanClose (an open leaves out the start of a running qube).
 func TestPlanIsWhatRuns(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	c := demoChain()
 	c.ReadOnly = true
@@ -568,6 +582,7 @@ func (r *rig) discover(t *testing.T, line func(Discovered) string) string {
 }
 
 func TestDiscover(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
@@ -594,6 +609,7 @@ func TestDiscover(t *testing.T) {
 }
 
 func TestReconcile(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	c := demoChain()
@@ -630,6 +646,7 @@ func TestReconcile(t *testing.T) {
 }
 
 func TestJournalRecordsSteps(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R42)
 	r.start(t, "work")
 	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
@@ -652,6 +669,7 @@ func TestJournalRecordsSteps(t *testing.T) {
 // Without a journal (state directory full, read-only or not a directory) an open is
 // refused before it changes anything, and a close still closes.
 func TestCloseWithoutJournal(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
@@ -682,6 +700,7 @@ func TestCloseWithoutJournal(t *testing.T) {
 // part of it, is not that chain. Its close is refused and touches nothing; its status
 // does not count another chain's layers as its own.
 func TestCloseRefusesAnotherChain(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	open := demoChain()
@@ -726,6 +745,7 @@ func TestCloseRefusesAnotherChain(t *testing.T) {
 // even with force; with nothing of it open anywhere it says so; a loop device no chain
 // uses is its leftover and goes.
 func TestCloseOfAnotherShape(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	if _, err := r.AddVM("vault", "AppVM", "user"); err != nil {
 		t.Fatal(err)
@@ -790,6 +810,7 @@ func TestCloseOfAnotherShape(t *testing.T) {
 // per qube; when the chain is not where the journal recorded it, the held close stops
 // before changing anything and reads the chain first, as an unheld close does.
 func TestHeldClose(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
@@ -847,6 +868,7 @@ func TestHeldClose(t *testing.T) {
 // The original's status --mp "": the plaintext counts as there when it is mounted,
 // wherever; without a mount check its mount does not count at all.
 func TestStatusMountedAnywhere(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	if err := r.e.Open(bg, demoChain(), OpenOptions{}, nil); err != nil {
@@ -888,6 +910,7 @@ func (k *killsOnRun) Run(ctx context.Context, vm, script string, in io.Reader) (
 // TestStatusOfAQubeThatStopsMeanwhile: a qube that shuts down while the status reads it
 // is a qube that is not running, not an error (the real qubesd stops a qube at once).
 func TestStatusOfAQubeThatStopsMeanwhile(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	c := demoChain()
 	if err := r.e.Open(bg, c, OpenOptions{Autostart: true}, nil); err != nil {
@@ -908,6 +931,7 @@ func TestStatusOfAQubeThatStopsMeanwhile(t *testing.T) {
 // #4784: detaching it wedges qubesd). An open is refused, even forced, naming the qube
 // to restart; qubesd still answers.
 func TestOpenRefusedOverADeadBackend(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	c := demoChain()
@@ -936,6 +960,7 @@ func TestOpenRefusedOverADeadBackend(t *testing.T) {
 // open that needs one more is refused with that reason before it changes anything (from
 // the listing the open makes anyway). R4.3 goes on with xvdaa.
 func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			r := newRig(t, d)
@@ -980,6 +1005,7 @@ func TestOpenRefusedWithoutAFrontendSlot(t *testing.T) {
 // machine's lock refuses a read-write open before anything changes, is shown only when
 // it is a lock line, lets a read-only open go on and is replaced by --break-lock.
 func TestCrossMachineLock(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	const me, other = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
@@ -1050,6 +1076,7 @@ func TestCrossMachineLock(t *testing.T) {
 // An open refused after the source script mounted the source device (here: another
 // machine's lock beside the container on a USB disk) unmounts it again.
 func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	r.e.MachineID = "0123456789abcdef0123456789abcdef"
@@ -1079,6 +1106,7 @@ func TestRefusedOpenUnmountsTheSourceDevice(t *testing.T) {
 // attachment listing per running destination, one device listing per backend, one
 // script per running qube; each chain's status is what it is read alone.
 func TestStatusOfManyChainsTogether(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "mediator", "work")
 	var cs []*Chain
@@ -1131,6 +1159,7 @@ func TestStatusOfManyChainsTogether(t *testing.T) {
 
 // A qube's answer to a status read is parsed strictly: any line out of place fails it.
 func TestParseStatusAnswers(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		out  string
 		n    int
@@ -1210,6 +1239,7 @@ func (l *lateAttach) Detach(ctx context.Context, vm string, d qubes.DeviceRef) e
 // detaches what was attached and nothing is left (it was: the device attached, the
 // layer below busy, "rollback ... failed too").
 func TestCancelDuringAttachRollsBackAll(t *testing.T) {
+	t.Parallel()
 	r := newRig(t, qubessim.R43)
 	r.start(t, "work")
 	ctx, cancel := context.WithCancel(bg)

@@ -13,6 +13,7 @@ import (
 )
 
 func TestParseKeystoreRef(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		in, dir string
 		ok      bool
@@ -40,6 +41,7 @@ func TestParseKeystoreRef(t *testing.T) {
 // path fed by a here-string (with its newline): the same name, so a store the original
 // opened is recognised. Held against md5sum itself.
 func TestKeystoreMapperNameIsBlibs(t *testing.T) {
+	t.Parallel()
 	for _, dir := range []string{"/etc/blib/keys", "/root/store"} {
 		k := Keystore{Dir: dir}
 		out, err := exec.Command("bash", "-c", `md5sum <<< "$1"`, "bash", k.Container()).Output()
@@ -70,6 +72,7 @@ func (d noDom0) Open(string) (io.ReadCloser, error) {
 
 // Qube and key names are checked before a key file path is made of them: nothing runs.
 func TestKeystoreKeyNamesAreChecked(t *testing.T) {
+	t.Parallel()
 	e := &Engine{Dom0: noDom0{t}}
 	for _, n := range [][2]string{{"../x", "k"}, {"work", "a/b"}, {"work", ""}, {"", "k"}, {"work", "../../etc/shadow"}} {
 		if _, err := e.KeystoreKey(bg, Keystore{Dir: "/s"}, n[0], n[1]); err == nil || !strings.Contains(err.Error(), "invalid") {
@@ -84,6 +87,7 @@ func TestKeystoreKeyNamesAreChecked(t *testing.T) {
 // The check holds key store references to a store that is there, and, for root, root's
 // alone; a reference that is not a path is a config error of its line.
 func TestCheckKeystores(t *testing.T) {
+	t.Parallel()
 	stores := t.TempDir()
 	present := filepath.Join(stores, "present")
 	if err := os.MkdirAll(present, 0o755); err != nil {

@@ -44,6 +44,7 @@ func (r *rig) privateLeft(t *testing.T) []string {
 }
 
 func TestLuksInitThenOpen(t *testing.T) {
+	t.Parallel()
 	for _, fs := range []string{"btrfs", "ext4"} {
 		t.Run(fs, func(t *testing.T) {
 			r := luksRig(t)
@@ -122,6 +123,7 @@ func TestLuksInitThenOpen(t *testing.T) {
 }
 
 func TestLuksInitRefusesAndLeavesNothing(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		setup func(t *testing.T, r *rig, s *InitSpec)
 		want  string
@@ -188,6 +190,7 @@ func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("disk ful
 // A luks-init cut short (qcryptd killed) leaves keys in the private directory: the next
 // start wipes and removes them.
 func TestCleanPrivateDir(t *testing.T) {
+	t.Parallel()
 	r := luksRig(t)
 	dom0, _ := r.VM("dom0")
 	left := filepath.Join(dom0.Root(), simPrivateDir, "luks-init.abcdefgh")
@@ -211,6 +214,7 @@ func TestCleanPrivateDir(t *testing.T) {
 // The wipe overwrites a key in place before removing it (truncating would free its
 // pages unwritten); the script runs here with the host's bash and coreutils.
 func TestWipeOverwritesKeysInPlace(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	key := filepath.Join(dir, "key0")
 	if err := os.WriteFile(key, []byte("secret key bytes"), 0o600); err != nil {
@@ -234,6 +238,7 @@ func TestWipeOverwritesKeysInPlace(t *testing.T) {
 }
 
 func TestParseSize(t *testing.T) {
+	t.Parallel()
 	for in, want := range map[string]int64{"1G": 1 << 30, "512m": 512 << 20, "4096": 4096, "2T": 2 << 40, "10K": 10 << 10} {
 		if got, err := ParseSize(in); err != nil || got != want {
 			t.Errorf("%s: %d %v", in, got, err)
@@ -247,6 +252,7 @@ func TestParseSize(t *testing.T) {
 }
 
 func TestMinContainerSize(t *testing.T) {
+	t.Parallel()
 	two := []Hop{{VM: "a"}, {VM: "b"}}
 	for _, tc := range []struct {
 		c    Chain
@@ -266,6 +272,7 @@ func TestMinContainerSize(t *testing.T) {
 // device the chain gave it: with a one-layer chain into mediator beside the two-layer
 // demo chain through it, the one-layer chain is not taken for a part of the other.
 func TestDiscoverLinksByProof(t *testing.T) {
+	t.Parallel()
 	r := luksRig(t)
 	one := &Chain{Name: "one", SourceVM: "sys-usb", SourceFile: "/home/user/one.luks", Key: "one",
 		Hops: []Hop{{VM: "mediator", Options: []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}}}, Type: "luks"}
@@ -292,6 +299,7 @@ func TestDiscoverLinksByProof(t *testing.T) {
 // A luks-init canceled while it copies the container (Ctrl-C of qcryptctl) leaves
 // nothing in the qubes: no keys, no container, no half-written .part.
 func TestLuksInitCanceledMidCopy(t *testing.T) {
+	t.Parallel()
 	r := luksRig(t)
 	s := initSpec("ext4")
 	ctx, cancel := context.WithCancel(bg)
@@ -320,6 +328,7 @@ func TestLuksInitCanceledMidCopy(t *testing.T) {
 // A caller's entropy source that never delivers (a terminal nobody types into) does
 // not hold a canceled luks-init: the cancel ends the read.
 func TestLuksInitCanceledWhileEntropyBlocks(t *testing.T) {
+	t.Parallel()
 	r := luksRig(t)
 	rd, wr, err := os.Pipe() // pollable, like the non-blocking descriptors qcryptd gets
 	if err != nil {

@@ -56,6 +56,7 @@ func (recordingDom0) Open(string) (io.ReadCloser, error) { return nil, os.ErrNot
 // TestKeystoreScriptsRecorded runs every key store operation against a dom0 that only
 // records, so that their scripts are checked too.
 func TestKeystoreScriptsRecorded(t *testing.T) {
+	t.Parallel()
 	d := recordingDom0{seen: map[string]bool{}}
 	e := &Engine{Dom0: d}
 	k := Keystore{Dir: "/home/u/qcrypt keys"}

@@ -66,6 +66,7 @@ func waitJoined[K comparable, R any](t *testing.T, b *Batcher[K, R], n int) {
 // A request that arrives during a run is answered by the next run, shared by every
 // request that arrived meanwhile, each key once.
 func TestBatcherJoinsTheNextRun(t *testing.T) {
+	t.Parallel()
 	r := newRecorder()
 	b := NewBatcher(r.run)
 	first := make(chan string)
@@ -102,6 +103,7 @@ func TestBatcherJoinsTheNextRun(t *testing.T) {
 // A caller that gives up gets its context's error; the run goes on for the others and
 // is canceled only when nobody waits for it.
 func TestBatcherCallersGivingUp(t *testing.T) {
+	t.Parallel()
 	r := newRecorder()
 	b := NewBatcher(r.run)
 	ctx1, cancel1 := context.WithCancel(context.Background())

@@ -308,6 +308,7 @@ func rawCall(t *testing.T, socket, req string) string {
 }
 
 func TestConformanceClient(t *testing.T) {
+	t.Parallel()
 	for _, v := range vectors() {
 		t.Run(string(v.dialect)+"/"+v.name, func(t *testing.T) {
 			c := qubes.NewClient(fakeQubesd(t, v.req, v.resp))
@@ -323,6 +324,7 @@ func TestConformanceClient(t *testing.T) {
 }
 
 func TestConformanceSimulator(t *testing.T) {
+	t.Parallel()
 	for _, v := range vectors() {
 		t.Run(string(v.dialect)+"/"+v.name, func(t *testing.T) {
 			f := simtest.StartDemo(t, v.dialect)
@@ -337,6 +339,7 @@ func TestConformanceSimulator(t *testing.T) {
 }
 
 func TestSimulatorFraming(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	tests := map[string]struct{ req, resp string }{
 		"split on first plus, keyword adminvm": {"admin.vm.List+ dom0 keyword adminvm\x00", "0\x00dom0 class=AdminVM state=Running\nmediator class=AppVM state=Halted\nsys-usb class=DispVM state=Running\nwork class=AppVM state=Halted\n"},

@@ -11,6 +11,7 @@ import (
 // LocalDom0 hands files to its script as descriptors 3, 4, ...: how luks-init's build
 // reaches a work file the caller opened, without qcryptd opening a path.
 func TestLocalDom0PassesFiles(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	in := filepath.Join(dir, "in")
 	if err := os.WriteFile(in, []byte("from the caller\n"), 0o600); err != nil {

@@ -9,6 +9,7 @@ import (
 )
 
 func TestParseVMList(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		body string
 		want []VM
@@ -46,6 +47,7 @@ func TestParseVMList(t *testing.T) {
 }
 
 func TestParseProperty(t *testing.T) {
+	t.Parallel()
 	tests := map[string]Property{
 		"default=True type=str user":    {Default: true, Type: "str", Value: "user"},
 		"default=True type=int 60":      {Default: true, Type: "int", Value: "60"},
@@ -67,6 +69,7 @@ func TestParseProperty(t *testing.T) {
 }
 
 func TestParseAvailableOld(t *testing.T) {
+	t.Parallel()
 	body := "sda mode=w size=1024000 device_node=/dev/sda description=SanDisk_Cruzer (MYLABEL)\n" +
 		"sda1 size=0 device_node=/dev/sda1 mode=r description=SanDisk_Cruzer (MY_LAB__EL)\n" +
 		"loop12\n" +
@@ -92,6 +95,7 @@ func TestParseAvailableOld(t *testing.T) {
 }
 
 func TestParseAvailableNew(t *testing.T) {
+	t.Parallel()
 	body := "sda::None device_id=':None' port_id='sda' devclass='block' backend_domain='sys-usb' name='MYLABEL' manufacturer='hosted by sys-usb' serial='SanDisk Cruzer' interfaces='b******'\n" +
 		"loop12::12 device_id=':12' port_id='loop12' devclass='block' backend_domain='sys-usb' manufacturer='hosted by sys-usb' serial='/home/user/disk.img' interfaces='b******' attachment='work'\n" +
 		"dev1\n"
@@ -121,6 +125,7 @@ func TestParseAvailableNew(t *testing.T) {
 }
 
 func TestParseAttached(t *testing.T) {
+	t.Parallel()
 	old, err := ParseAttachedOld("work", []byte("sys-usb+sda read-only=no frontend-dev=xvdi persistent=no\nmediator+dm-0 read-only=yes frontend-dev=xvdj persistent=no\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -148,6 +153,7 @@ func TestParseAttached(t *testing.T) {
 }
 
 func TestParseProperties(t *testing.T) {
+	t.Parallel()
 	got, err := ParseProperties(`a='1' b='it\'s' c='x y' d=''`)
 	if err != nil {
 		t.Fatal(err)
@@ -168,6 +174,7 @@ func TestParseProperties(t *testing.T) {
 }
 
 func TestEventReader(t *testing.T) {
+	t.Parallel()
 	stream := "1\x00\x00connection-established\x00\x00" +
 		"1\x00\x00some-event\x00arg1\x00value1\x00\x00" +
 		"1\x00some-vm\x00some-event\x00arg_without_value\x00\x00arg2\x00value\x00\x00" +
@@ -224,6 +231,7 @@ func TestEventReader(t *testing.T) {
 }
 
 func TestEventReaderFailures(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		stream string
 		want   error
@@ -254,6 +262,7 @@ func TestEventReaderFailures(t *testing.T) {
 }
 
 func TestEncodeEventRoundTrip(t *testing.T) {
+	t.Parallel()
 	rec := EncodeEvent("work", "device-attach:block", "device", "sys-usb:sda", "options", "")
 	ev, err := NewEventReader(strings.NewReader(string(rec))).Next()
 	if err != nil || ev.Kind != EventDeviceAttach || ev.Device != (DeviceRef{"sys-usb", "sda"}) || ev.Args["options"] != "" {

@@ -14,6 +14,7 @@ import (
 // At most MaxParallel calls run at once; the others wait for a slot, and a waiting call
 // whose context ends gives up without running.
 func TestRunnerMaxParallel(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	release := filepath.Join(dir, "release")
 	// The fake qrexec-client marks itself running, then waits for the release file.

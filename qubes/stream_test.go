@@ -68,6 +68,7 @@ func subscribe(t *testing.T, f *simtest.Fixture) <-chan qubes.Event {
 }
 
 func TestEventSequences(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			f := simtest.StartDemo(t, d)
@@ -137,6 +138,7 @@ func TestEventSequences(t *testing.T) {
 }
 
 func TestEventStreamResyncsAfterDrop(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	ch := subscribe(t, f)
 	f.DropEventStreams()
@@ -152,6 +154,7 @@ func TestEventStreamResyncsAfterDrop(t *testing.T) {
 }
 
 func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	ch := subscribe(t, f)
 	f.Close() // qubesd goes away
@@ -175,6 +178,7 @@ func TestEventStreamReconnectsWhenQubesdIsBack(t *testing.T) {
 }
 
 func TestSimulatorEventDestFilter(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -249,6 +253,7 @@ func realRunnerWorld(t testing.TB, version string) *runnerWorld {
 // programs alike: exit statuses, the statuses reserved for transport failures, output
 // floods, input, timeouts, a hung agent and a qube that dies during a call.
 func TestRunner(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	for name, newWorld := range runnerWorlds() {
 		t.Run(name, func(t *testing.T) {
@@ -387,6 +392,7 @@ func BenchmarkRunner(b *testing.B) {
 
 // The stand-in's qubes have the simulator's home directory.
 func TestRunnerStandInHome(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	res, err := f.Runner.Run(context.Background(), "sys-usb", `[ -d /home/user/.qcrypt/keys ] && echo ok`, nil)
 	if err != nil || string(res.Stdout) != "ok\n" {
@@ -396,6 +402,7 @@ func TestRunnerStandInHome(t *testing.T) {
 
 // An injected qrexec failure (stand-in only) is a transport error.
 func TestRunnerStandInInjectedFailure(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	f.SetQrexecFault("sys-usb", control.QrexecFault{Exit: qubes.ExitQrexecRefused})
 	_, err := f.Runner.Run(context.Background(), "sys-usb", "true", nil)
@@ -406,6 +413,7 @@ func TestRunnerStandInInjectedFailure(t *testing.T) {
 }
 
 func TestRunnerInvocation(t *testing.T) {
+	t.Parallel()
 	// A stand-in qrexec-client that reports its argv and stdin: the exact invocation of
 	// spec §6.3.
 	dir := t.TempDir()

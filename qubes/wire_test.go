@@ -8,6 +8,7 @@ import (
 )
 
 func TestRequestEncode(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		req  Request
 		want string
@@ -32,6 +33,7 @@ func TestRequestEncode(t *testing.T) {
 }
 
 func TestRequestEncodeRefuses(t *testing.T) {
+	t.Parallel()
 	tests := map[string]Request{
 		"space in dest":    {Method: "admin.vm.List", Dest: "a b"},
 		"empty dest":       {Method: "admin.vm.List"},
@@ -53,6 +55,7 @@ func TestRequestEncodeRefuses(t *testing.T) {
 }
 
 func TestRequestAtLimit(t *testing.T) {
+	t.Parallel()
 	head := "x.y+ dom0 name work\x00"
 	req := Request{Method: "x.y", Dest: "work", Payload: make([]byte, MaxRequest-len(head))}
 	if _, err := req.Encode(); err != nil {
@@ -61,6 +64,7 @@ func TestRequestAtLimit(t *testing.T) {
 }
 
 func TestParseRequest(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		raw     string
 		want    Request
@@ -98,6 +102,7 @@ func TestParseRequest(t *testing.T) {
 }
 
 func TestParseResponse(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		raw      string
 		body     string
@@ -136,6 +141,7 @@ func TestParseResponse(t *testing.T) {
 }
 
 func TestParseResponseFailures(t *testing.T) {
+	t.Parallel()
 	tests := map[string]struct {
 		raw  string
 		want error
@@ -160,12 +166,14 @@ func TestParseResponseFailures(t *testing.T) {
 }
 
 func TestPrintable(t *testing.T) {
+	t.Parallel()
 	if got := Printable("ok\x00\xff"+strings.Repeat("a", 20), 10); got != "ok??aaaaaa..." {
 		t.Errorf("got %q", got)
 	}
 }
 
 func TestValidateVMName(t *testing.T) {
+	t.Parallel()
 	good := []string{"dom0", "sys-usb", "work", "a", "A_b-9", strings.Repeat("a", 31)}
 	bad := []string{"", "1abc", "-x", "a b", "a.b", "a/b", "none", "default", "Domain-0", "x-dm", strings.Repeat("a", 32), "lost+found", "wörk"}
 	for _, n := range good {

@@ -12,6 +12,7 @@ import (
 // TestRealQubesdMirror: behind the real qubesd the simulated qubes follow what qubesd
 // does, and what runs in them reaches qubesd.
 func TestRealQubesdMirror(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			f := simtest.StartReal(t, d)

@@ -73,6 +73,7 @@ func closeDemo(t *testing.T, f *simtest.Fixture) {
 }
 
 func TestChainDataPersistsAndStaysEncrypted(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			f := simtest.StartDemo(t, d)
@@ -104,6 +105,7 @@ func TestChainDataPersistsAndStaysEncrypted(t *testing.T) {
 }
 
 func TestQubesAreIsolated(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	mustStart(t, f, "mediator")
 	ok(t, f, "sys-usb", "mkdir -p /mnt/only-here /srv && echo x > /tmp/t && echo y > /srv/s")
@@ -125,6 +127,7 @@ func TestQubesAreIsolated(t *testing.T) {
 }
 
 func TestToolFailuresLikeTheRealOnes(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	ok(t, f, "sys-usb", "losetup -f --show "+qubessim.DemoContainer+" && echo wrong > /tmp/wrong")
 	tests := map[string]struct {
@@ -158,6 +161,7 @@ func TestToolFailuresLikeTheRealOnes(t *testing.T) {
 }
 
 func TestReadOnlyChain(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	openDemo(t, f, true)
 	r := f.Sh(t, "work", "echo x > /mnt/secure/new")
@@ -173,6 +177,7 @@ func TestReadOnlyChain(t *testing.T) {
 }
 
 func TestBackendShutdownAndBug4784(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	openDemo(t, f, false)
 	if err := f.Client.Kill(ctx, "mediator"); err != nil {
@@ -199,6 +204,7 @@ func TestBackendShutdownAndBug4784(t *testing.T) {
 }
 
 func TestFrontendDevAllocation(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R43)
 	mustStart(t, f, "work")
 	ok(t, f, "sys-usb", "truncate -s 1M /tmp/a /tmp/b && losetup -f /tmp/a && losetup -f /tmp/b")
@@ -214,6 +220,7 @@ func TestFrontendDevAllocation(t *testing.T) {
 }
 
 func TestHostileDescriptionsAreSanitised(t *testing.T) {
+	t.Parallel()
 	hostile := "evil\n\x1b[31m\xc3\xa4 $(rm -rf /)'\"`x (LAB\x00EL)"
 	// R4.2: every byte outside letters, digits and "()+,-.:=_/ " becomes '_'.
 	// R4.3: non-ASCII bytes are dropped first; then serial = text before the first space
@@ -243,6 +250,7 @@ func TestHostileDescriptionsAreSanitised(t *testing.T) {
 }
 
 func TestFaults(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	f.AddFault(control.Fault{Method: "admin.vm.List", Empty: true, Count: 1})
 	if _, err := f.Client.ListVMs(ctx); !errors.Is(err, qubes.ErrEmptyResponse) {
@@ -275,6 +283,7 @@ func TestFaults(t *testing.T) {
 }
 
 func TestPlugDiskAndSourceMount(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R43)
 	img := filepath.Join(t.TempDir(), "usb.img")
 	if err := memkernel.MakeDiskImage(img, 4<<20, "MYDISK", map[string][]byte{"containers/c.luks": make([]byte, 1<<20)}); err != nil {
@@ -303,6 +312,7 @@ func TestPlugDiskAndSourceMount(t *testing.T) {
 }
 
 func TestKillLosesUnwrittenData(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	openDemo(t, f, false)
 	ok(t, f, "work", "echo lost > /mnt/secure/f")
@@ -316,6 +326,7 @@ func TestKillLosesUnwrittenData(t *testing.T) {
 }
 
 func TestPausedQubeDoesNotAnswer(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R42)
 	if err := f.Client.Pause(ctx, "sys-usb"); err != nil {
 		t.Fatal(err)
@@ -378,6 +389,7 @@ func BenchmarkRealQubesdQrexec(b *testing.B) {
 // A kernel fault fires once, at the first matching block operation of the qube: a hang
 // holds the tool until Release, a failure fails it; WaitFault says what fired.
 func TestKernelFaults(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R43)
 	f.AddKernelFault(control.KernelFault{VM: "sys-usb", Op: "loop-setup", Fail: true})
 	if res := f.Sh(t, "sys-usb", "losetup -f --show /home/user/demo.luks"); res.ExitCode == 0 {
@@ -410,6 +422,7 @@ func TestKernelFaults(t *testing.T) {
 // A start of a qube that is starting waits for that start, as qubesd's startup_lock
 // makes it: it returns once the qube runs, not while it is still transient.
 func TestStartWaitsForAStartUnderWay(t *testing.T) {
+	t.Parallel()
 	f := simtest.StartDemo(t, qubessim.R43)
 	f.World.StartDelay = 5 * time.Second
 	first := make(chan error, 1)
@@ -439,6 +452,7 @@ func TestStartWaitsForAStartUnderWay(t *testing.T) {
 // qrexec-agent; the agent and daemon start and die with their qube, and a qube that
 // dies during a call ends it as the real qrexec-client says (255).
 func TestRealQrexec(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			f := simtest.StartRealQrexec(t, d)

@@ -320,6 +320,7 @@ var recordMu sync.Mutex
 // TestRealQubesdVectors runs the script against the real qubesd and compares the
 // transcript with the recorded one (QCRYPT_RECORD_VECTORS=1 records it instead).
 func TestRealQubesdVectors(t *testing.T) {
+	t.Parallel()
 	dir := simtest.RealQubesd(t)
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
@@ -342,6 +343,7 @@ func TestRealQubesdVectors(t *testing.T) {
 
 // TestSimulatorAgreesWithRealQubesd holds the simulator against the recorded transcripts.
 func TestSimulatorAgreesWithRealQubesd(t *testing.T) {
+	t.Parallel()
 	for _, d := range []qubessim.Dialect{qubessim.R42, qubessim.R43} {
 		t.Run(string(d), func(t *testing.T) {
 			got := simVWorld(t, d).transcript(t, d)

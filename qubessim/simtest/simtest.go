@@ -167,16 +167,15 @@ func (f *Fixture) Sh(t testing.TB, vm, script string) qubes.Result {
 	return res
 }
 
-var sandboxChecked, sandboxOK bool
+// sandboxWorks is asked once, by whichever of the (parallel) tests comes first.
+var sandboxWorks = sync.OnceValue(func() bool {
+	return exec.Command("bwrap", "--ro-bind", "/", "/", "--unshare-all", "--unshare-user", "--uid", "0", "true").Run() == nil
+})
 
 // RequireSandbox skips (or fails, under make check) when bwrap cannot create a sandbox.
 func RequireSandbox(t testing.TB) {
 	t.Helper()
-	if !sandboxChecked {
-		sandboxChecked = true
-		sandboxOK = exec.Command("bwrap", "--ro-bind", "/", "/", "--unshare-all", "--unshare-user", "--uid", "0", "true").Run() == nil
-	}
-	if sandboxOK {
+	if sandboxWorks() {
 		return
 	}
 	if os.Getenv("QCRYPT_REQUIRE_SANDBOX") == "1" {
