@@ -12,11 +12,11 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim"
 	"github.com/qcrypt/qcrypt/qubessim/memkernel"
 	"github.com/qcrypt/qcrypt/qubessim/simtest"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 func TestMain(m *testing.M) { simtest.Main(m) }
