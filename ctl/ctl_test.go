@@ -20,8 +20,8 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/qcrypt/qcrypt/chains"
-	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // fakeAPI is a qcryptd with canned answers; it records what it was asked.

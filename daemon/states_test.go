@@ -3,8 +3,8 @@ package daemon
 import (
 	"testing"
 
-	"github.com/qcrypt/qcrypt/qubessim/testkit"
 	"github.com/qcrypt/qcrypt/dbusapi"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // docs/states.md is the state machine setState holds changes against.

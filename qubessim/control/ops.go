@@ -103,7 +103,7 @@ var ops = map[Op]spec{
 	Flood: {args: 2, ownServer: true, parse: func(a []string) (Request, error) {
 		n, err := strconv.Atoi(a[1])
 		if err != nil {
-			return Request{}, fmt.Errorf("N: not a number: %q", a[1])
+			return Request{}, fmt.Errorf("the count N is not a number: %q", a[1])
 		}
 		return Request{Op: Flood, VM: a[0], Count: n}, nil
 	}},

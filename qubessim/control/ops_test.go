@@ -44,7 +44,7 @@ func TestParse(t *testing.T) {
 		{line: "qrexec-fault work exit", ok: true, err: "hang, exit CODE, start-fail REASON or none"},
 		{line: "kernel-fault work mount maybe", ok: true, err: "hang or fail"},
 		{line: "latency 3ms -1s", ok: true, err: `not two durations: "3ms" "-1s"`},
-		{line: "flood work many", ok: true, err: `N: not a number: "many"`},
+		{line: "flood work many", ok: true, err: `the count N is not a number: "many"`},
 		// Not control operations: the Admin API's, make-disk, and those only the
 		// simulator's own clients send.
 		{line: "start work"}, {line: "list"}, {line: "make-disk /img 1 L"},
