@@ -30,7 +30,7 @@ var (
 
 // Step is one step of a plan: what is done, in which qube.
 type Step struct {
-	Kind string `json:"kind"` // start, source, attach, decrypt, mount, umount, detach, close, loop-detach, shutdown
+	Kind string `json:"kind"` // start, source, attach, decrypt, mount, umount, detach, close, loop-detach, shutdown; luks-init: check, build, key, copy, keystore, done
 	VM   string `json:"vm"`
 	Desc string `json:"desc"`
 }
@@ -204,9 +204,26 @@ type action struct {
 	facts func() map[string]string
 }
 
-// execute runs actions in order, journaling before and after each; on failure (or
-// cancellation between steps) it undoes the completed ones in reverse order.
+// opRule is how execute treats an operation.
+type opRule struct {
+	journal  bool // journaled before and after each step, for a restarted qcryptd
+	rollback bool // a failure (or a cancel) undoes the completed steps
+	wrap     bool // a step's error is told with the step and its qube
+}
+
+var opRules = map[string]opRule{
+	"open":  {journal: true, rollback: true, wrap: true},
+	"close": {journal: true, wrap: true},
+	// Nothing of a luks-init is left for a restart to finish: its dom0 files go at
+	// qcryptd's start (CleanPrivateDir), and its errors name what they are about.
+	"luks-init": {rollback: true},
+}
+
+// execute runs actions in order, journaling before and after each as op's rule says; on
+// failure (or cancellation between steps) it undoes the completed ones in reverse order
+// where the rule says so.
 func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action, progress ProgressFunc) error {
+	rule := opRules[op]
 	rec := &Record{Chain: c.Name, Op: op}
 	if c.File == "" {
 		rec.Adhoc = c
@@ -220,6 +237,9 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 	// must not keep a chain open.
 	journalOK := true
 	write := func() error {
+		if !rule.journal {
+			return nil
+		}
 		err := e.Journal.Write(rec)
 		if err == nil || op != "close" {
 			return err
@@ -257,7 +277,10 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 		if err := a.do(ctx); err != nil {
 			log.WithError(err).Warn("step failed")
 			rec.Steps[i].State = "failed"
-			failed = fmt.Errorf("cannot %s in %s: %w", a.step.Desc, a.step.VM, err)
+			failed = err
+			if rule.wrap {
+				failed = fmt.Errorf("cannot %s in %s: %w", a.step.Desc, a.step.VM, err)
+			}
 			undoFrom = i + 1
 			break
 		}
@@ -272,7 +295,7 @@ func (e *Engine) execute(ctx context.Context, c *Chain, op string, acts []action
 			break
 		}
 	}
-	if failed != nil && op == "open" {
+	if failed != nil && rule.rollback {
 		// Roll back with a context of its own: a canceled or timed-out caller must not
 		// leave half a chain behind.
 		rctx := context.WithoutCancel(ctx)

@@ -137,29 +137,86 @@ const (
 // destination 1) and a file system inside, in dom0; copies the keys into the
 // destinations and the container into the source, with byte progress; optionally keeps
 // key backups in dom0. It refuses to overwrite any file or key, and removes its dom0
-// files in every case, and what it copied into qubes when it fails.
-func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc) (err error) {
+// files in every case, and what it copied into qubes when it fails. Its steps run
+// through execute, as an open's do.
+func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc) error {
 	if err := s.Validate(); err != nil {
 		return fmt.Errorf("cannot create the container: %w", err)
 	}
 	if e.Dom0 == nil {
 		return errors.New("cannot create the container: no dom0 runner")
 	}
-	c := s.Chain
-	log := e.log().WithFields(logrus.Fields{"chain": c.Name, "op": "luks-init"})
-	steps := 4 + len(c.Hops) // check, build, one key per destination, container, done
-	if s.Keystore != nil {
-		steps++ // the keys into the key store
-	}
-	step := 0
-	report := func(desc string, bytes, total int64) {
-		if progress != nil {
-			progress(Progress{Step: step, Steps: steps, Desc: desc, Bytes: bytes, Total: total})
-		}
-	}
-	next := func(desc string) { step++; report(desc, 0, 0) }
+	li := &luksInit{e: e, s: s, log: e.log().WithFields(logrus.Fields{"chain": s.Chain.Name, "op": "luks-init"})}
+	defer li.cleanup(ctx)
+	return e.execute(ctx, s.Chain, "luks-init", li.actions(progress), progress)
+}
 
-	next("check the qubes")
+// luksInit is one luks-init: what its steps learn and make on the way.
+type luksInit struct {
+	e        *Engine
+	s        InitSpec
+	log      *logrus.Entry
+	keyPaths []string // each destination's key file
+	keys     [][]byte
+	dir      string // the dom0 working directory, once the build made it
+}
+
+// actions are luks-init's steps: the copies into qubes are undone when a later step
+// fails.
+func (li *luksInit) actions(progress ProgressFunc) []action {
+	c, s := li.s.Chain, li.s
+	acts := []action{
+		{step: Step{Kind: "check", VM: "dom0", Desc: "check the qubes"}, do: li.check},
+		{step: Step{Kind: "build", VM: "dom0", Desc: "build the container in dom0"}, do: li.build},
+	}
+	for i, h := range c.Hops {
+		acts = append(acts, action{
+			step:  Step{Kind: "key", VM: h.VM, Desc: "copy the key of layer " + fmt.Sprint(i+1) + " into " + h.VM},
+			layer: i + 1,
+			do: func(ctx context.Context) error {
+				return li.e.copyIn(ctx, h.VM, bytes.NewReader(li.keys[i]), li.keyPaths[i], int64(s.KeySize), nil)
+			},
+			undo: func(ctx context.Context) error { return li.remove(ctx, h.VM, li.keyPaths[i]) },
+		})
+	}
+	copyStep := len(acts) + 1
+	steps := 0 // known once every action is listed
+	copyDesc := "copy the container into " + c.SourceVM
+	acts = append(acts, action{
+		step: Step{Kind: "copy", VM: c.SourceVM, Desc: copyDesc},
+		do: func(ctx context.Context) error {
+			return li.copyContainer(ctx, func(n int64) {
+				if progress != nil {
+					progress(Progress{Step: copyStep, Steps: steps, Desc: copyDesc, Bytes: n, Total: s.Size})
+				}
+			})
+		},
+		undo: func(ctx context.Context) error { return li.remove(ctx, c.SourceVM, c.Container()) },
+	})
+	if s.Keystore != nil {
+		acts = append(acts, action{
+			step: Step{Kind: "keystore", VM: "dom0", Desc: "add the keys to the key store " + s.Keystore.Dir},
+			do: func(ctx context.Context) error {
+				add := map[string][]byte{}
+				for i, h := range c.Hops {
+					add[h.VM] = li.keys[i]
+				}
+				return li.e.KeystoreAdd(ctx, *s.Keystore, c.Key, add)
+			},
+		})
+	}
+	acts = append(acts, action{step: Step{Kind: "done", VM: "dom0", Desc: "done"}, do: func(context.Context) error {
+		li.log.Info("container created")
+		return nil
+	}})
+	steps = len(acts)
+	return acts
+}
+
+// check: every qube exists and runs (started with autostart), no key and no container
+// is there yet, and the key store can take the keys.
+func (li *luksInit) check(ctx context.Context) error {
+	e, c := li.e, li.s.Chain
 	states, err := e.memberStates(ctx, c)
 	if err != nil {
 		return err
@@ -170,7 +227,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 			return fmt.Errorf("cannot create the container: qube %s does not exist", vm)
 		}
 		if !qubes.IsRunning(st) || st == qubes.StatePaused {
-			if !s.Autostart || st == qubes.StatePaused {
+			if !li.s.Autostart || st == qubes.StatePaused {
 				return fmt.Errorf("cannot create the container: %w: %s (use autostart)", ErrAutostartOff, vm)
 			}
 			if err := e.Qubes.Start(ctx, vm); err != nil {
@@ -178,27 +235,31 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 			}
 		}
 	}
-	keyPaths := make([]string, len(c.Hops))
+	li.keyPaths = make([]string, len(c.Hops))
 	for i, h := range c.Hops {
 		user, err := e.user(ctx, h.VM)
 		if err != nil {
 			return err
 		}
-		keyPaths[i] = keyPath(user, c.Key)
-		if err := e.expectAbsent(ctx, h.VM, keyPaths[i], exitKeyExists); err != nil {
+		li.keyPaths[i] = keyPath(user, c.Key)
+		if err := e.expectAbsent(ctx, h.VM, li.keyPaths[i], exitKeyExists); err != nil {
 			return err
 		}
 	}
 	if err := e.expectAbsent(ctx, c.SourceVM, c.Container(), exitFileExists); err != nil {
 		return err
 	}
-	if s.Keystore != nil {
-		if err := e.keystoreCanTake(ctx, *s.Keystore, c); err != nil {
+	if li.s.Keystore != nil {
+		if err := e.keystoreCanTake(ctx, *li.s.Keystore, c); err != nil {
 			return fmt.Errorf("cannot create the container: %w", err)
 		}
 	}
+	return nil
+}
 
-	next("build the container in dom0")
+// build makes the keys and the container in dom0 and writes the key backups.
+func (li *luksInit) build(ctx context.Context) error {
+	e, s := li.e, li.s
 	// A caller's entropy source may block for good (a terminal): a cancel ends its reads.
 	for _, r := range []io.Reader{s.KeyEntropy, s.ContainerEntropy} {
 		if d, ok := r.(interface{ SetReadDeadline(time.Time) error }); ok {
@@ -206,15 +267,10 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 			defer stop()
 		}
 	}
-	keys, err := makeKeys(s)
-	if err != nil {
+	var err error
+	if li.keys, err = makeKeys(s); err != nil {
 		return err
 	}
-	defer func() {
-		for _, k := range keys {
-			clear(k)
-		}
-	}()
 	var files []*os.File
 	if s.Container != nil {
 		if err := checkSpace(s.Container, s.Size); err != nil {
@@ -223,7 +279,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		files = append(files, s.Container)
 	}
 	var input []io.Reader
-	for _, k := range keys {
+	for _, k := range li.keys {
 		input = append(input, bytes.NewReader(k))
 	}
 	if s.ContainerEntropy != nil {
@@ -234,11 +290,7 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 	// the directory first).
 	dir := strings.TrimSpace(strings.SplitN(string(res.Stdout), "\n", 2)[0])
 	if strings.HasPrefix(dir, e.privateDir()+"/luks-init.") && validatePath(dir, true) == nil {
-		defer func() {
-			if _, rerr := e.Dom0.Run(context.WithoutCancel(ctx), wipeScript(dir), nil); rerr != nil {
-				log.WithError(rerr).Error("cannot remove the dom0 working directory")
-			}
-		}()
+		li.dir = dir
 	}
 	if err != nil {
 		return fmt.Errorf("cannot build the container: %w", err)
@@ -253,67 +305,52 @@ func (e *Engine) LuksInit(ctx context.Context, s InitSpec, progress ProgressFunc
 		}
 		return fmt.Errorf("cannot build the container: %s", msg)
 	}
-	for i, h := range c.Hops {
+	for i, h := range s.Chain.Hops {
 		if w := s.Backups[h.VM]; w != nil {
-			if _, err := w.Write(keys[i]); err != nil {
+			if _, err := w.Write(li.keys[i]); err != nil {
 				return fmt.Errorf("cannot write the key backup for %s: %w", h.VM, err)
 			}
 		}
 	}
+	return nil
+}
 
-	// From here on, what is copied into qubes is removed again on failure.
-	var written []struct{ vm, path string }
-	defer func() {
-		if err == nil {
-			return
-		}
-		for _, w := range written {
-			if _, rerr := e.Runner.Run(context.WithoutCancel(ctx), w.vm, "rm -f "+q(w.path), nil); rerr != nil {
-				log.WithField("vm", w.vm).WithError(rerr).Error("cannot remove a copied file after a failure")
-			}
-		}
-	}()
-	for i, h := range c.Hops {
-		next("copy the key of layer " + fmt.Sprint(i+1) + " into " + h.VM)
-		if err := e.copyIn(ctx, h.VM, bytes.NewReader(keys[i]), keyPaths[i], int64(s.KeySize), nil); err != nil {
-			written = append(written, struct{ vm, path string }{h.VM, keyPaths[i] + ".part"})
-			return err
-		}
-		written = append(written, struct{ vm, path string }{h.VM, keyPaths[i]})
-	}
-	next("copy the container into " + c.SourceVM)
+// copyContainer copies the container into the source qube, reporting bytes.
+func (li *luksInit) copyContainer(ctx context.Context, report func(int64)) error {
+	s, c := li.s, li.s.Chain
 	var container io.Reader
 	if s.Container != nil {
 		container = io.NewSectionReader(s.Container, 0, s.Size)
 	} else {
-		f, err := e.Dom0.Open(path.Join(dir, "container"))
+		f, err := li.e.Dom0.Open(path.Join(li.dir, "container"))
 		if err != nil {
 			return fmt.Errorf("cannot read the container in dom0: %w", err)
 		}
 		defer f.Close()
 		container = f
 	}
-	if err := e.copyIn(ctx, c.SourceVM, container, c.Container(), s.Size, func(n int64) {
-		report("copy the container into "+c.SourceVM, n, s.Size)
-	}); err != nil {
-		// A copy cut short (canceled: qrexec-client killed) leaves its .part behind.
-		written = append(written, struct{ vm, path string }{c.SourceVM, c.Container() + ".part"})
-		return err
+	return li.e.copyIn(ctx, c.SourceVM, container, c.Container(), s.Size, report)
+}
+
+// remove takes a copied file out of a qube again, and what a copy cut short left of
+// it (copyIn writes p.part first).
+func (li *luksInit) remove(ctx context.Context, vm, p string) error {
+	_, err := li.e.Runner.Run(ctx, vm, "rm -f "+q(p)+" "+q(p+".part"), nil)
+	return err
+}
+
+// cleanup runs in every case: the keys are cleared and the dom0 working directory is
+// wiped.
+func (li *luksInit) cleanup(ctx context.Context) {
+	for _, k := range li.keys {
+		clear(k)
 	}
-	written = append(written, struct{ vm, path string }{c.SourceVM, c.Container()})
-	if s.Keystore != nil {
-		next("add the keys to the key store " + s.Keystore.Dir)
-		add := map[string][]byte{}
-		for i, h := range c.Hops {
-			add[h.VM] = keys[i]
-		}
-		if err := e.KeystoreAdd(ctx, *s.Keystore, c.Key, add); err != nil {
-			return err // what was copied into the qubes goes again
-		}
+	if li.dir == "" {
+		return
 	}
-	next("done")
-	log.Info("container created")
-	return nil
+	if _, err := li.e.Dom0.Run(context.WithoutCancel(ctx), wipeScript(li.dir), nil); err != nil {
+		li.log.WithError(err).Error("cannot remove the dom0 working directory")
+	}
 }
 
 // expectAbsent fails if path exists in vm.

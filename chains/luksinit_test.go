@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qcrypt/qcrypt/qubes"
 	"github.com/qcrypt/qcrypt/qubessim"
 )
 
@@ -293,6 +294,53 @@ func TestDiscoverLinksByProof(t *testing.T) {
 		`sys-usb:loop1 --> mediator:xvdj (r/w) key="" managed=false/true`
 	if got != want {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
+
+// failingStoreDom0 is dom0 with a key store that can take the keys but fails to add
+// them: luks-init's last step fails after everything was copied into the qubes.
+type failingStoreDom0 struct{ Dom0 }
+
+func (d failingStoreDom0) Run(ctx context.Context, script string, input io.Reader, files ...*os.File) (qubes.Result, error) {
+	switch {
+	case strings.Contains(script, "remount,bind"):
+		return qubes.Result{ExitCode: 13}, nil
+	case strings.Contains(script, `mountpoint -q "$mp"`):
+		return qubes.Result{}, nil
+	}
+	return d.Dom0.Run(ctx, script, input, files...)
+}
+
+// A step failing after the copies (the key store refuses the keys) takes the keys and
+// the container out of the qubes again, in reverse order.
+func TestLuksInitUndoesTheCopies(t *testing.T) {
+	t.Parallel()
+	r := luksRig(t)
+	r.e.Dom0 = failingStoreDom0{r.e.Dom0}
+	s := initSpec("ext4")
+	s.Keystore = &Keystore{Dir: "/etc/blib"}
+	var descs []string
+	err := r.e.LuksInit(bg, s, func(p Progress) {
+		if p.Bytes == 0 {
+			descs = append(descs, p.Desc)
+		}
+	})
+	if err == nil || !strings.Contains(err.Error(), "key store /etc/blib") {
+		t.Fatalf("got %v, want the key store's refusal", err)
+	}
+	if got := descs[len(descs)-1]; got != "add the keys to the key store /etc/blib" {
+		t.Errorf("last step %q", got)
+	}
+	if got := string(r.Sh(t, "sys-usb", "ls -a /home/user/vault").Stdout); strings.Contains(got, "new.luks") {
+		t.Errorf("left in sys-usb: %q", got)
+	}
+	for _, vm := range []string{"mediator", "work"} {
+		if got := string(r.Sh(t, vm, "ls -a /home/user/.qcrypt/keys").Stdout); strings.Contains(got, "newkey") {
+			t.Errorf("left in %s: %q", vm, got)
+		}
+	}
+	if left := r.privateLeft(t); len(left) != 0 {
+		t.Errorf("dom0 work files left: %v", left)
 	}
 }
 
