@@ -437,15 +437,31 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 	for i, vm := range c.VMs() {
 		intermediate := i > 0 && i < len(c.Hops)
 		if !wasRunning[vm] && (intermediate || o.Autostart || c.Autostart) {
-			acts = append(acts, action{step: Step{"start", vm, "start " + vm + " if it is halted"},
-				do: func(ctx context.Context) error { return e.Qubes.Start(ctx, vm) }})
+			acts = append(acts, e.startAction(vm))
 		}
 	}
-	src := "set up a loop device for " + c.Container()
-	if c.SourceDevice != "" {
-		src = "mount " + c.SourceDevice + " on " + c.SourceMountPoint + ", " + src
+	acts = append(acts, e.sourceAction(c, o, s))
+	for i := range c.Hops {
+		acts = append(acts, e.attachAction(c, s, i), e.decryptAction(c, o, s, i, keys))
 	}
-	acts = append(acts, action{step: Step{"source", c.SourceVM, src}, do: func(ctx context.Context) error {
+	return acts
+}
+
+// startAction starts a halted qube; nothing undoes it (qcrypt never shuts a qube down
+// unless asked).
+func (e *Engine) startAction(vm string) action {
+	return action{step: Step{"start", vm, "start " + vm + " if it is halted"},
+		do: func(ctx context.Context) error { return e.Qubes.Start(ctx, vm) }}
+}
+
+// sourceAction mounts the source device when configured, takes the container's lock and
+// sets up its loop device; its undo takes down what it made.
+func (e *Engine) sourceAction(c *Chain, o OpenOptions, s *openState) action {
+	desc := "set up a loop device for " + c.Container()
+	if c.SourceDevice != "" {
+		desc = "mount " + c.SourceDevice + " on " + c.SourceMountPoint + ", " + desc
+	}
+	return action{step: Step{"source", c.SourceVM, desc}, do: func(ctx context.Context) error {
 		res, err := e.run(ctx, c.SourceVM, sourceOpenScript(c, e.MachineID, o.BreakLock), nil)
 		if err != nil {
 			return err
@@ -481,123 +497,119 @@ func (e *Engine) openActions(c *Chain, o OpenOptions, wasRunning map[string]bool
 		if s.dev[0].Port == "" {
 			return nil
 		}
-		var script strings.Builder
-		if lock := lockRemoveScript(c, e.MachineID); lock != "" {
-			fmt.Fprintf(&script, "f=%s\n%s", q(c.Container()), lock)
-		}
-		if s.created {
-			fmt.Fprintf(&script, "losetup -d %s || exit %d\n", q("/dev/"+s.dev[0].Port), exitLoopBusy)
-		}
-		if s.mounted {
-			fmt.Fprintf(&script, "umount %s || exit %d\n", q(c.SourceMountPoint), exitEjectFailed)
-		}
-		if script.Len() == 0 {
+		script := sourceUndoScript(c, e.MachineID, "/dev/"+s.dev[0].Port, s.created, s.mounted)
+		if script == "" {
 			return nil
 		}
-		return e.runOK(ctx, c.SourceVM, script.String()+"exit 0")
+		return e.runOK(ctx, c.SourceVM, script)
 	}, facts: func() map[string]string {
 		return map[string]string{"loop": s.dev[0].Port, "created": fmt.Sprint(s.created), "mounted": fmt.Sprint(s.mounted)}
-	}})
-	prev := c.SourceVM
-	for i, h := range c.Hops {
-		what := "mapper " + c.Key
-		if i == 0 {
-			what = "loop device"
-		}
-		attachStep := Step{"attach", h.VM, fmt.Sprintf("attach %s's %s to %s%s", prev, what, h.VM, roWord(c.ReadOnly))}
-		d := "decrypt layer " + fmt.Sprint(i+1) + " as " + c.Key
-		if h.Inject != "" {
-			d = "inject key " + h.Inject + " if missing, " + d
-		} else if len(o.InjectKeys[h.VM]) > 0 {
-			d = "inject the given key if missing, " + d
-		} else if store := o.InjectStores[h.VM]; store != "" {
-			d = "inject the key from key store " + store + " if missing, " + d
-		}
-		if i == len(c.Hops)-1 && c.MountPoint != "" {
-			d += ", mount the plaintext on " + c.MountPoint + " with " + c.mountOptions() + roWord(c.ReadOnly)
-		}
-		decryptStep := Step{"decrypt", h.VM, d}
-		prev = h.VM
-		acts = append(acts, action{step: attachStep, layer: i + 1, do: func(ctx context.Context) error {
-			// qubesd finishes an attach whose client hung up, possibly after the rollback
-			// detached: the device would stay attached and the layer below busy. So an
-			// attach is not interrupted; a cancel takes effect when qubesd has answered
-			// (the Admin API client's own timeout still bounds the wait).
-			if err := e.Qubes.Attach(context.WithoutCancel(ctx), h.VM, s.dev[i], c.ReadOnly); err != nil {
-				return err
-			}
-			atts, err := e.Qubes.Attached(ctx, h.VM)
-			if err != nil {
-				return err
-			}
-			for _, a := range atts {
-				if a.DeviceRef == s.dev[i] && a.FrontendDev != "" {
-					s.feDev[i] = a.FrontendDev
-					return nil
-				}
-			}
-			return fmt.Errorf("qubesd does not show %s attached to %s", s.dev[i], h.VM)
-		}, undo: func(ctx context.Context) error {
-			if s.dev[i].Port == "" {
-				return nil
-			}
-			return e.detachIfAlive(ctx, h.VM, s.dev[i])
-		}, facts: func() map[string]string {
-			return map[string]string{"device": s.dev[i].String(), "frontend_dev": s.feDev[i]}
-		}})
-		acts = append(acts, action{step: decryptStep, layer: i + 1, do: func(ctx context.Context) error {
-			user, err := e.user(ctx, h.VM)
-			if err != nil {
-				return err
-			}
-			last := i == len(c.Hops)-1
-			ho := hopOpen{key: keyPath(user, c.Key), name: c.Key, dev: "/dev/" + s.feDev[i], options: c.CryptArgs(i, "open"),
-				ciphers: kernelSpellings(c.ciphersOf(i)), readOnly: c.ReadOnly, injectLen: len(keys[i]), printDM: !last}
-			if last {
-				ho.mountPoint, ho.mountOptions = c.MountPoint, c.mountOptions()
-			}
-			var input io.Reader
-			if len(keys[i]) > 0 {
-				input = strings.NewReader(string(keys[i]))
-			}
-			res, err := e.run(ctx, h.VM, hopOpenScript(ho), input)
-			if err != nil {
-				return err
-			}
-			if res.ExitCode != 0 && res.ExitCode != exitCipher {
-				return errors.New(scriptError(res.ExitCode))
-			}
-			var segs []Segment
-			m := hopOutRE.FindSubmatch(res.Stdout)
-			ok := m != nil
-			if ok {
-				segs, ok = parseSegments(string(m[1]))
-			}
-			if !ok || (len(m[2]) > 0) != (res.ExitCode == 0 && !last) {
-				return fmt.Errorf("%w: layer output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 80))
-			}
-			// The qube checked; so does dom0, with its own list.
-			if err := checkCiphers(i+1, segs, c.ciphersOf(i)); err != nil || res.ExitCode == exitCipher {
-				if err == nil {
-					err = fmt.Errorf("%w: layer %d (the qube refused it)", ErrCipherRefused, i+1)
-				}
-				return err
-			}
-			if last {
-				return nil
-			}
-			s.dev[i+1] = qubes.DeviceRef{Backend: h.VM, Port: string(m[2])}
-			return e.checkExposed(ctx, s.dev[i+1], c.Key)
-		}, undo: func(ctx context.Context) error {
-			return e.runOK(ctx, h.VM, hopCloseScript(c.Key, ""))
-		}, facts: func() map[string]string {
-			if i+1 < len(s.dev) {
-				return map[string]string{"dm": s.dev[i+1].Port}
-			}
-			return nil
-		}})
+	}}
+}
+
+// attachAction attaches layer i's device (the loop device, or the mapper of the qube
+// below) to the layer's qube.
+func (e *Engine) attachAction(c *Chain, s *openState, i int) action {
+	h, prev, what := c.Hops[i], c.SourceVM, "loop device"
+	if i > 0 {
+		prev, what = c.Hops[i-1].VM, "mapper "+c.Key
 	}
-	return acts
+	step := Step{"attach", h.VM, fmt.Sprintf("attach %s's %s to %s%s", prev, what, h.VM, roWord(c.ReadOnly))}
+	return action{step: step, layer: i + 1, do: func(ctx context.Context) error {
+		// qubesd finishes an attach whose client hung up, possibly after the rollback
+		// detached: the device would stay attached and the layer below busy. So an
+		// attach is not interrupted; a cancel takes effect when qubesd has answered
+		// (the Admin API client's own timeout still bounds the wait).
+		if err := e.Qubes.Attach(context.WithoutCancel(ctx), h.VM, s.dev[i], c.ReadOnly); err != nil {
+			return err
+		}
+		atts, err := e.Qubes.Attached(ctx, h.VM)
+		if err != nil {
+			return err
+		}
+		for _, a := range atts {
+			if a.DeviceRef == s.dev[i] && a.FrontendDev != "" {
+				s.feDev[i] = a.FrontendDev
+				return nil
+			}
+		}
+		return fmt.Errorf("qubesd does not show %s attached to %s", s.dev[i], h.VM)
+	}, undo: func(ctx context.Context) error {
+		if s.dev[i].Port == "" {
+			return nil
+		}
+		return e.detachIfAlive(ctx, h.VM, s.dev[i])
+	}, facts: func() map[string]string {
+		return map[string]string{"device": s.dev[i].String(), "frontend_dev": s.feDev[i]}
+	}}
+}
+
+// decryptAction opens layer i in its qube (injecting its key when given), checks its
+// cipher, and mounts the plaintext on the last layer.
+func (e *Engine) decryptAction(c *Chain, o OpenOptions, s *openState, i int, keys [][]byte) action {
+	h := c.Hops[i]
+	d := "decrypt layer " + fmt.Sprint(i+1) + " as " + c.Key
+	if h.Inject != "" {
+		d = "inject key " + h.Inject + " if missing, " + d
+	} else if len(o.InjectKeys[h.VM]) > 0 {
+		d = "inject the given key if missing, " + d
+	} else if store := o.InjectStores[h.VM]; store != "" {
+		d = "inject the key from key store " + store + " if missing, " + d
+	}
+	if i == len(c.Hops)-1 && c.MountPoint != "" {
+		d += ", mount the plaintext on " + c.MountPoint + " with " + c.mountOptions() + roWord(c.ReadOnly)
+	}
+	return action{step: Step{"decrypt", h.VM, d}, layer: i + 1, do: func(ctx context.Context) error {
+		user, err := e.user(ctx, h.VM)
+		if err != nil {
+			return err
+		}
+		last := i == len(c.Hops)-1
+		ho := hopOpen{key: keyPath(user, c.Key), name: c.Key, dev: "/dev/" + s.feDev[i], options: c.CryptArgs(i, "open"),
+			ciphers: kernelSpellings(c.ciphersOf(i)), readOnly: c.ReadOnly, injectLen: len(keys[i]), printDM: !last}
+		if last {
+			ho.mountPoint, ho.mountOptions = c.MountPoint, c.mountOptions()
+		}
+		var input io.Reader
+		if len(keys[i]) > 0 {
+			input = strings.NewReader(string(keys[i]))
+		}
+		res, err := e.run(ctx, h.VM, hopOpenScript(ho), input)
+		if err != nil {
+			return err
+		}
+		if res.ExitCode != 0 && res.ExitCode != exitCipher {
+			return errors.New(scriptError(res.ExitCode))
+		}
+		var segs []Segment
+		m := hopOutRE.FindSubmatch(res.Stdout)
+		ok := m != nil
+		if ok {
+			segs, ok = parseSegments(string(m[1]))
+		}
+		if !ok || (len(m[2]) > 0) != (res.ExitCode == 0 && !last) {
+			return fmt.Errorf("%w: layer output %q", ErrSpoofed, qubes.Printable(string(res.Stdout), 80))
+		}
+		// The qube checked; so does dom0, with its own list.
+		if err := checkCiphers(i+1, segs, c.ciphersOf(i)); err != nil || res.ExitCode == exitCipher {
+			if err == nil {
+				err = fmt.Errorf("%w: layer %d (the qube refused it)", ErrCipherRefused, i+1)
+			}
+			return err
+		}
+		if last {
+			return nil
+		}
+		s.dev[i+1] = qubes.DeviceRef{Backend: h.VM, Port: string(m[2])}
+		return e.checkExposed(ctx, s.dev[i+1], c.Key)
+	}, undo: func(ctx context.Context) error {
+		return e.runOK(ctx, h.VM, hopCloseScript(c.Key, ""))
+	}, facts: func() map[string]string {
+		if i+1 < len(s.dev) {
+			return map[string]string{"dm": s.dev[i+1].Port}
+		}
+		return nil
+	}}
 }
 
 func hasOption(opts []string, name string) bool {

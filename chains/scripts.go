@@ -129,6 +129,25 @@ func sourceOpenScript(c *Chain, machine string, breakLock bool) string {
 	return b.String()
 }
 
+// sourceUndoScript takes down what an interrupted source step made: its lock, the loop
+// device it created (loop), the source device it mounted. "" when there is nothing.
+func sourceUndoScript(c *Chain, machine, loop string, created, mounted bool) string {
+	var b strings.Builder
+	if lock := lockRemoveScript(c, machine); lock != "" {
+		fmt.Fprintf(&b, "f=%s\n%s", q(c.Container()), lock)
+	}
+	if created {
+		fmt.Fprintf(&b, "losetup -d %s || exit %d\n", q(loop), exitLoopBusy)
+	}
+	if mounted {
+		fmt.Fprintf(&b, "umount %s || exit %d\n", q(c.SourceMountPoint), exitEjectFailed)
+	}
+	if b.Len() == 0 {
+		return ""
+	}
+	return b.String() + "exit 0"
+}
+
 // hopOpen says what one destination qube does to open its layer.
 type hopOpen struct {
 	key, name, dev string // key file, mapper name, /dev/xvdX
