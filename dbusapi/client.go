@@ -31,14 +31,19 @@ type Client struct {
 //
 // When qcryptd is not running the bus is asked to start it (D-Bus activation: the
 // activation file hands it to systemd); where it cannot, the error is ErrNotRunning.
-func Connect() (*Client, error) { return dial(true) }
+func Connect() (*Client, error) { return dial("", true) }
+
+// ConnectAt is Connect on the bus at address: one of several private buses in one
+// process (the tests').
+func ConnectAt(address string) (*Client, error) { return dial(address, true) }
 
 // ConnectRunning is Connect without starting qcryptd: for questions that must not have
 // it start (and open its chains), as a completion or a check that can run offline.
-func ConnectRunning() (*Client, error) { return dial(false) }
+func ConnectRunning() (*Client, error) { return dial("", false) }
 
-func dial(activate bool) (*Client, error) {
-	c, err := ConnectBus()
+// dial connects to the bus at address ("": the system bus).
+func dial(address string, activate bool) (*Client, error) {
+	c, err := connectBus(address)
 	if err != nil {
 		return nil, err
 	}
@@ -58,8 +63,16 @@ func dial(activate bool) (*Client, error) {
 
 // ConnectBus connects to the system bus whether qcryptd runs or not: for a Watch that
 // waits for it (the notification agent).
-func ConnectBus() (*Client, error) {
-	conn, err := dbus.ConnectSystemBus()
+func ConnectBus() (*Client, error) { return connectBus("") }
+
+func connectBus(address string) (*Client, error) {
+	var conn *dbus.Conn
+	var err error
+	if address == "" {
+		conn, err = dbus.ConnectSystemBus()
+	} else {
+		conn, err = dbus.Connect(address)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("cannot connect to the system bus: %w", err)
 	}

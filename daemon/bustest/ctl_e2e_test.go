@@ -32,6 +32,7 @@ func (w *world) qcryptctl(args ...string) (string, int) {
 }
 
 func TestQcryptctlEndToEnd(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
 	d := w.startDaemon()
@@ -79,6 +80,7 @@ func TestQcryptctlEndToEnd(t *testing.T) {
 }
 
 func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
+	t.Parallel()
 	w, _, c := demoDaemon(t, "waiting")
 	// The chain would open on its own once work runs; close it and hold the next open in
 	// work, whose agent hangs (a canceled call there ends: nothing of it comes later).
@@ -120,6 +122,7 @@ func TestQcryptctlCtrlCCancelsTheJob(t *testing.T) {
 // TestAdhocIdentity: an ad-hoc chain is its whole spec. Close and status of a spec that
 // is not the open chain are refused and touch nothing; a failed open does not stick.
 func TestAdhocIdentity(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("other", strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks").Replace(demoChain))
 	w.startDaemon()
@@ -170,6 +173,7 @@ func TestAdhocIdentity(t *testing.T) {
 // spec or as a configured chain's name, fails, names that chain and changes nothing; a
 // close with nothing open says "not open", never "closed".
 func TestCloseOfAnotherShape(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
 	w.writeChain("mistyped", strings.Replace(demoChain, "destination vm 2=work", "destination vm 2=vault", 1))
@@ -205,6 +209,7 @@ func TestCloseOfAnotherShape(t *testing.T) {
 // chain first. After an event gap, the reconcile that finds the chain open holds it
 // again.
 func TestHeldClose(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
 	w.startDaemon()
@@ -272,6 +277,7 @@ func TestHeldClose(t *testing.T) {
 // TestCancelHungAutoOpen: qcryptd's own open hangs in work; `qcryptctl cancel` ends it
 // at once (not after the qrexec timeout) and the open is rolled back.
 func TestCancelHungAutoOpen(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
 	w.startDaemon()
@@ -298,6 +304,7 @@ func TestCancelHungAutoOpen(t *testing.T) {
 // stops the automatic read-write open with a clear reason; the user breaks it with
 // qcryptctl open --break-lock, and the close removes this machine's lock.
 func TestCrossMachineLockThroughQcryptctl(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	const me, other = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
 	w.daemonArgs = []string{"--machine-id", me}

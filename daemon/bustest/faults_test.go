@@ -79,6 +79,7 @@ func matrixSteps(t *testing.T, file string) []faultStep {
 var faultKinds = []string{"qcryptd", "qube", "qubesd", "call"}
 
 func TestFaultMatrix(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("the fault matrix takes minutes")
 	}
@@ -195,7 +196,7 @@ func (w *world) settle(t *testing.T) dbusapi.ChainInfo {
 	t.Helper()
 	var ci dbusapi.ChainInfo
 	testkit.Eventually(w.t, "the chain settles", 2*time.Minute, func() bool {
-		c, err := dbusapi.Connect()
+		c, err := dbusapi.ConnectAt(w.busAddr)
 		if err != nil {
 			return false
 		}
@@ -220,7 +221,7 @@ func (w *world) settle(t *testing.T) dbusapi.ChainInfo {
 func (w *world) reconciled(t *testing.T) {
 	t.Helper()
 	testkit.Eventually(w.t, "qcryptd reconciled the chain", 2*time.Minute, func() bool {
-		c, err := dbusapi.Connect()
+		c, err := dbusapi.ConnectAt(w.busAddr)
 		if err != nil {
 			return false
 		}
@@ -239,7 +240,7 @@ func (w *world) reconciled(t *testing.T) {
 // closed/waiting/failed leave nothing of the chain, degraded is neither.
 func (w *world) checkConsistent(t *testing.T, ci dbusapi.ChainInfo) {
 	t.Helper()
-	c, err := dbusapi.Connect()
+	c, err := dbusapi.ConnectAt(w.busAddr)
 	if err != nil {
 		t.Fatal(err)
 	}

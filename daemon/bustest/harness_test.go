@@ -115,7 +115,6 @@ func newWorld(t testing.TB, dialect, policy string) *world {
 	}
 	w.busAddr, w.busStop, w.policy = addr, stop, policy
 	t.Cleanup(func() { w.busStop() })
-	t.Setenv("DBUS_SYSTEM_BUS_ADDRESS", w.busAddr)
 	// The simulator, maybe behind the real qubesd.
 	args := []string{"serve", "--socket", w.socket, "--state", w.simDir, "--demo"}
 	if v, ok := strings.CutPrefix(dialect, "real-"); ok {
@@ -239,7 +238,7 @@ func (w *world) startDaemon(extraEnv ...string) *exec.Cmd {
 		}
 	})
 	testkit.Eventually(w.t, "qcryptd owns its name", 20*time.Second, func() bool {
-		c, err := dbusapi.Connect()
+		c, err := dbusapi.ConnectAt(w.busAddr)
 		if err == nil {
 			c.Disconnect()
 		}
@@ -267,7 +266,7 @@ func demoDaemon(t testing.TB, state dbusapi.ChainState) (*world, *exec.Cmd, *dbu
 
 func (w *world) client() *dbusapi.Client {
 	w.t.Helper()
-	c, err := dbusapi.Connect()
+	c, err := dbusapi.ConnectAt(w.busAddr)
 	if err != nil {
 		w.t.Fatal(err)
 	}

@@ -23,6 +23,7 @@ import (
 var bg = context.Background()
 
 func TestWorkStartOpensAndShutdownCloses(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -69,6 +70,7 @@ func TestWorkStartOpensAndShutdownCloses(t *testing.T) {
 }
 
 func TestPluggedDiskOpensDeviceChain(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -128,7 +130,8 @@ startup interval=0
 }
 
 func TestOpenCloseStormEndsConsistent(t *testing.T) {
-	_, _, c := demoDaemon(t, "open")
+	t.Parallel()
+	w, _, c := demoDaemon(t, "open")
 	var wg sync.WaitGroup
 	results := make([]dbusapi.JobResult, 100)
 	errs := make([]error, 100)
@@ -136,7 +139,7 @@ func TestOpenCloseStormEndsConsistent(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			cl, err := dbusapi.Connect()
+			cl, err := dbusapi.ConnectAt(w.busAddr)
 			if err != nil {
 				errs[i] = err
 				return
@@ -188,6 +191,7 @@ func TestOpenCloseStormEndsConsistent(t *testing.T) {
 }
 
 func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -220,6 +224,7 @@ func TestKilledMidOpenReconcilesOnRestart(t *testing.T) {
 // start qcryptd finds mediator still decrypting and, since its journal shows it opened
 // the chain, closes what is left instead of calling the chain degraded.
 func TestTargetShutDownWhileStopped(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -253,6 +258,7 @@ func TestTargetShutDownWhileStopped(t *testing.T) {
 // (qubesd answers nothing, as when it goes away meanwhile), so parts stay. When qcryptd
 // next connects to qubesd it rolls them back by its journal and opens the chain.
 func TestFailedRollbackUndoneOnReconnect(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
 	w.startDaemon()
@@ -278,6 +284,7 @@ func TestFailedRollbackUndoneOnReconnect(t *testing.T) {
 // TestQubeCreatedLater: a chain names a qube that does not exist yet; when it is
 // created, qcryptd learns it from qubesd's domain-add and says the chain waits for it.
 func TestQubeCreatedLater(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -300,6 +307,7 @@ func TestQubeCreatedLater(t *testing.T) {
 // TestQubeKilledMidOpen kills the target while the open waits in it: the open fails,
 // rolls back what it did in the other qubes and the chain waits for the target again.
 func TestQubeKilledMidOpen(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -332,6 +340,7 @@ func TestQubeKilledMidOpen(t *testing.T) {
 // store; the simulator's own cuts the event streams): qcryptd reconnects, finds the chain
 // open and follows the new event stream.
 func TestQubesdRestartWhileOpen(t *testing.T) {
+	t.Parallel()
 	for _, dialect := range worlds {
 		t.Run(dialect, func(t *testing.T) {
 			w := newWorld(t, dialect, permissiveBus)
@@ -368,6 +377,7 @@ func TestQubesdRestartWhileOpen(t *testing.T) {
 // while the bus is down: qcryptd stays up, comes back on the new bus with the state it
 // has now, and follows events as before.
 func TestSystemBusRestart(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.3", permissiveBus)
 	w.writeChain("demo", demoChain)
 	if err := w.qubes.Start(bg, "work"); err != nil {
@@ -385,7 +395,7 @@ func TestSystemBusRestart(t *testing.T) {
 	})
 	w.restartBus()
 	testkit.Eventually(w.t, "qcryptd owns its name on the new bus", time.Minute, func() bool {
-		c, err := dbusapi.Connect()
+		c, err := dbusapi.ConnectAt(w.busAddr)
 		if err == nil {
 			c.Disconnect()
 		}
@@ -400,6 +410,7 @@ func TestSystemBusRestart(t *testing.T) {
 }
 
 func TestSdNotify(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.2", permissiveBus)
 	w.writeChain("demo", demoChain)
 	sock := filepath.Join(w.dir, "notify.sock")
@@ -446,6 +457,7 @@ func TestSdNotify(t *testing.T) {
 }
 
 func TestIntrospectionGolden(t *testing.T) {
+	t.Parallel()
 	w, _, _ := demoDaemon(t, "waiting")
 	for name, path := range map[string]string{"manager": string(dbusapi.ManagerPath), "chain": string(dbusapi.ChainPath("demo"))} {
 		out, err := exec.Command("busctl", "--address="+w.busAddr, "introspect", dbusapi.BusName, path).CombinedOutput()
@@ -471,6 +483,7 @@ func TestIntrospectionGolden(t *testing.T) {
 // TestEventToOpenLatency measures, over 20 runs, the time from admin.vm.Start of the
 // target returning (its domain-start event is out) to the chain's StateChanged to open.
 func TestEventToOpenLatency(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("measurement")
 	}
@@ -516,6 +529,7 @@ func TestEventToOpenLatency(t *testing.T) {
 }
 
 func TestReloadAndSIGHUP(t *testing.T) {
+	t.Parallel()
 	w, d, c := demoDaemon(t, "open")
 	before, _ := c.Chain(bg, "demo")
 
@@ -551,6 +565,7 @@ func TestReloadAndSIGHUP(t *testing.T) {
 }
 
 func TestPreOpenHookVetoesAndPostHooksRun(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.2", permissiveBus)
 	mark := filepath.Join(w.dir, "hooks.log")
 	veto := filepath.Join(w.dir, "veto")
@@ -594,6 +609,7 @@ func TestPreOpenHookVetoesAndPostHooksRun(t *testing.T) {
 }
 
 func TestCloseAllWithStop(t *testing.T) {
+	t.Parallel()
 	w, d, c := demoDaemon(t, "open")
 	results, err := c.RunJobs(bg, c.CloseAll(chains.CloseOptions{}, true), nil)
 	if err != nil || len(results) != 1 || !results[0].Success {

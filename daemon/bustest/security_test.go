@@ -58,6 +58,7 @@ func (w *world) busctl(cred *syscall.Credential, args ...string) (string, int) {
 }
 
 func TestCallerAccess(t *testing.T) {
+	t.Parallel()
 	policy, _ := filepath.Abs("../../systemd/org.qcrypt.Qcryptd1.conf")
 	tests := map[string]struct {
 		bus string
@@ -146,6 +147,7 @@ func TestCallerAccess(t *testing.T) {
 // the bus policy must keep qcryptd's signals (chain states, reasons, job messages) from
 // the user in no group, and deliver them to the user in group qubes (the control).
 func TestSignalsOnlyForQubes(t *testing.T) {
+	t.Parallel()
 	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
 	policy, _ := filepath.Abs("../../systemd/org.qcrypt.Qcryptd1.conf")
 	w := newWorld(t, "4.2", dbustest.SystemPolicy(policy))
@@ -223,6 +225,7 @@ func TestSignalsOnlyForQubes(t *testing.T) {
 // TestCheckOfADirectory: qcryptd reads only its own config root for others than root;
 // qcryptctl checks any other directory with the caller's own rights.
 func TestCheckOfADirectory(t *testing.T) {
+	t.Parallel()
 	quser := credential(t, dbustest.QUser)
 	w := newWorld(t, "4.2", permissiveBus)
 	w.writeChain("demo", demoChain)
@@ -256,6 +259,7 @@ func TestCheckOfADirectory(t *testing.T) {
 // qcryptctl opens key files, entropy, the work file and backups with the caller's own
 // rights and passes descriptors; the bus API has no path fields left to abuse.
 func TestCallerFilesAreOpenedByTheClient(t *testing.T) {
+	t.Parallel()
 	quser := credential(t, dbustest.QUser)
 	w := newWorld(t, "4.3", permissiveBus)
 	// A configured chain that stays out of the way of the ad-hoc one on the demo container.
@@ -350,6 +354,7 @@ func openDescriptors(t *testing.T, pid int) int {
 // (on a bus that lets it through) and by a user in group qubes (the shipped policy),
 // qcryptd holds as many descriptors as before and opens a chain for root.
 func TestDescriptorFloods(t *testing.T) {
+	t.Parallel()
 	quser, qsec := credential(t, dbustest.QUser), credential(t, dbustest.QSec)
 	policy, _ := filepath.Abs("../../systemd/org.qcrypt.Qcryptd1.conf")
 	tests := map[string]struct {
@@ -365,6 +370,9 @@ func TestDescriptorFloods(t *testing.T) {
 			w.writeChain("other", strings.NewReplacer("key=demo", "key=other", "demo.luks", "other.luks").Replace(demoChain))
 			d := w.startDaemon()
 			pid := d.Process.Pid
+			// The baseline once qcryptd has settled: connected to qubesd (its event
+			// stream open) and the chain reconciled.
+			w.waitState(w.client(), "other", "waiting", time.Minute)
 			base := openDescriptors(t, pid)
 			out, code := w.as(tc.cred, bin(t, "fdflood"), "200")
 			if code != 0 || !strings.Contains(out, "sent 3000 messages with 16 descriptors each") {
@@ -395,6 +403,7 @@ func TestDescriptorFloods(t *testing.T) {
 // or a word goes answers with a short error, and a spec with 100,000 destinations is
 // refused as too many layers (qcryptd holds nothing of it).
 func TestBigArgumentsAreNotEchoed(t *testing.T) {
+	t.Parallel()
 	w := newWorld(t, "4.2", permissiveBus)
 	w.writeChain("demo", demoChain)
 	w.startDaemon()
