@@ -37,6 +37,23 @@ func luksRig(t *testing.T) *rig {
 	return r
 }
 
+// nothingLeft fails t if initSpec's luks-init left anything: the container (or its
+// .part) in sys-usb, a key in a destination, a file in dom0's private directory.
+func (r *rig) nothingLeft(t *testing.T) {
+	t.Helper()
+	if got := string(r.Sh(t, "sys-usb", "ls -a /home/user/vault 2>/dev/null").Stdout); strings.Contains(got, "new.luks") {
+		t.Errorf("left in sys-usb: %q", got)
+	}
+	for _, vm := range []string{"mediator", "work"} {
+		if got := string(r.Sh(t, vm, "ls -a /home/user/.qcrypt/keys").Stdout); strings.Contains(got, "newkey") {
+			t.Errorf("left in %s: %q", vm, got)
+		}
+	}
+	if left := r.privateLeft(t); len(left) != 0 {
+		t.Errorf("dom0 work files left: %v", left)
+	}
+}
+
 // privateLeft lists what luks-init left in its private directory.
 func (r *rig) privateLeft(t *testing.T) []string {
 	dom0, _ := r.VM("dom0")
@@ -331,17 +348,7 @@ func TestLuksInitUndoesTheCopies(t *testing.T) {
 	if got := descs[len(descs)-1]; got != "add the keys to the key store /etc/blib" {
 		t.Errorf("last step %q", got)
 	}
-	if got := string(r.Sh(t, "sys-usb", "ls -a /home/user/vault").Stdout); strings.Contains(got, "new.luks") {
-		t.Errorf("left in sys-usb: %q", got)
-	}
-	for _, vm := range []string{"mediator", "work"} {
-		if got := string(r.Sh(t, vm, "ls -a /home/user/.qcrypt/keys").Stdout); strings.Contains(got, "newkey") {
-			t.Errorf("left in %s: %q", vm, got)
-		}
-	}
-	if left := r.privateLeft(t); len(left) != 0 {
-		t.Errorf("dom0 work files left: %v", left)
-	}
+	r.nothingLeft(t)
 }
 
 // A luks-init canceled while it copies the container (Ctrl-C of qcryptctl) leaves
@@ -360,17 +367,7 @@ func TestLuksInitCanceledMidCopy(t *testing.T) {
 	if err == nil {
 		t.Fatal("a canceled luks-init succeeded")
 	}
-	if got := string(r.Sh(t, "sys-usb", "ls -a /home/user/vault 2>/dev/null").Stdout); strings.Contains(got, "new.luks") {
-		t.Errorf("left in sys-usb: %q", got)
-	}
-	for _, vm := range []string{"mediator", "work"} {
-		if got := string(r.Sh(t, vm, "ls -a /home/user/.qcrypt/keys").Stdout); strings.Contains(got, "newkey") {
-			t.Errorf("left in %s: %q", vm, got)
-		}
-	}
-	if left := r.privateLeft(t); len(left) != 0 {
-		t.Errorf("dom0 work files left: %v", left)
-	}
+	r.nothingLeft(t)
 }
 
 // A caller's entropy source that never delivers (a terminal nobody types into) does

@@ -9,18 +9,9 @@ import (
 // WriteContainer writes a container file in the simulator's formats: one LUKS2 layer
 // per key (outermost first) and a file system inside.
 func WriteContainer(path string, size int64, layerKeys [][]byte, fsType string) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o644)
+	fio, err := newImage(path, size)
 	if err != nil {
 		return fmt.Errorf("cannot create container: %w", err)
-	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		return err
-	}
-	f.Close()
-	fio, err := newFileIO(path, false)
-	if err != nil {
-		return err
 	}
 	defer fio.f.Close()
 	var dev blockIO = fio
@@ -63,19 +54,24 @@ func MakeDiskImage(image string, size int64, label string, files map[string][]by
 			return err
 		}
 	}
-	f, err := os.OpenFile(image, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o644)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		return err
-	}
-	f.Close()
-	fio, err := newFileIO(image, false)
+	fio, err := newImage(image, size)
 	if err != nil {
 		return err
 	}
 	defer fio.f.Close()
 	return writeFS(fio, fsMeta{Type: "ext4", UUID: newUUID(), Label: label}, dir)
+}
+
+// newImage creates a sparse file of size bytes (never over an existing one) and opens it.
+func newImage(path string, size int64) (*fileIO, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	err = f.Truncate(size)
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	return newFileIO(path, false)
 }
