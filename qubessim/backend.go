@@ -4,6 +4,7 @@ import (
 	"os/exec"
 
 	"github.com/qcrypt/qcrypt/qubes"
+	"github.com/qcrypt/qcrypt/qubessim/memkernel"
 )
 
 // backend is how the simulated qubes run: their block devices, mounts and commands. The
@@ -56,6 +57,9 @@ func (b *sandboxBackend) detach(a *Attachment) error {
 }
 
 func (b *sandboxBackend) plug(vm *VM, image, desc string, ro bool) (string, error) {
+	if desc == "" {
+		desc = memkernel.DiskDesc(image)
+	}
 	return vm.kernel.PlugDisk(image, "", desc, "", ro)
 }
 

@@ -111,3 +111,26 @@ func TestAttachedDevices(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// A plugged disk reports the description it was given, an empty one too (a bare
+// device of real-qubesd's block-add); DiskDesc is what udev says of a USB disk.
+func TestPlugDiskDescriptions(t *testing.T) {
+	h := newHost(t)
+	img := filepath.Join(t.TempDir(), "usb.img")
+	if err := MakeDiskImage(img, 4<<20, "BACKUP", nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := DiskDesc(img); got != "QEMU_HARDDISK (BACKUP)" {
+		t.Errorf("DiskDesc = %q", got)
+	}
+	k := New(h)
+	if port, err := k.PlugDisk(img, "", "", "", true); err != nil || port != "sda" {
+		t.Fatalf("plug: %q %v", port, err)
+	}
+	if _, err := k.PlugDisk(img, "sda", "x", "", true); err == nil {
+		t.Error("plugged a second disk at sda")
+	}
+	if devs := k.Exposed(); len(devs) != 1 || devs[0].Desc != "" || !devs[0].RO {
+		t.Errorf("exposed %+v", devs)
+	}
+}

@@ -62,8 +62,8 @@ func (k *Kernel) Detach(dev string) error {
 	return nil
 }
 
-// PlugDisk plugs the image file as a disk: at port, or ("") the first free sdX; with
-// desc, or ("") QEMU_HARDDISK and the label of its file system.
+// PlugDisk plugs the image file as a disk with the description desc: at port, or ("")
+// the first free sdX.
 func (k *Kernel) PlugDisk(image, port, desc, parent string, ro bool) (string, error) {
 	fio, err := newFileIO(image, ro)
 	if err != nil {
@@ -80,12 +80,6 @@ func (k *Kernel) PlugDisk(image, port, desc, parent string, ro bool) (string, er
 			return "", errors.New("cannot plug: no free sdX name")
 		}
 		return "", fmt.Errorf("cannot plug %s:%s: it exists", k.host.Name(), port)
-	}
-	if desc == "" {
-		desc = "QEMU_HARDDISK"
-		if meta, _, err := readFSMeta(fio); err == nil && meta.Label != "" {
-			desc += " (" + meta.Label + ")"
-		}
 	}
 	k.add(&bdev{name: port, kind: kindDisk, io: fio, file: fio, ro: ro, diskDesc: desc, diskPath: image, parent: parent})
 	return port, nil
@@ -122,4 +116,19 @@ func (k *Kernel) Teardown(clean bool) {
 		}
 		delete(k.devs, b.name)
 	}
+}
+
+// DiskDesc is what a qube's udev reports for a plugged USB disk holding the image:
+// QEMU_HARDDISK and the label of its file system, if it has one.
+func DiskDesc(image string) string {
+	desc := "QEMU_HARDDISK"
+	fio, err := newFileIO(image, true)
+	if err != nil {
+		return desc
+	}
+	defer fio.f.Close()
+	if meta, _, err := readFSMeta(fio); err == nil && meta.Label != "" {
+		desc += " (" + meta.Label + ")"
+	}
+	return desc
 }
