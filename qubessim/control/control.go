@@ -123,6 +123,10 @@ type QrexecFault struct {
 	StartFail string // admin.vm.Start fails with domain-start-failed and this reason
 }
 
+// maxRequest bounds a control request, which is read in one message (its descriptors
+// come with it): a few names, a command line, a fault.
+const maxRequest = 64 << 10
+
 // Socket is the control socket of the simulator serving adminSocket.
 func Socket(adminSocket string) string { return adminSocket + ".control" }
 
@@ -159,7 +163,7 @@ func CallExec(adminSocket string, req Request) (Response, error) {
 // Read reads one request and the descriptors passed with it (exec's stdio), decoded and
 // checked: a request that fails its check is refused before the server sees it.
 func Read(c *net.UnixConn) (Request, []*os.File, error) {
-	buf := make([]byte, jsonline.MaxLine)
+	buf := make([]byte, maxRequest)
 	oob := make([]byte, syscall.CmsgSpace(3*4))
 	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 	if err != nil {

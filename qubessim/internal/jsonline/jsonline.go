@@ -26,8 +26,12 @@ func Call(path, peer string, req, resp any) error {
 	if err := Write(c, req); err != nil {
 		return fmt.Errorf("cannot send to the %s: %w", peer, err)
 	}
-	if err := Read(c, resp); err != nil {
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err != nil {
 		return fmt.Errorf("%s closed the connection: %w", peer, err)
+	}
+	if err := json.Unmarshal(line, resp); err != nil {
+		return fmt.Errorf("cannot read the %s's answer: %w", peer, err)
 	}
 	return nil
 }
