@@ -57,14 +57,12 @@ func (d devInfo) sys() sysblock.Dev {
 }
 
 // sysDev reads a block device of the host from sysfs.
-func sysDev(name string) (devInfo, bool) {
-	d, ok := sysblock.Read(name)
-	return devInfo{name: d.Name, size: d.Size, ro: d.RO, major: d.Major, minor: d.Minor}, ok
-}
+func sysDev(name string) (devInfo, bool) { return fromSys(sysblock.Read(name)) }
 
 // mapperDev finds a device-mapper device of the host by its name.
-func mapperDev(name string) (devInfo, bool) {
-	d, ok := sysblock.ByMapperName(name)
+func mapperDev(name string) (devInfo, bool) { return fromSys(sysblock.ByMapperName(name)) }
+
+func fromSys(d sysblock.Dev, ok bool) (devInfo, bool) {
 	return devInfo{name: d.Name, size: d.Size, ro: d.RO, major: d.Major, minor: d.Minor}, ok
 }
 
