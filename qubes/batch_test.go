@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // recorder is a run that records its keys, tells when it starts and waits for a release.
@@ -43,23 +45,19 @@ func (r *recorder) run(ctx context.Context, keys []string) map[string]string {
 // waitJoined waits until the next batch holds n callers.
 func waitJoined[K comparable, R any](t *testing.T, b *Batcher[K, R], n int) {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for {
+	got := 0
+	if !testkit.Within(time.Minute, func() bool {
 		b.mu.Lock()
-		got := 0
+		defer b.mu.Unlock()
+		got = 0
 		if b.next != nil {
 			for _, c := range b.next.waiting {
 				got += c
 			}
 		}
-		b.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d callers joined, want %d", got, n)
-		}
-		time.Sleep(time.Millisecond)
+		return got == n
+	}) {
+		t.Fatalf("%d callers joined, want %d", got, n)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 
 	"github.com/qcrypt/qcrypt/dbusapi"
 	"github.com/qcrypt/qcrypt/dbusapi/dbustest"
+	"github.com/qcrypt/qcrypt/qubessim/testkit"
 )
 
 // The three attackers of docs/security.md: a user in group qubes (may use qcryptd), a
@@ -381,11 +382,8 @@ func TestDescriptorFloods(t *testing.T) {
 			t.Logf("fdflood: %s", strings.TrimSpace(out))
 			// Each is closed before its answer goes out; the daemon's own work may hold a
 			// descriptor or two for a moment.
-			n := openDescriptors(t, pid)
-			for deadline := time.Now().Add(time.Minute); n > base && time.Now().Before(deadline); n = openDescriptors(t, pid) {
-				time.Sleep(20 * time.Millisecond)
-			}
-			if n > base {
+			n := base
+			if !testkit.Within(time.Minute, func() bool { n = openDescriptors(t, pid); return n <= base }) {
 				t.Fatalf("qcryptd holds %d descriptors after the flood, %d before", n, base)
 			}
 			adhoc := []string{"sys-usb", "/home/user/demo.luks", "demo", "mediator", "work"}
